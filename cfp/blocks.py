@@ -1,0 +1,165 @@
+"""ParallelBlocks: cut the captured graph at its anchor ops.
+
+An *anchor* is an op that contracts an activation with a trainable parameter
+(linear, matmul/mm/bmm/einsum with a parameter, embedding, convolution). Each
+anchor starts a block; every other op joins the block of its nearest anchor
+producer, so the partition fixed at the anchor propagates through the block.
+"""
+
+from __future__ import annotations
+
+import bisect
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+from cfp.capture import TracedModel
+
+aten = torch.ops.aten
+
+CONTRACTIONS = {
+    aten.linear.default,
+    aten.matmul.default,
+    aten.mm.default,
+    aten.bmm.default,
+    aten.einsum.default,
+    aten.embedding.default,
+    aten.conv1d.default,
+    aten.conv2d.default,
+    aten.convolution.default,
+}
+
+# Ops through which a parameter is only re-viewed on its way to an anchor.
+VIEWS = {
+    aten.t.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.unsqueeze.default,
+    aten.slice.Tensor,
+    aten.expand.default,
+    aten.alias.default,
+}
+
+
+@dataclass(frozen=True)
+class BlockInput:
+    """A value a block reads from outside itself."""
+
+    name: str  # node name of the value
+    producer: int | None  # block id of its producer; None for graph inputs, params and buffers
+    role: str  # "activation" (the anchor's), "param" (the anchor's), or "input" (anything else)
+
+
+@dataclass
+class Block:
+    id: int
+    anchor: str  # node name of the anchor op
+    nodes: list[str]  # op nodes in graph order, the anchor among them
+    inputs: list[BlockInput] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)  # nodes read by other blocks or the graph output
+    params: list[str] = field(default_factory=list)  # parameter FQNs the block reads
+    flops: int = 0
+    class_id: str = ""  # structural class, set by cfp.segments
+
+    def anchor_params(self) -> list[BlockInput]:
+        return [i for i in self.inputs if i.role == "param"]
+
+
+def param_root(node: Node, traced: TracedModel) -> Node | None:
+    """The parameter placeholder a node is a view of, if it is one."""
+    while node.op == "call_function" and node.target in VIEWS:
+        node = node.args[0]
+    if node.op == "placeholder" and node.name in traced.params:
+        return node
+    return None
+
+
+def is_anchor(node: Node, traced: TracedModel) -> bool:
+    if node.op != "call_function" or node.target not in CONTRACTIONS:
+        return False
+    tensors = [a for a in node.all_input_nodes]
+    has_param = any(param_root(a, traced) is not None for a in tensors)
+    has_activation = any(param_root(a, traced) is None for a in tensors)
+    return has_param and has_activation
+
+
+def partition(traced: TracedModel) -> list[Block]:
+    """Assign every op to a block, in graph order."""
+    order = {n.name: i for i, n in enumerate(traced.graph.nodes)}
+    owner: dict[str, int] = {}
+    blocks: list[Block] = []
+    pending: list[Node] = []  # ops with no anchor upstream: they join a consumer's block
+    for node in traced.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if is_anchor(node, traced):
+            block = Block(id=len(blocks), anchor=node.name, nodes=[])
+            blocks.append(block)
+            owner[node.name] = block.id
+            continue
+        producers = [owner[a.name] for a in node.all_input_nodes if a.name in owner]
+        if producers:
+            # The nearest anchor producer is the one that started last.
+            owner[node.name] = max(producers, key=lambda b: order[blocks[b].anchor])
+        else:
+            pending.append(node)
+    if not blocks:
+        raise ValueError("the graph has no anchor op (no parameter is used in a contraction)")
+    # A parameter's views join the block of the anchor that reads them; other
+    # ops with no anchor upstream (on inputs or buffers) join the block open
+    # where they stand in the graph, the first block if none is open yet.
+    started = [order[b.anchor] for b in blocks]
+    for node in reversed(pending):
+        consumers = {owner[u.name] for u in node.users if u.name in owner}
+        if param_root(node, traced) is not None and len(consumers) == 1:
+            owner[node.name] = consumers.pop()
+        else:
+            owner[node.name] = max(bisect.bisect_right(started, order[node.name]) - 1, 0)
+    for node in traced.graph.nodes:
+        if node.name in owner:
+            blocks[owner[node.name]].nodes.append(node.name)
+    _connect(traced, blocks, owner)
+    return blocks
+
+
+def _connect(traced: TracedModel, blocks: list[Block], owner: dict[str, int]) -> None:
+    """Fill in each block's external inputs, outputs, parameters and FLOPs."""
+    for block in blocks:
+        members = set(block.nodes)
+        anchor = traced.nodes[block.anchor]
+        anchor_param_args = {a.name for a in anchor.all_input_nodes if param_root(a, traced) is not None}
+        anchor_params = {param_root(traced.nodes[a], traced).name for a in anchor_param_args}
+        activation = next(a.name for a in anchor.all_input_nodes if param_root(a, traced) is None)
+        seen: set[str] = set()
+        for name in block.nodes:
+            for arg in traced.nodes[name].all_input_nodes:
+                if arg.name in members or arg.name in seen:
+                    continue
+                seen.add(arg.name)
+                if arg.name == activation:
+                    role = "activation"
+                elif arg.name in anchor_params:
+                    role = "param"
+                else:
+                    role = "input"
+                block.inputs.append(BlockInput(arg.name, owner.get(arg.name), role))
+            node = traced.nodes[name]
+            if any(u.name not in members for u in node.users):
+                block.outputs.append(name)
+        block.params = [traced.params[i.name] for i in block.inputs if i.name in traced.params]
+        block.flops = sum(traced.flops.get(n, 0) for n in block.nodes)
+        if activation not in seen:  # the anchor's activation is made inside its own block
+            raise ValueError(f"anchor {block.anchor} reads an activation from its own block")
+
+
+def edges(blocks: list[Block]) -> list[tuple[int, int, str]]:
+    """(producer block, consumer block, value) for every value crossing blocks."""
+    return [(i.producer, b.id, i.name) for b in blocks for i in b.inputs if i.producer is not None]
+
+
+def is_getitem(node: Node) -> bool:
+    return node.target is operator.getitem

@@ -1,0 +1,177 @@
+"""Capture: a model and its example inputs become a ``TracedModel``.
+
+``torch.export`` gives an aten-level FX graph whose nodes carry their output
+shapes and dtypes in ``node.meta["val"]``; the graph signature maps
+placeholders to parameter and buffer FQNs. Everything here works on ``meta``
+models, so a 175B-parameter shape is analysed without its memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch.export.graph_signature import InputKind
+from torch.fx import Node
+from torch.utils.flop_counter import FlopCounterMode
+
+from cfp.errors import CFPError
+from cfp.spec import ModelSpec, Workload
+
+
+@dataclass
+class TracedModel:
+    """An exported training-loss graph plus what the later stages read off it."""
+
+    exported: torch.export.ExportedProgram
+    params: dict[str, str]  # placeholder name -> parameter FQN
+    buffers: dict[str, str]  # placeholder name -> buffer / constant FQN
+    user_inputs: list[str]  # placeholder names of the example inputs
+    flops: dict[str, int]  # forward FLOPs per call_function node
+    aliases: dict[str, str] = field(default_factory=dict)  # tied parameter FQN -> the FQN the graph uses
+    spec: ModelSpec | None = None
+    nodes: dict[str, Node] = field(init=False)
+
+    def __post_init__(self):
+        self.nodes = {n.name: n for n in self.graph.nodes}
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.exported.graph_module.graph
+
+    def ops(self) -> list[Node]:
+        return [n for n in self.graph.nodes if n.op == "call_function"]
+
+    def param_shapes(self) -> dict[str, torch.Size]:
+        return {fqn: self.nodes[name].meta["val"].shape for name, fqn in self.params.items()}
+
+    def num_parameters(self) -> int:
+        return sum(shape.numel() for shape in self.param_shapes().values())
+
+    def forward_flops(self) -> int:
+        return sum(self.flops.values())
+
+    def activation_bytes(self) -> int:
+        """Bytes of every op output: what autograd would save if it kept all."""
+        return sum(_bytes(n.meta.get("val")) for n in self.ops())
+
+    def op_counts(self) -> Counter:
+        return Counter(_op_name(n) for n in self.ops())
+
+    def fingerprint(self) -> str:
+        """A hash of the graph's structure, shapes and parameter names.
+
+        Two models with the same fingerprint run the same program, so a plan
+        made for one applies to the other.
+        """
+        h = hashlib.sha256()
+        for n in self.graph.nodes:
+            val = n.meta.get("val")
+            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
+            dtype = str(val.dtype) if isinstance(val, torch.Tensor) else None
+            args = [a.name if isinstance(a, Node) else repr(a) for a in n.args]
+            h.update(repr((n.op, _op_name(n), shape, dtype, args)).encode())
+        h.update(repr(sorted(self.params.items())).encode())
+        return h.hexdigest()[:16]
+
+
+def _op_name(node: Node) -> str:
+    if node.target is operator.getitem:
+        return "getitem"
+    return str(getattr(node.target, "__name__", node.target)).replace(".default", "")
+
+
+def _bytes(val) -> int:
+    if isinstance(val, torch.Tensor):
+        return val.numel() * val.element_size()
+    if isinstance(val, (tuple, list)):
+        return sum(_bytes(v) for v in val)
+    return 0
+
+
+def as_meta(val):
+    """A meta tensor with the shape, stride and dtype of a (fake) tensor."""
+    if isinstance(val, torch.Tensor):
+        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")
+    if isinstance(val, (tuple, list)):
+        return type(val)(as_meta(v) for v in val)
+    return val
+
+
+def count_flops(graph: torch.fx.Graph) -> dict[str, int]:
+    """Forward FLOPs per node, by running each op once on meta tensors."""
+    flops: dict[str, int] = {}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for node in graph.nodes:
+            if node.op != "call_function" or node.target is operator.getitem:
+                continue
+            args, kwargs = torch.fx.node.map_arg(
+                (node.args, node.kwargs), lambda n: as_meta(n.meta.get("val"))
+            )
+            before = counter.get_total_flops()
+            try:
+                node.target(*args, **kwargs)
+            except Exception:
+                continue  # an op meta cannot run has no formula in the counter either
+            flops[node.name] = counter.get_total_flops() - before
+    return flops
+
+
+def _tied_aliases(model: torch.nn.Module, params: dict[str, str], graph: torch.fx.Graph) -> dict[str, str]:
+    """Tied parameters (one tensor, several FQNs) reach the graph once; map the others to it.
+
+    torch.export keeps a placeholder for every FQN but routes all uses through one.
+    """
+    used = {n.name for n in graph.nodes if n.op == "placeholder" and n.users}
+    fqn_used = {fqn: name in used for name, fqn in params.items()}
+    by_tensor: dict[int, list[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(fqn)
+    aliases = {}
+    for fqns in by_tensor.values():
+        canonical = next((f for f in fqns if fqn_used.get(f)), fqns[0])
+        aliases.update({f: canonical for f in fqns if f != canonical})
+    return aliases
+
+
+def capture(workload: Workload) -> TracedModel:
+    """Export the workload's training step (forward to the loss)."""
+    model, inputs = workload.model, workload.inputs
+    try:
+        exported = torch.export.export(model, inputs, strict=False)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CFPError(
+            f"Model {workload.spec.spec!r} cannot be traced by torch.export: "
+            f"{type(exc).__name__}: {first_line} CFP needs a graph without "
+            f"data-dependent control flow; run with --debug for the traceback."
+        ) from exc
+    loss = [n for n in exported.graph.nodes if n.op == "output"][0].args[0]
+    if not (len(loss) == 1 and isinstance(loss[0].meta.get("val"), torch.Tensor) and loss[0].meta["val"].dim() == 0):
+        raise CFPError(
+            f"Model {workload.spec.spec!r} must return one scalar loss from forward "
+            f"(training is the workload CFP plans for)."
+        )
+    params, buffers, user_inputs = {}, {}, []
+    for spec in exported.graph_signature.input_specs:
+        if spec.kind == InputKind.PARAMETER:
+            params[spec.arg.name] = spec.target
+        elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            buffers[spec.arg.name] = spec.target
+        elif spec.kind == InputKind.USER_INPUT:
+            user_inputs.append(spec.arg.name)
+    aliases = _tied_aliases(model, params, exported.graph)
+    params = {name: fqn for name, fqn in params.items() if fqn not in aliases}
+    return TracedModel(
+        exported=exported,
+        params=params,
+        aliases=aliases,
+        buffers=buffers,
+        user_inputs=user_inputs,
+        flops=count_flops(exported.graph),
+        spec=workload.spec,
+    )

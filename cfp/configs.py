@@ -1,0 +1,159 @@
+"""Entry configs: the candidate placements at a block's anchor.
+
+Every anchor is described einsum-style: one letter per dimension of its
+activation input, its parameter(s) and its output. Sharding one letter on a
+mesh dimension shards every operand that has it, which is communication-free
+for the contraction:
+
+- a letter of the activation and the output only: batch/sequence parallel,
+- of the parameter and the output only: column parallel,
+- of activation and parameter but not the output: row parallel (``Partial``),
+- of all three (an expert or batch-matmul dimension): expert parallel,
+- of the parameter only (an embedding's vocabulary): vocabulary parallel.
+
+A config picks one letter (or none: replicate) per mesh dimension; it is kept
+only where DTensor then runs the anchor without communication.
+"""
+
+from __future__ import annotations
+
+import itertools
+import string
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.tensor import Placement, Replicate, Shard
+
+from cfp.blocks import Block, param_root
+from cfp.capture import TracedModel
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class AnchorSignature:
+    """Letters per dimension of the anchor's activation, parameters and output."""
+
+    activation: str
+    params: dict[str, str]  # parameter placeholder name -> letters
+    output: str
+    sizes: dict[str, int]  # letter -> size
+
+    def role(self, letter: str, kind: str) -> str:
+        in_act = letter in self.activation
+        in_param = any(letter in p for p in self.params.values())
+        in_out = letter in self.output
+        if in_act and in_param:
+            return "expert" if in_out else "row"
+        if in_param:
+            return "col" if in_out else ("vocab" if kind == "embedding" else "param")
+        dim, ndim = self.activation.index(letter), len(self.activation)
+        if dim == 0 and ndim >= 2:
+            return "batch"
+        if dim == 1 and ndim >= 3:
+            return "seq"
+        return f"act{dim}"
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One choice of placements at a block's entry."""
+
+    name: str  # e.g. "batch" on a 1-D mesh, "batch/col" on a 2-D one
+    activation: tuple[Placement, ...]
+    params: tuple[tuple[str, tuple[Placement, ...]], ...]  # (param placeholder, placements)
+
+    def placements(self) -> dict[str, tuple[Placement, ...]]:
+        return dict(self.params)
+
+
+def _shape(node) -> tuple[int, ...]:
+    return tuple(node.meta["val"].shape)
+
+
+def signature(block: Block, traced: TracedModel) -> AnchorSignature:
+    """Describe the block's anchor as an einsum over letters."""
+    anchor = traced.nodes[block.anchor]
+    op = anchor.target
+    act_input = next(i for i in block.inputs if i.role == "activation")
+    act_shape = _shape(traced.nodes[act_input.name])
+    out_shape = _shape(anchor)
+    batch = string.ascii_lowercase  # letters for leading (batch-like) dimensions
+
+    def param_of(arg):
+        return param_root(arg, traced).name
+
+    if op == aten.linear.default:
+        lead = batch[: len(act_shape) - 1]
+        k, n = "K", "N"
+        params = {param_of(anchor.args[1]): n + k}
+        if len(anchor.args) > 2 and anchor.args[2] is not None:
+            params[param_of(anchor.args[2])] = n
+        act, out = lead + k, lead + n
+    elif op == aten.embedding.default:
+        lead = batch[: len(act_shape)]
+        params = {param_of(anchor.args[0]): "VD"}
+        act, out = lead, lead + "D"
+    elif op == aten.einsum.default:
+        equation = anchor.args[0].replace(" ", "")
+        lhs, out = equation.split("->")
+        operands = lhs.split(",")
+        act, params = "", {}
+        for letters_, arg in zip(operands, anchor.args[1]):
+            if param_root(arg, traced) is not None:
+                params[param_of(arg)] = letters_
+            else:
+                act = letters_
+    elif op in (aten.matmul.default, aten.mm.default, aten.bmm.default):
+        a, b = anchor.args[0], anchor.args[1]
+        a_shape, b_shape = _shape(a), _shape(b)
+        lead = batch[: max(len(a_shape), len(b_shape)) - 2]
+        a_letters = lead[len(lead) - (len(a_shape) - 2):] + "MK"
+        b_letters = lead[len(lead) - (len(b_shape) - 2):] + "KN" if len(b_shape) > 1 else "K"
+        out = lead + "MN"
+        if param_root(b, traced) is not None:
+            act, params = a_letters, {param_of(b): b_letters}
+        else:
+            act, params = b_letters, {param_of(a): a_letters}
+    else:  # convolution: batch, channels in, channels out; spatial dims stay whole
+        w = anchor.args[1]
+        spatial = "HWDXYZ"[: len(act_shape) - 2]
+        act = "B" + "C" + spatial
+        params = {param_of(w): "O" + "C" + spatial.lower()}
+        out = "B" + "O" + spatial
+    sizes: dict[str, int] = {}
+    for letters_, node_name in [(act, act_input.name)] + [(l, p) for p, l in params.items()]:
+        for letter, size in zip(letters_, _shape(traced.nodes[node_name])):
+            sizes[letter] = size
+    for letter, size in zip(out, out_shape):
+        sizes.setdefault(letter, size)
+    return AnchorSignature(act, params, out, sizes)
+
+
+def candidates(block: Block, traced: TracedModel, mesh_shape: tuple[int, ...]) -> list[BlockConfig]:
+    """Every letter-per-mesh-dimension choice whose sharded sizes divide evenly.
+
+    Whether DTensor runs the anchor without communication is checked later, by
+    propagation (``cfp.propagate``), which drops the configs that need any.
+    """
+    sig = signature(block, traced)
+    kind = "embedding" if traced.nodes[block.anchor].target == aten.embedding.default else "other"
+    letters = [None] + sorted(set(sig.activation + "".join(sig.params.values())))
+    configs = []
+    per_dim = [letters if size > 1 else [None] for size in mesh_shape]
+    for choice in itertools.product(*per_dim):
+        split: dict[str, int] = {}
+        for letter, size in zip(choice, mesh_shape):
+            if letter is not None:
+                split[letter] = split.get(letter, 1) * size
+        if any(sig.sizes[l] % s for l, s in split.items()):
+            continue
+        name = "/".join("rep" if l is None else sig.role(l, kind) for l in choice)
+        activation = _placements(sig.activation, choice)
+        params = tuple((p, _placements(l, choice)) for p, l in sig.params.items())
+        configs.append(BlockConfig(name, activation, params))
+    return configs
+
+
+def _placements(letters: str, choice: tuple[str | None, ...]) -> tuple[Placement, ...]:
+    return tuple(Shard(letters.index(l)) if l is not None and l in letters else Replicate() for l in choice)

@@ -1,0 +1,96 @@
+"""Device meshes: parsing ``4``, ``2x4`` or ``dp=2,tp=4``, and the fake mesh
+that analysis runs on.
+
+Analysis needs no devices: DTensor runs on ``meta`` tensors over the fake
+process group of ``torch.testing``, which accepts every collective and moves
+no data, so any mesh size can be analysed in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from cfp.errors import CFPError
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __str__(self) -> str:
+        return ",".join(f"{n}={s}" for n, s in zip(self.names, self.shape))
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "names": list(self.names)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "MeshSpec":
+        return cls(tuple(data["shape"]), tuple(data["names"]))
+
+
+DEFAULT_NAMES = {1: ("tp",), 2: ("dp", "tp"), 3: ("pp", "dp", "tp")}
+
+
+def parse_mesh(text: str | MeshSpec) -> MeshSpec:
+    """``"4"`` -> (4,), ``"2x4"`` -> (2, 4), ``"dp=2,tp=4"`` -> named (2, 4)."""
+    if isinstance(text, MeshSpec):
+        return text
+    text = str(text).strip()
+    if re.fullmatch(r"\d+(x\d+)*", text):
+        shape = tuple(int(s) for s in text.split("x"))
+        names = DEFAULT_NAMES.get(len(shape), tuple(f"d{i}" for i in range(len(shape))))
+    elif re.fullmatch(r"\w+=\d+(,\w+=\d+)*", text):
+        pairs = [p.split("=") for p in text.split(",")]
+        names = tuple(name for name, _ in pairs)
+        shape = tuple(int(size) for _, size in pairs)
+        if len(set(names)) != len(names):
+            raise CFPError(f"Mesh {text!r} names a dimension twice.")
+    else:
+        raise CFPError(f"Mesh {text!r} is not of the form '4', '2x4' or 'dp=2,tp=4'.")
+    if len(shape) > 3:
+        raise CFPError(f"Mesh {text!r} has {len(shape)} dimensions; CFP supports 1 to 3.")
+    if any(s < 1 for s in shape):
+        raise CFPError(f"Mesh {text!r} has a dimension of size 0.")
+    return MeshSpec(shape, names)
+
+
+def device_mesh(spec: MeshSpec, device_type: str = "cpu") -> DeviceMesh:
+    """A DeviceMesh over the current (real or fake) default process group."""
+    ranks = torch.arange(spec.size).view(spec.shape)
+    return DeviceMesh(device_type, ranks, mesh_dim_names=spec.names)
+
+
+@contextlib.contextmanager
+def fake_mesh(spec: MeshSpec) -> Iterator[DeviceMesh]:
+    """A mesh over the fake process group; restores the caller's state on exit."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        if dist.get_backend() != "fake":
+            raise CFPError("Analysis needs its own fake process group, but a real one is already initialised in this process.")
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=spec.size)
+    # DTensor warns on every multi-dimension reduction; analysis sees thousands.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    try:
+        yield device_mesh(spec)
+    finally:
+        dist.destroy_process_group()

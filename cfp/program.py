@@ -1,0 +1,203 @@
+"""Running one block's ops with DTensor: the program that analysis propagates
+on ``meta`` tensors and that profiling times on real ones.
+
+External inputs are made lazily, when an op first reads them, so that an
+input's placement can follow the op's other operand (a residual stream takes
+the placement of the branch it is added to). DTensor's own sharding rules do
+the rest, exactly as at training time.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.debug._comm_mode import NATIVE_TO_PY_MAPPING, c10d_collective_ops
+from torch.fx import Node
+
+Placements = tuple[Placement, ...]
+
+COLLECTIVE_KINDS = {
+    "all_reduce": "all_reduce",
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_to_all_single": "all_to_all",
+    "shard_dim_alltoall": "all_to_all",
+    "broadcast": "broadcast",
+}
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective DTensor issued: its kind, mesh dimension and bytes sent in."""
+
+    kind: str
+    mesh_dim: int
+    bytes: int
+    phase: str  # "forward", "backward" or "grad" (gradient reduction)
+    op: str  # the block op (or "grad:<param>") that caused it
+
+
+class CommRecorder(CommDebugMode):
+    """CommDebugMode that also keeps each collective's size and mesh dimension."""
+
+    def __init__(self, mesh: DeviceMesh, phase: str):
+        super().__init__()
+        self.groups = {mesh.get_group(d).group_name: d for d in range(mesh.ndim)}
+        self.phase = phase
+        self.current_op = ""
+        self.collectives: list[Collective] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if out is NotImplemented or isinstance(func, torch._ops.HigherOrderOperator):
+            return out
+        packet = func._overloadpacket
+        if packet in self.comm_registry or packet in c10d_collective_ops:
+            packet = NATIVE_TO_PY_MAPPING.get(packet, packet)
+            name = packet.__name__.split(".")[-1]
+            tensor = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]
+            group = next((a for a in reversed(args) if isinstance(a, str)), None)
+            self.collectives.append(
+                Collective(
+                    kind=COLLECTIVE_KINDS.get(name, name),
+                    mesh_dim=self.groups.get(group, -1),
+                    bytes=tensor.numel() * tensor.element_size(),
+                    phase=self.phase,
+                    op=self.current_op,
+                )
+            )
+        return out
+
+
+def follow_placements(shape: tuple[int, ...], ref: DTensor) -> Placements:
+    """The placements an input of ``shape`` takes when combined with ``ref``.
+
+    Shards carry over to the input's dimension that broadcasting aligns with
+    the sharded one; everything else (and any ``Partial``) is replicated.
+    """
+    out = []
+    offset = ref.ndim - len(shape)
+    for p in ref.placements:
+        if isinstance(p, Shard):
+            dim = p.dim - offset
+            if 0 <= dim < len(shape) and shape[dim] == ref.shape[p.dim]:
+                out.append(Shard(dim))
+                continue
+        out.append(Replicate())
+    return tuple(out)
+
+
+def grad_placements(placements: Placements) -> Placements:
+    """The gradient of a ``Partial`` value is replicated; shards stay shards."""
+    return tuple(Replicate() if isinstance(p, Partial) else p for p in placements)
+
+
+@dataclass
+class BlockRun:
+    """What one execution of a block produced."""
+
+    values: dict[str, object]  # node/input name -> DTensor (or other value)
+    input_placements: dict[str, Placements]
+    fallbacks: list[str] = field(default_factory=list)  # ops DTensor could not shard, run replicated
+
+
+MakeInput = Callable[[Node, Placements], torch.Tensor]
+
+
+def run_block(
+    nodes: list[Node],
+    mesh: DeviceMesh,
+    fixed: dict[str, Placements],
+    make_input: MakeInput,
+    recorder: CommRecorder | None = None,
+    placements_for: Callable[[Node, Node, dict], Placements] | None = None,
+) -> BlockRun:
+    """Run ``nodes`` in order on DTensors.
+
+    ``fixed`` gives the placements of the entry values (the anchor's
+    activation and parameters); any other external input gets the placements
+    of the op that first reads it (``follow_placements``), or those that
+    ``placements_for`` returns. ``make_input(node, placements)`` builds the
+    DTensor for an external input.
+    """
+    members = {n.name for n in nodes}
+    run = BlockRun(values={}, input_placements={})
+    env = run.values
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg.name in env or arg.name in members:
+                continue
+            if arg.name in fixed:
+                placements = fixed[arg.name]
+            elif placements_for is not None:
+                placements = placements_for(arg, node, env)
+            else:
+                placements = _placements_from_op(arg, node, env, mesh)
+            run.input_placements[arg.name] = placements
+            env[arg.name] = make_input(arg, placements)
+        if recorder is not None:
+            recorder.current_op = node.name
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env[n.name])
+        env[node.name] = _call(node, args, kwargs, mesh, run)
+    return run
+
+
+def _placements_from_op(arg: Node, node: Node, env: dict, mesh: DeviceMesh) -> Placements:
+    shape = tuple(arg.meta["val"].shape) if isinstance(arg.meta.get("val"), torch.Tensor) else ()
+    refs = [env[a.name] for a in node.all_input_nodes if isinstance(env.get(a.name), DTensor)]
+    if refs and shape:
+        return follow_placements(shape, max(refs, key=lambda t: t.ndim))
+    return (Replicate(),) * mesh.ndim
+
+
+# Sums where DTensor, given a Partial and a non-Partial operand, would make the
+# other operand Partial too and leave the result unreduced.
+SUMS = {torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor}
+
+
+def _reduce_partial_sums(node: Node, args: tuple, mesh: DeviceMesh) -> tuple:
+    """Reduce a Partial operand of a sum with a non-Partial one first, as Megatron does.
+
+    DTensor's own choice keeps the sum Partial; for a residual stream that is
+    then normalised (which needs it whole) and also carried to the next
+    residual, the same tensor would be all-reduced twice.
+    """
+    if node.target not in SUMS:
+        return args
+    tensors = [a for a in args if isinstance(a, DTensor)]
+    partial = [any(isinstance(p, Partial) for p in t.placements) for t in tensors]
+    if len(tensors) < 2 or all(partial) or not any(partial):
+        return args
+    whole = lambda a: a.redistribute(mesh, grad_placements(a.placements)) if isinstance(a, DTensor) else a
+    return tuple(whole(a) for a in args)
+
+
+def _call(node: Node, args, kwargs, mesh: DeviceMesh, run: BlockRun):
+    if node.target is operator.getitem:
+        return operator.getitem(*args)
+    args = _reduce_partial_sums(node, args, mesh)
+    try:
+        return node.target(*args, **kwargs)
+    except NotImplementedError as exc:
+        if "sharding strateg" not in str(exc) and "sharding propagation" not in str(exc):
+            raise
+    # DTensor has no rule for this op: run it replicated, which is always correct.
+    run.fallbacks.append(str(node.target))
+    to_local = lambda a: a.redistribute(mesh, (Replicate(),) * mesh.ndim).to_local() if isinstance(a, DTensor) else a
+    args, kwargs = torch.utils._pytree.tree_map(to_local, (args, kwargs))
+    out = node.target(*args, **kwargs)
+    wrap = lambda t: DTensor.from_local(t, mesh, (Replicate(),) * mesh.ndim, run_check=False) if isinstance(t, torch.Tensor) else t
+    return torch.utils._pytree.tree_map(wrap, out)
+
+
+def make_dtensor(global_tensor: torch.Tensor, mesh: DeviceMesh, placements: Placements, requires_grad: bool) -> DTensor:
+    """Each rank keeps its own shard of the same global tensor (no scatter)."""
+    placements = tuple(Replicate() if isinstance(p, Partial) else p for p in placements)
+    dt = distribute_tensor(global_tensor, mesh, placements, src_data_rank=None)
+    return dt.requires_grad_(requires_grad and dt.is_floating_point())

@@ -1,0 +1,135 @@
+"""Propagation: what each entry config does to a block, read off DTensor.
+
+For one (block, config), the block's ops run with DTensor on ``meta``
+tensors over the fake process group, forward and backward, then every
+parameter's gradient is reduced to the parameter's placement. The result
+records each op's output placements, the exit placements, the placements
+each external input takes, every collective (kind, mesh dimension, bytes,
+phase) and the per-device memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement
+
+from cfp.blocks import Block
+from cfp.capture import TracedModel
+from cfp.configs import BlockConfig
+from cfp.program import Collective, CommRecorder, Placements, grad_placements, make_dtensor, run_block
+
+
+def placement_str(p: Placement) -> str:
+    """``Shard(dim=0)`` -> ``Shard(0)``; DTensor's masked partial is a ``Partial``."""
+    text = repr(p)
+    if text.startswith("Shard("):
+        return f"Shard({p.dim})"
+    if "Partial" in text:
+        return f"Partial({getattr(p, 'reduce_op', 'sum')})"
+    return "Replicate()"
+
+
+def placements_str(ps) -> list[str] | None:
+    if ps is None:
+        return None
+    return [placement_str(p) for p in ps]
+
+
+@dataclass
+class Propagation:
+    """What one config of one block class does, by position in the block."""
+
+    config: BlockConfig
+    valid: bool  # the anchor runs without communication
+    reason: str = ""  # why not valid
+    input_placements: list[Placements | None] = field(default_factory=list)  # aligned with Block.inputs
+    node_placements: list[Placements | None] = field(default_factory=list)  # aligned with Block.nodes
+    exit_placements: list[Placements | None] = field(default_factory=list)  # aligned with Block.outputs
+    collectives: list[Collective] = field(default_factory=list)
+    param_bytes: int = 0  # per device
+    activation_bytes: int = 0  # per device, every op output of the block (what autograd may save)
+    fallbacks: list[str] = field(default_factory=list)
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.param_bytes
+
+    @property
+    def comm_free(self) -> bool:
+        return not any(c.phase == "forward" for c in self.collectives)
+
+    def comm_bytes(self, phase: str | None = None) -> int:
+        return sum(c.bytes for c in self.collectives if phase is None or c.phase == phase)
+
+
+def _local_bytes(value) -> int:
+    if isinstance(value, DTensor):
+        local = value.to_local()
+        return local.numel() * local.element_size()
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_local_bytes(v) for v in value)
+    return 0
+
+
+def _placements_of(value) -> Placements | None:
+    return tuple(value.placements) if isinstance(value, DTensor) else None
+
+
+def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: DeviceMesh) -> Propagation:
+    """Run one config of one block on meta tensors and record what DTensor does."""
+    nodes = [traced.nodes[n] for n in block.nodes]
+    activation = next(i.name for i in block.inputs if i.role == "activation")
+    fixed = {activation: config.activation, **config.placements()}
+
+    def make_input(node, placements):
+        val = node.meta["val"]
+        return make_dtensor(torch.empty(val.shape, dtype=val.dtype, device="meta"), mesh, placements, requires_grad=True)
+
+    result = Propagation(config=config, valid=True)
+    forward = CommRecorder(mesh, "forward")
+    try:
+        with forward:
+            run = run_block(nodes, mesh, fixed, make_input, recorder=forward)
+    except Exception as exc:  # DTensor refused this config somewhere inside the block
+        return Propagation(config=config, valid=False, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    if any(c.op == block.anchor for c in forward.collectives):
+        return Propagation(config=config, valid=False, reason="the anchor needs communication under this config")
+    values = run.values
+    result.fallbacks = run.fallbacks
+    result.input_placements = [run.input_placements.get(i.name) for i in block.inputs]
+    result.node_placements = [_placements_of(values[n]) for n in block.nodes]
+    result.exit_placements = [_placements_of(values[n]) for n in block.outputs]
+    params = [values[i.name] for i in block.inputs if i.name in traced.params]
+    result.param_bytes = sum(_local_bytes(p) for p in params)
+    result.activation_bytes = sum(_local_bytes(values[n]) for n in block.nodes)
+    try:
+        result.collectives = forward.collectives + _backward(block, values, params, mesh)
+    except Exception as exc:
+        return Propagation(config=config, valid=False, reason=f"backward: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    return result
+
+
+def _backward(block: Block, values: dict, params: list[DTensor], mesh: DeviceMesh) -> list[Collective]:
+    """Backward from gradients placed like the exits, then the gradient reduction."""
+    outs, grads = [], []
+    for name in block.outputs:
+        out = values[name]
+        if isinstance(out, DTensor) and out.requires_grad and out.is_floating_point():
+            outs.append(out)
+            grads.append(make_dtensor(torch.empty(out.shape, dtype=out.dtype, device="meta"), mesh, grad_placements(out.placements), requires_grad=False))
+    backward = CommRecorder(mesh, "backward")
+    if outs:
+        with backward:
+            torch.autograd.backward(outs, grads)
+    reduce = CommRecorder(mesh, "grad")
+    with reduce:
+        for p in params:
+            if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
+                reduce.current_op = "grad"
+                p.grad.redistribute(mesh, p.placements)
+    return backward.collectives + reduce.collectives

@@ -1,0 +1,91 @@
+"""Model specs resolve to factories, or fail with a clear one-paragraph error."""
+
+import textwrap
+
+import pytest
+
+import cfp
+from cfp.errors import CFPError
+from cfp.spec import ModelSpec, parse_args
+
+
+def build(spec, **kw):
+    return cfp.build(ModelSpec(spec, **kw))
+
+
+def test_preset_file_and_module_specs(tmp_path):
+    assert build("gpt:tiny").model is not None
+    assert build("examples/llama.py:build", args={"preset": "tiny"}).model is not None
+    assert build("examples.moe:build", args={"preset": "tiny"}).model is not None
+
+
+def test_batch_and_seq_reach_the_factory():
+    workload = build("gpt:tiny", batch=3, seq=16)
+    assert workload.inputs[0].shape == (3, 16)
+
+
+def test_parse_args_types_values():
+    assert parse_args(["n_layer=3", "tie_weights=False", "dtype=bfloat16"]) == {
+        "n_layer": 3,
+        "tie_weights": False,
+        "dtype": "bfloat16",
+    }
+    with pytest.raises(CFPError, match="key=value"):
+        parse_args(["oops"])
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("nosuchfile.py:build", "does not exist"),
+        ("gpt:nosuchpreset", "no preset 'nosuchpreset'"),
+        ("not_a_module_xyz:build", "no module named"),
+        ("examples/gpt.py:nosuchfactory", "no callable 'nosuchfactory'"),
+        ("justaword", "is not of the form"),
+    ],
+)
+def test_bad_specs_say_which_and_why(spec, message):
+    with pytest.raises(CFPError, match=message):
+        build(spec)
+
+
+def test_factory_that_raises(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def build(**kw):\n    raise RuntimeError('no weights here')\n")
+    with pytest.raises(CFPError, match="the factory raised RuntimeError: no weights here"):
+        build(f"{path}:build")
+
+
+def test_factory_with_wrong_return(tmp_path):
+    path = tmp_path / "wrong.py"
+    path.write_text("def build(**kw):\n    return 3\n")
+    with pytest.raises(CFPError, match=r"must return \(model, inputs\)"):
+        build(f"{path}:build")
+
+
+def test_untraceable_model(tmp_path):
+    path = tmp_path / "dynamic.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            class Dynamic(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.lin = nn.Linear(4, 4)
+
+                def forward(self, x):
+                    y = self.lin(x)
+                    if y.sum() > 0:  # data-dependent control flow
+                        return y.mean()
+                    return y.sum()
+
+            def build(**kw):
+                return Dynamic(), (torch.randn(2, 4),)
+            """
+        )
+    )
+    with pytest.raises(CFPError, match="cannot be traced by torch.export"):
+        cfp.capture(build(f"{path}:build", device="cpu"))
