@@ -1,0 +1,1 @@
+"""One module per ``cfp`` subcommand; each has ``register(subparsers)``."""

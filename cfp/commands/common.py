@@ -1,0 +1,27 @@
+"""Arguments and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from cfp.spec import ModelSpec, parse_args
+
+console = Console()
+
+
+def add_model_args(p: argparse.ArgumentParser, device: str = "meta") -> None:
+    p.add_argument("model", metavar="MODEL", help="path/to/file.py:factory, package.module:factory, or a preset such as gpt:gpt2-xl")
+    p.add_argument("--batch", type=int, help="global batch size passed to the factory")
+    p.add_argument("--seq", type=int, help="sequence length passed to the factory")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="extra factory keyword argument (repeatable)")
+    p.add_argument("--device", default=device, help=f"device the model is built on (default: {device}; meta costs no memory)")
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    return ModelSpec(spec=args.model, batch=args.batch, seq=args.seq, device=args.device, args=parse_args(args.arg))

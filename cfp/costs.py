@@ -1,0 +1,81 @@
+"""The interface between costing (profiled or analytic) and the ILP.
+
+A cost model prices two things: one block instance under one config
+(forward, backward and the reduction of its parameters' gradients), and one
+*transition*, the redistribution of a value between the placements its
+producer leaves it in and those its consumer needs, forward and backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Protocol
+
+import torch
+
+from cfp.propagate import placements_str
+
+if TYPE_CHECKING:
+    from cfp.analyze import BlockGraph
+
+
+@dataclass(frozen=True)
+class TransitionKey:
+    """One redistribution: a global shape and dtype moved from ``src`` to ``dst`` placements."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    src: tuple[str, ...]  # e.g. ("Shard(0)", "Partial(sum)")
+    dst: tuple[str, ...]
+
+    @property
+    def is_noop(self) -> bool:
+        return self.src == self.dst
+
+
+@dataclass(frozen=True)
+class EdgeTransition:
+    """The transition on one graph edge when its producer and consumer take given configs."""
+
+    producer: int  # block id
+    consumer: int  # block id
+    value: str  # node name
+    producer_config: int  # index into graph.block_configs(producer)
+    consumer_config: int  # index into graph.block_configs(consumer)
+    key: TransitionKey
+
+
+class CostModel(Protocol):
+    name: str
+
+    def block_time(self, class_id: str, config: str) -> float:
+        """Seconds for one instance of the class under the named config; ``math.inf`` if it cannot run."""
+
+    def transition_time(self, key: TransitionKey) -> float:
+        """Seconds to move a value between placements, forward and backward."""
+
+
+def edge_transitions(graph: "BlockGraph") -> Iterator[EdgeTransition]:
+    """Every (edge, producer config, consumer config) and the transition it implies."""
+    for block in graph.blocks:
+        for pos, value in enumerate(block.inputs):
+            if value.producer is None:
+                continue
+            producer = graph.blocks[value.producer]
+            exit_pos = producer.outputs.index(value.name)
+            val = graph.traced.nodes[value.name].meta["val"]
+            if not isinstance(val, torch.Tensor):
+                continue
+            for a, prop_a in enumerate(graph.block_configs(producer)):
+                src = prop_a.exit_placements[exit_pos]
+                for b, prop_b in enumerate(graph.block_configs(block)):
+                    dst = prop_b.input_placements[pos]
+                    if src is None or dst is None:
+                        continue
+                    key = TransitionKey(tuple(val.shape), str(val.dtype).removeprefix("torch."), tuple(placements_str(src)), tuple(placements_str(dst)))
+                    yield EdgeTransition(producer.id, block.id, value.name, a, b, key)
+
+
+def unique_transitions(graph: "BlockGraph") -> set[TransitionKey]:
+    """The distinct non-trivial transitions a plan of this graph can need."""
+    return {t.key for t in edge_transitions(graph) if not t.key.is_noop}
