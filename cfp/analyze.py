@@ -7,6 +7,8 @@ configs are propagated once, on its first block, over a fake process group.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -66,8 +68,13 @@ class BlockGraph:
         return {"operator_level": operator_level, "block_level": block_level, "deduplicated": deduplicated}
 
 
-def analyze(traced: TracedModel, mesh: MeshSpec, progress=None) -> BlockGraph:
-    """Cut, class and propagate. ``progress(done, total)`` is called per class."""
+def analyze(traced: TracedModel, mesh: MeshSpec, progress=None, workers: int | None = None) -> BlockGraph:
+    """Cut, class and propagate. ``progress(done, total)`` is called per class.
+
+    Classes are propagated in ``workers`` forked processes (default: one per
+    core); DTensor's sharding propagation is CPU-bound Python, and a class's
+    configs share its caches, so a class is the unit of work.
+    """
     start = time.perf_counter()
     try:
         blocks = partition(traced)
@@ -75,20 +82,61 @@ def analyze(traced: TracedModel, mesh: MeshSpec, progress=None) -> BlockGraph:
         raise CFPError(f"Cannot cut the model into ParallelBlocks: {exc}.") from exc
     classes = classify(blocks, traced)
     segments = find_segments([b.class_id for b in blocks])
+    representatives = [blocks[members[0]] for members in classes.values()]
+    workers = min(workers or os.cpu_count() or 1, len(representatives))
+    if workers > 1:
+        results = _propagate_in_workers(representatives, traced, mesh, workers, progress)
+    else:
+        results = []
+        with fake_mesh(mesh) as device_mesh:
+            for done, block in enumerate(representatives):
+                results.append(_propagate_class(block, traced, mesh, device_mesh))
+                if progress is not None:
+                    progress(done + 1, len(representatives))
     configs: dict[str, list[Propagation]] = {}
     rejected: dict[str, list[Propagation]] = {}
-    with fake_mesh(mesh) as device_mesh:
-        for done, (class_id, members) in enumerate(classes.items()):
-            representative = blocks[members[0]]
-            results = [propagate(representative, c, traced, device_mesh) for c in candidates(representative, traced, mesh.shape)]
-            configs[class_id] = [r for r in results if r.valid]
-            rejected[class_id] = [r for r in results if not r.valid]
-            if not configs[class_id]:
-                reasons = "; ".join(f"{r.config.name}: {r.reason}" for r in results[:3])
-                raise CFPError(
-                    f"Block {representative.anchor} ({traced.nodes[representative.anchor].target}) has no config "
-                    f"DTensor can run on mesh {mesh}: {reasons}"
-                )
-            if progress is not None:
-                progress(done + 1, len(classes))
+    for block, props in zip(representatives, results):
+        configs[block.class_id] = [p for p in props if p.valid]
+        rejected[block.class_id] = [p for p in props if not p.valid]
+        if not configs[block.class_id]:
+            reasons = "; ".join(f"{p.config.name}: {p.reason}" for p in props[:3])
+            raise CFPError(
+                f"Block {block.anchor} ({traced.nodes[block.anchor].target}) has no config "
+                f"DTensor can run on mesh {mesh}: {reasons}"
+            )
     return BlockGraph(traced, mesh, blocks, classes, segments, configs, rejected, time.perf_counter() - start)
+
+
+def _propagate_class(block: Block, traced: TracedModel, mesh: MeshSpec, device_mesh) -> list[Propagation]:
+    return [propagate(block, c, traced, device_mesh) for c in candidates(block, traced, mesh.shape)]
+
+
+# Forked workers inherit the traced model instead of pickling an ExportedProgram.
+_WORKER_STATE: dict = {}
+
+
+def _worker_init() -> None:
+    traced, mesh = _WORKER_STATE["traced"], _WORKER_STATE["mesh"]
+    _WORKER_STATE["context"] = fake_mesh(mesh)
+    _WORKER_STATE["device_mesh"] = _WORKER_STATE["context"].__enter__()
+
+
+def _worker_run(block: Block) -> list[Propagation]:
+    return _propagate_class(block, _WORKER_STATE["traced"], _WORKER_STATE["mesh"], _WORKER_STATE["device_mesh"])
+
+
+def _propagate_in_workers(blocks: list[Block], traced: TracedModel, mesh: MeshSpec, workers: int, progress) -> list[list[Propagation]]:
+    _WORKER_STATE.update(traced=traced, mesh=mesh)
+    # Largest classes first, so the slowest one does not start last.
+    order = sorted(range(len(blocks)), key=lambda i: -len(blocks[i].nodes))
+    results: list[list[Propagation] | None] = [None] * len(blocks)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
+            pending = {i: pool.apply_async(_worker_run, (blocks[i],)) for i in order}
+            for done, i in enumerate(order):
+                results[i] = pending[i].get()
+                if progress is not None:
+                    progress(done + 1, len(blocks))
+    finally:
+        _WORKER_STATE.clear()
+    return results

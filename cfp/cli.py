@@ -10,7 +10,7 @@ import cfp
 from cfp.commands.common import console
 from cfp.errors import CFPError
 
-COMMANDS = ["inspect"]
+COMMANDS = ["inspect", "analyze"]
 
 
 def parser() -> argparse.ArgumentParser:

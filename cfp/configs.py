@@ -10,6 +10,9 @@ for the contraction:
 - of activation and parameter but not the output: row parallel (``Partial``),
 - of all three (an expert or batch-matmul dimension): expert parallel,
 - of the parameter only (an embedding's vocabulary): vocabulary parallel.
+  Not offered: DTensor's masked-partial embedding output cannot be reliably
+  propagated on meta tensors (whether it works depends on DTensor's cache
+  state), so analysis results would not be deterministic.
 
 A config picks one letter (or none: replicate) per mesh dimension; it is kept
 only where DTensor then runs the anchor without communication.
@@ -61,7 +64,10 @@ class BlockConfig:
 
     name: str  # e.g. "batch" on a 1-D mesh, "batch/col" on a 2-D one
     activation: tuple[Placement, ...]
-    params: tuple[tuple[str, tuple[Placement, ...]], ...]  # (param placeholder, placements)
+    # (param placeholder, placements), named as in the class's representative
+    # block; for any block of the class read ``Propagation.input_placements``,
+    # which is aligned by position with that block's ``inputs``.
+    params: tuple[tuple[str, tuple[Placement, ...]], ...]
 
     def placements(self) -> dict[str, tuple[Placement, ...]]:
         return dict(self.params)
@@ -138,7 +144,8 @@ def candidates(block: Block, traced: TracedModel, mesh_shape: tuple[int, ...]) -
     """
     sig = signature(block, traced)
     kind = "embedding" if traced.nodes[block.anchor].target == aten.embedding.default else "other"
-    letters = [None] + sorted(set(sig.activation + "".join(sig.params.values())))
+    shardable = set(sig.activation) | (set("".join(sig.params.values())) & set(sig.output + sig.activation))
+    letters = [None] + sorted(shardable)
     configs = []
     per_dim = [letters if size > 1 else [None] for size in mesh_shape]
     for choice in itertools.product(*per_dim):

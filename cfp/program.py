@@ -181,6 +181,8 @@ def _reduce_partial_sums(node: Node, args: tuple, mesh: DeviceMesh) -> tuple:
 def _call(node: Node, args, kwargs, mesh: DeviceMesh, run: BlockRun):
     if node.target is operator.getitem:
         return operator.getitem(*args)
+    if str(node.target).startswith("aten._assert"):
+        return None  # export's metadata checks of the single-device trace, not computation
     args = _reduce_partial_sums(node, args, mesh)
     try:
         return node.target(*args, **kwargs)

@@ -65,6 +65,11 @@ class Propagation:
         return sum(c.bytes for c in self.collectives if phase is None or c.phase == phase)
 
 
+def _describe(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
 def _local_bytes(value) -> int:
     if isinstance(value, DTensor):
         local = value.to_local()
@@ -80,11 +85,16 @@ def _placements_of(value) -> Placements | None:
     return tuple(value.placements) if isinstance(value, DTensor) else None
 
 
+def entry_placements(block: Block, config: BlockConfig) -> dict[str, Placements]:
+    """The placements a config fixes: the anchor's activation input and its parameters."""
+    activation = next(i.name for i in block.inputs if i.role == "activation")
+    return {activation: config.activation, **config.placements()}
+
+
 def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: DeviceMesh) -> Propagation:
     """Run one config of one block on meta tensors and record what DTensor does."""
     nodes = [traced.nodes[n] for n in block.nodes]
-    activation = next(i.name for i in block.inputs if i.role == "activation")
-    fixed = {activation: config.activation, **config.placements()}
+    fixed = entry_placements(block, config)
 
     def make_input(node, placements):
         val = node.meta["val"]
@@ -96,7 +106,7 @@ def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: Devi
         with forward:
             run = run_block(nodes, mesh, fixed, make_input, recorder=forward)
     except Exception as exc:  # DTensor refused this config somewhere inside the block
-        return Propagation(config=config, valid=False, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return Propagation(config=config, valid=False, reason=_describe(exc))
     if any(c.op == block.anchor for c in forward.collectives):
         return Propagation(config=config, valid=False, reason="the anchor needs communication under this config")
     values = run.values
@@ -110,26 +120,47 @@ def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: Devi
     try:
         result.collectives = forward.collectives + _backward(block, values, params, mesh)
     except Exception as exc:
-        return Propagation(config=config, valid=False, reason=f"backward: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return Propagation(config=config, valid=False, reason="backward: " + _describe(exc))
     return result
 
 
-def _backward(block: Block, values: dict, params: list[DTensor], mesh: DeviceMesh) -> list[Collective]:
-    """Backward from gradients placed like the exits, then the gradient reduction."""
+def exit_gradients(block: Block, values: dict, mesh: DeviceMesh, make_grad=None) -> tuple[list[DTensor], list[DTensor]]:
+    """The block's differentiable exits and upstream gradients placed like them.
+
+    ``make_grad(out)`` gives the global gradient tensor of exit ``out``
+    (default: an empty ``meta`` tensor, for analysis).
+    """
     outs, grads = [], []
     for name in block.outputs:
         out = values[name]
         if isinstance(out, DTensor) and out.requires_grad and out.is_floating_point():
             outs.append(out)
-            grads.append(make_dtensor(torch.empty(out.shape, dtype=out.dtype, device="meta"), mesh, grad_placements(out.placements), requires_grad=False))
+            full = make_grad(out) if make_grad is not None else torch.empty(out.shape, dtype=out.dtype, device="meta")
+            grads.append(make_dtensor(full, mesh, grad_placements(out.placements), requires_grad=False))
+    return outs, grads
+
+
+def reduce_gradients(params: list[DTensor], mesh: DeviceMesh, recorder: CommRecorder | None = None) -> list:
+    """Each parameter's gradient brought to the parameter's own placement (None where it has none)."""
+    reduced = []
+    for p in params:
+        grad = p.grad
+        if grad is not None and tuple(grad.placements) != tuple(p.placements):
+            if recorder is not None:
+                recorder.current_op = "grad"
+            grad = grad.redistribute(mesh, p.placements)
+        reduced.append(grad)
+    return reduced
+
+
+def _backward(block: Block, values: dict, params: list[DTensor], mesh: DeviceMesh) -> list[Collective]:
+    """Backward from gradients placed like the exits, then the gradient reduction."""
+    outs, grads = exit_gradients(block, values, mesh)
     backward = CommRecorder(mesh, "backward")
     if outs:
         with backward:
             torch.autograd.backward(outs, grads)
     reduce = CommRecorder(mesh, "grad")
     with reduce:
-        for p in params:
-            if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
-                reduce.current_op = "grad"
-                p.grad.redistribute(mesh, p.placements)
+        reduce_gradients(params, mesh, reduce)
     return backward.collectives + reduce.collectives

@@ -29,6 +29,13 @@ def _label(node: torch.fx.Node) -> str:
     return _op_name(node) if node.op == "call_function" else node.op
 
 
+def _value_label(node: torch.fx.Node) -> str:
+    """An external input is known by its shape and dtype, not by the op that made it:
+    the first layer reads the residual stream from an embedding, the others from an add."""
+    val = node.meta.get("val")
+    return f"{tuple(val.shape)}:{val.dtype}" if isinstance(val, torch.Tensor) else node.op
+
+
 def block_digraph(block: Block, traced: TracedModel) -> nx.DiGraph:
     """The block's dataflow: its ops and the external values they read."""
     g = nx.DiGraph()
@@ -40,7 +47,7 @@ def block_digraph(block: Block, traced: TracedModel) -> nx.DiGraph:
         for pos, arg in enumerate(node.all_input_nodes):
             if arg.name not in members:
                 role = next(i.role for i in block.inputs if i.name == arg.name)
-                g.add_node(arg.name, label=f"in:{role}:" + _label(arg))
+                g.add_node(arg.name, label=f"in:{role}:" + _value_label(arg))
             g.add_edge(arg.name, name, label=str(pos))
     return g
 
