@@ -6,11 +6,14 @@ configs are propagated once, on its first block, over a fake process group.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing
 import os
+import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -20,7 +23,7 @@ from cfp.configs import candidates
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, fake_mesh
 from cfp.propagate import Propagation, propagate
-from cfp.segments import Segment, classify, find_segments
+from cfp.segments import Segment, classify, find_segments, structure_key
 
 
 @dataclass
@@ -35,6 +38,7 @@ class BlockGraph:
     configs: dict[str, list[Propagation]]  # class id -> valid configs, propagated
     rejected: dict[str, list[Propagation]] = field(default_factory=dict)  # class id -> configs DTensor refused
     seconds: float = 0.0
+    cached_classes: int = 0  # classes whose propagation came from the on-disk cache
 
     def block_configs(self, block: Block | int) -> list[Propagation]:
         block = self.blocks[block] if isinstance(block, int) else block
@@ -83,16 +87,24 @@ def analyze(traced: TracedModel, mesh: MeshSpec, progress=None, workers: int | N
     classes = classify(blocks, traced)
     segments = find_segments([b.class_id for b in blocks])
     representatives = [blocks[members[0]] for members in classes.values()]
-    workers = min(workers or os.cpu_count() or 1, len(representatives))
+    results = [_load_cached(block, traced, mesh) for block in representatives]
+    todo = [block for block, cached in zip(representatives, results) if cached is None]
+    tick = (lambda done: progress(len(representatives) - len(todo) + done, len(representatives))) if progress else None
+    workers = min(workers or os.cpu_count() or 1, len(todo))
     if workers > 1:
-        results = _propagate_in_workers(representatives, traced, mesh, workers, progress)
+        computed = _propagate_in_workers(todo, traced, mesh, workers, tick)
     else:
-        results = []
-        with fake_mesh(mesh) as device_mesh:
-            for done, block in enumerate(representatives):
-                results.append(_propagate_class(block, traced, mesh, device_mesh))
-                if progress is not None:
-                    progress(done + 1, len(representatives))
+        computed = []
+        if todo:
+            with fake_mesh(mesh) as device_mesh:
+                for done, block in enumerate(todo):
+                    computed.append(_propagate_class(block, traced, mesh, device_mesh))
+                    if tick is not None:
+                        tick(done + 1)
+    for block, props in zip(todo, computed):
+        _store_cached(block, traced, mesh, props)
+    fresh = iter(computed)
+    results = [cached if cached is not None else next(fresh) for cached in results]
     configs: dict[str, list[Propagation]] = {}
     rejected: dict[str, list[Propagation]] = {}
     for block, props in zip(representatives, results):
@@ -104,7 +116,52 @@ def analyze(traced: TracedModel, mesh: MeshSpec, progress=None, workers: int | N
                 f"Block {block.anchor} ({traced.nodes[block.anchor].target}) has no config "
                 f"DTensor can run on mesh {mesh}: {reasons}"
             )
-    return BlockGraph(traced, mesh, blocks, classes, segments, configs, rejected, time.perf_counter() - start)
+    return BlockGraph(
+        traced, mesh, blocks, classes, segments, configs, rejected, time.perf_counter() - start, len(representatives) - len(todo)
+    )
+
+
+# Propagation depends only on a block's structure, the mesh and torch's DTensor,
+# so it is cached on disk: every command that re-analyses a model (plan,
+# profile workers, bench) then skips DTensor's slow first propagation.
+ANALYSIS_CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CFP_CACHE_DIR", Path.home() / ".cache" / "cfp")) / "analysis"
+
+
+def _cache_path(block: Block, traced: TracedModel, mesh: MeshSpec) -> Path:
+    key = repr((ANALYSIS_CACHE_VERSION, torch.__version__, mesh.shape, structure_key(block, traced)))
+    return cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pkl"
+
+
+def _load_cached(block: Block, traced: TracedModel, mesh: MeshSpec) -> list[Propagation] | None:
+    path = _cache_path(block, traced, mesh)
+    try:
+        with open(path, "rb") as f:
+            stored = pickle.load(f)
+        names, props = stored["inputs"], stored["propagations"]
+    except FileNotFoundError:
+        return None
+    except Exception:  # a damaged entry is recomputed
+        path.unlink(missing_ok=True)
+        return None
+    # The entry was made on a block of the same structure, maybe another instance:
+    # its configs name that block's parameters, which correspond by position.
+    rename = dict(zip(names, (i.name for i in block.inputs)))
+    for prop in props:
+        prop.config = replace(prop.config, params=tuple((rename[n], p) for n, p in prop.config.params))
+    return props
+
+
+def _store_cached(block: Block, traced: TracedModel, mesh: MeshSpec, props: list[Propagation]) -> None:
+    path = _cache_path(block, traced, mesh)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump({"inputs": [i.name for i in block.inputs], "propagations": props}, f)
+    os.replace(tmp, path)
 
 
 def _propagate_class(block: Block, traced: TracedModel, mesh: MeshSpec, device_mesh) -> list[Propagation]:
@@ -136,7 +193,7 @@ def _propagate_in_workers(blocks: list[Block], traced: TracedModel, mesh: MeshSp
             for done, i in enumerate(order):
                 results[i] = pending[i].get()
                 if progress is not None:
-                    progress(done + 1, len(blocks))
+                    progress(done + 1)
     finally:
         _WORKER_STATE.clear()
     return results

@@ -52,19 +52,20 @@ def block_digraph(block: Block, traced: TracedModel) -> nx.DiGraph:
     return g
 
 
-def _sequence_key(block: Block, traced: TracedModel) -> tuple:
-    """The block's ops in order, each with its label and where its args come from.
+def structure_key(block: Block, traced: TracedModel) -> tuple:
+    """The block exactly: its inputs (role, shape, dtype), then its ops in order,
+    each with its label and its arguments, other values named by position.
 
     Blocks with equal keys correspond position by position, which is what lets
     one representative's propagation and profiles stand for the whole class.
     """
-    position = {name: i for i, name in enumerate(block.nodes)}
-    inputs = {i.name: f"in{k}" for k, i in enumerate(block.inputs)}
-    key = []
+    refs = {i.name: f"in{k}" for k, i in enumerate(block.inputs)}
+    refs.update({name: f"op{k}" for k, name in enumerate(block.nodes)})
+    key = [tuple(f"{i.role}:{_value_label(traced.nodes[i.name])}" for i in block.inputs)]
     for name in block.nodes:
         node = traced.nodes[name]
-        refs = tuple(position.get(a.name, inputs.get(a.name)) for a in node.all_input_nodes)
-        key.append((_label(node), refs, tuple(repr(a) for a in node.args if not isinstance(a, (torch.fx.Node, list, tuple)))))
+        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: refs[n.name])
+        key.append((_label(node), repr(args)))
     return tuple(key)
 
 
@@ -76,7 +77,7 @@ def classify(blocks: list[Block], traced: TracedModel) -> dict[str, list[int]]:
         with warnings.catch_warnings():  # networkx notes that directed hashes changed in 3.5
             warnings.simplefilter("ignore", UserWarning)
             wl = nx.weisfeiler_lehman_graph_hash(block_digraph(block, traced), node_attr="label", edge_attr="label", iterations=3)
-        key = _sequence_key(block, traced)
+        key = structure_key(block, traced)
         class_id, n = wl[:12], 0
         while class_id in keys and keys[class_id] != key:  # a WL collision: keep the classes apart
             n += 1

@@ -1,9 +1,13 @@
 import os
+import tempfile
 
 import pytest
 
 # Tests run many small ops; one thread each keeps the 2-core CI machine responsive.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Analysis results are cached on disk; each test session starts from an empty cache.
+os.environ.setdefault("CFP_CACHE_DIR", tempfile.mkdtemp(prefix="cfp-test-cache-"))
 
 EXAMPLES = ["gpt", "llama", "moe"]
 

@@ -215,3 +215,22 @@ def test_op_without_sharding_rule_runs_replicated(tmp_path):
     assert all("aten.renorm.default" in p.fallbacks for p in props)
     col = next(p for p in props if p.config.name == "col")
     assert any(c.kind == "all_gather" for c in col.collectives), "the fallback gathers its input"
+
+
+def test_analysis_cache_reuses_and_recovers(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFP_CACHE_DIR", str(tmp_path))
+    traced = cfp.capture(cfp.build(ModelSpec("gpt:tiny", device="meta", args={"n_layer": 1})))
+    cold = analyze(traced, parse_mesh("2"), workers=1)
+    assert cold.cached_classes == 0
+    warm = analyze(traced, parse_mesh("2"), workers=1)
+    assert warm.cached_classes == len(warm.classes)
+    for class_id in cold.configs:
+        assert [(p.config, p.exit_placements, p.collectives) for p in cold.configs[class_id]] == [
+            (p.config, p.exit_placements, p.collectives) for p in warm.configs[class_id]
+        ]
+    # A deeper model reuses the entries of a layer class; a damaged entry is recomputed.
+    entries = sorted((tmp_path / "analysis").glob("*.pkl"))
+    entries[0].write_bytes(b"not a pickle")
+    deeper = analyze(cfp.capture(cfp.build(ModelSpec("gpt:tiny", device="meta", args={"n_layer": 3}))), parse_mesh("2"), workers=1)
+    assert deeper.cached_classes == len(deeper.classes) - 1
+    assert deeper.profile_jobs == cold.profile_jobs

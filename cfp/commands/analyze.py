@@ -96,6 +96,7 @@ def summarize(graph: BlockGraph) -> dict:
         "profile_jobs": graph.profile_jobs,
         "search_space": graph.search_space(),
         "analysis_s": round(graph.seconds, 2),
+        "cached_classes": graph.cached_classes,
         "block_classes": classes,
     }
 
@@ -120,7 +121,8 @@ def print_summary(graph: BlockGraph, summary: dict, model: str, show_rejected: b
     table.add_row("plans, operator level", f"10^{space['operator_level']:.1f}")
     table.add_row("plans, block level", f"10^{space['block_level']:.1f}")
     table.add_row("plans, after segment dedup", f"10^{space['deduplicated']:.1f}")
-    table.add_row("analysis time", f"{graph.seconds:.1f} s")
+    cached = f" ({graph.cached_classes} of {len(graph.classes)} classes from the cache)" if graph.cached_classes else ""
+    table.add_row("analysis time", f"{graph.seconds:.1f} s{cached}")
     console.print(table)
 
     for cls in summary["block_classes"]:
