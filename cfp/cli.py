@@ -10,7 +10,7 @@ import cfp
 from cfp.commands.common import console
 from cfp.errors import CFPError
 
-COMMANDS = ["inspect", "analyze"]
+COMMANDS = ["inspect", "analyze", "profile", "calibrate"]
 
 
 def parser() -> argparse.ArgumentParser:

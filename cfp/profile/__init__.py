@@ -1,0 +1,12 @@
+"""Profiling: block and transition programs timed on a real process group or
+emulated over the fake one, stored as Parquet, read by the ILP as a cost model.
+
+See ``cfp.profile.runner.profile`` (the entry point), ``cfp.profile.program``
+(the programs), ``cfp.profile.store`` (``ProfileStore``, ``ProfileTable``)
+and ``cfp.profile.real`` (the worker pool).
+"""
+
+from cfp.profile.runner import BACKENDS, ProfileRun, analyze_for_profile, profile
+from cfp.profile.store import ProfileStore, ProfileTable
+
+__all__ = ["BACKENDS", "ProfileRun", "ProfileStore", "ProfileTable", "analyze_for_profile", "profile"]

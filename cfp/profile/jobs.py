@@ -1,0 +1,148 @@
+"""Profile jobs: what one rank does for a job, and how ranks' results combine.
+
+A job is one (block class, config) or one transition. Every rank of a real
+process group (or the single process of the emulated backend) runs
+``execute`` and returns its per-iteration phase times; ``combine`` takes,
+per iteration, the max over ranks (the step waits for the slowest rank),
+then the median and spread over iterations.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from cfp.costs import TransitionKey
+from cfp.profile.program import BlockProgram, TransitionProgram
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # "block" or "transition"
+    class_id: str = ""
+    config: str = ""
+    transition: TransitionKey | None = None
+
+    def describe(self) -> str:
+        if self.kind == "block":
+            return f"block class {self.class_id} config {self.config!r}"
+        k = self.transition
+        return f"transition {k.shape} {k.dtype} {'/'.join(k.src)} -> {'/'.join(k.dst)}"
+
+
+@dataclass
+class RankContext:
+    """What a rank needs to run jobs: the analysed graph (None for calibration), its mesh and device."""
+
+    graph: object
+    mesh: object  # DeviceMesh
+    device: str
+    rank: int = 0
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() or isinstance(exc, MemoryError)
+
+
+def execute(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int = 0) -> dict:
+    """Run one job on this rank; returns its times, collectives and memory (or status ``oom``)."""
+    cuda = ctx.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    import torch.distributed as dist
+
+    real = dist.is_initialized() and dist.get_backend() != "fake"
+    barrier = dist.barrier if real else (lambda: None)
+    try:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        if job.kind == "block":
+            graph = ctx.graph
+            block = graph.blocks[graph.classes[job.class_id][0]]
+            prop = next(p for p in graph.configs[job.class_id] if p.config.name == job.config)
+            program = BlockProgram(graph, block, prop, ctx.mesh, ctx.device, seed)
+        else:
+            program = TransitionProgram(job.transition, ctx.mesh, ctx.device, seed)
+        times, collectives = program.measure(warmup, iters, sync, barrier)
+        if cuda:
+            memory, source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
+        else:
+            memory, source = program.estimated_memory(), "estimate_local_shapes"
+        return {
+            "status": "ok",
+            "forward": times.forward,
+            "backward": times.backward,
+            "reduce": times.reduce,
+            "collectives": [(c.kind, c.mesh_dim, c.bytes, c.phase) for c in collectives],
+            "memory": int(memory),
+            "memory_source": source,
+        }
+    except Exception as exc:
+        if _is_oom(exc):
+            return {"status": "oom", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+        raise
+
+
+def combine(results: list[dict], comm_priced: dict[str, float] | None = None) -> dict:
+    """Rank results -> one row's measurements (seconds). ``comm_priced``: emulated comm time per phase."""
+    if any(r["status"] != "ok" for r in results):
+        bad = next(r for r in results if r["status"] != "ok")
+        return {"status": bad["status"], "error": bad.get("error", ""), "total_s": float("inf")}
+    n = len(results[0]["forward"])
+    per_iter = {ph: [max(r[ph][i] for r in results) for i in range(n)] for ph in ("forward", "backward", "reduce")}
+    comm = comm_priced or {}
+    for ph, key in (("forward", "forward"), ("backward", "backward"), ("reduce", "grad")):
+        per_iter[ph] = [t + comm.get(key, 0.0) for t in per_iter[ph]]
+    totals = [sum(per_iter[ph][i] for ph in per_iter) for i in range(n)]
+    q = statistics.quantiles(totals, n=4) if len(totals) >= 2 else [totals[0]] * 3
+    return {
+        "status": "ok",
+        "error": "",
+        "forward_s": statistics.median(per_iter["forward"]),
+        "backward_s": statistics.median(per_iter["backward"]),
+        "reduce_s": statistics.median(per_iter["reduce"]),
+        "comm_s": sum(comm.values()) if comm_priced is not None else float("nan"),
+        "total_s": statistics.median(totals),
+        "total_min_s": min(totals),
+        "total_max_s": max(totals),
+        "total_iqr_s": q[2] - q[0],
+        "iters": n,
+        "memory_bytes": max(r["memory"] for r in results),
+        "memory_source": results[0]["memory_source"],
+        "collectives": len(results[0]["collectives"]),
+        "comm_bytes": sum(c[2] for c in results[0]["collectives"]),
+    }
+
+
+def compare_with_reference(ctx: RankContext, pairs: list[tuple[str, str]], seed: int = 0) -> dict:
+    """For tests and self-checks: run each (class id, config) once on the mesh and compare its
+    exit values and reduced parameter gradients with the same ops on one device.
+
+    Returns ``{(class_id, config): max abs difference}``; every rank must call it.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from cfp.profile.program import reference
+
+    graph = ctx.graph
+    out = {}
+    for class_id, config in pairs:
+        block = graph.blocks[graph.classes[class_id][0]]
+        prop = next(p for p in graph.configs[class_id] if p.config.name == config)
+        program = BlockProgram(graph, block, prop, ctx.mesh, ctx.device, seed)
+        _, _, got = program.iterate()
+        want_values, want_grads = reference(program)
+        full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t
+        diff = 0.0
+        for name in block.outputs:
+            a, b = full(got["values"][name]), want_values[name]
+            if isinstance(b, torch.Tensor) and b.is_floating_point():
+                diff = max(diff, (a.detach() - b.detach()).abs().max().item())
+        names = [i.name for i in block.inputs if i.name in graph.traced.params]
+        for name, g in zip(names, got["grads"]):
+            if name in want_grads and want_grads[name] is not None:
+                diff = max(diff, (full(g) - want_grads[name]).abs().max().item())
+        out[(class_id, config)] = diff
+    return out

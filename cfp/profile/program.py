@@ -1,0 +1,263 @@
+"""Block and transition programs on real tensors, and how they are timed.
+
+A *block program* is what analysis propagates on ``meta`` tensors
+(``cfp.propagate``), run on real data: the block's inputs and parameters as
+DTensors with the config's placements, its ops by DTensor, backward from an
+upstream gradient placed like the exits, then every parameter's gradient
+reduced to the parameter's own placement.
+
+The same program runs under a real process group (one process per rank) or
+the fake one (``emulated``: collectives move no data). Data is seeded random:
+
+- floating tensors: ``randn`` (parameters scaled by 0.02);
+- buffers and constants (masks, positions, rotary tables): the model's own
+  values when the model was built on a real device;
+- other integer inputs (token ids, targets, positions): uniform in
+  ``[0, m)`` where ``m`` is the smallest dimension of the block's floating
+  parameters, so that every index is valid for the embedding or loss it feeds;
+- other bool inputs: all ``True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+
+from cfp.analyze import BlockGraph
+from cfp.blocks import Block
+from cfp.costs import TransitionKey
+from cfp.program import Collective, CommRecorder, Placements, grad_placements, make_dtensor, run_block
+from cfp.propagate import Propagation, entry_placements, exit_gradients, reduce_gradients
+
+
+def parse_placement(text: str) -> Placement:
+    """``"Shard(0)"``, ``"Replicate()"``, ``"Partial(sum)"`` -> the placement."""
+    if text.startswith("Shard("):
+        return Shard(int(text[6:-1]))
+    if text.startswith("Partial("):
+        return Partial(text[8:-1] or "sum")
+    if text == "Replicate()":
+        return Replicate()
+    raise ValueError(f"unknown placement {text!r}")
+
+
+def _seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def seeded(shape, dtype: torch.dtype, name: str, seed: int, device, high: int = 2, scale: float = 1.0) -> torch.Tensor:
+    """The same tensor on every rank: seeded by ``seed`` and ``name``, made on the CPU."""
+    gen = torch.Generator().manual_seed(_seed(seed, name))
+    if dtype.is_floating_point:
+        t = torch.randn(tuple(shape), generator=gen, dtype=torch.float32) * scale
+        t = t.to(dtype)
+    elif dtype == torch.bool:
+        t = torch.ones(tuple(shape), dtype=torch.bool)
+    else:
+        t = torch.randint(0, max(high, 1), tuple(shape), generator=gen, dtype=dtype)
+    return t.to(device)
+
+
+def _wait(value) -> None:
+    """Force DTensor's lazy (async) collectives to complete."""
+    if isinstance(value, DTensor):
+        local = value._local_tensor
+        if hasattr(local, "wait"):
+            local.wait()
+
+
+@dataclass
+class PhaseTimes:
+    forward: list[float] = field(default_factory=list)
+    backward: list[float] = field(default_factory=list)
+    reduce: list[float] = field(default_factory=list)
+
+
+class BlockProgram:
+    """One (block, config) as a runnable, timeable program on ``mesh``."""
+
+    def __init__(self, graph: BlockGraph, block: Block, prop: Propagation, mesh: DeviceMesh, device: str | torch.device = "cpu", seed: int = 0):
+        self.graph, self.block, self.prop, self.mesh = graph, block, prop, mesh
+        self.traced = graph.traced
+        self.device = torch.device(device)
+        self.seed = seed
+        self.nodes = [self.traced.nodes[n] for n in block.nodes]
+        self.fixed = entry_placements(block, prop.config)
+        floats = [self.traced.nodes[i.name].meta["val"] for i in block.inputs if i.name in self.traced.params]
+        dims = [d for v in floats if v.is_floating_point() for d in v.shape]
+        self.int_high = min(dims) if dims else 2
+        self.leaves: dict[str, DTensor] = {}  # input name -> DTensor (cached across iterations)
+        self.globals: dict[str, torch.Tensor] = {}  # input name -> the global tensor it shards
+        self.params: list[DTensor] = []
+
+    # -- data -----------------------------------------------------------------
+    def global_input(self, name: str) -> torch.Tensor:
+        if name not in self.globals:
+            val = self.traced.nodes[name].meta["val"]
+            real = self._buffer_value(name)
+            if real is not None:
+                t = real.detach().to(self.device)
+            else:
+                scale = 0.02 if name in self.traced.params else 1.0
+                t = seeded(val.shape, val.dtype, name, self.seed, self.device, self.int_high, scale)
+            self.globals[name] = t
+        return self.globals[name]
+
+    def _buffer_value(self, name: str) -> torch.Tensor | None:
+        fqn = self.traced.buffers.get(name)
+        if fqn is None:
+            return None
+        exported = self.traced.exported
+        value = exported.state_dict.get(fqn, exported.constants.get(fqn))
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            return value
+        return None
+
+    def make_input(self, node, placements: Placements) -> DTensor:
+        if node.name not in self.leaves:
+            self.leaves[node.name] = make_dtensor(self.global_input(node.name), self.mesh, placements, requires_grad=True)
+        return self.leaves[node.name]
+
+    def exit_grad(self, out: DTensor) -> torch.Tensor:
+        name = next(n for n in self.block.outputs if self._values.get(n) is out)
+        return seeded(out.shape, out.dtype, "grad:" + name, self.seed, self.device)
+
+    # -- one iteration --------------------------------------------------------
+    def iterate(self, sync=lambda: None, record: bool = False) -> tuple[tuple[float, float, float], list[Collective], dict]:
+        """Forward, backward, gradient reduction; returns their seconds, the
+        collectives seen (only when ``record``) and the values."""
+        for leaf in self.leaves.values():
+            leaf.grad = None
+        recs = {p: CommRecorder(self.mesh, p) for p in ("forward", "backward", "grad")} if record else {}
+        ctx = lambda p: recs[p] if record else contextlib.nullcontext()
+        sync()
+        t0 = time.perf_counter()
+        with ctx("forward"):
+            run = run_block(self.nodes, self.mesh, self.fixed, self.make_input, recorder=recs.get("forward"))
+            for name in self.block.outputs:
+                _wait(run.values.get(name))
+        sync()
+        t1 = time.perf_counter()
+        self._values = run.values
+        self.params = [run.values[i.name] for i in self.block.inputs if i.name in self.traced.params]
+        outs, grads = exit_gradients(self.block, run.values, self.mesh, self.exit_grad)
+        with ctx("backward"):
+            if outs:
+                torch.autograd.backward(outs, grads)
+            for p in self.params:
+                _wait(p.grad)
+        sync()
+        t2 = time.perf_counter()
+        with ctx("grad"):
+            reduced = reduce_gradients(self.params, self.mesh, recs.get("grad"))
+            for g in reduced:
+                _wait(g)
+        sync()
+        t3 = time.perf_counter()
+        collectives = [c for r in recs.values() for c in r.collectives]
+        return (t1 - t0, t2 - t1, t3 - t2), collectives, {"values": run.values, "grads": reduced}
+
+    def measure(self, warmup: int, iters: int, sync=lambda: None, barrier=lambda: None) -> tuple[PhaseTimes, list[Collective]]:
+        _, collectives, _ = self.iterate(sync, record=True)
+        for _ in range(max(warmup - 1, 0)):
+            self.iterate(sync)
+        times = PhaseTimes()
+        for _ in range(iters):
+            barrier()
+            (f, b, r), _, _ = self.iterate(sync)
+            times.forward.append(f)
+            times.backward.append(b)
+            times.reduce.append(r)
+        return times, collectives
+
+    def estimated_memory(self) -> int:
+        """Per-rank bytes from analysis' local shapes: parameters, their gradients, every op output."""
+        return 2 * self.prop.param_bytes + self.prop.activation_bytes
+
+
+def reference(program: BlockProgram) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The same ops on one device with plain tensors: exit values and parameter gradients."""
+    import operator
+
+    env: dict[str, object] = {}
+    leaves: dict[str, torch.Tensor] = {}
+    for node in program.nodes:
+        for arg in node.all_input_nodes:
+            if arg.name not in env and arg.name not in {n.name for n in program.nodes}:
+                t = program.global_input(arg.name).clone()
+                if t.is_floating_point():
+                    t.requires_grad_(True)
+                leaves[arg.name] = t
+                env[arg.name] = t
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env[n.name])
+        env[node.name] = operator.getitem(*args) if node.target is operator.getitem else node.target(*args, **kwargs)
+    outs, grads = [], []
+    for name in program.block.outputs:
+        out = env[name]
+        if isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point():
+            outs.append(out)
+            grads.append(seeded(out.shape, out.dtype, "grad:" + name, program.seed, program.device))
+    torch.autograd.backward(outs, grads)
+    values = {n: env[n] for n in program.block.outputs}
+    pgrads = {n: leaves[n].grad for n in leaves if n in program.traced.params}
+    return values, pgrads
+
+
+class TransitionProgram:
+    """``DTensor.redistribute`` of one value from ``src`` to ``dst`` placements, forward and backward."""
+
+    def __init__(self, key: TransitionKey, mesh: DeviceMesh, device="cpu", seed: int = 0):
+        self.key, self.mesh, self.device = key, mesh, torch.device(device)
+        self.src = tuple(parse_placement(p) for p in key.src)
+        self.dst = tuple(parse_placement(p) for p in key.dst)
+        dtype = getattr(torch, key.dtype)
+        full = seeded(key.shape, dtype, "transition", seed, self.device, high=2)
+        base = make_dtensor(full, mesh, self.src, requires_grad=False)
+        self.x = DTensor.from_local(base.to_local(), mesh, self.src, run_check=False, shape=base.shape, stride=base.stride())
+        self.differentiable = dtype.is_floating_point
+        if self.differentiable:
+            self.x = self.x.detach().requires_grad_(True)
+            self.grad = make_dtensor(seeded(key.shape, dtype, "transition-grad", seed, self.device), mesh, grad_placements(self.dst), requires_grad=False)
+
+    def iterate(self, sync=lambda: None, record: bool = False):
+        self.x.grad = None
+        recs = {p: CommRecorder(self.mesh, p) for p in ("forward", "backward")} if record else {}
+        ctx = lambda p: recs[p] if record else contextlib.nullcontext()
+        sync()
+        t0 = time.perf_counter()
+        with ctx("forward"):
+            y = self.x.redistribute(self.mesh, self.dst)
+            _wait(y)
+        sync()
+        t1 = time.perf_counter()
+        if self.differentiable:
+            with ctx("backward"):
+                y.backward(self.grad)
+                _wait(self.x.grad)
+        sync()
+        t2 = time.perf_counter()
+        collectives = [c for r in recs.values() for c in r.collectives]
+        return (t1 - t0, t2 - t1, 0.0), collectives, {"y": y}
+
+    def measure(self, warmup: int, iters: int, sync=lambda: None, barrier=lambda: None):
+        _, collectives, _ = self.iterate(sync, record=True)
+        for _ in range(max(warmup - 1, 0)):
+            self.iterate(sync)
+        times = PhaseTimes()
+        for _ in range(iters):
+            barrier()
+            (f, b, r), _, _ = self.iterate(sync)
+            times.forward.append(f)
+            times.backward.append(b)
+            times.reduce.append(r)
+        return times, collectives
+
+    def estimated_memory(self) -> int:
+        local = self.x.to_local()
+        return 3 * local.numel() * local.element_size()

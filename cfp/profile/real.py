@@ -1,0 +1,239 @@
+"""The real backend: one process per mesh rank, ``torch.distributed`` on one host.
+
+A persistent ``WorkerPool`` is started with ``torch.multiprocessing``
+(spawn): gloo on CPU, NCCL on CUDA (one GPU per rank). Each rank first runs
+an ``init`` function *before* joining the process group (profiling's init
+rebuilds the model on its own device, captures and analyses it, which is
+deterministic: the parent checks every rank's graph fingerprint and class
+ids against its own), then joins the group over a ``FileStore`` and serves
+jobs ``(job id, function, args)`` from its queue until told to stop.
+
+A rank that dies, raises, or does not answer within the job's timeout ends
+the pool: every worker is terminated, then killed, then joined, and a
+``WorkerFailure`` names the job. Workers also exit by themselves when their
+parent disappears.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+import weakref
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cfp.errors import CFPError
+from cfp.mesh import MeshSpec, device_mesh
+
+
+class WorkerFailure(CFPError):
+    """A rank crashed, raised or hung; the pool has been shut down."""
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _worker_main(rank, world, mesh_spec, device_type, store_path, threads, init, init_args, tasks, results, parent_pid, pg_timeout_s):
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        if device_type == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        ctx, info = init(rank, world, *init_args)
+        store = dist.FileStore(store_path, world)
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout_s))
+        if ctx is not None:
+            ctx.mesh = device_mesh(mesh_spec, device_type)
+            ctx.rank = rank
+        results.put(("ready", rank, None, info))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        results.put(("failed", rank, None, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        return
+    while True:
+        try:
+            item = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent_pid:  # orphaned: the parent was killed
+                os._exit(1)
+            continue
+        if item is None:
+            break
+        job_id, fn, args = item
+        try:
+            results.put(("done", rank, job_id, fn(ctx, *args)))
+        except BaseException as exc:  # noqa: BLE001
+            results.put(("error", rank, job_id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+_LIVE: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_pools() -> None:
+    for pool in list(_LIVE):
+        pool.close()
+
+
+class WorkerPool:
+    """``world`` persistent rank processes forming one process group."""
+
+    def __init__(self, mesh: MeshSpec, init: Callable, init_args: tuple = (), device_type: str = "cpu", start_timeout_s: float = 300.0, pg_timeout_s: float = 600.0):
+        self.mesh, self.world = mesh, mesh.size
+        self.init, self.init_args = init, init_args
+        self.device_type = device_type
+        self.start_timeout_s, self.pg_timeout_s = start_timeout_s, pg_timeout_s
+        self.threads = max(1, cpu_cores() // self.world)
+        self.procs: list = []
+        self.infos: list = []
+        self._next = 0
+
+    def start(self) -> "WorkerPool":
+        if self.device_type == "cuda" and torch.cuda.device_count() < self.world:
+            raise CFPError(f"Mesh {self.mesh} needs {self.world} GPUs; {torch.cuda.device_count()} are visible.")
+        ctx = mp.get_context("spawn")
+        self.tmp = tempfile.mkdtemp(prefix="cfp-pg-")
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(self.world)]
+        for rank in range(self.world):
+            p = ctx.Process(
+                target=_worker_main,
+                args=(rank, self.world, self.mesh, self.device_type, os.path.join(self.tmp, "store"), self.threads,
+                      self.init, self.init_args, self.tasks[rank], self.results, os.getpid(), self.pg_timeout_s),
+                daemon=False,  # model factories and torch.export may start helper processes
+                name=f"cfp-rank{rank}",
+            )
+            p.start()
+            self.procs.append(p)
+        _LIVE.add(self)
+        try:
+            replies = self._collect(None, "starting the worker pool", self.start_timeout_s, ready=True)
+        except BaseException:
+            self.close()
+            raise
+        self.infos = [replies[r] for r in range(self.world)]
+        return self
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def run(self, fn: Callable, args: tuple, what: str, timeout_s: float) -> list[Any]:
+        """Run ``fn(ctx, *args)`` on every rank; their results by rank. Fails (and closes the pool) naming ``what``."""
+        self._next += 1
+        job_id = self._next
+        for q in self.tasks:
+            q.put((job_id, fn, args))
+        try:
+            replies = self._collect(job_id, what, timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        return [replies[r] for r in range(self.world)]
+
+    def _collect(self, job_id, what: str, timeout_s: float, ready: bool = False) -> dict[int, Any]:
+        deadline = time.monotonic() + timeout_s
+        replies: dict[int, Any] = {}
+        while len(replies) < self.world:
+            try:
+                kind, rank, jid, payload = self.results.get(timeout=0.2)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive() and r not in replies]
+                if dead:
+                    r, code = dead[0]
+                    raise WorkerFailure(f"Rank {r} died (exit code {code}) while {what}; all {self.world} worker processes were stopped.")
+                if time.monotonic() > deadline:
+                    waiting = sorted(set(range(self.world)) - set(replies))
+                    raise WorkerFailure(
+                        f"Rank(s) {waiting} did not finish {what} within {timeout_s:.0f} s (hung?); all {self.world} worker processes were stopped."
+                    )
+                continue
+            if kind in ("failed", "error"):
+                first = payload.splitlines()[0] if payload else ""
+                raise WorkerFailure(f"Rank {rank} failed while {what}: {first}; all {self.world} worker processes were stopped.\n{payload if os.environ.get('CFP_DEBUG') else ''}".rstrip())
+            if ready != (kind == "ready") or (not ready and jid != job_id):
+                continue  # a stale reply of an earlier job
+            replies[rank] = payload
+        return replies
+
+    def close(self) -> None:
+        """Stop every worker: ask, then terminate, then kill; always join."""
+        for q in getattr(self, "tasks", []):
+            try:
+                q.put(None)
+            except Exception:
+                pass
+        deadline = time.monotonic() + 3.0
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=2.0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5.0)
+        for q in [getattr(self, "results", None), *getattr(self, "tasks", [])]:
+            if q is not None:
+                q.cancel_join_thread()
+                q.close()
+        self.procs = []
+        self.tasks = []
+        _LIVE.discard(self)
+        if getattr(self, "tmp", None):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def __enter__(self) -> "WorkerPool":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- functions workers run (module level, so spawn can pickle them) -------------
+
+def no_context(rank: int, world: int, device_type: str = "cpu"):
+    """Init for pools that need no model (calibration, tests)."""
+    from cfp.profile.jobs import RankContext
+
+    device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+    return RankContext(graph=None, mesh=None, device=device), {"rank": rank}
+
+
+def debug_crash(ctx, rank: int) -> int:
+    """For tests: rank ``rank`` dies without a word."""
+    if ctx.rank == rank:
+        os._exit(3)
+    return ctx.rank
+
+
+def debug_hang(ctx, rank: int) -> int:
+    """For tests: rank ``rank`` never answers."""
+    if ctx.rank == rank:
+        time.sleep(3600)
+    return ctx.rank
+
+
+def debug_raise(ctx, rank: int) -> int:
+    if ctx.rank == rank:
+        raise RuntimeError("injected failure")
+    return ctx.rank

@@ -1,0 +1,257 @@
+"""Profiling a BlockGraph: jobs, backends, the store, and the resulting ProfileTable.
+
+Backends (``backend.name`` is recorded in every row):
+
+- ``real``: a ``WorkerPool`` of one process per mesh rank. Each rank
+  rebuilds the model on its own device from the ModelSpec, captures and
+  analyses it (deterministic; the parent checks fingerprints), then times
+  the jobs it is sent. Per-iteration times are the max over ranks.
+- ``emulated``: one process, the fake process group of the mesh size, the
+  real local-shard computation on the local device; the collectives move
+  no data and are priced by a ``ClusterModel`` from what ``CommRecorder``
+  saw. It is a model of the target cluster, not a measurement of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from cfp.analyze import BlockGraph, analyze
+from cfp.capture import capture
+from cfp.cluster import ClusterModel
+from cfp.costs import unique_transitions
+from cfp.errors import CFPError
+from cfp.mesh import MeshSpec, fake_mesh
+from cfp.profile.jobs import Job, RankContext, combine, execute
+from cfp.profile.real import WorkerPool, cpu_cores
+from cfp.profile.store import SCHEMA, ProfileStore, ProfileTable, transition_config
+from cfp.spec import ModelSpec, build
+
+BACKENDS = ("real", "emulated")
+
+
+def mesh_key(mesh: MeshSpec) -> str:
+    return "x".join(str(s) for s in mesh.shape)
+
+
+def device_kind(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def cluster_key(cluster: ClusterModel | None) -> str:
+    if cluster is None:
+        return ""
+    digest = hashlib.sha256(json.dumps(cluster.to_json(), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cluster.name}@{digest}"
+
+
+def block_jobs(graph: BlockGraph) -> list[Job]:
+    return [Job("block", class_id, p.config.name) for class_id in graph.classes for p in graph.configs[class_id]]
+
+
+def transition_jobs(graph: BlockGraph) -> list[Job]:
+    keys = sorted(unique_transitions(graph), key=lambda k: (k.shape, k.dtype, k.src, k.dst))
+    return [Job("transition", transition=k) for k in keys]
+
+
+def job_key(job: Job, graph: BlockGraph, mesh: MeshSpec, backend: str, device: str, cluster: ClusterModel | None) -> dict:
+    common = {
+        "kind": job.kind,
+        "mesh": mesh_key(mesh),
+        "device_kind": device,
+        "backend": backend,
+        "cluster": cluster_key(cluster) if backend == "emulated" else "",
+        "torch_version": torch.__version__,
+        "schema": SCHEMA,
+    }
+    if job.kind == "block":
+        block = graph.blocks[graph.classes[job.class_id][0]]
+        shapes = []
+        for i in block.inputs:
+            val = graph.traced.nodes[i.name].meta.get("val")
+            shapes.append([list(val.shape), str(val.dtype).removeprefix("torch.")] if isinstance(val, torch.Tensor) else None)
+        dtype = str(graph.traced.nodes[block.anchor].meta["val"].dtype).removeprefix("torch.")
+        return {**common, "class_id": job.class_id, "config": job.config, "shape_key": json.dumps(shapes), "dtype": dtype}
+    k = job.transition
+    return {**common, "class_id": "transition", "config": transition_config(k), "shape_key": json.dumps(list(k.shape)), "dtype": k.dtype}
+
+
+# -- rank side -----------------------------------------------------------------
+
+def profile_rank_init(rank: int, world: int, spec: ModelSpec, mesh: MeshSpec, device_type: str):
+    """Rebuild the model on this rank's device, capture and analyse it (before the real PG exists)."""
+    device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+    traced = capture(build(dataclasses.replace(spec, device=device)))
+    graph = analyze(traced, mesh)
+    info = {"fingerprint": traced.fingerprint(), "configs": {c: [p.config.name for p in ps] for c, ps in graph.configs.items()}}
+    return RankContext(graph=graph, mesh=None, device=device), info
+
+
+def run_job(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int) -> dict:
+    return execute(ctx, job, warmup, iters, seed)
+
+
+# -- backends ------------------------------------------------------------------
+
+class EmulatedBackend:
+    name = "emulated"
+
+    def __init__(self, graph: BlockGraph, mesh: MeshSpec, cluster: ClusterModel, device: str = "cpu", threads: int | None = None):
+        if cluster is None:
+            raise CFPError("The emulated backend needs a cluster model (--cluster NAME or FILE) to price communication.")
+        self.graph, self.mesh, self.cluster, self.device = graph, mesh, cluster, device
+        # One rank's share of the host, as the real backend gives each rank.
+        self.threads = threads or max(1, cpu_cores() // min(mesh.size, cpu_cores()))
+
+    def __enter__(self):
+        self._threads_before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        self._cm = fake_mesh(self.mesh)
+        self.ctx = RankContext(graph=self.graph, mesh=self._cm.__enter__(), device=self.device)
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+        torch.set_num_threads(self._threads_before)
+
+    def price(self, collectives) -> dict[str, float]:
+        out = {"forward": 0.0, "backward": 0.0, "grad": 0.0}
+        for kind, dim, nbytes, phase in collectives:
+            out[phase] = out.get(phase, 0.0) + self.cluster.collective_time(kind, nbytes, self.mesh, max(dim, 0))
+        return out
+
+    def run(self, job: Job, warmup: int, iters: int, seed: int, timeout_s: float) -> dict:
+        try:
+            result = execute(self.ctx, job, warmup, iters, seed)
+        except CFPError:
+            raise
+        except Exception as exc:
+            raise CFPError(f"Profiling {job.describe()} failed (emulated): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        priced = self.price(result.get("collectives", [])) if result["status"] == "ok" else None
+        return combine([result], priced)
+
+
+class RealBackend:
+    name = "real"
+
+    def __init__(self, spec: ModelSpec, graph: BlockGraph, mesh: MeshSpec, device_type: str = "cpu", start_timeout_s: float = 600.0):
+        self.spec, self.graph, self.mesh, self.device_type = spec, graph, mesh, device_type
+        self.start_timeout_s = start_timeout_s
+        self.pool: WorkerPool | None = None
+
+    def _start(self) -> None:
+        self.pool = WorkerPool(self.mesh, profile_rank_init, (self.spec, self.mesh, self.device_type), self.device_type, self.start_timeout_s).start()
+        want = self.graph.traced.fingerprint()
+        configs = {c: [p.config.name for p in ps] for c, ps in self.graph.configs.items()}
+        for rank, info in enumerate(self.pool.infos):
+            if info["fingerprint"] != want or info["configs"] != configs:
+                self.pool.close()
+                raise CFPError(f"Rank {rank} rebuilt a different model or analysis than the parent (fingerprint {info['fingerprint']} vs {want}); is the model factory deterministic?")
+
+    def __enter__(self):
+        self._start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.close()
+
+    def run(self, job: Job, warmup: int, iters: int, seed: int, timeout_s: float) -> dict:
+        if self.pool is None or not self.pool.procs:
+            self._start()
+        results = self.pool.run(run_job, (job, warmup, iters, seed), f"profiling {job.describe()}", timeout_s)
+        statuses = {r["status"] for r in results}
+        if "ok" in statuses and len(statuses) > 1:  # some ranks ran out of memory: the others may be stuck
+            self.pool.close()
+            self.pool = None
+        return combine(results)
+
+
+# -- the run -------------------------------------------------------------------
+
+@dataclass
+class ProfileRun:
+    table: ProfileTable
+    jobs: int
+    measured: int
+    cached: int
+    wall_s: float
+    backend: str
+    store: str
+    skipped: dict = field(default_factory=dict)
+    corrupt: list = field(default_factory=list)
+
+
+def profile(
+    graph: BlockGraph,
+    spec: ModelSpec,
+    backend: str = "emulated",
+    cluster: ClusterModel | None = None,
+    store: ProfileStore | str | None = None,
+    warmup: int = 2,
+    iters: int = 5,
+    timeout_s: float = 300.0,
+    transitions: bool = True,
+    seed: int = 0,
+    on_progress=None,
+) -> ProfileRun:
+    """Profile every (block class, config) and unique transition of ``graph``; reuse stored rows.
+
+    ``on_progress(done, cached, total, job)`` is called after each job.
+    """
+    if backend not in BACKENDS:
+        raise CFPError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+    start = time.perf_counter()
+    store = store if isinstance(store, ProfileStore) else ProfileStore(store)
+    mesh = graph.mesh
+    device_type = "cuda" if str(spec.device).startswith("cuda") else "cpu"
+    dev = device_kind(device_type)
+    jobs = block_jobs(graph) + (transition_jobs(graph) if transitions else [])
+    rows, todo = [], []
+    for job in jobs:
+        key = job_key(job, graph, mesh, backend, dev, cluster)
+        hit = store.lookup(key)
+        (rows.append(hit) if hit is not None else todo.append((job, key)))
+    cached = len(rows)
+    if on_progress:
+        on_progress(cached, cached, len(jobs), None)
+    if todo:
+        runner = EmulatedBackend(graph, mesh, cluster, device="cpu" if device_type == "cpu" else "cuda:0") if backend == "emulated" else RealBackend(spec, graph, mesh, device_type)
+        try:
+            with runner:
+                for done, (job, key) in enumerate(todo, start=1):
+                    row = {**key, **runner.run(job, warmup, iters, seed, timeout_s)}
+                    store.add(row)
+                    rows.append(row)
+                    if on_progress:
+                        on_progress(cached + done, cached, len(jobs), job)
+        finally:
+            store.flush()
+    frame = pd.DataFrame(rows)
+    return ProfileRun(
+        table=ProfileTable(frame, name=f"profiled-{backend}"),
+        jobs=len(jobs),
+        measured=len(todo),
+        cached=cached,
+        wall_s=time.perf_counter() - start,
+        backend=backend,
+        store=str(store.dir),
+        skipped=dict(store.skipped),
+        corrupt=[str(p) for p in store.corrupt],
+    )
+
+
+def analyze_for_profile(spec: ModelSpec, mesh: MeshSpec) -> BlockGraph:
+    """Build the model on the device profiling runs on (not meta), capture and analyse it."""
+    if spec.device == "meta":
+        spec = dataclasses.replace(spec, device="cpu")
+    return analyze(capture(build(spec)), mesh)

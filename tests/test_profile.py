@@ -1,0 +1,135 @@
+"""Profiling, emulated backend and the profile store (single process, fast)."""
+
+import json
+import math
+import warnings
+
+import pandas as pd
+import pytest
+
+import cfp
+from cfp.cli import main
+from cfp.cluster import AlphaBeta, load_cluster
+from cfp.costs import unique_transitions
+from cfp.mesh import parse_mesh
+from cfp.profile import ProfileStore, analyze_for_profile, profile
+from cfp.profile.calibrate import fit
+from cfp.profile.store import StoreWarning
+
+SPEC = cfp.ModelSpec("gpt:tiny", device="cpu", batch=2, seq=16)
+FAST = dict(warmup=1, iters=2)
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return analyze_for_profile(SPEC, parse_mesh("2"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return load_cluster("h100-nvlink-8")
+
+
+def test_emulated_profile_is_a_cost_model_and_reused(graph, cluster, tmp_path):
+    run = profile(graph, SPEC, "emulated", cluster, tmp_path, **FAST)
+    assert run.jobs == graph.profile_jobs + len(unique_transitions(graph))
+    assert run.measured == run.jobs and run.cached == 0
+    table = run.table
+    assert set(table.rows["backend"]) == {"emulated"}
+    for class_id, props in graph.configs.items():
+        for p in props:
+            t = table.block_time(class_id, p.config.name)
+            assert 0 < t < math.inf
+    for key in unique_transitions(graph):
+        assert 0 < table.transition_time(key) < math.inf
+    # communication is priced by the cluster model, and only where DTensor communicates
+    rows = table.rows[table.rows["kind"] == "block"]
+    assert (rows.loc[rows["collectives"] == 0, "comm_s"] == 0).all()
+    assert (rows.loc[rows["collectives"] > 0, "comm_s"] > 0).all()
+    again = profile(graph, SPEC, "emulated", cluster, tmp_path, **FAST)
+    assert again.measured == 0 and again.cached == run.jobs
+    # another cluster model is another key
+    other = load_cluster("h100-ib-2x8")
+    third = profile(graph, SPEC, "emulated", other, tmp_path, transitions=False, **FAST)
+    assert third.measured == graph.profile_jobs
+
+
+def test_corrupt_store_is_detected_and_remeasured(graph, cluster, tmp_path):
+    first = profile(graph, SPEC, "emulated", cluster, tmp_path, transitions=False, **FAST)
+    parts = list((tmp_path / "blocks").glob("*.parquet"))
+    assert parts
+    for part in parts:
+        part.write_bytes(b"this is not parquet")
+    with pytest.warns(StoreWarning, match="cannot be read"):
+        store = ProfileStore(tmp_path)
+    again = profile(graph, SPEC, "emulated", cluster, store, transitions=False, **FAST)
+    assert again.measured == first.jobs and again.corrupt
+
+
+def test_rows_from_another_torch_version_are_not_reused(graph, cluster, tmp_path):
+    first = profile(graph, SPEC, "emulated", cluster, tmp_path, transitions=False, **FAST)
+    for part in (tmp_path / "blocks").glob("*.parquet"):
+        df = pd.read_parquet(part)
+        df["torch_version"] = "1.0.0"
+        df.to_parquet(part, index=False)
+    with pytest.warns(StoreWarning, match="another torch version"):
+        store = ProfileStore(tmp_path)
+    again = profile(graph, SPEC, "emulated", cluster, store, transitions=False, **FAST)
+    assert again.measured == first.jobs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StoreWarning)
+        assert profile(graph, SPEC, "emulated", cluster, tmp_path, transitions=False, **FAST).measured == 0
+
+
+def test_killed_run_resumes(graph, cluster, tmp_path):
+    class Kill(Exception):
+        pass
+
+    def die_after_five(done, cached, total, job):
+        if job is not None and done - cached >= 5:
+            raise Kill
+
+    store = ProfileStore(tmp_path, flush_every_s=0.0)
+    with pytest.raises(Kill):
+        profile(graph, SPEC, "emulated", cluster, store, transitions=False, on_progress=die_after_five, **FAST)
+    resumed = profile(graph, SPEC, "emulated", cluster, tmp_path, transitions=False, **FAST)
+    assert resumed.cached == 5 and resumed.measured == graph.profile_jobs - 5
+
+
+def test_emulated_larger_mesh(cluster, tmp_path):
+    # 8 emulated ranks on a 2-core host (a 2-D mesh works too, but DTensor analysis of one takes minutes here)
+    spec = cfp.ModelSpec("gpt:tiny", device="cpu", batch=8, seq=16, args={"n_layer": 1})
+    graph = analyze_for_profile(spec, parse_mesh("8"))
+    run = profile(graph, spec, "emulated", cluster, tmp_path, warmup=1, iters=1, transitions=False)
+    assert run.measured == graph.profile_jobs
+    assert (run.table.rows["status"] == "ok").all()
+    assert set(run.table.rows["mesh"]) == {"8"}
+
+
+def test_fit_recovers_alpha_beta():
+    points = [(b, 20e-6 + 1e-9 * b) for b in (1024, 8192, 65536, 2**20, 2**23)]  # all_reduce on 2: traffic factor 1
+    ab, median, worst = fit("all_reduce", 2, points)
+    assert ab.alpha == pytest.approx(20e-6, rel=1e-6) and ab.beta == pytest.approx(1e-9, rel=1e-6)
+    assert worst < 1e-6
+
+
+def test_cluster_files_load():
+    for name in ("h100-nvlink-8", "h100-ib-2x8"):
+        c = load_cluster(name)
+        assert c.sources and c.peak_flops["bfloat16"] == 989e12 and c.devices_per_node == 8
+    assert load_cluster("h100-ib-2x8").inter_node["all_reduce"].beta > load_cluster("h100-nvlink-8").intra_node["all_reduce"].beta
+
+
+def test_cli_profile_json(tmp_path):
+    out = tmp_path / "p.json"
+    args = ["profile", "gpt:tiny", "--batch", "2", "--seq", "16", "--mesh", "2", "--backend", "emulated", "--cluster", "h100-nvlink-8", "--store", str(tmp_path / "s"), "--warmup", "1", "--iters", "2", "--json", str(out)]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["jobs"] == data["measured"] > 0 and data["cached"] == 0 and data["wall_s"] > 0
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["measured"] == 0 and data["cached"] == data["jobs"]
+
+
+def test_cli_emulated_needs_cluster(tmp_path):
+    assert main(["profile", "gpt:tiny", "--mesh", "2", "--backend", "emulated", "--store", str(tmp_path)]) == 1

@@ -1,0 +1,70 @@
+"""The real backend: 2 ranks over gloo on this host."""
+
+import multiprocessing
+import os
+import time
+
+import pytest
+
+import cfp
+from cfp.mesh import parse_mesh
+from cfp.profile import analyze_for_profile, profile
+from cfp.profile.jobs import compare_with_reference
+from cfp.profile.real import WorkerFailure, WorkerPool, debug_crash, debug_hang, no_context
+from cfp.profile.runner import profile_rank_init
+
+SPEC = cfp.ModelSpec("gpt:tiny", device="cpu", batch=2, seq=16)
+MESH = parse_mesh("2")
+
+
+def _gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _assert_no_workers(pids):
+    deadline = time.monotonic() + 5
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids), "worker processes left behind"
+    assert not [c for c in multiprocessing.active_children() if c.name.startswith("cfp-rank")]
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return analyze_for_profile(SPEC, MESH)
+
+
+def test_block_programs_match_single_device(graph):
+    """Forward exits and reduced parameter gradients equal the one-device computation, every config."""
+    qkv, proj, fc = (graph.blocks[graph.classes[c][0]] for c in list(graph.classes)[2:5])
+    pairs = [(b.class_id, p.config.name) for b in (qkv, proj, fc) for p in graph.configs[b.class_id]]
+    assert {"rep", "batch", "col", "row"} <= {c for _, c in pairs}
+    with WorkerPool(MESH, profile_rank_init, (SPEC, MESH, "cpu")) as pool:
+        results = pool.run(compare_with_reference, (pairs,), "comparing with one device", 300)
+        pids = pool.pids
+    _assert_no_workers(pids)
+    for rank_result in results:
+        for pair, diff in rank_result.items():
+            assert diff < 1e-4, (pair, diff)
+
+
+@pytest.mark.parametrize("fn, timeout, match", [(debug_crash, 60, "died"), (debug_hang, 3, "did not finish")])
+def test_failing_rank_is_reported_and_cleaned_up(fn, timeout, match):
+    pool = WorkerPool(MESH, no_context).start()
+    pids = pool.pids
+    with pytest.raises(WorkerFailure, match=match) as err:
+        pool.run(fn, (1,), "profiling block class abc123 config 'row'", timeout)
+    assert "block class abc123 config 'row'" in str(err.value)
+    _assert_no_workers(pids)
+
+
+def test_real_profile_then_cached(graph, tmp_path):
+    first = profile(graph, SPEC, "real", None, tmp_path, warmup=1, iters=2)
+    assert first.measured == first.jobs and (first.table.rows["status"] == "ok").all()
+    assert set(first.table.rows["backend"]) == {"real"}
+    again = profile(graph, SPEC, "real", None, tmp_path, warmup=1, iters=2)
+    assert again.measured == 0 and again.cached == first.jobs
