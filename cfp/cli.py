@@ -10,7 +10,7 @@ import cfp
 from cfp.commands.common import console
 from cfp.errors import CFPError
 
-COMMANDS = ["inspect", "analyze", "profile", "calibrate"]
+COMMANDS = ["inspect", "analyze", "profile", "calibrate", "plan", "report"]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,222 @@
+"""Analytic costs: the Alpa-style baseline cost model.
+
+Prices a block from FLOP counts and bytes under the config's local shapes
+(a roofline per op on the cluster's device) plus the collectives that
+propagation recorded, each priced by the cluster's alpha-beta model. Prices a
+transition from the collectives DTensor's ``redistribute`` issues between
+the two placements, forward and backward. Nothing is measured, which is
+exactly what profiling is compared against.
+
+- compute: every op of the block runs forward once and backward twice
+  (``3x`` its forward FLOPs and ``3x`` its memory traffic); an op's local
+  FLOPs are its global FLOPs divided by the mesh dimensions on which its
+  output is ``Shard`` or ``Partial`` (a partial sum is a split contraction);
+  its bytes are its local output, read and written once, plus the local
+  parameters an anchor reads. Views move no data.
+- communication: the config's forward, backward and gradient-reduction
+  collectives, summed (no overlap with compute is assumed); a block's
+  gradient reductions are bucketed into one collective per kind and mesh
+  dimension, as DDP does.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from cfp.blocks import VIEWS
+from cfp.cluster import ClusterModel
+from cfp.costs import TransitionKey
+from cfp.errors import CFPError
+from cfp.mesh import MeshSpec
+from cfp.propagate import Propagation
+
+aten = torch.ops.aten
+NO_TRAFFIC = set(VIEWS) | {operator.getitem, aten.unbind.int, aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default}
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """One block instance under one config, forward + backward + gradient reduction."""
+
+    compute_s: float
+    communication_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.communication_s
+
+
+def _parse(p: str) -> tuple[str, int | None]:
+    """``"Shard(1)"`` -> ("S", 1); ``"Replicate()"`` -> ("R", None); ``"Partial(sum)"`` -> ("P", None)."""
+    if p.startswith("Shard("):
+        return "S", int(p[6:-1])
+    if p.startswith("Partial"):
+        return "P", None
+    return "R", None
+
+
+def _itemsize(dtype: str) -> int:
+    dt = getattr(torch, dtype, None)
+    if not isinstance(dt, torch.dtype):
+        raise CFPError(f"Unknown dtype {dtype!r} in a transition.")
+    return dt.itemsize
+
+
+def _local_numel(shape: tuple[int, ...], placements: list[str], mesh: MeshSpec) -> float:
+    """Elements each rank holds (the largest shard where sizes do not divide)."""
+    dims = list(shape)
+    for n, p in zip(mesh.shape, placements):
+        kind, d = _parse(p)
+        if kind == "S" and d is not None and d < len(dims):
+            dims[d] = math.ceil(dims[d] / n)
+    return float(math.prod(dims))
+
+
+def redistribute_collectives(key: TransitionKey, mesh: MeshSpec) -> list[tuple[str, int, float, str]]:
+    """The collectives moving a value from ``key.src`` to ``key.dst``: (kind, mesh dim, input bytes per rank, phase).
+
+    Per mesh dimension, as DTensor's redistribute does: Shard->Replicate is an
+    all_gather (backward: reduce_scatter), Partial->Replicate an all_reduce
+    (backward: nothing), Partial->Shard a reduce_scatter (backward:
+    all_gather), Shard(i)->Shard(j) an all_to_all (both ways),
+    Replicate->Shard a local slice (backward: all_gather of the gradient),
+    Replicate->Partial nothing. Gathers run first, then the rest, each on the
+    local size at that point.
+    """
+    if key.is_noop:
+        return []
+    size = _itemsize(key.dtype)
+    current = list(key.src)
+    out: list[tuple[str, int, float, str]] = []
+    dims = range(mesh.ndim)
+    # Gathering and reducing dims first keeps the later steps on the right sizes.
+    order = sorted(dims, key=lambda i: 0 if _parse(key.dst[i])[0] == "R" else 1)
+    for i in order:
+        src, dst = current[i], key.dst[i]
+        if src == dst or mesh.shape[i] == 1:
+            current[i] = dst
+            continue
+        n = mesh.shape[i]
+        local = _local_numel(key.shape, current, mesh) * size
+        (sk, _), (dk, _) = _parse(src), _parse(dst)
+        if sk == "S" and dk == "R":
+            out += [("all_gather", i, local, "forward"), ("reduce_scatter", i, local * n, "backward")]
+        elif sk == "S" and dk == "P":
+            out += [("all_gather", i, local, "forward")]
+        elif sk == "P" and dk == "R":
+            out += [("all_reduce", i, local, "forward")]
+        elif sk == "P" and dk == "S":
+            out += [("reduce_scatter", i, local, "forward"), ("all_gather", i, local / n, "backward")]
+        elif sk == "P" and dk == "P":  # a different reduce op: reduce, then re-partial for free
+            out += [("all_reduce", i, local, "forward")]
+        elif sk == "S" and dk == "S":
+            out += [("all_to_all", i, local, "forward"), ("all_to_all", i, local, "backward")]
+        elif sk == "R" and dk == "S":
+            out += [("all_gather", i, local / n, "backward")]
+        # Replicate -> Partial: a local op, and its gradient is replicated.
+        current[i] = dst
+    return out
+
+
+class AnalyticCosts:
+    """The CostModel of FLOPs, bytes and alpha-beta collectives on a cluster model."""
+
+    name = "analytic"
+
+    def __init__(self, graph, cluster: ClusterModel):
+        self.graph = graph
+        self.cluster = cluster
+        self.mesh: MeshSpec = graph.mesh
+        self._props: dict[tuple[str, str], Propagation] = {}
+        for class_id, props in graph.configs.items():
+            for prop in props:
+                self._props[(class_id, prop.config.name)] = prop
+        self._blocks: dict[tuple[str, str], BlockCost] = {}
+        self._transitions: dict[TransitionKey, float] = {}
+
+    # -- blocks -----------------------------------------------------------
+    def block_cost(self, class_id: str, config: str) -> BlockCost:
+        key = (class_id, config)
+        if key not in self._blocks:
+            prop = self._props.get(key)
+            if prop is None:
+                self._blocks[key] = BlockCost(math.inf, 0.0)
+            else:
+                block = self.graph.blocks[self.graph.classes[class_id][0]]
+                self._blocks[key] = BlockCost(self._compute(block, prop), self._communication(prop))
+        return self._blocks[key]
+
+    def block_time(self, class_id: str, config: str) -> float:
+        return self.block_cost(class_id, config).total_s
+
+    def _compute(self, block, prop: Propagation) -> float:
+        traced = self.graph.traced
+        placements = dict(zip(block.nodes, prop.node_placements))
+        param_bytes_left = float(prop.param_bytes)  # read once, by the anchor
+        total = 0.0
+        for name in block.nodes:
+            node = traced.nodes[name]
+            pl = placements.get(name)
+            if pl is None:  # a multi-output op: its outputs' placements stand for it
+                pl = next((placements[u.name] for u in node.users if placements.get(u.name) is not None), None)
+            factor = 1
+            if pl is not None:
+                for n, p in zip(self.mesh.shape, pl):
+                    if type(p).__name__ in ("Shard", "_StridedShard") or "Partial" in type(p).__name__:
+                        factor *= n
+            flops = traced.flops.get(name, 0) / factor
+            val = node.meta.get("val")
+            vals = [v for v in (val if isinstance(val, (tuple, list)) else [val]) if isinstance(v, torch.Tensor)]
+            if node.target in NO_TRAFFIC or not vals:
+                out_bytes = 0.0
+            else:
+                shard = 1
+                if pl is not None:
+                    for n, p in zip(self.mesh.shape, pl):
+                        if type(p).__name__ in ("Shard", "_StridedShard"):
+                            shard *= n
+                out_bytes = sum(v.numel() * v.element_size() for v in vals) / shard
+            moved = 2 * out_bytes
+            if name == block.anchor:
+                moved += param_bytes_left
+            if flops == 0 and moved == 0:
+                continue
+            dtype = str(vals[0].dtype).removeprefix("torch.") if vals else "float32"
+            total += self.cluster.compute_time(3 * flops, 3 * moved, dtype)
+        return total
+
+    def _communication(self, prop: Propagation) -> float:
+        """Forward and backward collectives one by one; the gradient reductions of a block bucketed.
+
+        Gradient reductions of one kind on one mesh dimension are fused into
+        one collective (as DDP and FSDP bucket gradients): one latency, their
+        bytes summed.
+        """
+        total = 0.0
+        buckets: dict[tuple[str, int], float] = {}
+        for c in prop.collectives:
+            dim = c.mesh_dim if 0 <= c.mesh_dim < self.mesh.ndim else max(range(self.mesh.ndim), key=lambda i: self.mesh.shape[i])
+            if c.phase == "grad":
+                buckets[(c.kind, dim)] = buckets.get((c.kind, dim), 0.0) + c.bytes
+            else:
+                total += self.cluster.collective_time(c.kind, c.bytes, self.mesh, dim)
+        for (kind, dim), nbytes in buckets.items():
+            total += self.cluster.collective_time(kind, nbytes, self.mesh, dim)
+        return total
+
+    # -- transitions ------------------------------------------------------
+    def transition_time(self, key: TransitionKey) -> float:
+        if key.is_noop:
+            return 0.0
+        if key not in self._transitions:
+            self._transitions[key] = sum(
+                self.cluster.collective_time(kind, nbytes, self.mesh, dim) for kind, dim, nbytes, _ in redistribute_collectives(key, self.mesh)
+            )
+        return self._transitions[key]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "cluster": self.cluster.name, "device": self.cluster.device_kind, "backend": "analytic"}

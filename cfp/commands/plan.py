@@ -1,0 +1,108 @@
+"""``cfp plan MODEL --mesh M``: capture, analyse, cost, solve, write plan.json."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from rich.table import Table
+
+from cfp.commands.common import add_json_arg, add_model_args, console, model_spec
+from cfp.report import human_time
+from cfp.report_util import human_bytes, write_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="find a tensor-parallel plan (ILP over profiled or analytic costs)",
+        description=(
+            "Capture the model, cut it into ParallelBlocks, cost every block config and transition "
+            "(profiled, or analytic: FLOPs + alpha-beta), and solve the ILP for the fastest plan that fits in memory. "
+            "Writes the plan as JSON and prints a summary against the data-parallel baseline."
+        ),
+    )
+    add_model_args(p)
+    p.add_argument("--mesh", required=True, help="device mesh: 8, 2x4 or dp=2,tp=4")
+    p.add_argument("--memory", metavar="SIZE", help="per-device memory limit, e.g. 40GiB (default: the cluster device's memory)")
+    p.add_argument("--cost", choices=["profiled", "analytic"], default="profiled", help="cost model (default: profiled)")
+    p.add_argument("--backend", choices=["real", "emulated"], default="emulated", help="profiling backend for --cost profiled (default: emulated)")
+    p.add_argument("--cluster", metavar="NAME|FILE", help="cluster model (profiles/clusters/NAME.json or a file); default h100-nvlink-8 (h100-ib-2x8 above 8 devices)")
+    p.add_argument("--tie-segments", action="store_true", help="give every instance of a repeated block the same config (faster on deep models)")
+    p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="ILP time limit in seconds (default: 60)")
+    p.add_argument("-o", "--output", default="plan.json", metavar="FILE", help="where to write the plan (default: plan.json)")
+    add_json_arg(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from cfp.plan import make_plan
+
+    start = time.perf_counter()
+    with console.status(f"Planning {args.model} on mesh {args.mesh} ({args.cost} costs)...") as status:
+        def progress(done, cached, total, job):
+            status.update(f"Profiling {args.model}: {done}/{total} jobs ({cached} reused)...")
+
+        plan, graph, solution = make_plan(
+            model_spec(args),
+            args.mesh,
+            memory=args.memory,
+            cost=args.cost,
+            backend=args.backend,
+            cluster=args.cluster,
+            tie_segments=args.tie_segments,
+            output=args.output,
+            time_limit_s=args.time_limit,
+            progress=progress,
+        )
+    elapsed = time.perf_counter() - start
+    print_summary(plan, graph)
+    console.print(f"Plan written to [bold]{args.output}[/] ({elapsed:.1f} s in all). See it with `cfp report {args.output}`.")
+    write_json(args.json, {**plan.to_json(), "output": args.output, "wall_s": round(elapsed, 2)})
+
+
+def segment_rows(plan, graph) -> list[tuple[str, str, str, str]]:
+    """(where, blocks, anchor ops, configs) rows: segments by class position, other blocks one by one."""
+    rows = []
+    in_segment = set()
+    for seg in graph.segments:
+        period = len(seg.classes)
+        for k in range(period):
+            ids = list(range(seg.start + k, seg.end, period))
+            in_segment.update(ids)
+            counts: dict[str, int] = {}
+            for i in ids:
+                counts[plan.blocks[i]["config"]] = counts.get(plan.blocks[i]["config"], 0) + 1
+            configs = ", ".join(f"{c}" if n == len(ids) else f"{c} x{n}" for c, n in counts.items())
+            rows.append((f"segment {graph.segments.index(seg)} pos {k}", f"{len(ids)} (from {ids[0]})", plan.blocks[ids[0]]["op"], configs))
+    for b in plan.blocks:
+        if b["id"] not in in_segment:
+            rows.append(("block", str(b["id"]), b["op"], b["config"]))
+    return rows
+
+
+def print_summary(plan, graph) -> None:
+    table = Table(title=f"chosen configs ({len(plan.blocks)} blocks, mesh {'x'.join(map(str, plan.mesh['shape']))})")
+    for col in ("where", "blocks", "anchor op", "config"):
+        table.add_column(col)
+    for row in segment_rows(plan, graph):
+        table.add_row(*row)
+    console.print(table)
+    summary = Table(show_header=False, title="plan")
+    t = plan.predicted_step_time_s
+    summary.add_row("predicted step time", f"{human_time(t)} (blocks {human_time(plan.time_breakdown_s['blocks'])}, transitions {human_time(plan.time_breakdown_s['transitions'])})")
+    for name, base in plan.baselines.items():
+        speedup = base["predicted_step_time_s"] / t if t > 0 else float("inf")
+        fits = "" if base["fits"] else ", does not fit in memory"
+        summary.add_row(f"{name} baseline", f"{human_time(base['predicted_step_time_s'])} ({speedup:.2f}x slower than the plan{fits})")
+    mem = plan.memory_per_device_bytes
+    limit = mem.get("limit")
+    summary.add_row(
+        "memory per device",
+        f"{human_bytes(mem['total'])} of {human_bytes(limit) if limit else 'no limit'} (params {human_bytes(mem['params'])}, grads {human_bytes(mem['grads'])}, "
+        f"optimizer {human_bytes(mem['optimizer'])}, activations {human_bytes(mem['activations'])})",
+    )
+    s = plan.solve
+    summary.add_row("solve", f"{s['status']}, gap {s['gap'] * 100:.2f}%, {s['seconds']:.2f} s ({s.get('variables', '?')} variables{', segments tied' if s.get('tie_segments') else ''})")
+    summary.add_row("cost model", f"{plan.provenance.get('cost_model')} ({plan.provenance.get('backend')}, cluster {plan.provenance.get('cluster')})")
+    console.print(summary)

@@ -1,0 +1,346 @@
+"""The plan file: versioned JSON that a training script loads.
+
+Top-level keys (``schema_version`` 1):
+
+- ``model``: ``spec`` (the model spec and its factory arguments) and ``fingerprint``;
+- ``mesh``: ``shape`` and ``names``;
+- ``parameters``: every parameter FQN (tied aliases included) -> its
+  placements, one string per mesh dimension (``"Shard(0)"``, ``"Replicate()"``);
+- ``blocks``: per block its id, anchor, class, config and the entry placements
+  of each external input, with its predicted time;
+- ``predicted_step_time_s`` (seconds) and ``time_breakdown_s`` (blocks,
+  transitions, and compute/communication where the cost model splits them);
+- ``memory_per_device_bytes``: total, limit and params/grads/optimizer/activations;
+- ``solve``: seconds, status, gap, objective (seconds);
+- ``baselines``: the same cost model's prediction for e.g. data parallel;
+- ``provenance``: cost model, backend, device, cluster, torch and cfp versions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfp.errors import CFPError
+from cfp.propagate import placements_str
+
+SCHEMA_VERSION = 1
+REQUIRED = ("schema_version", "model", "mesh", "parameters", "blocks", "predicted_step_time_s", "memory_per_device_bytes", "solve", "provenance")
+
+
+@dataclass
+class Plan:
+    model: dict[str, Any]  # {"spec": ..., "fingerprint": ...}
+    mesh: dict[str, Any]  # {"shape": [...], "names": [...]}
+    parameters: dict[str, list[str]]
+    blocks: list[dict[str, Any]]
+    predicted_step_time_s: float
+    time_breakdown_s: dict[str, Any]
+    memory_per_device_bytes: dict[str, Any]
+    solve: dict[str, Any]
+    provenance: dict[str, Any]
+    baselines: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # -- file -------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model,
+            "mesh": self.mesh,
+            "parameters": self.parameters,
+            "blocks": self.blocks,
+            "predicted_step_time_s": self.predicted_step_time_s,
+            "time_breakdown_s": self.time_breakdown_s,
+            "memory_per_device_bytes": self.memory_per_device_bytes,
+            "solve": self.solve,
+            "baselines": self.baselines,
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "plan") -> "Plan":
+        if not isinstance(data, dict):
+            raise CFPError(f"{source} is not a CFP plan: expected a JSON object, found {type(data).__name__}.")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CFPError(
+                f"{source} has plan schema version {version!r}; this CFP ({__import__('cfp').__version__}) reads version "
+                f"{SCHEMA_VERSION}. Re-create the plan with `cfp plan`."
+            )
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise CFPError(f"{source} is damaged: it lacks {', '.join(missing)}. Re-create the plan with `cfp plan`.")
+        try:
+            if not isinstance(data["parameters"], dict) or not all(isinstance(v, list) for v in data["parameters"].values()):
+                raise TypeError("parameters must map names to lists of placements")
+            if not isinstance(data["blocks"], list):
+                raise TypeError("blocks must be a list")
+            ndim = len(data["mesh"]["shape"])
+            for fqn, pl in data["parameters"].items():
+                if len(pl) != ndim:
+                    raise ValueError(f"parameter {fqn} has {len(pl)} placements for a {ndim}-D mesh")
+            return cls(
+                model=dict(data["model"]),
+                mesh={"shape": list(data["mesh"]["shape"]), "names": list(data["mesh"]["names"])},
+                parameters=data["parameters"],
+                blocks=data["blocks"],
+                predicted_step_time_s=float(data["predicted_step_time_s"]),
+                time_breakdown_s=data.get("time_breakdown_s", {}),
+                memory_per_device_bytes=dict(data["memory_per_device_bytes"]),
+                solve=dict(data["solve"]),
+                provenance=dict(data["provenance"]),
+                baselines=data.get("baselines", {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CFPError(f"{source} is damaged: {type(exc).__name__}: {exc}. Re-create the plan with `cfp plan`.") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise CFPError(f"Plan file {path} does not exist.")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CFPError(f"Plan file {path} is damaged (not valid JSON: {exc}). Re-create it with `cfp plan`.") from exc
+        return cls.from_json(data, f"Plan file {path}")
+
+    # -- use --------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.model.get("fingerprint", "")
+
+    def check_matches(self, traced) -> None:
+        """Refuse a plan made for another model (graph structure, shapes or parameter names differ)."""
+        actual = traced.fingerprint()
+        if actual != self.fingerprint:
+            made_for = self.model.get("spec", {})
+            raise CFPError(
+                f"This plan was made for a different model: its fingerprint is {self.fingerprint}, the model's is {actual}. "
+                f"The plan was made for {made_for.get('describe', made_for)}; shapes (batch, sequence, sizes), structure or "
+                f"parameter names differ. Re-run `cfp plan` for this model."
+            )
+
+    def mesh_shape(self) -> tuple[int, ...]:
+        return tuple(self.mesh["shape"])
+
+    def config_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for b in self.blocks:
+            out[b["config"]] = out.get(b["config"], 0) + 1
+        return out
+
+
+# --------------------------------------------------------------------------
+# Building a plan from a solution
+# --------------------------------------------------------------------------
+
+
+def parameter_placements(graph, choice: list[int]) -> dict[str, list[str]]:
+    """Every parameter FQN -> placements, from the chosen configs' entry placements (aliases included)."""
+    traced = graph.traced
+    out: dict[str, list[str]] = {}
+    for block, c in zip(graph.blocks, choice):
+        prop = graph.block_configs(block)[c]
+        for pos, inp in enumerate(block.inputs):
+            fqn = traced.params.get(inp.name)
+            if fqn is None or fqn in out:
+                continue
+            pl = prop.input_placements[pos]
+            out[fqn] = placements_str(pl) if pl is not None else ["Replicate()"] * graph.mesh.ndim
+    for fqn in traced.params.values():  # parameters no block reads stay replicated
+        out.setdefault(fqn, ["Replicate()"] * graph.mesh.ndim)
+    for alias, canonical in traced.aliases.items():
+        out[alias] = list(out[canonical])
+    return out
+
+
+def _spec_json(spec) -> dict:
+    if spec is None:
+        return {}
+    return {"spec": spec.spec, "batch": spec.batch, "seq": spec.seq, "args": dict(spec.args), "describe": spec.describe()}
+
+
+def build_plan(graph, costs, solution, baselines: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> "Plan":
+    """A Plan from a BlockGraph, the cost model used and the ILP's Solution."""
+    import cfp
+
+    traced = graph.traced
+    ev = solution.evaluation
+    blocks = []
+    compute_total = comm_total = 0.0
+    split = hasattr(costs, "block_cost")
+    for block, c in zip(graph.blocks, solution.choice):
+        prop = graph.block_configs(block)[c]
+        entry = {
+            "id": block.id,
+            "anchor": block.anchor,
+            "op": str(traced.nodes[block.anchor].target).replace(".default", ""),
+            "class": block.class_id,
+            "config": prop.config.name,
+            "params": list(block.params),
+            "inputs": [
+                {"name": i.name, "role": i.role, "producer": i.producer, "placements": placements_str(p)}
+                for i, p in zip(block.inputs, prop.input_placements)
+            ],
+            "time_s": ev.block_s[block.id],
+            "transition_in_s": ev.transition_in_s[block.id],
+            "activation_bytes": int(prop.activation_bytes),
+            "communication_free": prop.comm_free,
+        }
+        if split:
+            bc = costs.block_cost(block.class_id, prop.config.name)
+            entry["compute_s"], entry["communication_s"] = bc.compute_s, bc.communication_s
+            compute_total += bc.compute_s
+            comm_total += bc.communication_s
+        blocks.append(entry)
+    breakdown = {"blocks": ev.blocks_total_s, "transitions": ev.transitions_total_s}
+    if split:
+        breakdown.update({"compute": compute_total, "communication": comm_total})
+    memory = ev.memory.to_json()
+    memory["limit"] = solution.memory_limit
+    prov = {"cost_model": costs.name, "torch": torch.__version__, "cfp": cfp.__version__}
+    if hasattr(costs, "describe"):
+        prov.update({k: v for k, v in costs.describe().items() if k != "name"})
+    prov.update(provenance or {})
+    return Plan(
+        model={"spec": _spec_json(traced.spec), "fingerprint": traced.fingerprint(), "parameters": traced.num_parameters()},
+        mesh=graph.mesh.to_json(),
+        parameters=parameter_placements(graph, solution.choice),
+        blocks=blocks,
+        predicted_step_time_s=ev.total_s,
+        time_breakdown_s=breakdown,
+        memory_per_device_bytes=memory,
+        solve=solution.to_json(),
+        provenance=prov,
+        baselines=baselines or {},
+    )
+
+
+# --------------------------------------------------------------------------
+# The whole job: model -> plan (what `cfp plan` runs)
+# --------------------------------------------------------------------------
+
+COSTS = ("profiled", "analytic")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float | None) -> int | None:
+    """``"40GiB"`` -> 42949672960; ``"80GB"``, ``"1.5TiB"``, ``"8e10"`` and plain numbers (bytes) too."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise CFPError(f"Memory {text!r} is not a size such as 40GiB, 80GB or 1.5TiB.")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_cluster(mesh) -> str:
+    """The cluster model a plan assumes when none is named: one H100 node, or two over InfiniBand."""
+    return "h100-nvlink-8" if mesh.size <= 8 else "h100-ib-2x8"
+
+
+def cost_model(graph, cost: str, cluster=None, backend: str = "emulated", spec=None, progress=None):
+    """The CostModel for ``--cost``: ``analytic`` (FLOPs + alpha-beta) or ``profiled`` (cfp.profile)."""
+    if cost == "analytic":
+        from cfp.analytic import AnalyticCosts
+
+        if cluster is None:
+            raise CFPError("The analytic cost model needs a cluster model (--cluster NAME or FILE).")
+        return AnalyticCosts(graph, cluster)
+    if cost == "profiled":
+        try:
+            from cfp.profile import profile
+        except ImportError as exc:
+            raise CFPError(f"Profiled costs are not available in this installation ({exc}); use --cost analytic.") from exc
+        run = profile(graph, spec if spec is not None else graph.traced.spec, backend=backend, cluster=cluster, on_progress=progress)
+        table = run.table
+        table.describe = lambda: {"backend": backend, "device": getattr(cluster, "device_kind", "local") if backend == "emulated" else "local",
+                                  "cluster": getattr(cluster, "name", None), "profile_store": run.store, "profile_jobs": run.jobs}
+        return table
+    raise CFPError(f"Unknown cost model {cost!r}; use one of {', '.join(COSTS)}.")
+
+
+def make_plan(
+    model,
+    mesh,
+    memory: str | int | None = None,
+    cost: str = "analytic",
+    backend: str = "emulated",
+    cluster=None,
+    tie_segments: bool = False,
+    output: str | Path | None = None,
+    time_limit_s: float | None = None,
+    graph=None,
+    progress=None,
+) -> tuple["Plan", Any, Any]:
+    """Capture, analyse, cost and solve; returns ``(plan, graph, solution)`` and writes ``output`` if given.
+
+    ``model`` is a spec string, a ModelSpec or a TracedModel; ``mesh`` a string
+    such as ``"2x4"`` or a MeshSpec; ``memory`` bytes or a size string (default:
+    the cluster device's memory); ``cluster`` a name, a file or a ClusterModel.
+    """
+    from cfp.analyze import analyze
+    from cfp.capture import TracedModel, capture
+    from cfp.cluster import ClusterModel, load_cluster
+    from cfp.mesh import parse_mesh
+    from cfp.solve import BASELINES, DEFAULT_TIME_LIMIT_S, evaluate, solve
+    from cfp.spec import ModelSpec, build
+
+    mesh = parse_mesh(mesh)
+    if cost not in COSTS:
+        raise CFPError(f"Unknown cost model {cost!r}; use one of {', '.join(COSTS)}.")
+    if not isinstance(cluster, ClusterModel):
+        cluster = load_cluster(cluster or default_cluster(mesh)) if (cluster or cost == "analytic" or backend == "emulated") else None
+    spec = None
+    if graph is None:
+        if isinstance(model, TracedModel):
+            traced = model
+        else:
+            spec = model if isinstance(model, ModelSpec) else ModelSpec(str(model), device="meta")
+            if cost == "profiled":
+                from cfp.profile import analyze_for_profile
+
+                graph = analyze_for_profile(spec, mesh)
+            else:
+                traced = capture(build(spec))
+        if graph is None:
+            graph = analyze(traced, mesh)
+    spec = spec or graph.traced.spec
+    costs = cost_model(graph, cost, cluster, backend, spec, progress)
+    limit = parse_bytes(memory) if memory is not None else (cluster.memory_bytes if cluster is not None else None)
+    solution = solve(graph, costs, memory_limit=limit, tie_segments=tie_segments, time_limit_s=time_limit_s or DEFAULT_TIME_LIMIT_S)
+    baselines = {}
+    for name, choose in BASELINES.items():
+        choice = choose(graph)
+        ev = evaluate(graph, costs, choice)
+        baselines[name] = {
+            "predicted_step_time_s": ev.total_s,
+            "memory_per_device_bytes": ev.memory.total,
+            "fits": limit is None or ev.memory.total <= limit,
+            "configs": [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)],
+        }
+    prov = {"cluster": getattr(cluster, "name", None), "analysis_seconds": round(graph.seconds, 2)}
+    if cost == "analytic":
+        prov["backend"] = "analytic"
+    plan = build_plan(graph, costs, solution, baselines, prov)
+    if output is not None:
+        plan.save(output)
+    return plan, graph, solution
+
+
+def plan(model, mesh, **kwargs) -> "Plan":
+    """``cfp.plan("gpt:small", "2x2", memory="40GiB", cost="analytic")``: the Plan (see make_plan for the options)."""
+    return make_plan(model, mesh, **kwargs)[0]

@@ -1,0 +1,507 @@
+"""The ILP: one config per block, minimising block time plus transitions.
+
+Formulation (OR-Tools CP-SAT):
+
+- ``x[g, c]``: decision group ``g`` (a block, or with ``tie_segments`` every
+  instance of one position of a segment) takes config ``c``; exactly one per
+  group. Configs the cost model cannot run (``inf``) get no variable.
+- Transitions: on each edge the cost depends only on the producer's exit
+  placements and the consumer's entry placements, so configs are grouped by
+  those; ``y[e, s, d]`` is 1 when the producer leaves ``s`` and the consumer
+  wants ``d``. Its rows and columns sum to the producer's and consumer's
+  choices (the tight "marginal" linearisation, exact for any graph, residual
+  edges included). Edges with the same groups and the same grouping share
+  their ``y`` and add their costs.
+- Tied parameters (one placeholder read by several blocks) take one
+  placement: the chosen configs must agree on it.
+- Memory per device: parameters + gradients + Adam state (two fp32 moments)
+  under local shapes, each parameter counted once, plus every block's
+  saved activations, at most the limit.
+
+Times are scaled to integers in units of ``TIME_UNIT_S`` (0.1 ns); memory is
+in bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from cfp.costs import CostModel, TransitionKey
+from cfp.errors import CFPError
+from cfp.propagate import placements_str
+
+TIME_UNIT_S = 1e-10
+ADAM_STATE_BYTES_PER_PARAM = 8  # two fp32 moments
+DEFAULT_TIME_LIMIT_S = 60.0
+
+Label = tuple[str, ...] | None
+
+
+# --------------------------------------------------------------------------
+# What a plan costs, computed directly (the ILP's objective, in seconds)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Memory:
+    """Per-device bytes of one plan."""
+
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def to_json(self) -> dict:
+        return {"total": self.total, "params": self.params, "grads": self.grads, "optimizer": self.optimizer, "activations": self.activations}
+
+    def dominant(self) -> str:
+        parts = {"parameters": self.params, "gradients": self.grads, "optimizer state": self.optimizer, "activations": self.activations}
+        return max(parts, key=parts.get)
+
+
+@dataclass
+class Evaluation:
+    """Predicted step time of one choice of configs, with its breakdown."""
+
+    block_s: list[float]  # per block
+    transition_in_s: list[float]  # per block: transitions on the edges into it
+    memory: Memory
+
+    @property
+    def blocks_total_s(self) -> float:
+        return sum(self.block_s)
+
+    @property
+    def transitions_total_s(self) -> float:
+        return sum(self.transition_in_s)
+
+    @property
+    def total_s(self) -> float:
+        return self.blocks_total_s + self.transitions_total_s
+
+
+def _local_numel(shape, placements, mesh_shape) -> int:
+    dims = list(shape)
+    for n, p in zip(mesh_shape, placements or ()):
+        if type(p).__name__ in ("Shard", "_StridedShard") and p.dim < len(dims):
+            dims[p.dim] = math.ceil(dims[p.dim] / n)
+    return math.prod(dims)
+
+
+class MemoryTable:
+    """Per (block, config) bytes; each parameter is charged to the first block that reads it."""
+
+    def __init__(self, graph):
+        traced = graph.traced
+        owner: dict[str, int] = {}
+        for block in graph.blocks:
+            for inp in block.inputs:
+                if inp.name in traced.params:
+                    owner.setdefault(inp.name, block.id)
+        self.owner = owner
+        self.table: dict[tuple[str, tuple[int, ...]], list[Memory]] = {}
+        self.rows: list[list[Memory]] = []
+        for block in graph.blocks:
+            owned = tuple(pos for pos, inp in enumerate(block.inputs) if owner.get(inp.name) == block.id)
+            key = (block.class_id, owned)
+            if key not in self.table:
+                row = []
+                for prop in graph.block_configs(block):
+                    m = Memory(activations=int(prop.activation_bytes))
+                    for pos in owned:
+                        val = traced.nodes[block.inputs[pos].name].meta["val"]
+                        numel = _local_numel(tuple(val.shape), prop.input_placements[pos], graph.mesh.shape)
+                        m.params += numel * val.element_size()
+                        m.grads += numel * val.element_size()
+                        m.optimizer += numel * ADAM_STATE_BYTES_PER_PARAM
+                    row.append(m)
+                self.table[key] = row
+            self.rows.append(self.table[key])
+
+    def of(self, choice: list[int]) -> Memory:
+        total = Memory()
+        for row, c in zip(self.rows, choice):
+            m = row[c]
+            total.params += m.params
+            total.grads += m.grads
+            total.optimizer += m.optimizer
+            total.activations += m.activations
+        return total
+
+
+def _value_meta(graph, name: str):
+    val = graph.traced.nodes[name].meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _key(val, src, dst) -> TransitionKey:
+    return TransitionKey(tuple(val.shape), str(val.dtype).removeprefix("torch."), tuple(src), tuple(dst))
+
+
+def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | None = None) -> Evaluation:
+    """Block times, transition times and memory of a choice (config index per block)."""
+    block_s = [costs.block_time(b.class_id, graph.block_configs(b)[c].config.name) for b, c in zip(graph.blocks, choice)]
+    trans = [0.0] * len(graph.blocks)
+    for block in graph.blocks:
+        prop_b = graph.block_configs(block)[choice[block.id]]
+        for pos, inp in enumerate(block.inputs):
+            if inp.producer is None:
+                continue
+            val = _value_meta(graph, inp.name)
+            if val is None:
+                continue
+            producer = graph.blocks[inp.producer]
+            prop_a = graph.block_configs(producer)[choice[producer.id]]
+            src = prop_a.exit_placements[producer.outputs.index(inp.name)]
+            dst = prop_b.input_placements[pos]
+            if src is None or dst is None:
+                continue
+            key = _key(val, placements_str(src), placements_str(dst))
+            if not key.is_noop:
+                trans[block.id] += costs.transition_time(key)
+    return Evaluation(block_s, trans, (memory or MemoryTable(graph)).of(choice))
+
+
+# --------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------
+
+
+def dp_choice(graph) -> list[int]:
+    """Data parallel: per block the config named all ``batch`` where it exists, else the closest.
+
+    Closest: most mesh dimensions on ``batch``, then most on ``rep`` (parameters replicated).
+    """
+    choice = []
+    for block in graph.blocks:
+        names = [p.config.name.split("/") for p in graph.block_configs(block)]
+        score = [(sum(n == "batch" for n in parts), sum(n == "rep" for n in parts)) for parts in names]
+        choice.append(max(range(len(names)), key=lambda i: score[i]))
+    return choice
+
+
+BASELINES = {"dp": dp_choice}  # megatron etc. register here: name -> graph -> choice
+
+
+# --------------------------------------------------------------------------
+# The ILP
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Solution:
+    choice: list[int]  # config index per block
+    evaluation: Evaluation
+    status: str  # "OPTIMAL" or "FEASIBLE"
+    objective_s: float  # the solver's objective, in seconds
+    best_bound_s: float
+    seconds: float  # solve time (building the model included)
+    tie_segments: bool = False
+    memory_limit: int | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float:
+        if self.objective_s <= 0:
+            return 0.0
+        return max(0.0, (self.objective_s - self.best_bound_s) / self.objective_s)
+
+    def to_json(self) -> dict:
+        return {
+            "seconds": round(self.seconds, 3),
+            "status": self.status,
+            "gap": self.gap,
+            "objective": self.objective_s,
+            "best_bound": self.best_bound_s,
+            "tie_segments": self.tie_segments,
+            "time_unit_s": TIME_UNIT_S,
+            **self.stats,
+        }
+
+
+def _groups(graph, tie_segments: bool) -> list[tuple]:
+    """The decision group of each block."""
+    group = [("b", b.id) for b in graph.blocks]
+    if tie_segments:
+        for s, seg in enumerate(graph.segments):
+            period = len(seg.classes)
+            for i in range(seg.start, seg.end):
+                group[i] = ("s", s, (i - seg.start) % period)
+    return group
+
+
+class _Builder:
+    """Builds the CP-SAT model over decision groups."""
+
+    def __init__(self, graph, costs: CostModel, tie_segments: bool):
+        from ortools.sat.python import cp_model
+
+        self.cp_model = cp_model
+        self.graph = graph
+        self.costs = costs
+        self.model = cp_model.CpModel()
+        self.group_of = _groups(graph, tie_segments)
+        self.memory = MemoryTable(graph)
+        # Block times; configs that cannot run are left out.
+        self.x: dict[tuple, dict[int, object]] = {}
+        self.block_cost: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.mem_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        time_cache: dict[tuple[str, str], float] = {}
+        for block in graph.blocks:
+            g = self.group_of[block.id]
+            props = graph.block_configs(block)
+            allowed = self.x.get(g)
+            if allowed is None:
+                allowed = {}
+                for c, prop in enumerate(props):
+                    k = (block.class_id, prop.config.name)
+                    if k not in time_cache:
+                        time_cache[k] = costs.block_time(*k)
+                    if math.isfinite(time_cache[k]):
+                        allowed[c] = self.model.NewBoolVar(f"x_{block.id}_{c}")
+                if not allowed:
+                    raise CFPError(f"No config of block {block.anchor} can run under the {costs.name} cost model.")
+                self.model.AddExactlyOne(allowed.values())
+                self.x[g] = allowed
+            for c in allowed:
+                self.block_cost[g][c] += self._units(time_cache[(block.class_id, props[c].config.name)])
+                self.mem_terms[g][c] += self.memory.rows[block.id][c].total
+        self.objective_terms: list = []
+        self.n_transition_vars = 0
+        self._transitions()
+        self._tied_params()
+        for g, costs_g in self.block_cost.items():
+            self.objective_terms += [(v, costs_g[c]) for c, v in self.x[g].items() if costs_g[c]]
+
+    @staticmethod
+    def _units(seconds: float) -> int:
+        return int(round(seconds / TIME_UNIT_S))
+
+    def memory_expr(self):
+        return sum(v * self.mem_terms[g][c] for g, xs in self.x.items() for c, v in xs.items() if self.mem_terms[g][c])
+
+    def time_expr(self):
+        return sum(coef * v for v, coef in self.objective_terms)
+
+    def _labels(self, cache, block, which: str, pos: int) -> tuple[Label, ...]:
+        key = (block.class_id, which, pos)
+        if key not in cache:
+            props = self.graph.block_configs(block)
+            if which == "exit":
+                cache[key] = tuple(None if p.exit_placements[pos] is None else tuple(placements_str(p.exit_placements[pos])) for p in props)
+            else:
+                cache[key] = tuple(None if p.input_placements[pos] is None else tuple(placements_str(p.input_placements[pos])) for p in props)
+        return cache[key]
+
+    def _transitions(self) -> None:
+        graph, costs = self.graph, self.costs
+        labels: dict = {}
+        # (producer group, src labels, consumer group, dst labels) -> {(src, dst): units}
+        edges: dict[tuple, dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
+        tcache: dict[TransitionKey, float] = {}
+        for block in graph.blocks:
+            for pos, inp in enumerate(block.inputs):
+                if inp.producer is None:
+                    continue
+                val = _value_meta(graph, inp.name)
+                if val is None:
+                    continue
+                producer = graph.blocks[inp.producer]
+                gp, gc = self.group_of[producer.id], self.group_of[block.id]
+                src = self._labels(labels, producer, "exit", producer.outputs.index(inp.name))
+                dst = self._labels(labels, block, "input", pos)
+                src_set = {src[a] for a in self.x[gp]} - {None}
+                dst_set = {dst[b] for b in self.x[gc]} - {None}
+                entry = edges[(gp, src, gc, dst)]
+                for s in src_set:
+                    for d in dst_set:
+                        if s == d:
+                            continue
+                        k = _key(val, s, d)
+                        if k not in tcache:
+                            tcache[k] = costs.transition_time(k)
+                        t = tcache[k]
+                        if not math.isfinite(t):
+                            raise CFPError(f"The {costs.name} cost model cannot price the transition {k}.")
+                        units = self._units(t)
+                        if units:
+                            entry[(s, d)] += units
+        self.n_edges = len(edges)
+        for (gp, src, gc, dst), cost in edges.items():
+            if not cost:
+                continue
+            xp, xc = self.x[gp], self.x[gc]
+            if gp == gc:  # both ends decided by one choice
+                for a, v in xp.items():
+                    units = cost.get((src[a], dst[a]), 0)
+                    if units:
+                        self.objective_terms.append((v, units))
+                continue
+            srcs = sorted({src[a] for a in xp}, key=repr)
+            dsts = sorted({dst[b] for b in xc}, key=repr)
+            if len(srcs) == 1 or len(dsts) == 1:  # linear in the other end
+                for b, v in xc.items() if len(srcs) == 1 else ():
+                    units = cost.get((srcs[0], dst[b]), 0)
+                    if units:
+                        self.objective_terms.append((v, units))
+                for a, v in xp.items() if len(srcs) > 1 else ():
+                    units = cost.get((src[a], dsts[0]), 0)
+                    if units:
+                        self.objective_terms.append((v, units))
+                continue
+            y = {(s, d): self.model.NewBoolVar("") for s in srcs for d in dsts}
+            self.n_transition_vars += len(y)
+            for s in srcs:
+                self.model.Add(sum(y[s, d] for d in dsts) == sum(v for a, v in xp.items() if src[a] == s))
+            for d in dsts:
+                self.model.Add(sum(y[s, d] for s in srcs) == sum(v for b, v in xc.items() if dst[b] == d))
+            self.objective_terms += [(y[k], units) for k, units in cost.items() if units]
+
+    def _tied_params(self) -> None:
+        """A parameter read by several blocks takes one placement."""
+        graph = self.graph
+        readers: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for block in graph.blocks:
+            for pos, inp in enumerate(block.inputs):
+                if inp.name in graph.traced.params:
+                    readers[inp.name].append((block.id, pos))
+        self.tied = {p: r for p, r in readers.items() if len(r) > 1}
+        for param, rs in self.tied.items():
+            b0, p0 = rs[0]
+            g0 = self.group_of[b0]
+            first = {c: tuple(placements_str(graph.block_configs(b0)[c].input_placements[p0]) or ()) for c in self.x[g0]}
+            for b1, p1 in rs[1:]:
+                g1 = self.group_of[b1]
+                if g1 == g0 and p1 == p0:
+                    continue
+                other = {c: tuple(placements_str(graph.block_configs(b1)[c].input_placements[p1]) or ()) for c in self.x[g1]}
+                for label in set(first.values()) | set(other.values()):
+                    self.model.Add(
+                        sum(self.x[g0][c] for c, l in first.items() if l == label) == sum(self.x[g1][c] for c, l in other.items() if l == label)
+                    )
+
+    def choice(self, solver) -> list[int]:
+        out = []
+        for block in self.graph.blocks:
+            xs = self.x[self.group_of[block.id]]
+            out.append(next(c for c, v in xs.items() if solver.BooleanValue(v)))
+        return out
+
+    def hint(self, choice: list[int]) -> None:
+        done = set()
+        for block in self.graph.blocks:
+            g = self.group_of[block.id]
+            if g in done:
+                continue
+            done.add(g)
+            for c, v in self.x[g].items():
+                self.model.AddHint(v, int(c == choice[block.id]))
+
+
+def _solver(time_limit_s: float, workers: int):
+    from ortools.sat.python import cp_model
+
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = float(time_limit_s)
+    solver.parameters.num_workers = int(workers)
+    solver.parameters.linearization_level = 2  # the LP bound is nearly tight here; 2-4x faster on deep models
+    return solver
+
+
+def min_memory(graph, costs: CostModel, tie_segments: bool = False, time_limit_s: float = 30.0, workers: int = 2) -> tuple[Memory, list[int]]:
+    """The least per-device memory any plan needs (tied parameters agreeing), and that plan."""
+    builder = _Builder(graph, costs, tie_segments)
+    builder.model.Minimize(builder.memory_expr())
+    solver = _solver(time_limit_s, workers)
+    status = solver.Solve(builder.model)
+    if status not in (builder.cp_model.OPTIMAL, builder.cp_model.FEASIBLE):
+        raise CFPError(f"No plan satisfies the model's constraints (tied parameters cannot agree on a placement); solver status {solver.StatusName(status)}.")
+    choice = builder.choice(solver)
+    return builder.memory.of(choice), choice
+
+
+def solve(
+    graph,
+    costs: CostModel,
+    memory_limit: int | None = None,
+    tie_segments: bool = False,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+    workers: int = 2,
+    hint_first: bool = True,
+) -> Solution:
+    """Choose one config per block minimising predicted step time under ``memory_limit`` bytes per device.
+
+    Without ``tie_segments`` the tied problem is solved first (in well under a
+    second on a 96-layer model) and its plan given to CP-SAT as a hint, which
+    roughly halves the search on deep models.
+    """
+    start = time.perf_counter()
+    builder = _Builder(graph, costs, tie_segments)
+    if memory_limit is not None:
+        builder.model.Add(builder.memory_expr() <= int(memory_limit))
+    builder.model.Minimize(builder.time_expr())
+    # A good first solution: the tied-segments optimum (a far smaller ILP), else data parallel.
+    hint, hint_from = None, None
+    if not tie_segments and graph.segments and hint_first:
+        try:
+            hint, hint_from = solve(graph, costs, memory_limit, True, min(10.0, time_limit_s / 4), workers, hint_first=False).choice, "tie_segments"
+        except CFPError:
+            hint = None
+    if hint is None:
+        hint, hint_from = dp_choice(graph), "dp"
+    if all(c in builder.x[builder.group_of[b]] for b, c in enumerate(hint)):
+        builder.hint(hint)
+    built = time.perf_counter()
+    solver = _solver(time_limit_s, workers)
+    status = solver.Solve(builder.model)
+    cp = builder.cp_model
+    if status == cp.INFEASIBLE:
+        _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers)
+    if status not in (cp.OPTIMAL, cp.FEASIBLE):
+        raise CFPError(
+            f"The ILP found no plan within {time_limit_s:.0f} s (solver status {solver.StatusName(status)}). "
+            f"Allow more time, or pass --tie-segments to shrink the problem."
+        )
+    choice = builder.choice(solver)
+    seconds = time.perf_counter() - start
+    stats = {
+        "build_seconds": round(built - start, 3),
+        "variables": sum(len(v) for v in builder.x.values()) + builder.n_transition_vars,
+        "decision_groups": len(builder.x),
+        "tied_parameters": len(builder.tied),
+        "hint": hint_from,
+    }
+    return Solution(
+        choice=choice,
+        evaluation=evaluate(graph, costs, choice, builder.memory),
+        status=solver.StatusName(status),
+        objective_s=solver.ObjectiveValue() * TIME_UNIT_S,
+        best_bound_s=solver.BestObjectiveBound() * TIME_UNIT_S,
+        seconds=seconds,
+        tie_segments=tie_segments,
+        memory_limit=memory_limit,
+        stats=stats,
+    )
+
+
+def _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers) -> None:
+    from cfp.report_util import human_bytes
+
+    if memory_limit is None:
+        raise CFPError("No plan satisfies the model's constraints: tied parameters cannot agree on one placement under any config.")
+    least, _ = min_memory(graph, costs, tie_segments, time_limit_s, workers)
+    raise CFPError(
+        f"No plan fits in {human_bytes(memory_limit)} per device on mesh {graph.mesh}. The least memory any plan needs is "
+        f"{human_bytes(least.total)} per device: parameters {human_bytes(least.params)}, gradients {human_bytes(least.grads)}, "
+        f"optimizer state {human_bytes(least.optimizer)}, activations {human_bytes(least.activations)} "
+        f"({least.dominant()} dominate). Use a larger mesh, a smaller batch or sequence, or raise --memory."
+    )

@@ -1,0 +1,104 @@
+"""The plan file (cfp.plan), `cfp plan` and `cfp report`."""
+
+import json
+
+import pytest
+
+import cfp
+from cfp.cli import main
+from cfp.cluster import AlphaBeta, ClusterModel
+from cfp.plan import SCHEMA_VERSION, Plan, make_plan, parse_bytes
+
+GiB = 2**30
+
+
+def h100():
+    intra = {k: AlphaBeta(10e-6, 1 / 360e9) for k in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")}
+    return ClusterModel("test-h100", "H100", {"float32": 60e12, "bfloat16": 990e12}, 3.35e12, 80 * GiB, 8, intra, dict(intra))
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    spec = cfp.ModelSpec("gpt:tiny", device="meta", args={"n_layer": 1})
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    plan, graph, solution = make_plan(spec, "2", memory="1GiB", cost="analytic", cluster=h100(), output=path)
+    return plan, graph, path
+
+
+def test_plan_contents(planned):
+    plan, graph, path = planned
+    data = json.loads(path.read_text())
+    for key in ("schema_version", "model", "mesh", "parameters", "blocks", "predicted_step_time_s", "memory_per_device_bytes", "solve", "provenance"):
+        assert key in data
+    assert data["mesh"] == {"shape": [2], "names": ["tp"]}
+    traced = graph.traced
+    # Every parameter, tied aliases and LayerNorm weights included.
+    expected = set(traced.params.values()) | set(traced.aliases)
+    assert set(data["parameters"]) == expected
+    assert "transformer.wte.weight" in data["parameters"] and "transformer.h.0.ln_1.weight" in data["parameters"]
+    assert data["parameters"]["transformer.wte.weight"] == data["parameters"]["lm_head.weight"]
+    assert all(len(p) == 1 and p[0] in ("Replicate()", "Shard(0)", "Shard(1)") for p in data["parameters"].values())
+    assert len(data["blocks"]) == len(graph.blocks)
+    total = sum(b["time_s"] + b["transition_in_s"] for b in data["blocks"])
+    assert data["predicted_step_time_s"] == pytest.approx(total)
+    mem = data["memory_per_device_bytes"]
+    assert mem["total"] == mem["params"] + mem["grads"] + mem["optimizer"] + mem["activations"] <= mem["limit"] == GiB
+    assert data["solve"]["status"] == "OPTIMAL" and data["solve"]["gap"] == 0
+    assert data["provenance"]["cost_model"] == "analytic" and data["provenance"]["cluster"] == "test-h100"
+    assert "dp" in data["baselines"] and data["baselines"]["dp"]["predicted_step_time_s"] >= data["predicted_step_time_s"] - 1e-12
+
+
+def test_roundtrip_and_fingerprint(planned, tmp_path):
+    plan, graph, path = planned
+    loaded = Plan.load(path)
+    assert loaded.to_json() == plan.to_json()
+    loaded.check_matches(graph.traced)
+    other = cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", device="meta", args={"n_layer": 1}, batch=4)))
+    with pytest.raises(cfp.CFPError, match="different model"):
+        loaded.check_matches(other)
+
+
+def test_bad_plan_files(planned, tmp_path):
+    plan, graph, path = planned
+    data = json.loads(path.read_text())
+    bad = tmp_path / "v99.json"
+    bad.write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(cfp.CFPError, match=f"schema version 99.*reads version {SCHEMA_VERSION}"):
+        Plan.load(bad)
+    cut = tmp_path / "cut.json"
+    cut.write_text(path.read_text()[: len(path.read_text()) // 2])
+    with pytest.raises(cfp.CFPError, match="damaged"):
+        Plan.load(cut)
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({k: v for k, v in data.items() if k != "parameters"}))
+    with pytest.raises(cfp.CFPError, match="lacks parameters"):
+        Plan.load(missing)
+    with pytest.raises(cfp.CFPError, match="does not exist"):
+        Plan.load(tmp_path / "nope.json")
+
+
+def test_parse_bytes():
+    assert parse_bytes("40GiB") == 40 * GiB
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("1.5TiB") == int(1.5 * 2**40)
+    assert parse_bytes("1000") == 1000
+    with pytest.raises(cfp.CFPError, match="not a size"):
+        parse_bytes("lots")
+
+
+def test_cli_plan_and_report(tmp_path, capsys):
+    cluster = tmp_path / "c.json"
+    h100().save(cluster)
+    out, js, png = tmp_path / "p.json", tmp_path / "r.json", tmp_path / "p.png"
+    argv = ["plan", "gpt:tiny", "--arg", "n_layer=1", "--mesh", "2", "--cost", "analytic", "--cluster", str(cluster), "--tie-segments", "-o", str(out), "--json", str(js)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "dp baseline" in text and "OPTIMAL" in text
+    assert Plan.load(out).solve["tie_segments"] is True
+    assert json.loads(js.read_text())["output"] == str(out)
+    assert main(["report", str(out), "--png", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+    assert "blocks along the model" in capsys.readouterr().out
+    # An impossible memory limit is a one-paragraph error, not a traceback.
+    assert main(argv[:-4] + ["--memory", "1KiB", "-o", str(out)]) == 1
+    assert "least memory any plan needs" in " ".join(capsys.readouterr().out.split())

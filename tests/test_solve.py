@@ -1,0 +1,207 @@
+"""The ILP (cfp.solve) and the analytic cost model (cfp.analytic)."""
+
+import hashlib
+import itertools
+import math
+
+import pytest
+
+import cfp
+from cfp.analytic import AnalyticCosts, redistribute_collectives
+from cfp.analyze import analyze
+from cfp.cluster import AlphaBeta, ClusterModel
+from cfp.costs import TransitionKey, edge_transitions
+from cfp.mesh import parse_mesh
+from cfp.propagate import placements_str
+from cfp.solve import MemoryTable, dp_choice, evaluate, min_memory, solve
+
+GiB = 2**30
+
+
+def h100(memory=80 * GiB, alpha=10e-6):
+    """An H100-like cluster: NVLink within 8-GPU nodes, InfiniBand across."""
+    intra = {k: AlphaBeta(alpha, 1 / 360e9) for k in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")}
+    inter = {k: AlphaBeta(2 * alpha, 1 / 45e9) for k in intra}
+    return ClusterModel("test-h100", "H100", {"float32": 60e12, "bfloat16": 990e12}, 3.35e12, memory, 8, intra, inter)
+
+
+def graph_of(spec, mesh, **args):
+    traced = cfp.capture(cfp.build(cfp.ModelSpec(spec, device="meta", args=args)))
+    return analyze(traced, parse_mesh(mesh))
+
+
+@pytest.fixture(scope="module")
+def tiny1():
+    """gpt:tiny with one layer on a 2-device mesh: 7 blocks, small enough to enumerate."""
+    return graph_of("gpt:tiny", "2", n_layer=1)
+
+
+@pytest.fixture(scope="module")
+def tiny2():
+    return graph_of("gpt:tiny", "2")
+
+
+class HashCosts:
+    """Arbitrary but fixed costs, so the ILP is checked independently of any cost model."""
+
+    name = "hash"
+
+    def __init__(self, seed=0):
+        self.seed = seed
+
+    def _u(self, *parts) -> float:
+        h = hashlib.sha256(repr((self.seed,) + parts).encode()).digest()
+        return int.from_bytes(h[:4], "little") / 2**32
+
+    def block_time(self, class_id, config):
+        return 1e-3 * (0.1 + self._u(class_id, config))
+
+    def transition_time(self, key: TransitionKey):
+        return 0.0 if key.is_noop else 1e-3 * self._u(key) * 0.8
+
+
+def brute_force(graph, costs, memory_limit=None):
+    """The optimum by enumeration, from edge_transitions (an independent path to the objective)."""
+    blocks = graph.blocks
+    block_cost = [[costs.block_time(b.class_id, p.config.name) for p in graph.block_configs(b)] for b in blocks]
+    trans = {}
+    for t in edge_transitions(graph):
+        k = (t.producer, t.consumer)
+        trans.setdefault(k, {}).setdefault((t.producer_config, t.consumer_config), 0.0)
+        trans[k][(t.producer_config, t.consumer_config)] += costs.transition_time(t.key)
+    readers = {}
+    for b in blocks:
+        for pos, i in enumerate(b.inputs):
+            if i.name in graph.traced.params:
+                readers.setdefault(i.name, []).append((b.id, pos))
+    tied = [r for r in readers.values() if len(r) > 1]
+    mem = MemoryTable(graph)
+    best, best_choice = math.inf, None
+    for choice in itertools.product(*[range(len(c)) for c in block_cost]):
+        if any(len({tuple(placements_str(graph.block_configs(b)[choice[b]].input_placements[p])) for b, p in r}) > 1 for r in tied):
+            continue
+        if memory_limit is not None and mem.of(list(choice)).total > memory_limit:
+            continue
+        total = sum(block_cost[b][c] for b, c in enumerate(choice))
+        total += sum(m.get((choice[p], choice[c]), 0.0) for (p, c), m in trans.items())
+        if total < best:
+            best, best_choice = total, choice
+    return best, best_choice
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ilp_equals_brute_force_on_arbitrary_costs(tiny1, seed):
+    costs = HashCosts(seed)
+    best, _ = brute_force(tiny1, costs)
+    sol = solve(tiny1, costs)
+    assert sol.status == "OPTIMAL" and sol.gap == 0
+    assert sol.evaluation.total_s == pytest.approx(best, rel=1e-6)
+    assert sol.objective_s == pytest.approx(best, rel=1e-4)  # integer units of 0.1 ns
+
+
+def test_ilp_equals_brute_force_analytic_and_memory(tiny1):
+    # A slow device with cheap links makes sharding pay, so the optimum is not trivial.
+    slow = h100(alpha=1e-9)
+    slow.peak_flops = {"float32": 1e9}
+    slow.memory_bandwidth = 1e9
+    costs = AnalyticCosts(tiny1, slow)
+    best, choice = brute_force(tiny1, costs)
+    sol = solve(tiny1, costs)
+    assert sol.evaluation.total_s == pytest.approx(best, rel=1e-6)
+    assert len({tiny1.block_configs(b)[c].config.name for b, c in zip(tiny1.blocks, choice)}) > 1
+    # With a memory limit between the least and the unconstrained plan's memory.
+    least, _ = min_memory(tiny1, costs)
+    limit = (least.total + sol.evaluation.memory.total) // 2
+    if limit < sol.evaluation.memory.total:
+        best_m, _ = brute_force(tiny1, costs, memory_limit=limit)
+        sol_m = solve(tiny1, costs, memory_limit=limit)
+        assert sol_m.evaluation.memory.total <= limit
+        assert sol_m.evaluation.total_s == pytest.approx(best_m, rel=1e-6)
+
+
+def test_tied_embedding_and_head_agree(tiny1):
+    sol = solve(tiny1, HashCosts(3))
+    traced = tiny1.traced
+    placements = {}
+    for b, c in zip(tiny1.blocks, sol.choice):
+        prop = tiny1.block_configs(b)[c]
+        for pos, i in enumerate(b.inputs):
+            if i.name in traced.params:
+                placements.setdefault(i.name, set()).add(tuple(placements_str(prop.input_placements[pos])))
+    assert all(len(v) == 1 for v in placements.values())
+
+
+def test_replicated_memory_counts_each_parameter_once(tiny1):
+    rep = [next(i for i, p in enumerate(tiny1.block_configs(b)) if set(p.config.name.split("/")) == {"rep"}) for b in tiny1.blocks]
+    m = MemoryTable(tiny1).of(rep)
+    n = tiny1.traced.num_parameters()  # the tied embedding/head counted once
+    assert m.params == m.grads == 4 * n
+    assert m.optimizer == 8 * n
+    assert m.activations == sum(tiny1.block_configs(b)[c].activation_bytes for b, c in zip(tiny1.blocks, rep))
+
+
+def test_memory_limit_forces_sharding_and_impossible_limit_explained(tiny2):
+    costs = AnalyticCosts(tiny2, h100())
+    free = solve(tiny2, costs)
+    least, _ = min_memory(tiny2, costs)
+    assert least.total < free.evaluation.memory.total
+    limit = least.total + (free.evaluation.memory.total - least.total) // 4
+    tight = solve(tiny2, costs, memory_limit=limit)
+    assert tight.evaluation.memory.total <= limit
+    params = cfp.plan.__globals__["parameter_placements"](tiny2, tight.choice)
+    assert any(any(p.startswith("Shard") for p in pl) for pl in params.values())
+    with pytest.raises(cfp.CFPError, match=r"least memory any plan needs is .*parameters .*gradients .*optimizer state .*activations"):
+        solve(tiny2, costs, memory_limit=least.total - 1)
+
+
+def test_tie_segments(tiny2):
+    costs = HashCosts(5)
+    free = solve(tiny2, costs)
+    tied = solve(tiny2, costs, tie_segments=True)
+    assert tied.evaluation.total_s >= free.evaluation.total_s - 1e-12
+    for seg in tiny2.segments:
+        period = len(seg.classes)
+        for k in range(period):
+            assert len({tied.choice[i] for i in range(seg.start + k, seg.end, period)}) == 1
+    assert tied.stats["decision_groups"] < free.stats["decision_groups"]
+
+
+def test_dp_choice_is_batch(tiny2):
+    names = [tiny2.block_configs(b)[c].config.name for b, c in zip(tiny2.blocks, dp_choice(tiny2))]
+    assert names.count("batch") >= len(names) - 1  # the position embedding has no batch dimension
+    assert evaluate(tiny2, AnalyticCosts(tiny2, h100()), dp_choice(tiny2)).total_s > 0
+
+
+def test_redistribute_collectives():
+    mesh = parse_mesh("2x4")
+    key = TransitionKey((8, 16), "float32", ("Replicate()", "Shard(1)"), ("Replicate()", "Replicate()"))
+    assert redistribute_collectives(key, mesh) == [("all_gather", 1, 8 * 4 * 4, "forward"), ("reduce_scatter", 1, 8 * 16 * 4, "backward")]
+    key = TransitionKey((8, 16), "float32", ("Partial(sum)", "Replicate()"), ("Replicate()", "Replicate()"))
+    assert redistribute_collectives(key, mesh) == [("all_reduce", 0, 8 * 16 * 4, "forward")]
+    key = TransitionKey((8, 16), "float32", ("Replicate()", "Replicate()"), ("Shard(0)", "Replicate()"))
+    assert [c[0] for c in redistribute_collectives(key, mesh)] == ["all_gather"]  # free forward, gather the gradient
+    key = TransitionKey((8, 16), "float32", ("Shard(0)", "Replicate()"), ("Shard(1)", "Replicate()"))
+    assert [c[0] for c in redistribute_collectives(key, mesh)] == ["all_to_all", "all_to_all"]
+    key = TransitionKey((8, 16), "float32", ("Partial(sum)", "Replicate()"), ("Shard(0)", "Replicate()"))
+    assert [c[0] for c in redistribute_collectives(key, mesh)] == ["reduce_scatter", "all_gather"]
+
+
+def test_small_model_large_memory_is_data_parallel():
+    graph = graph_of("gpt:small", "4", n_layer=1, batch=256)
+    sol = solve(graph, AnalyticCosts(graph, h100()), memory_limit=80 * GiB)
+    names = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, sol.choice)]
+    linear = [n for b, n in zip(graph.blocks, names) if graph.traced.nodes[b.anchor].target.__name__.startswith("linear")]
+    # Data parallel: tokens split (batch, or equally cheap here, sequence), every weight replicated.
+    assert set(linear) <= {"batch", "seq"}, names
+    params = cfp.plan.__globals__["parameter_placements"](graph, sol.choice)
+    assert all(pl == ["Replicate()"] for fqn, pl in params.items() if ".h." in fqn or fqn.startswith("lm_head")), params
+
+
+def test_long_sequence_big_hidden_tight_memory_is_tensor_parallel():
+    graph = graph_of("gpt:small", "4", n_layer=1, batch=4, n_embd=2048, n_head=16, seq=512, block_size=512)
+    costs = AnalyticCosts(graph, h100())
+    least, _ = min_memory(graph, costs)
+    free = solve(graph, costs)
+    sol = solve(graph, costs, memory_limit=least.total + (free.evaluation.memory.total - least.total) // 10)
+    names = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, sol.choice)]
+    assert sum(n in ("col", "row") for n in names) >= 3, names
