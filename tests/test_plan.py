@@ -102,3 +102,18 @@ def test_cli_plan_and_report(tmp_path, capsys):
     # An impossible memory limit is a one-paragraph error, not a traceback.
     assert main(argv[:-4] + ["--memory", "1KiB", "-o", str(out)]) == 1
     assert "least memory any plan needs" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("model", ["gpt:tiny", "llama:tiny", "moe:tiny"])
+def test_plan_every_example_on_two_real_ranks(model, tmp_path, monkeypatch):
+    """The README's main job, on each example: real gloo profiling, ILP, plan file."""
+    monkeypatch.setenv("CFP_PROFILE_DIR", str(tmp_path / "store"))
+    out = tmp_path / "plan.json"
+    assert main(["plan", model, "--mesh", "2", "--backend", "real", "--cluster", "cpu-gloo-local", "-o", str(out)]) == 0
+    plan = Plan.load(out)
+    assert plan.solve["status"] == "OPTIMAL"
+    assert plan.predicted_step_time_s > 0
+    assert plan.provenance["backend"] == "real"
+    traced = cfp.capture(cfp.build(cfp.ModelSpec(model, device="meta")))
+    plan.check_matches(traced)
+    assert set(plan.parameters) >= set(traced.params.values())
