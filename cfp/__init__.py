@@ -7,6 +7,7 @@ from cfp.spec import ModelSpec, Workload, build
 # ``cfp.solve`` and ``cfp.plan`` are the functions; their modules are reached with ``from cfp.solve import ...``.
 from cfp.plan import Plan, plan  # noqa: E402
 from cfp.solve import solve  # noqa: E402
+from cfp.parallelize import parallelize  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,336 @@
+"""Applying a plan: the model's exported training graph run on DTensors.
+
+``parallelize(model, plan, mesh)`` captures the model (the same
+``torch.export`` graph the plan was made for; a plan for another model is
+refused by fingerprint), holds its parameters as DTensor ``nn.Parameter``s
+with the plan's placements, and returns a module whose ``forward(*inputs)``
+interprets the exported graph in order:
+
+- before a block's ops read a value from outside the block (the anchor's
+  activation, a parameter, a residual stream, a buffer, a graph input), that
+  value is redistributed to the placements the plan's config gives it, once
+  per block;
+- the block's ops then run with DTensor's own sharding propagation through
+  ``cfp.program._call``, the very function analysis propagates and profiling
+  times with (export's asserts skipped, a ``Partial`` operand of a sum with a
+  non-``Partial`` one reduced first, ops DTensor has no rule for run
+  replicated);
+- the loss comes back as a plain tensor (``full_tensor``), so
+  ``loss.backward()`` works, and each parameter's gradient is brought to the
+  parameter's own placements as it is accumulated (a replicated weight used
+  on batch-sharded data gets a ``Partial`` gradient: that reduction is data
+  parallelism's all-reduce), so any ``torch.optim`` optimizer steps it.
+
+Every rank passes the same global inputs; plain tensors are distributed per
+the plan without communication (each rank keeps its own shard), and DTensor
+inputs are redistributed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
+
+from cfp.blocks import partition
+from cfp.capture import TracedModel, capture
+from cfp.errors import CFPError
+from cfp.plan import Plan, _spec_json, parameter_placements
+from cfp.program import BlockRun, Placements, _call, grad_placements
+from cfp.propagate import placements_str
+from cfp.spec import ModelSpec, Workload, build
+
+
+def parse_placement(text: str) -> Placement:
+    """``"Shard(0)"``, ``"Replicate()"``, ``"Partial(sum)"`` -> the placement."""
+    text = text.strip()
+    if text.startswith("Shard(") and text.endswith(")"):
+        return Shard(int(text[6:-1]))
+    if text.startswith("Partial(") and text.endswith(")"):
+        return Partial(text[8:-1] or "sum")
+    if text == "Replicate()":
+        return Replicate()
+    raise CFPError(f"Plan placement {text!r} is not Shard(d), Replicate() or Partial(op).")
+
+
+def parse_placements(texts: Sequence[str] | None) -> Placements | None:
+    return None if texts is None else tuple(parse_placement(t) for t in texts)
+
+
+# --------------------------------------------------------------------------
+# Plans in memory
+# --------------------------------------------------------------------------
+
+
+def plan_from_choice(graph, choice: Mapping[int, str] | Sequence[str] | Callable[[Any, list[str]], str]) -> Plan:
+    """A Plan choosing one config per block by name, without costs.
+
+    ``choice`` is ``{block id: config name}`` (blocks left out take their
+    first config), a list of names aligned with the blocks, or a function
+    ``(block, available names) -> name``.
+    """
+    indices = []
+    for block in graph.blocks:
+        names = [p.config.name for p in graph.block_configs(block)]
+        if callable(choice):
+            name = choice(block, names)
+        elif isinstance(choice, Mapping):
+            name = choice.get(block.id, names[0])
+        else:
+            name = choice[block.id]
+        if name not in names:
+            raise CFPError(f"Block {block.id} ({block.anchor}) has no config {name!r}; it has {', '.join(names)}.")
+        indices.append(names.index(name))
+    return plan_from_indices(graph, indices)
+
+
+def plan_from_indices(graph, indices: Sequence[int]) -> Plan:
+    """A Plan from one config index per block (e.g. ``cfp.solve.dp_choice(graph)``)."""
+    traced = graph.traced
+    blocks = []
+    for block, c in zip(graph.blocks, indices):
+        prop = graph.block_configs(block)[c]
+        blocks.append(
+            {
+                "id": block.id,
+                "anchor": block.anchor,
+                "op": str(traced.nodes[block.anchor].target).replace(".default", ""),
+                "class": block.class_id,
+                "config": prop.config.name,
+                "params": list(block.params),
+                "inputs": [
+                    {"name": i.name, "role": i.role, "producer": i.producer, "placements": placements_str(p)}
+                    for i, p in zip(block.inputs, prop.input_placements)
+                ],
+            }
+        )
+    return Plan(
+        model={"spec": _spec_json(traced.spec), "fingerprint": traced.fingerprint(), "parameters": traced.num_parameters()},
+        mesh=graph.mesh.to_json(),
+        parameters=parameter_placements(graph, list(indices)),
+        blocks=blocks,
+        predicted_step_time_s=0.0,
+        time_breakdown_s={},
+        memory_per_device_bytes={},
+        solve={"status": "chosen by hand"},
+        provenance={"cost_model": "none", "torch": torch.__version__},
+    )
+
+
+def spec_of(plan: Plan, device: str = "cpu") -> ModelSpec:
+    """The ModelSpec a plan was made for, to build on ``device``."""
+    s = plan.model.get("spec") or {}
+    if not s.get("spec"):
+        raise CFPError("The plan does not record its model spec; pass the model and example_inputs yourself.")
+    return ModelSpec(s["spec"], batch=s.get("batch"), seq=s.get("seq"), device=device, args=dict(s.get("args") or {}))
+
+
+# --------------------------------------------------------------------------
+# The parallel module
+# --------------------------------------------------------------------------
+
+
+def _set_path(root: nn.Module, fqn: str, value, kind: str) -> None:
+    """Register ``value`` at ``fqn`` under ``root``, creating empty parent modules."""
+    *path, name = fqn.split(".")
+    module = root
+    for part in path:
+        child = module._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            module.add_module(part, child)
+        module = child
+    if kind == "param":
+        module.register_parameter(name, value)
+    else:
+        module.register_buffer(name, value, persistent=False)
+
+
+def _target(placements: Placements) -> Placements:
+    # Analysis makes every external input with make_dtensor, which turns a Partial into a Replicate.
+    return grad_placements(placements)
+
+
+class ParallelModule(nn.Module):
+    """The model's exported training step on DTensors, per a CFP plan (made by ``parallelize``)."""
+
+    def __init__(self, traced: TracedModel, plan: Plan, mesh: DeviceMesh, model: nn.Module):
+        super().__init__()
+        self.mesh = mesh
+        self.plan = plan
+        self._graph = traced.exported.graph_module.graph
+        self._user_inputs = list(traced.user_inputs)
+        self._fallbacks: list[str] = []
+        ndim = mesh.ndim
+        device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
+
+        # Parameters: DTensors with the plan's placements, same FQNs, tied ones shared.
+        model_params = dict(model.named_parameters(remove_duplicate=False))
+        self._param_of: dict[str, nn.Parameter] = {}  # placeholder -> parameter
+        by_fqn: dict[str, nn.Parameter] = {}
+        for name, fqn in traced.params.items():
+            texts = plan.parameters.get(fqn)
+            if texts is None:
+                raise CFPError(f"The plan gives no placements for parameter {fqn}.")
+            placements = _target(parse_placements(texts))
+            if len(placements) != ndim:
+                raise CFPError(f"The plan gives {len(placements)} placements for {fqn} on a {ndim}-D mesh.")
+            tensor = model_params[fqn].detach().to(device)
+            param = nn.Parameter(distribute_tensor(tensor, mesh, placements), requires_grad=model_params[fqn].requires_grad)
+            by_fqn[fqn] = param
+            self._param_of[name] = param
+            _set_path(self, fqn, param, "param")
+        for alias, canonical in traced.aliases.items():
+            if canonical in by_fqn:
+                _set_path(self, alias, by_fqn[canonical], "param")
+        # Parameters the graph never reads (e.g. an unused tied alias's placeholder) need no placeholder value.
+
+        # Buffers and lifted constants stay plain tensors, distributed where a block reads them.
+        model_buffers = dict(model.named_buffers(remove_duplicate=False))
+        constants = getattr(traced.exported, "constants", {}) or {}
+        self._buffer_of: dict[str, str] = {}
+        for name, fqn in traced.buffers.items():
+            value = model_buffers.get(fqn)
+            if value is None:
+                value = constants.get(fqn)
+            if value is None:
+                value = traced.exported.state_dict.get(fqn)
+            if not isinstance(value, torch.Tensor):
+                raise CFPError(f"Buffer or constant {fqn} of the exported graph was not found in the model.")
+            attr = "_cfp_buffer_" + name
+            self.register_buffer(attr, value.detach().to(device), persistent=False)
+            self._buffer_of[name] = attr
+
+        # Blocks: which block runs each op, and the placements each block's external inputs take.
+        blocks = partition(traced)
+        if len(blocks) != len(plan.blocks):
+            raise CFPError(f"The plan has {len(plan.blocks)} blocks but the model cuts into {len(blocks)}; re-run `cfp plan` for this model.")
+        self._owner: dict[str, int] = {}
+        self._entry: list[dict[str, Placements | None]] = []
+        for block, entry in zip(blocks, plan.blocks):
+            if entry.get("anchor") != block.anchor:
+                raise CFPError(f"Plan block {entry.get('id')} is anchored at {entry.get('anchor')}, the model's at {block.anchor}; re-run `cfp plan`.")
+            for n in block.nodes:
+                self._owner[n] = block.id
+            self._entry.append({i["name"]: parse_placements(i.get("placements")) for i in entry["inputs"]})
+        self.configs = [entry["config"] for entry in plan.blocks]
+
+        # Gradients take the parameter's own placements as they accumulate (data parallelism's reduction).
+        for param in by_fqn.values():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(self._reduce_grad)
+
+    def _reduce_grad(self, param: nn.Parameter) -> None:
+        grad = param.grad
+        if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(param.placements):
+            param.grad = grad.redistribute(self.mesh, param.placements)
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """Ops of the last forward that DTensor had no rule for and that ran replicated."""
+        return list(self._fallbacks)
+
+    def _enter(self, value, placements: Placements | None):
+        """``value`` with the placements a block's config gives it."""
+        if placements is None or not isinstance(value, torch.Tensor):
+            return value
+        placements = _target(placements)
+        if isinstance(value, DTensor):
+            if tuple(value.placements) == placements:
+                return value
+            return value.redistribute(self.mesh, placements)
+        # A plain tensor is the same on every rank: each keeps its shard, no communication.
+        return distribute_tensor(value, self.mesh, placements, src_data_rank=None)
+
+    def forward(self, *inputs):
+        if len(inputs) != len(self._user_inputs):
+            raise TypeError(f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), got {len(inputs)}")
+        env: dict[str, Any] = {}
+        user = dict(zip(self._user_inputs, inputs))
+        entered: dict[tuple[int, str], Any] = {}  # (block, value) -> the value as that block reads it
+        run = BlockRun(values=env, input_placements={})
+        output = None
+        for node in self._graph.nodes:
+            if node.op == "placeholder":
+                if node.name in self._param_of:
+                    env[node.name] = self._param_of[node.name]
+                elif node.name in self._buffer_of:
+                    env[node.name] = getattr(self, self._buffer_of[node.name])
+                elif node.name in user:
+                    env[node.name] = user[node.name]
+                else:
+                    env[node.name] = None  # a placeholder the graph does not read (e.g. a tied alias)
+                continue
+            if node.op == "output":
+                output = node.args[0]
+                break
+            block = self._owner.get(node.name)
+
+            def read(arg, block=block):
+                if block is None or self._owner.get(arg.name) == block:
+                    return env[arg.name]
+                key = (block, arg.name)
+                if key not in entered:
+                    entered[key] = self._enter(env[arg.name], self._entry[block].get(arg.name))
+                return entered[key]
+
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), read)
+            env[node.name] = _call(node, args, kwargs, self.mesh, run)
+        self._fallbacks = run.fallbacks
+        loss = torch.fx.node.map_arg(output, lambda n: env[n.name])
+        loss = loss[0] if isinstance(loss, (tuple, list)) and len(loss) == 1 else loss
+        return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
+def _mesh_for(plan: Plan, mesh, device_type: str) -> DeviceMesh:
+    from cfp.mesh import MeshSpec, device_mesh
+
+    shape = tuple(plan.mesh["shape"])
+    if mesh is None:
+        return device_mesh(MeshSpec(shape, tuple(plan.mesh["names"])), device_type)
+    if isinstance(mesh, DeviceMesh):
+        if tuple(mesh.shape) != shape:
+            raise CFPError(f"The plan is for a mesh of shape {shape}, the device mesh given has shape {tuple(mesh.shape)}.")
+        return mesh
+    raise CFPError(f"mesh must be a DeviceMesh or None, not {type(mesh).__name__}.")
+
+
+def parallelize(
+    model: nn.Module,
+    plan: Plan | str | Path,
+    mesh: DeviceMesh | None = None,
+    example_inputs: tuple | None = None,
+    traced: TracedModel | None = None,
+) -> ParallelModule:
+    """The model as a module whose forward runs the plan with DTensor (see the module docstring).
+
+    ``plan`` is a Plan or a plan file; ``mesh`` a DeviceMesh of the plan's
+    shape over the initialised process group (default: one made from the
+    plan's mesh on the model's device type). ``example_inputs`` are the
+    inputs to capture with; by default the plan's model spec is built on
+    ``meta`` for them (same shapes). A plan made for another model (graph
+    structure, shapes or parameter names differ) is refused.
+    """
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    first = next(iter(model.parameters()), None)
+    device_type = first.device.type if first is not None and first.device.type != "meta" else "cpu"
+    if traced is None:
+        spec = None
+        if example_inputs is None:
+            spec = spec_of(plan, device="meta")
+            meta_inputs = build(spec).inputs
+            device = first.device if first is not None else torch.device("cpu")
+            example_inputs = tuple(
+                torch.zeros(t.shape, dtype=t.dtype, device=device) if isinstance(t, torch.Tensor) else t for t in meta_inputs
+            )
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        example_inputs = tuple(t.full_tensor() if isinstance(t, DTensor) else t for t in example_inputs)
+        traced = capture(Workload(spec=spec or ModelSpec("<model>"), model=model, inputs=example_inputs))
+    plan.check_matches(traced)
+    mesh = _mesh_for(plan, mesh, device_type)
+    return ParallelModule(traced, plan, mesh, model)

@@ -1,0 +1,227 @@
+"""cfp.parallelize: a plan applied with DTensor computes the single-device model's loss,
+gradients and optimizer step, on a real 2-rank gloo group.
+
+Plans are made in this process (analysis runs over the fake process group);
+one spawn of two ranks then checks every (model, plan) pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import cfp
+from cfp.analyze import analyze
+from cfp.mesh import parse_mesh
+from cfp.parallelize import parallelize, plan_from_choice, plan_from_indices
+from cfp.solve import dp_choice
+
+MODELS = ["gpt:tiny", "llama:tiny", "moe:tiny"]
+BATCH = 2
+ATOL, RTOL = 1e-5, 1e-4
+LR = 1e-2
+# Adam's first step is lr * g / (|g| + eps): with the default eps (1e-8) a gradient near zero
+# turns a 1e-8 rounding difference into an lr-sized one. A larger eps keeps the check meaningful.
+ADAM_EPS = 1e-4
+TIMEOUT_S = 600
+
+# Megatron-LM: column parallel into attention and the MLP, row parallel out of them.
+COL = re.compile(r"\.(c_attn|wq|wk|wv|c_fc|w1|w3|w_in)(\.weight)?$")
+ROW = re.compile(r"\.(c_proj|wo|w2|w_out)(\.weight)?$")
+
+
+def megatron(traced):
+    def choose(block, names):
+        fqns = [traced.params[i.name] for i in block.anchor_params()]
+        if any(COL.search(f) for f in fqns) and "col" in names:
+            return "col"
+        if any(ROW.search(f) for f in fqns) and "row" in names:
+            return "row"
+        return "rep" if "rep" in names else names[0]
+
+    return choose
+
+
+def random_choice(seed):
+    rng = random.Random(seed)
+    return lambda block, names: rng.choice(names)
+
+
+def spec(model):
+    return cfp.ModelSpec(model, batch=BATCH, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    """{model: {plan name: plan file}} for data parallel, Megatron and a random mix."""
+    root = tmp_path_factory.mktemp("plans")
+    out = {}
+    for i, model in enumerate(MODELS):
+        traced = cfp.capture(cfp.build(spec(model)))
+        graph = analyze(traced, parse_mesh("2"))
+        made = {
+            "dp": plan_from_indices(graph, dp_choice(graph)),
+            "megatron": plan_from_choice(graph, megatron(traced)),
+            "random": plan_from_choice(graph, random_choice(1234 + i)),
+        }
+        out[model] = {}
+        for name, plan in made.items():
+            path = root / f"{model.replace(':', '_')}-{name}.json"
+            plan.save(path)
+            out[model][name] = str(path)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
+    diff = (a - b).abs().max().item() if a.numel() else 0.0
+    return torch.allclose(a, b, atol=ATOL, rtol=RTOL), diff
+
+
+def _reference(model_spec):
+    """Loss, gradients and parameters after one SGD step and after one Adam step, on one device."""
+    ref = {}
+    for opt_name in ("sgd", "adam"):
+        w = cfp.build(model_spec)
+        loss = w.model(*w.inputs)
+        loss.backward()
+        params = dict(w.model.named_parameters(remove_duplicate=False))
+        grads = {k: p.grad.detach().clone() for k, p in params.items()}
+        opt = torch.optim.SGD(w.model.parameters(), lr=LR) if opt_name == "sgd" else torch.optim.Adam(w.model.parameters(), lr=LR, eps=ADAM_EPS)
+        opt.step()
+        ref[opt_name] = {k: p.detach().clone() for k, p in params.items()}
+        ref["loss"], ref["grads"] = loss.detach(), grads
+    return ref
+
+
+def _check(model, plan_name, plan_file, ref, opt_name) -> tuple[list[str], dict]:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    errors, stats = [], {"loss_diff": 0.0, "grad_diff": 0.0, "param_diff": 0.0}
+    w = cfp.build(spec(model))
+    if plan_name == "random":  # example inputs from the plan's model spec
+        pm = parallelize(w.model, plan_file)
+    else:
+        pm = parallelize(w.model, plan_file, example_inputs=w.inputs)
+    stats["configs"] = cfp.Plan.load(plan_file).config_counts()
+    inputs = w.inputs
+    if plan_name == "megatron":  # DTensor inputs are accepted (and redistributed per the plan)
+        inputs = tuple(distribute_tensor(t, pm.mesh, [Shard(0)]) for t in inputs)
+    loss = pm(*inputs)
+    stats["fallbacks"] = sorted(set(pm.fallbacks))
+    if isinstance(loss, torch.distributed.tensor.DTensor):
+        errors.append("the loss is a DTensor, not a plain tensor")
+    ok, stats["loss_diff"] = _close(loss.detach(), ref["loss"])
+    if not ok:
+        errors.append(f"loss {loss.item()} != {ref['loss'].item()}")
+    loss.backward()
+    params = dict(pm.named_parameters(remove_duplicate=False))
+    if set(params) != set(ref["grads"]):
+        errors.append(f"parameter names differ: {sorted(set(params) ^ set(ref['grads']))}")
+    for fqn, p in params.items():
+        if p.grad is None:
+            errors.append(f"{fqn}: no gradient")
+            continue
+        if tuple(p.grad.placements) != tuple(p.placements):
+            errors.append(f"{fqn}: gradient placements {p.grad.placements} != parameter placements {p.placements}")
+        ok, diff = _close(p.grad.full_tensor(), ref["grads"][fqn])
+        stats["grad_diff"] = max(stats["grad_diff"], diff)
+        if not ok:
+            errors.append(f"{fqn}: gradient differs by {diff:.3g}")
+    opt = torch.optim.SGD(pm.parameters(), lr=LR) if opt_name == "sgd" else torch.optim.Adam(pm.parameters(), lr=LR, eps=ADAM_EPS)
+    opt.step()
+    for fqn, p in params.items():
+        ok, diff = _close(p.detach().full_tensor(), ref[opt_name][fqn])
+        stats["param_diff"] = max(stats["param_diff"], diff)
+        if not ok:
+            errors.append(f"{fqn}: after a {opt_name} step the parameter differs by {diff:.3g}")
+    return errors, stats
+
+
+def _worker(rank: int, world: int, port: int, plans: dict, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    results = {}
+    try:
+        for model, files in plans.items():
+            ref = _reference(spec(model))
+            for i, (name, plan_file) in enumerate(sorted(files.items())):
+                opt_name = "adam" if i % 2 else "sgd"
+                start = time.perf_counter()
+                try:
+                    errors, stats = _check(model, name, plan_file, ref, opt_name)
+                except Exception as exc:  # reported, not hung: the other rank fails at the same op
+                    errors, stats = [f"{type(exc).__name__}: {exc}"], {}
+                stats.update(seconds=round(time.perf_counter() - start, 2), optimizer=opt_name)
+                results[f"{model} {name}"] = {"errors": errors, "stats": stats}
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        dist.destroy_process_group()
+
+
+def test_plans_match_single_device(plans, tmp_path):
+    """Loss, every gradient (with the parameter's placements) and one SGD/Adam step match one device."""
+    world = 2
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, plans, str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + TIMEOUT_S
+    for p in procs:
+        p.join(max(1, deadline - time.time()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert all(p.exitcode == 0 for p in procs), f"a rank failed: exit codes {[p.exitcode for p in procs]}"
+    problems = []
+    for r in range(world):
+        results = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert len(results) == sum(len(f) for f in plans.values())
+        for key, res in results.items():
+            print(f"rank {r} {key}: {res['stats']}")
+            if key.endswith("random") and "configs" in res["stats"]:
+                assert len(res["stats"]["configs"]) >= 2, f"{key} is not a mixed plan: {res['stats']['configs']}"
+            problems += [f"rank {r} {key}: {e}" for e in res["errors"]]
+    assert not problems, "\n".join(problems[:30])
+
+
+def test_megatron_plan_shards_weights(plans):
+    """The Megatron plan really is tensor parallel: QKV column-, output projection row-sharded."""
+    plan = cfp.Plan.load(plans["gpt:tiny"]["megatron"])
+    assert plan.parameters["transformer.h.0.attn.c_attn.weight"] == ["Shard(0)"]
+    assert plan.parameters["transformer.h.0.attn.c_proj.weight"] == ["Shard(1)"]
+    assert plan.parameters["transformer.h.0.mlp.c_fc.weight"] == ["Shard(0)"]
+    assert plan.parameters["transformer.h.0.mlp.c_proj.weight"] == ["Shard(1)"]
+    dp = cfp.Plan.load(plans["gpt:tiny"]["dp"])
+    assert all(p == ["Replicate()"] for p in dp.parameters.values())
+
+
+def test_fingerprint_mismatch_refused(plans):
+    """A plan made for gpt:tiny is refused for llama:tiny, and for gpt:tiny with another batch."""
+    w = cfp.build(spec("llama:tiny"))
+    with pytest.raises(cfp.CFPError, match="different model"):
+        parallelize(w.model, plans["gpt:tiny"]["dp"], example_inputs=w.inputs)
+    w = cfp.build(cfp.ModelSpec("gpt:tiny", batch=4, device="cpu"))
+    with pytest.raises(cfp.CFPError, match="fingerprint"):
+        parallelize(w.model, plans["gpt:tiny"]["dp"], example_inputs=w.inputs)
