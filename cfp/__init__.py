@@ -4,11 +4,14 @@ from cfp.capture import TracedModel, capture
 from cfp.errors import CFPError
 from cfp.spec import ModelSpec, Workload, build
 
-# ``cfp.solve`` and ``cfp.plan`` are the functions; their modules are reached with ``from cfp.solve import ...``.
+# ``cfp.analyze``, ``cfp.profile``, ``cfp.solve`` and ``cfp.plan`` are the functions that
+# mirror the CLI; their modules are reached with ``from cfp.solve import ...``.
+from cfp.analyze import analyze  # noqa: E402
 from cfp.plan import Plan, plan  # noqa: E402
+from cfp.profile import profile  # noqa: E402
 from cfp.solve import solve  # noqa: E402
 from cfp.parallelize import parallelize  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["CFPError", "ModelSpec", "Plan", "plan", "solve", "TracedModel", "Workload", "build", "capture", "__version__"]
+__all__ = ["CFPError", "ModelSpec", "Plan", "analyze", "plan", "parallelize", "profile", "solve", "TracedModel", "Workload", "build", "capture", "__version__"]

@@ -21,7 +21,7 @@ from cfp.blocks import Block, edges, partition
 from cfp.capture import TracedModel
 from cfp.configs import candidates
 from cfp.errors import CFPError
-from cfp.mesh import MeshSpec, fake_mesh
+from cfp.mesh import MeshSpec, fake_mesh, parse_mesh
 from cfp.propagate import Propagation, propagate
 from cfp.segments import Segment, classify, find_segments, structure_key
 
@@ -72,7 +72,7 @@ class BlockGraph:
         return {"operator_level": operator_level, "block_level": block_level, "deduplicated": deduplicated}
 
 
-def analyze(traced: TracedModel, mesh: MeshSpec, progress=None, workers: int | None = None) -> BlockGraph:
+def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: int | None = None) -> BlockGraph:
     """Cut, class and propagate. ``progress(done, total)`` is called per class.
 
     Classes are propagated in ``workers`` forked processes (default: one per
@@ -80,6 +80,7 @@ def analyze(traced: TracedModel, mesh: MeshSpec, progress=None, workers: int | N
     configs share its caches, so a class is the unit of work.
     """
     start = time.perf_counter()
+    mesh = parse_mesh(mesh)
     try:
         blocks = partition(traced)
     except ValueError as exc:
