@@ -39,9 +39,8 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
 from cfp.errors import CFPError
-from cfp.plan import Plan, _spec_json, parameter_placements
+from cfp.plan import Plan, spec_json, block_entry, parameter_placements
 from cfp.program import BlockRun, Placements, _call, grad_placements
-from cfp.propagate import placements_str
 from cfp.spec import ModelSpec, Workload, build
 
 
@@ -91,25 +90,9 @@ def plan_from_choice(graph, choice: Mapping[int, str] | Sequence[str] | Callable
 def plan_from_indices(graph, indices: Sequence[int]) -> Plan:
     """A Plan from one config index per block (e.g. ``cfp.solve.dp_choice(graph)``)."""
     traced = graph.traced
-    blocks = []
-    for block, c in zip(graph.blocks, indices):
-        prop = graph.block_configs(block)[c]
-        blocks.append(
-            {
-                "id": block.id,
-                "anchor": block.anchor,
-                "op": str(traced.nodes[block.anchor].target).replace(".default", ""),
-                "class": block.class_id,
-                "config": prop.config.name,
-                "params": list(block.params),
-                "inputs": [
-                    {"name": i.name, "role": i.role, "producer": i.producer, "placements": placements_str(p)}
-                    for i, p in zip(block.inputs, prop.input_placements)
-                ],
-            }
-        )
+    blocks = [block_entry(graph, block, graph.block_configs(block)[c]) for block, c in zip(graph.blocks, indices)]
     return Plan(
-        model={"spec": _spec_json(traced.spec), "fingerprint": traced.fingerprint(), "parameters": traced.num_parameters()},
+        model={"spec": spec_json(traced.spec), "fingerprint": traced.fingerprint(), "parameters": traced.num_parameters()},
         mesh=graph.mesh.to_json(),
         parameters=parameter_placements(graph, list(indices)),
         blocks=blocks,

@@ -165,10 +165,26 @@ def parameter_placements(graph, choice: list[int]) -> dict[str, list[str]]:
     return out
 
 
-def _spec_json(spec) -> dict:
+def spec_json(spec) -> dict:
     if spec is None:
         return {}
     return {"spec": spec.spec, "batch": spec.batch, "seq": spec.seq, "args": dict(spec.args), "describe": spec.describe()}
+
+
+def block_entry(graph, block, prop) -> dict[str, Any]:
+    """What the plan file records of one block under its chosen config."""
+    return {
+        "id": block.id,
+        "anchor": block.anchor,
+        "op": str(graph.traced.nodes[block.anchor].target).replace(".default", ""),
+        "class": block.class_id,
+        "config": prop.config.name,
+        "params": list(block.params),
+        "inputs": [
+            {"name": i.name, "role": i.role, "producer": i.producer, "placements": placements_str(p)}
+            for i, p in zip(block.inputs, prop.input_placements)
+        ],
+    }
 
 
 def build_plan(graph, costs, solution, baselines: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> "Plan":
@@ -183,16 +199,7 @@ def build_plan(graph, costs, solution, baselines: dict[str, Any] | None = None, 
     for block, c in zip(graph.blocks, solution.choice):
         prop = graph.block_configs(block)[c]
         entry = {
-            "id": block.id,
-            "anchor": block.anchor,
-            "op": str(traced.nodes[block.anchor].target).replace(".default", ""),
-            "class": block.class_id,
-            "config": prop.config.name,
-            "params": list(block.params),
-            "inputs": [
-                {"name": i.name, "role": i.role, "producer": i.producer, "placements": placements_str(p)}
-                for i, p in zip(block.inputs, prop.input_placements)
-            ],
+            **block_entry(graph, block, prop),
             "time_s": ev.block_s[block.id],
             "transition_in_s": ev.transition_in_s[block.id],
             "activation_bytes": int(prop.activation_bytes),
@@ -214,7 +221,7 @@ def build_plan(graph, costs, solution, baselines: dict[str, Any] | None = None, 
         prov.update({k: v for k, v in costs.describe().items() if k != "name"})
     prov.update(provenance or {})
     return Plan(
-        model={"spec": _spec_json(traced.spec), "fingerprint": traced.fingerprint(), "parameters": traced.num_parameters()},
+        model={"spec": spec_json(traced.spec), "fingerprint": traced.fingerprint(), "parameters": traced.num_parameters()},
         mesh=graph.mesh.to_json(),
         parameters=parameter_placements(graph, solution.choice),
         blocks=blocks,

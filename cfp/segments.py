@@ -43,7 +43,8 @@ def block_digraph(block: Block, traced: TracedModel) -> nx.DiGraph:
     for name in block.nodes:
         node = traced.nodes[name]
         args = [repr(a) for a in node.args if not isinstance(a, (torch.fx.Node, list, tuple))]
-        g.add_node(name, label=_label(node) + "|" + ",".join(args))
+        exit_mark = "|exit" if name in block.outputs else ""
+        g.add_node(name, label=_label(node) + "|" + ",".join(args) + exit_mark)
         for pos, arg in enumerate(node.all_input_nodes):
             if arg.name not in members:
                 role = next(i.role for i in block.inputs if i.name == arg.name)
@@ -54,7 +55,8 @@ def block_digraph(block: Block, traced: TracedModel) -> nx.DiGraph:
 
 def structure_key(block: Block, traced: TracedModel) -> tuple:
     """The block exactly: its inputs (role, shape, dtype), then its ops in order,
-    each with its label and its arguments, other values named by position.
+    each with its label and its arguments, other values named by position, then
+    which of its values leave it.
 
     Blocks with equal keys correspond position by position, which is what lets
     one representative's propagation and profiles stand for the whole class.
@@ -66,6 +68,7 @@ def structure_key(block: Block, traced: TracedModel) -> tuple:
         node = traced.nodes[name]
         args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: refs[n.name])
         key.append((_label(node), repr(args)))
+    key.append(tuple(refs[name] for name in block.outputs))  # which values leave the block
     return tuple(key)
 
 

@@ -52,9 +52,12 @@ def layer_blocks(graph, layer):
 def test_gpt_layer_is_four_blocks_of_shared_classes(gpt):
     layers = [layer_blocks(gpt, i) for i in range(2)]
     assert [len(blocks) for blocks in layers] == [4, 4]
-    assert [b.class_id for b in layers[0]] == [b.class_id for b in layers[1]]
-    (segment,) = gpt.segments
-    assert segment.repeats == 2 and len(segment.classes) == 4
+    # The last layer's last block feeds only the final norm, not a next layer.
+    assert [b.class_id for b in layers[0]][:3] == [b.class_id for b in layers[1]][:3]
+    assert layers[0][3].class_id != layers[1][3].class_id
+    deeper = graph_of("gpt:tiny", n_layer=4)
+    (segment,) = deeper.segments
+    assert segment.repeats == 3 and len(segment.classes) == 4
     kinds = [set(str(gpt.traced.nodes[n].target) for n in b.nodes) for b in layers[0]]
     assert any("softmax" in str(k) for k in kinds[0])  # QKV + attention core
     assert any("layer_norm" in str(k) for k in kinds[1])  # out proj + residual + norm
@@ -139,7 +142,7 @@ def test_profile_jobs_do_not_grow_with_depth():
 def test_identical_layers_hash_equal_and_different_shapes_do_not():
     graph = graph_of("gpt:tiny", n_layer=3)
     layers = [[b.class_id for b in layer_blocks(graph, i)] for i in range(3)]
-    assert layers[0] == layers[1] == layers[2]
+    assert layers[0] == layers[1] and layers[1][:3] == layers[2][:3]
     wider = graph_of("gpt:tiny", n_layer=1, n_embd=128)
     assert not set(b.class_id for b in layer_blocks(wider, 0)) & set(layers[0])
 
@@ -150,8 +153,8 @@ def test_find_segments():
     assert find_segments(list("ABC")) == []
 
 
-def test_search_space_shrinks(gpt):
-    space = gpt.search_space()
+def test_search_space_shrinks():
+    space = graph_of("gpt:tiny", n_layer=4).search_space()
     assert space["operator_level"] > space["block_level"] > space["deduplicated"] > 0
 
 
@@ -228,9 +231,28 @@ def test_analysis_cache_reuses_and_recovers(tmp_path, monkeypatch):
         assert [(p.config, p.exit_placements, p.collectives) for p in cold.configs[class_id]] == [
             (p.config, p.exit_placements, p.collectives) for p in warm.configs[class_id]
         ]
-    # A deeper model reuses the entries of a layer class; a damaged entry is recomputed.
+    # A damaged entry is recomputed.
     entries = sorted((tmp_path / "analysis").glob("*.pkl"))
     entries[0].write_bytes(b"not a pickle")
-    deeper = analyze(cfp.capture(cfp.build(ModelSpec("gpt:tiny", device="meta", args={"n_layer": 3}))), parse_mesh("2"), workers=1)
-    assert deeper.cached_classes == len(deeper.classes) - 1
-    assert deeper.profile_jobs == cold.profile_jobs
+    again = analyze(traced, parse_mesh("2"), workers=1)
+    assert again.cached_classes == len(again.classes) - 1
+    # A deeper model has no block class a 2-layer one lacks, so it is all cached.
+    def layers(n):
+        return cfp.capture(cfp.build(ModelSpec("gpt:tiny", device="meta", args={"n_layer": n})))
+
+    two = analyze(layers(2), parse_mesh("2"), workers=1)
+    five = analyze(layers(5), parse_mesh("2"), workers=1)
+    assert five.cached_classes == len(five.classes) == len(two.classes)
+    assert five.profile_jobs == two.profile_jobs
+
+
+def test_blocks_that_differ_only_in_their_exits_are_different_classes(tmp_path, monkeypatch):
+    # The last layer's FFN-down block feeds only the final norm; in a deeper
+    # model the same ops also feed the next layer. Reusing one's propagation
+    # for the other (in a class, or from the cache) would misalign the exits.
+    monkeypatch.setenv("CFP_CACHE_DIR", str(tmp_path))
+    for n_layer in (1, 2):
+        graph = graph_of("gpt:tiny", n_layer=n_layer)
+        for block in graph.blocks:
+            for prop in graph.block_configs(block):
+                assert len(prop.exit_placements) == len(block.outputs)

@@ -79,7 +79,24 @@ class PhaseTimes:
     reduce: list[float] = field(default_factory=list)
 
 
-class BlockProgram:
+class _Timed:
+    """Warm-up, then timed iterations; ``iterate`` returns (forward, backward, reduce) seconds."""
+
+    def measure(self, warmup: int, iters: int, sync=lambda: None, barrier=lambda: None) -> tuple[PhaseTimes, list[Collective]]:
+        _, collectives, _ = self.iterate(sync, record=True)  # the first run also warms up
+        for _ in range(max(warmup - 1, 0)):
+            self.iterate(sync)
+        times = PhaseTimes()
+        for _ in range(iters):
+            barrier()
+            (f, b, r), _, _ = self.iterate(sync)
+            times.forward.append(f)
+            times.backward.append(b)
+            times.reduce.append(r)
+        return times, collectives
+
+
+class BlockProgram(_Timed):
     """One (block, config) as a runnable, timeable program on ``mesh``."""
 
     def __init__(self, graph: BlockGraph, block: Block, prop: Propagation, mesh: DeviceMesh, device: str | torch.device = "cpu", seed: int = 0):
@@ -163,19 +180,6 @@ class BlockProgram:
         collectives = [c for r in recs.values() for c in r.collectives]
         return (t1 - t0, t2 - t1, t3 - t2), collectives, {"values": run.values, "grads": reduced}
 
-    def measure(self, warmup: int, iters: int, sync=lambda: None, barrier=lambda: None) -> tuple[PhaseTimes, list[Collective]]:
-        _, collectives, _ = self.iterate(sync, record=True)
-        for _ in range(max(warmup - 1, 0)):
-            self.iterate(sync)
-        times = PhaseTimes()
-        for _ in range(iters):
-            barrier()
-            (f, b, r), _, _ = self.iterate(sync)
-            times.forward.append(f)
-            times.backward.append(b)
-            times.reduce.append(r)
-        return times, collectives
-
     def estimated_memory(self) -> int:
         """Per-rank bytes from analysis' local shapes: parameters, their gradients, every op output."""
         return 2 * self.prop.param_bytes + self.prop.activation_bytes
@@ -209,7 +213,7 @@ def reference(program: BlockProgram) -> tuple[dict[str, torch.Tensor], dict[str,
     return values, pgrads
 
 
-class TransitionProgram:
+class TransitionProgram(_Timed):
     """``DTensor.redistribute`` of one value from ``src`` to ``dst`` placements, forward and backward."""
 
     def __init__(self, key: TransitionKey, mesh: DeviceMesh, device="cpu", seed: int = 0):
@@ -244,19 +248,6 @@ class TransitionProgram:
         t2 = time.perf_counter()
         collectives = [c for r in recs.values() for c in r.collectives]
         return (t1 - t0, t2 - t1, 0.0), collectives, {"y": y}
-
-    def measure(self, warmup: int, iters: int, sync=lambda: None, barrier=lambda: None):
-        _, collectives, _ = self.iterate(sync, record=True)
-        for _ in range(max(warmup - 1, 0)):
-            self.iterate(sync)
-        times = PhaseTimes()
-        for _ in range(iters):
-            barrier()
-            (f, b, r), _, _ = self.iterate(sync)
-            times.forward.append(f)
-            times.backward.append(b)
-            times.reduce.append(r)
-        return times, collectives
 
     def estimated_memory(self) -> int:
         local = self.x.to_local()
