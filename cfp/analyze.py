@@ -174,8 +174,7 @@ _WORKER_STATE: dict = {}
 
 
 def _worker_init() -> None:
-    traced, mesh = _WORKER_STATE["traced"], _WORKER_STATE["mesh"]
-    _WORKER_STATE["context"] = fake_mesh(mesh)
+    _WORKER_STATE["context"] = fake_mesh(_WORKER_STATE["mesh"])
     _WORKER_STATE["device_mesh"] = _WORKER_STATE["context"].__enter__()
 
 

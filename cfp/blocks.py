@@ -9,7 +9,6 @@ producer, so the partition fixed at the anchor propagates through the block.
 from __future__ import annotations
 
 import bisect
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -159,7 +158,3 @@ def _connect(traced: TracedModel, blocks: list[Block], owner: dict[str, int]) ->
 def edges(blocks: list[Block]) -> list[tuple[int, int, str]]:
     """(producer block, consumer block, value) for every value crossing blocks."""
     return [(i.producer, b.id, i.name) for b in blocks for i in b.inputs if i.producer is not None]
-
-
-def is_getitem(node: Node) -> bool:
-    return node.target is operator.getitem

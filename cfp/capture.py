@@ -59,7 +59,7 @@ class TracedModel:
         return sum(_bytes(n.meta.get("val")) for n in self.ops())
 
     def op_counts(self) -> Counter:
-        return Counter(_op_name(n) for n in self.ops())
+        return Counter(op_name(n) for n in self.ops())
 
     def fingerprint(self) -> str:
         """A hash of the graph's structure, shapes and parameter names.
@@ -73,12 +73,12 @@ class TracedModel:
             shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
             dtype = str(val.dtype) if isinstance(val, torch.Tensor) else None
             args = [a.name if isinstance(a, Node) else repr(a) for a in n.args]
-            h.update(repr((n.op, _op_name(n), shape, dtype, args)).encode())
+            h.update(repr((n.op, op_name(n), shape, dtype, args)).encode())
         h.update(repr(sorted(self.params.items())).encode())
         return h.hexdigest()[:16]
 
 
-def _op_name(node: Node) -> str:
+def op_name(node: Node) -> str:
     if node.target is operator.getitem:
         return "getitem"
     return str(getattr(node.target, "__name__", node.target)).replace(".default", "")

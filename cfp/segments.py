@@ -17,16 +17,16 @@ import networkx as nx
 import torch
 
 from cfp.blocks import Block
-from cfp.capture import TracedModel, _op_name
+from cfp.capture import TracedModel, op_name
 
 
 def _label(node: torch.fx.Node) -> str:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
-        return f"{_op_name(node) if node.op == 'call_function' else node.op}:{tuple(val.shape)}:{val.dtype}"
+        return f"{op_name(node) if node.op == 'call_function' else node.op}:{tuple(val.shape)}:{val.dtype}"
     if isinstance(val, (tuple, list)):
-        return f"{_op_name(node)}:" + ",".join(str(tuple(v.shape)) for v in val if isinstance(v, torch.Tensor))
-    return _op_name(node) if node.op == "call_function" else node.op
+        return f"{op_name(node)}:" + ",".join(str(tuple(v.shape)) for v in val if isinstance(v, torch.Tensor))
+    return op_name(node) if node.op == "call_function" else node.op
 
 
 def _value_label(node: torch.fx.Node) -> str:

@@ -4,7 +4,6 @@ import re
 import textwrap
 
 import pytest
-import torch
 
 import cfp
 from cfp.analyze import analyze

@@ -9,7 +9,7 @@ import pytest
 
 import cfp
 from cfp.cli import main
-from cfp.cluster import AlphaBeta, load_cluster
+from cfp.cluster import load_cluster
 from cfp.costs import unique_transitions
 from cfp.mesh import parse_mesh
 from cfp.profile import ProfileStore, analyze_for_profile, profile

@@ -10,7 +10,7 @@ from rich.table import Table
 
 import cfp
 from cfp.analyze import BlockGraph, analyze
-from cfp.capture import _op_name
+from cfp.capture import op_name
 from cfp.commands.common import add_json_arg, add_model_args, console, model_spec
 from cfp.mesh import parse_mesh
 from cfp.propagate import Propagation, placements_str
@@ -79,7 +79,7 @@ def summarize(graph: BlockGraph) -> dict:
             {
                 "class": class_id,
                 "blocks": len(members),
-                "anchor": _op_name(traced.nodes[block.anchor]),
+                "anchor": op_name(traced.nodes[block.anchor]),
                 "example": block.anchor,
                 "ops": len(block.nodes),
                 "parameters": sum(traced.param_shapes()[f].numel() for f in block.params),

@@ -92,7 +92,7 @@ def measure_device(ctx, seconds: float = 0.5) -> dict:
     """Rank side: float32 GEMM FLOP/s and copy bandwidth on this rank's share of the host."""
     device = ctx.device
     a = torch.randn(512, 512, device=device)
-    flops, t0, n = 0, time.perf_counter(), 0
+    t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds or n < 3:
         a @ a
         n += 1
