@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cfp.blocks import Block, edges, partition
+from cfp.blocks import Block, partition
 from cfp.capture import TracedModel
 from cfp.configs import candidates
 from cfp.errors import CFPError
@@ -43,9 +43,6 @@ class BlockGraph:
     def block_configs(self, block: Block | int) -> list[Propagation]:
         block = self.blocks[block] if isinstance(block, int) else block
         return self.configs[block.class_id]
-
-    def edges(self) -> list[tuple[int, int, str]]:
-        return edges(self.blocks)
 
     @property
     def profile_jobs(self) -> int:

@@ -153,8 +153,3 @@ def _connect(traced: TracedModel, blocks: list[Block], owner: dict[str, int]) ->
         block.flops = sum(traced.flops.get(n, 0) for n in block.nodes)
         if activation not in seen:  # the anchor's activation is made inside its own block
             raise ValueError(f"anchor {block.anchor} reads an activation from its own block")
-
-
-def edges(blocks: list[Block]) -> list[tuple[int, int, str]]:
-    """(producer block, consumer block, value) for every value crossing blocks."""
-    return [(i.producer, b.id, i.name) for b in blocks for i in b.inputs if i.producer is not None]

@@ -17,6 +17,7 @@ from cfp.propagate import placements_str
 
 if TYPE_CHECKING:
     from cfp.analyze import BlockGraph
+    from cfp.blocks import Block
 
 
 @dataclass(frozen=True)
@@ -55,25 +56,44 @@ class CostModel(Protocol):
         """Seconds to move a value between placements, forward and backward."""
 
 
-def edge_transitions(graph: "BlockGraph") -> Iterator[EdgeTransition]:
-    """Every (edge, producer config, consumer config) and the transition it implies."""
+@dataclass(frozen=True)
+class ValueEdge:
+    """A tensor one block produces and another reads: where a transition can happen."""
+
+    producer: "Block"
+    consumer: "Block"
+    input_pos: int  # index into consumer.inputs
+    exit_pos: int  # index into producer.outputs
+    value: torch.Tensor  # the traced value (shape and dtype)
+
+    def key(self, src: tuple[str, ...], dst: tuple[str, ...]) -> TransitionKey:
+        return TransitionKey(tuple(self.value.shape), str(self.value.dtype).removeprefix("torch."), tuple(src), tuple(dst))
+
+
+def value_edges(graph: "BlockGraph") -> Iterator[ValueEdge]:
+    """Every tensor that crosses from one block to another, residual edges included."""
     for block in graph.blocks:
         for pos, value in enumerate(block.inputs):
             if value.producer is None:
                 continue
-            producer = graph.blocks[value.producer]
-            exit_pos = producer.outputs.index(value.name)
-            val = graph.traced.nodes[value.name].meta["val"]
+            val = graph.traced.nodes[value.name].meta.get("val")
             if not isinstance(val, torch.Tensor):
                 continue
-            for a, prop_a in enumerate(graph.block_configs(producer)):
-                src = prop_a.exit_placements[exit_pos]
-                for b, prop_b in enumerate(graph.block_configs(block)):
-                    dst = prop_b.input_placements[pos]
-                    if src is None or dst is None:
-                        continue
-                    key = TransitionKey(tuple(val.shape), str(val.dtype).removeprefix("torch."), tuple(placements_str(src)), tuple(placements_str(dst)))
-                    yield EdgeTransition(producer.id, block.id, value.name, a, b, key)
+            producer = graph.blocks[value.producer]
+            yield ValueEdge(producer, block, pos, producer.outputs.index(value.name), val)
+
+
+def edge_transitions(graph: "BlockGraph") -> Iterator[EdgeTransition]:
+    """Every (edge, producer config, consumer config) and the transition it implies."""
+    for edge in value_edges(graph):
+        for a, prop_a in enumerate(graph.block_configs(edge.producer)):
+            src = prop_a.exit_placements[edge.exit_pos]
+            for b, prop_b in enumerate(graph.block_configs(edge.consumer)):
+                dst = prop_b.input_placements[edge.input_pos]
+                if src is None or dst is None:
+                    continue
+                key = edge.key(placements_str(src), placements_str(dst))
+                yield EdgeTransition(edge.producer.id, edge.consumer.id, edge.producer.outputs[edge.exit_pos], a, b, key)
 
 
 def unique_transitions(graph: "BlockGraph") -> set[TransitionKey]:

@@ -29,9 +29,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
-
-from cfp.costs import CostModel, TransitionKey
+from cfp.costs import CostModel, TransitionKey, value_edges
 from cfp.errors import CFPError
 from cfp.propagate import placements_str
 
@@ -138,36 +136,18 @@ class MemoryTable:
         return total
 
 
-def _value_meta(graph, name: str):
-    val = graph.traced.nodes[name].meta.get("val")
-    return val if isinstance(val, torch.Tensor) else None
-
-
-def _key(val, src, dst) -> TransitionKey:
-    return TransitionKey(tuple(val.shape), str(val.dtype).removeprefix("torch."), tuple(src), tuple(dst))
-
-
 def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | None = None) -> Evaluation:
     """Block times, transition times and memory of a choice (config index per block)."""
     block_s = [costs.block_time(b.class_id, graph.block_configs(b)[c].config.name) for b, c in zip(graph.blocks, choice)]
     trans = [0.0] * len(graph.blocks)
-    for block in graph.blocks:
-        prop_b = graph.block_configs(block)[choice[block.id]]
-        for pos, inp in enumerate(block.inputs):
-            if inp.producer is None:
-                continue
-            val = _value_meta(graph, inp.name)
-            if val is None:
-                continue
-            producer = graph.blocks[inp.producer]
-            prop_a = graph.block_configs(producer)[choice[producer.id]]
-            src = prop_a.exit_placements[producer.outputs.index(inp.name)]
-            dst = prop_b.input_placements[pos]
-            if src is None or dst is None:
-                continue
-            key = _key(val, placements_str(src), placements_str(dst))
-            if not key.is_noop:
-                trans[block.id] += costs.transition_time(key)
+    for edge in value_edges(graph):
+        src = graph.block_configs(edge.producer)[choice[edge.producer.id]].exit_placements[edge.exit_pos]
+        dst = graph.block_configs(edge.consumer)[choice[edge.consumer.id]].input_placements[edge.input_pos]
+        if src is None or dst is None:
+            continue
+        key = edge.key(placements_str(src), placements_str(dst))
+        if not key.is_noop:
+            trans[edge.consumer.id] += costs.transition_time(key)
     return Evaluation(block_s, trans, (memory or MemoryTable(graph)).of(choice))
 
 
@@ -308,33 +288,26 @@ class _Builder:
         # (producer group, src labels, consumer group, dst labels) -> {(src, dst): units}
         edges: dict[tuple, dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
         tcache: dict[TransitionKey, float] = {}
-        for block in graph.blocks:
-            for pos, inp in enumerate(block.inputs):
-                if inp.producer is None:
-                    continue
-                val = _value_meta(graph, inp.name)
-                if val is None:
-                    continue
-                producer = graph.blocks[inp.producer]
-                gp, gc = self.group_of[producer.id], self.group_of[block.id]
-                src = self._labels(labels, producer, "exit", producer.outputs.index(inp.name))
-                dst = self._labels(labels, block, "input", pos)
-                src_set = {src[a] for a in self.x[gp]} - {None}
-                dst_set = {dst[b] for b in self.x[gc]} - {None}
-                entry = edges[(gp, src, gc, dst)]
-                for s in src_set:
-                    for d in dst_set:
-                        if s == d:
-                            continue
-                        k = _key(val, s, d)
-                        if k not in tcache:
-                            tcache[k] = costs.transition_time(k)
-                        t = tcache[k]
-                        if not math.isfinite(t):
-                            raise CFPError(f"The {costs.name} cost model cannot price the transition {k}.")
-                        units = self._units(t)
-                        if units:
-                            entry[(s, d)] += units
+        for edge in value_edges(graph):
+            gp, gc = self.group_of[edge.producer.id], self.group_of[edge.consumer.id]
+            src = self._labels(labels, edge.producer, "exit", edge.exit_pos)
+            dst = self._labels(labels, edge.consumer, "input", edge.input_pos)
+            src_set = {src[a] for a in self.x[gp]} - {None}
+            dst_set = {dst[b] for b in self.x[gc]} - {None}
+            entry = edges[(gp, src, gc, dst)]
+            for s in src_set:
+                for d in dst_set:
+                    if s == d:
+                        continue
+                    k = edge.key(s, d)
+                    if k not in tcache:
+                        tcache[k] = costs.transition_time(k)
+                    t = tcache[k]
+                    if not math.isfinite(t):
+                        raise CFPError(f"The {costs.name} cost model cannot price the transition {k}.")
+                    units = self._units(t)
+                    if units:
+                        entry[(s, d)] += units
         self.n_edges = len(edges)
         for (gp, src, gc, dst), cost in edges.items():
             if not cost:
