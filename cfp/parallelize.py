@@ -88,7 +88,7 @@ def plan_from_choice(graph, choice: Mapping[int, str] | Sequence[str] | Callable
 
 
 def plan_from_indices(graph, indices: Sequence[int]) -> Plan:
-    """A Plan from one config index per block (e.g. ``cfp.solve.dp_choice(graph)``)."""
+    """A Plan from one config index per block (e.g. ``cfp.baselines.dp(graph)``)."""
     traced = graph.traced
     blocks = [block_entry(graph, block, graph.block_configs(block)[c]) for block, c in zip(graph.blocks, indices)]
     return Plan(

@@ -292,18 +292,22 @@ def make_plan(
     time_limit_s: float | None = None,
     graph=None,
     progress=None,
+    baseline: str | None = None,
 ) -> tuple["Plan", Any, Any]:
     """Capture, analyse, cost and solve; returns ``(plan, graph, solution)`` and writes ``output`` if given.
 
     ``model`` is a spec string, a ModelSpec or a TracedModel; ``mesh`` a string
     such as ``"2x4"`` or a MeshSpec; ``memory`` bytes or a size string (default:
     the cluster device's memory); ``cluster`` a name, a file or a ClusterModel.
+    ``baseline`` (``dp``, ``megatron``, ``expert``; see cfp.baselines) writes
+    that hand-made layout instead of solving, costed the same way.
     """
     from cfp.analyze import analyze
     from cfp.capture import TracedModel, capture
     from cfp.cluster import ClusterModel, load_cluster
     from cfp.mesh import parse_mesh
-    from cfp.solve import BASELINES, DEFAULT_TIME_LIMIT_S, evaluate, solve
+    from cfp import baselines as hand
+    from cfp.solve import DEFAULT_TIME_LIMIT_S, evaluate, fixed, solve
     from cfp.spec import ModelSpec, build
 
     mesh = parse_mesh(mesh)
@@ -328,10 +332,18 @@ def make_plan(
     spec = spec or graph.traced.spec
     costs = cost_model(graph, cost, cluster, backend, spec, progress)
     limit = parse_bytes(memory) if memory is not None else (cluster.memory_bytes if cluster is not None else None)
-    solution = solve(graph, costs, memory_limit=limit, tie_segments=tie_segments, time_limit_s=time_limit_s or DEFAULT_TIME_LIMIT_S)
+    if baseline is not None:
+        choice = hand.choose(baseline, graph)
+        if choice is None:
+            raise CFPError(f"The {baseline} baseline does not apply to this model: {hand.NOT_APPLICABLE[baseline]}.")
+        solution = fixed(graph, costs, choice, f"baseline {baseline}", limit)
+    else:
+        solution = solve(graph, costs, memory_limit=limit, tie_segments=tie_segments, time_limit_s=time_limit_s or DEFAULT_TIME_LIMIT_S)
     baselines = {}
-    for name, choose in BASELINES.items():
-        choice = choose(graph)
+    for name in hand.BASELINES:
+        choice = hand.choose(name, graph)
+        if choice is None:
+            continue
         ev = evaluate(graph, costs, choice)
         baselines[name] = {
             "predicted_step_time_s": ev.total_s,

@@ -29,6 +29,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from cfp import baselines
 from cfp.costs import CostModel, TransitionKey, value_edges
 from cfp.errors import CFPError
 from cfp.propagate import placements_str
@@ -149,27 +150,6 @@ def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | N
         if not key.is_noop:
             trans[edge.consumer.id] += costs.transition_time(key)
     return Evaluation(block_s, trans, (memory or MemoryTable(graph)).of(choice))
-
-
-# --------------------------------------------------------------------------
-# Baselines
-# --------------------------------------------------------------------------
-
-
-def dp_choice(graph) -> list[int]:
-    """Data parallel: per block the config named all ``batch`` where it exists, else the closest.
-
-    Closest: most mesh dimensions on ``batch``, then most on ``rep`` (parameters replicated).
-    """
-    choice = []
-    for block in graph.blocks:
-        names = [p.config.name.split("/") for p in graph.block_configs(block)]
-        score = [(sum(n == "batch" for n in parts), sum(n == "rep" for n in parts)) for parts in names]
-        choice.append(max(range(len(names)), key=lambda i: score[i]))
-    return choice
-
-
-BASELINES = {"dp": dp_choice}  # megatron etc. register here: name -> graph -> choice
 
 
 # --------------------------------------------------------------------------
@@ -430,7 +410,7 @@ def solve(
         except CFPError:
             hint = None
     if hint is None:
-        hint, hint_from = dp_choice(graph), "dp"
+        hint, hint_from = baselines.dp(graph), "dp"
     if all(c in builder.x[builder.group_of[b]] for b, c in enumerate(hint)):
         builder.hint(hint)
     built = time.perf_counter()
@@ -464,6 +444,14 @@ def solve(
         memory_limit=memory_limit,
         stats=stats,
     )
+
+
+def fixed(graph, costs: CostModel, choice: list[int], status: str, memory_limit: int | None = None) -> Solution:
+    """A Solution that was not searched for (a baseline, a plan chosen by hand), evaluated under ``costs``."""
+    ev = evaluate(graph, costs, choice)
+    if memory_limit is not None and ev.memory.total > memory_limit:
+        status += " (over the memory limit)"
+    return Solution(choice=list(choice), evaluation=ev, status=status, objective_s=ev.total_s, best_bound_s=ev.total_s, seconds=0.0, memory_limit=memory_limit)
 
 
 def _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import socket
 import time
 
@@ -21,8 +20,10 @@ import torch.multiprocessing as mp
 import cfp
 from cfp.analyze import analyze
 from cfp.mesh import parse_mesh
-from cfp.parallelize import parallelize, plan_from_choice, plan_from_indices
-from cfp.solve import dp_choice
+from cfp import baselines
+from cfp.baselines import BASELINES
+from cfp.parallelize import parallelize, plan_from_choice
+from cfp.plan import make_plan
 
 MODELS = ["gpt:tiny", "llama:tiny", "moe:tiny"]
 BATCH = 2
@@ -32,23 +33,6 @@ LR = 1e-2
 # turns a 1e-8 rounding difference into an lr-sized one. A larger eps keeps the check meaningful.
 ADAM_EPS = 1e-4
 TIMEOUT_S = 600
-
-# Megatron-LM: column parallel into attention and the MLP, row parallel out of them.
-COL = re.compile(r"\.(c_attn|wq|wk|wv|c_fc|w1|w3|w_in)(\.weight)?$")
-ROW = re.compile(r"\.(c_proj|wo|w2|w_out)(\.weight)?$")
-
-
-def megatron(traced):
-    def choose(block, names):
-        fqns = [traced.params[i.name] for i in block.anchor_params()]
-        if any(COL.search(f) for f in fqns) and "col" in names:
-            return "col"
-        if any(ROW.search(f) for f in fqns) and "row" in names:
-            return "row"
-        return "rep" if "rep" in names else names[0]
-
-    return choose
-
 
 def random_choice(seed):
     rng = random.Random(seed)
@@ -61,17 +45,16 @@ def spec(model):
 
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory):
-    """{model: {plan name: plan file}} for data parallel, Megatron and a random mix."""
+    """{model: {plan name: plan file}}: CFP's plan, every baseline that applies, and a random mix."""
     root = tmp_path_factory.mktemp("plans")
     out = {}
     for i, model in enumerate(MODELS):
         traced = cfp.capture(cfp.build(spec(model)))
         graph = analyze(traced, parse_mesh("2"))
-        made = {
-            "dp": plan_from_indices(graph, dp_choice(graph)),
-            "megatron": plan_from_choice(graph, megatron(traced)),
-            "random": plan_from_choice(graph, random_choice(1234 + i)),
-        }
+        made = {"random": plan_from_choice(graph, random_choice(1234 + i))}
+        for name in [None, *BASELINES]:
+            if name is None or baselines.choose(name, graph) is not None:
+                made[name or "cfp"] = make_plan(traced, "2", cost="analytic", cluster="cpu-gloo-local", graph=graph, baseline=name)[0]
         out[model] = {}
         for name, plan in made.items():
             path = root / f"{model.replace(':', '_')}-{name}.json"
@@ -215,6 +198,22 @@ def test_megatron_plan_shards_weights(plans):
     assert plan.parameters["transformer.h.0.mlp.c_proj.weight"] == ["Shard(1)"]
     dp = cfp.Plan.load(plans["gpt:tiny"]["dp"])
     assert all(p == ["Replicate()"] for p in dp.parameters.values())
+
+
+def test_baselines_that_apply(plans):
+    """Megatron applies to GPT and LLaMA (LLaMA's untied head is vocabulary parallel), expert parallelism to MoE."""
+    assert set(plans["gpt:tiny"]) == {"cfp", "dp", "megatron", "random"}
+    assert set(plans["moe:tiny"]) == {"cfp", "dp", "megatron", "expert", "random"}
+    llama = cfp.Plan.load(plans["llama:tiny"]["megatron"])
+    assert llama.parameters["output.weight"] == ["Shard(0)"]
+    assert llama.parameters["layers.0.attention.wo.weight"] == ["Shard(1)"]
+    gpt = cfp.Plan.load(plans["gpt:tiny"]["megatron"])
+    assert gpt.parameters["lm_head.weight"] == ["Replicate()"]  # tied to the embedding
+    moe = cfp.Plan.load(plans["moe:tiny"]["expert"])
+    assert moe.parameters["transformer.h.0.mlp.w_in"] == ["Shard(0)"]
+    assert moe.parameters["transformer.h.0.attn.c_attn.weight"] == ["Replicate()"]
+    assert moe.config_counts().get("batch", 0) >= 6
+    assert moe.solve["status"] == "baseline expert"
 
 
 def test_fingerprint_mismatch_refused(plans):

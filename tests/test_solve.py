@@ -13,7 +13,8 @@ from cfp.cluster import AlphaBeta, ClusterModel
 from cfp.costs import TransitionKey, edge_transitions
 from cfp.mesh import parse_mesh
 from cfp.propagate import placements_str
-from cfp.solve import MemoryTable, dp_choice, evaluate, min_memory, solve
+from cfp.baselines import dp as dp_choice
+from cfp.solve import MemoryTable, evaluate, min_memory, solve
 
 GiB = 2**30
 

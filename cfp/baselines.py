@@ -1,0 +1,101 @@
+"""Baseline plans: the layouts people write by hand, as one config per block.
+
+Each baseline says, per block, which config name it wants on each mesh
+dimension; the block takes its config that matches the most dimensions (ties
+go to the one replicating most), so a baseline applies to any model CFP
+analyses:
+
+- ``dp``: data parallel, ``batch`` on every mesh dimension.
+- ``megatron``: Megatron-LM tensor parallelism (Shoeybi et al. 2019) on the
+  last mesh dimension, data parallel on the others. Projections into
+  attention and the MLP are column parallel, projections out of them row
+  parallel, the LM head column (vocabulary) parallel unless its weight is
+  tied to the embedding (vocabulary-parallel embeddings are not offered by
+  the analysis); everything else is replicated across the tensor-parallel
+  group. Which linear is which comes from its parameter's name (GPT-2,
+  LLaMA, Hugging Face and Megatron spellings).
+- ``expert``: GShard / DeepSpeed-MoE expert parallelism: expert weights
+  sharded over experts on the last mesh dimension, everything else data
+  parallel.
+
+``choose(name, graph)`` returns the config index per block, or None where the
+baseline does not apply (no linear is recognised, no block has experts).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Callable
+
+from cfp.errors import CFPError
+
+COLUMN = re.compile(r"(^|\.)(c_attn|c_fc|wq|wk|wv|w1|w3|w_in|q_proj|k_proj|v_proj|gate_proj|up_proj|query_key_value|dense_h_to_4h)(\.weight|\.bias)?$")
+ROW = re.compile(r"(^|\.)(c_proj|wo|w2|w_out|o_proj|down_proj|dense_4h_to_h)(\.weight|\.bias)?$")
+HEAD = re.compile(r"(^|\.)(lm_head|output)(\.weight)?$")
+
+
+def closest(names: list[str], want: list[str]) -> int:
+    """Index of the config matching ``want`` on the most mesh dims, then replicating on the most."""
+    parts = [n.split("/") for n in names]
+    score = [(sum(p == w for p, w in zip(ps, want)), sum(p == "rep" for p in ps)) for ps in parts]
+    return max(range(len(names)), key=lambda i: score[i])
+
+
+def _choose(graph, want: Callable) -> list[int]:
+    return [closest([p.config.name for p in graph.block_configs(b)], want(b)) for b in graph.blocks]
+
+
+def dp(graph) -> list[int]:
+    return _choose(graph, lambda block: ["batch"] * graph.mesh.ndim)
+
+
+def _shared_params(graph) -> set[str]:
+    """Parameter placeholders read by more than one block (tied weights)."""
+    reads = Counter(i.name for b in graph.blocks for i in b.inputs if i.name in graph.traced.params)
+    return {name for name, n in reads.items() if n > 1}
+
+
+def megatron(graph) -> list[int] | None:
+    traced = graph.traced
+    shared = _shared_params(graph)
+
+    def role(block) -> str:
+        fqns = [traced.params[i.name] for i in block.anchor_params()]
+        if any(COLUMN.search(f) for f in fqns):
+            return "col"
+        if any(ROW.search(f) for f in fqns):
+            return "row"
+        return "head" if any(HEAD.search(f) for f in fqns) else "rep"
+
+    roles = {b.id: role(b) for b in graph.blocks}
+    if not any(r in ("col", "row") for r in roles.values()):
+        return None
+    tied = {b.id for b in graph.blocks if any(i.name in shared for i in b.anchor_params())}
+    for i, r in roles.items():
+        if r == "head":
+            roles[i] = "rep" if i in tied else "col"
+    dp_dims = ["batch"] * (graph.mesh.ndim - 1)
+    return _choose(graph, lambda block: dp_dims + [roles[block.id]])
+
+
+def expert(graph) -> list[int] | None:
+    has_experts = {b.id for b in graph.blocks if any("expert" in p.config.name.split("/") for p in graph.block_configs(b))}
+    if not has_experts:
+        return None
+    dp_dims = ["batch"] * (graph.mesh.ndim - 1)
+    return _choose(graph, lambda block: dp_dims + ["expert" if block.id in has_experts else "batch"])
+
+
+BASELINES: dict[str, Callable] = {"dp": dp, "megatron": megatron, "expert": expert}
+NOT_APPLICABLE = {
+    "megatron": "no linear layer has a parameter named like an attention or MLP projection (c_attn, wq, q_proj, w1, c_proj, ...)",
+    "expert": "no block has an expert dimension to shard",
+}
+
+
+def choose(name: str, graph) -> list[int] | None:
+    """The baseline's config index per block, or None where it does not apply to this model."""
+    if name not in BASELINES:
+        raise CFPError(f"Unknown baseline {name!r}; CFP has {', '.join(BASELINES)}.")
+    return BASELINES[name](graph)
