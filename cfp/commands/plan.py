@@ -29,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=["real", "emulated"], default="emulated", help="profiling backend for --cost profiled (default: emulated)")
     p.add_argument("--cluster", metavar="NAME|FILE", help="cluster model (profiles/clusters/NAME.json or a file); default h100-nvlink-8 (h100-ib-2x8 above 8 devices)")
     p.add_argument("--tie-segments", action="store_true", help="give every instance of a repeated block the same config (faster on deep models)")
+    p.add_argument("--baseline", choices=["dp", "megatron", "expert"], help="write this hand-made layout instead of solving (data parallel, Megatron tensor parallel, expert parallel), costed the same way")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="ILP time limit in seconds (default: 60)")
     p.add_argument("-o", "--output", default="plan.json", metavar="FILE", help="where to write the plan (default: plan.json)")
     add_json_arg(p)
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> None:
             output=args.output,
             time_limit_s=args.time_limit,
             progress=progress,
+            baseline=args.baseline,
         )
     elapsed = time.perf_counter() - start
     print_summary(plan, graph)
@@ -92,6 +94,8 @@ def print_summary(plan, graph) -> None:
     t = plan.predicted_step_time_s
     summary.add_row("predicted step time", f"{human_time(t)} (blocks {human_time(plan.time_breakdown_s['blocks'])}, transitions {human_time(plan.time_breakdown_s['transitions'])})")
     for name, base in plan.baselines.items():
+        if plan.solve["status"] == f"baseline {name}":
+            continue  # this plan is that baseline
         speedup = base["predicted_step_time_s"] / t if t > 0 else float("inf")
         fits = "" if base["fits"] else ", does not fit in memory"
         summary.add_row(f"{name} baseline", f"{human_time(base['predicted_step_time_s'])} ({speedup:.2f}x slower than the plan{fits})")
