@@ -23,31 +23,18 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
 
 import torch
 
 from cfp.blocks import VIEWS
 from cfp.cluster import ClusterModel
-from cfp.costs import TransitionKey
+from cfp.costs import BlockCost, TransitionKey
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec
 from cfp.propagate import Propagation
 
 aten = torch.ops.aten
 NO_TRAFFIC = set(VIEWS) | {operator.getitem, aten.unbind.int, aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default}
-
-
-@dataclass(frozen=True)
-class BlockCost:
-    """One block instance under one config, forward + backward + gradient reduction."""
-
-    compute_s: float
-    communication_s: float
-
-    @property
-    def total_s(self) -> float:
-        return self.compute_s + self.communication_s
 
 
 def _parse(p: str) -> tuple[str, int | None]:

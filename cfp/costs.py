@@ -35,6 +35,18 @@ class TransitionKey:
 
 
 @dataclass(frozen=True)
+class BlockCost:
+    """One block instance under one config, split into compute and communication."""
+
+    compute_s: float
+    communication_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.communication_s
+
+
+@dataclass(frozen=True)
 class EdgeTransition:
     """The transition on one graph edge when its producer and consumer take given configs."""
 

@@ -293,6 +293,7 @@ def make_plan(
     graph=None,
     progress=None,
     baseline: str | None = None,
+    costs=None,
 ) -> tuple["Plan", Any, Any]:
     """Capture, analyse, cost and solve; returns ``(plan, graph, solution)`` and writes ``output`` if given.
 
@@ -300,7 +301,8 @@ def make_plan(
     such as ``"2x4"`` or a MeshSpec; ``memory`` bytes or a size string (default:
     the cluster device's memory); ``cluster`` a name, a file or a ClusterModel.
     ``baseline`` (``dp``, ``megatron``, ``expert``; see cfp.baselines) writes
-    that hand-made layout instead of solving, costed the same way.
+    that hand-made layout instead of solving, costed the same way. A
+    ``graph`` and ``costs`` already made are used as they are.
     """
     from cfp.analyze import analyze
     from cfp.capture import TracedModel, capture
@@ -330,7 +332,7 @@ def make_plan(
         if graph is None:
             graph = analyze(traced, mesh)
     spec = spec or graph.traced.spec
-    costs = cost_model(graph, cost, cluster, backend, spec, progress)
+    costs = costs if costs is not None else cost_model(graph, cost, cluster, backend, spec, progress)
     limit = parse_bytes(memory) if memory is not None else (cluster.memory_bytes if cluster is not None else None)
     if baseline is not None:
         choice = hand.choose(baseline, graph)

@@ -10,7 +10,8 @@ the rest, exactly as at training time.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -21,6 +22,7 @@ from torch.distributed.tensor.debug._comm_mode import NATIVE_TO_PY_MAPPING, c10d
 from torch.fx import Node
 
 Placements = tuple[Placement, ...]
+WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
 
 COLLECTIVE_KINDS = {
     "all_reduce": "all_reduce",
@@ -41,20 +43,41 @@ class Collective:
     bytes: int
     phase: str  # "forward", "backward" or "grad" (gradient reduction)
     op: str  # the block op (or "grad:<param>") that caused it
+    seconds: float = 0.0  # time from issuing it to its result being ready (only when timed)
 
 
 class CommRecorder(CommDebugMode):
-    """CommDebugMode that also keeps each collective's size and mesh dimension."""
+    """CommDebugMode that also keeps each collective's size and mesh dimension.
 
-    def __init__(self, mesh: DeviceMesh, phase: str):
+    With ``sync`` (a device synchronisation) it also times each collective:
+    issuing it plus waiting for its result (functional collectives are
+    asynchronous: the wait is a separate ``wait_tensor``, charged to the last
+    collective issued). On a real process group this is the communication
+    time of the phase, waiting for slower ranks included.
+    """
+
+    def __init__(self, mesh: DeviceMesh, phase: str, sync=None):
         super().__init__()
+        self.sync = sync
         self.groups = {mesh.get_group(d).group_name: d for d in range(mesh.ndim)}
         self.phase = phase
         self.current_op = ""
         self.collectives: list[Collective] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        timed = self.sync is not None and (func._overloadpacket in self.comm_registry or func._overloadpacket in c10d_collective_ops or func is WAIT_TENSOR)
+        if timed:
+            self.sync()
+            start = time.perf_counter()
         out = super().__torch_dispatch__(func, types, args, kwargs)
+        if timed:
+            self.sync()
+            seconds = time.perf_counter() - start
+            if func is WAIT_TENSOR:
+                if self.collectives:
+                    last = self.collectives[-1]
+                    self.collectives[-1] = replace(last, seconds=last.seconds + seconds)
+                return out
         if out is NotImplemented or isinstance(func, torch._ops.HigherOrderOperator):
             return out
         packet = func._overloadpacket
@@ -70,6 +93,7 @@ class CommRecorder(CommDebugMode):
                     bytes=tensor.numel() * tensor.element_size(),
                     phase=self.phase,
                     op=self.current_op,
+                    seconds=seconds if timed else 0.0,
                 )
             )
         return out

@@ -19,7 +19,7 @@ def register(sub) -> None:
         "profile",
         help="profile each block class under each config, and each transition",
         description=(
-            "Analyse the model, then time each (block class, config) program (forward, backward, gradient reduction) "
+            "Analyse the model, then time each (block class, config) program (forward, backward, gradient reduction, AdamW step) "
             "and each unique transition, on the real backend (one process per mesh rank) or emulated (one process, "
             "fake process group, communication priced by a cluster model). Rows are stored as Parquet and reused."
         ),
@@ -81,13 +81,13 @@ def run(args: argparse.Namespace) -> None:
             continue
         anchor = graph.blocks[members[0]].anchor
         table = Table(title=f"class {class_id} ({anchor}, x{len(members)})", title_justify="left")
-        for col in ("config", "fwd ms", "bwd ms", "grad-reduce ms", "comm ms", "total ms", "spread (IQR) ms", "memory", "status"):
+        for col in ("config", "fwd ms", "bwd ms", "grad-reduce ms", "optimizer ms", "comm ms", "total ms", "spread (IQR) ms", "memory", "status"):
             table.add_column(col, justify="left" if col in ("config", "status") else "right")
         ok = sub[sub["status"] == "ok"]
         best = ok.loc[ok["total_s"].idxmin(), "config"] if not ok.empty else None
         for row in sub.to_dict("records"):
             mark = " [bold green]*fastest[/]" if row["config"] == best else ""
-            table.add_row(f"{row['config']}{mark}", _ms(row.get("forward_s")), _ms(row.get("backward_s")), _ms(row.get("reduce_s")), _ms(row.get("comm_s")), _ms(row["total_s"]), _ms(row.get("total_iqr_s")), human_bytes(row.get("memory_bytes") or 0), row["status"])
+            table.add_row(f"{row['config']}{mark}", _ms(row.get("forward_s")), _ms(row.get("backward_s")), _ms(row.get("reduce_s")), _ms(row.get("optimizer_s")), _ms(row.get("comm_s")), _ms(row["total_s"]), _ms(row.get("total_iqr_s")), human_bytes(row.get("memory_bytes") or 0), row["status"])
         console.print(table)
     trans = rows[rows["kind"] == "transition"]
     console.print(
@@ -96,8 +96,9 @@ def run(args: argparse.Namespace) -> None:
         + (f" (communication priced by cluster model {cluster.name}; an emulation, not a measurement)" if args.backend == "emulated" else "")
         + f"; {time.perf_counter() - start:.1f} s"
     )
-    if "comm_s" in rows and args.backend == "real":
-        console.print("[dim]real backend: communication inside forward/backward is part of their times; grad-reduce is the gradient reduction.[/]")
+    if args.backend == "real":
+        console.print("[dim]real backend: comm is the time collectives took (issue to result, waiting for other ranks included), measured in one more "
+                      "iteration after the timed ones; it is part of fwd, bwd and grad-reduce, and total minus comm is compute.[/]")
     write_json(
         args.json,
         {

@@ -72,27 +72,36 @@ def _wait(value) -> None:
             local.wait()
 
 
+PHASES = ("forward", "backward", "reduce", "optimizer")
+
+
 @dataclass
 class PhaseTimes:
     forward: list[float] = field(default_factory=list)
     backward: list[float] = field(default_factory=list)
     reduce: list[float] = field(default_factory=list)
+    optimizer: list[float] = field(default_factory=list)
 
 
 class _Timed:
-    """Warm-up, then timed iterations; ``iterate`` returns (forward, backward, reduce) seconds."""
+    """Warm-up, timed iterations, then one iteration that records (and times) the collectives.
+
+    ``iterate`` returns the seconds of each of ``PHASES``. The recording
+    iteration comes last, warm, so that its collective times are the steady
+    state; its phase times are not used (recording perturbs them).
+    """
 
     def measure(self, warmup: int, iters: int, sync=lambda: None, barrier=lambda: None) -> tuple[PhaseTimes, list[Collective]]:
-        _, collectives, _ = self.iterate(sync, record=True)  # the first run also warms up
-        for _ in range(max(warmup - 1, 0)):
-            self.iterate(sync)
+        for _ in range(max(warmup, 1)):
+            self.iterate(sync, optimize=True)
         times = PhaseTimes()
         for _ in range(iters):
             barrier()
-            (f, b, r), _, _ = self.iterate(sync)
-            times.forward.append(f)
-            times.backward.append(b)
-            times.reduce.append(r)
+            phases, _, _ = self.iterate(sync, optimize=True)
+            for name, seconds in zip(PHASES, phases):
+                getattr(times, name).append(seconds)
+        barrier()
+        _, collectives, _ = self.iterate(sync, record=True, optimize=True)
         return times, collectives
 
 
@@ -112,6 +121,7 @@ class BlockProgram(_Timed):
         self.leaves: dict[str, DTensor] = {}  # input name -> DTensor (cached across iterations)
         self.globals: dict[str, torch.Tensor] = {}  # input name -> the global tensor it shards
         self.params: list[DTensor] = []
+        self.optimizer: torch.optim.Optimizer | None = None
 
     # -- data -----------------------------------------------------------------
     def global_input(self, name: str) -> torch.Tensor:
@@ -146,12 +156,13 @@ class BlockProgram(_Timed):
         return seeded(out.shape, out.dtype, "grad:" + name, self.seed, self.device)
 
     # -- one iteration --------------------------------------------------------
-    def iterate(self, sync=lambda: None, record: bool = False) -> tuple[tuple[float, float, float], list[Collective], dict]:
-        """Forward, backward, gradient reduction; returns their seconds, the
-        collectives seen (only when ``record``) and the values."""
+    def iterate(self, sync=lambda: None, record: bool = False, optimize: bool = False) -> tuple[tuple[float, ...], list[Collective], dict]:
+        """Forward, backward, gradient reduction and (with ``optimize``) an AdamW
+        step on the block's parameters; returns the seconds of each, the
+        collectives seen and timed (only when ``record``) and the values."""
         for leaf in self.leaves.values():
             leaf.grad = None
-        recs = {p: CommRecorder(self.mesh, p) for p in ("forward", "backward", "grad")} if record else {}
+        recs = {p: CommRecorder(self.mesh, p, sync) for p in ("forward", "backward", "grad")} if record else {}
         ctx = lambda p: recs[p] if record else contextlib.nullcontext()
         sync()
         t0 = time.perf_counter()
@@ -177,8 +188,20 @@ class BlockProgram(_Timed):
                 _wait(g)
         sync()
         t3 = time.perf_counter()
+        if optimize and self.params:
+            self.step(reduced)
+        sync()
+        t4 = time.perf_counter()
         collectives = [c for r in recs.values() for c in r.collectives]
-        return (t1 - t0, t2 - t1, t3 - t2), collectives, {"values": run.values, "grads": reduced}
+        return (t1 - t0, t2 - t1, t3 - t2, t4 - t3), collectives, {"values": run.values, "grads": reduced}
+
+    def step(self, grads: list) -> None:
+        """What a training step's optimizer does to this block's parameters (AdamW, as examples/train.py)."""
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.optimizer.step()
 
     def estimated_memory(self) -> int:
         """Per-rank bytes from analysis' local shapes: parameters, their gradients, every op output."""
@@ -229,9 +252,9 @@ class TransitionProgram(_Timed):
             self.x = self.x.detach().requires_grad_(True)
             self.grad = make_dtensor(seeded(key.shape, dtype, "transition-grad", seed, self.device), mesh, grad_placements(self.dst), requires_grad=False)
 
-    def iterate(self, sync=lambda: None, record: bool = False):
+    def iterate(self, sync=lambda: None, record: bool = False, optimize: bool = False):
         self.x.grad = None
-        recs = {p: CommRecorder(self.mesh, p) for p in ("forward", "backward")} if record else {}
+        recs = {p: CommRecorder(self.mesh, p, sync) for p in ("forward", "backward")} if record else {}
         ctx = lambda p: recs[p] if record else contextlib.nullcontext()
         sync()
         t0 = time.perf_counter()
@@ -247,7 +270,7 @@ class TransitionProgram(_Timed):
         sync()
         t2 = time.perf_counter()
         collectives = [c for r in recs.values() for c in r.collectives]
-        return (t1 - t0, t2 - t1, 0.0), collectives, {"y": y}
+        return (t1 - t0, t2 - t1, 0.0, 0.0), collectives, {"y": y}
 
     def estimated_memory(self) -> int:
         local = self.x.to_local()

@@ -27,13 +27,13 @@ import pandas as pd
 import torch
 
 from cfp.cluster import CLUSTERS_DIR
-from cfp.costs import TransitionKey
+from cfp.costs import BlockCost, TransitionKey
 from cfp.errors import CFPError
 
-SCHEMA = 1
+SCHEMA = 2  # 2: optimizer_s (an AdamW step) in total_s; comm_s measured on the real backend
 KEY = ["kind", "class_id", "config", "shape_key", "mesh", "device_kind", "backend", "cluster", "dtype", "torch_version", "schema"]
 VALUES = [
-    "status", "error", "forward_s", "backward_s", "reduce_s", "comm_s", "total_s", "total_min_s", "total_max_s",
+    "status", "error", "forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s",
     "total_iqr_s", "iters", "memory_bytes", "memory_source", "collectives", "comm_bytes", "measured_at",
 ]
 DEFAULT_DIR = CLUSTERS_DIR.parent
@@ -146,7 +146,7 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = None
     df = df[KEY + VALUES]
-    for col in ("forward_s", "backward_s", "reduce_s", "comm_s", "total_s", "total_min_s", "total_max_s", "total_iqr_s", "measured_at"):
+    for col in ("forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s", "total_iqr_s", "measured_at"):
         df[col] = df[col].astype("float64")
     for col in ("iters", "memory_bytes", "collectives", "comm_bytes"):
         df[col] = df[col].fillna(0).astype("int64")
@@ -161,7 +161,8 @@ class ProfileTable:
 
     ``rows`` is the DataFrame of the rows a profile run used (measured or
     reused). Block times are per block instance (forward + backward +
-    gradient reduction); transition times are forward + backward.
+    gradient reduction + an AdamW step on its parameters); transition times
+    are forward + backward.
     """
 
     def __init__(self, rows: pd.DataFrame, name: str = "profiled"):
@@ -184,6 +185,13 @@ class ProfileTable:
 
     def block_time(self, class_id: str, config: str) -> float:
         return self._time(self._blocks.get((class_id, config)), f"block class {class_id} config {config!r}")
+
+    def block_cost(self, class_id: str, config: str) -> BlockCost:
+        """Measured compute and communication: ``comm_s`` (timed collectives, or priced when emulated) and the rest."""
+        total = self.block_time(class_id, config)
+        row = self._blocks[(class_id, config)]
+        comm = float(row["comm_s"]) if math.isfinite(total) and pd.notna(row["comm_s"]) else 0.0
+        return BlockCost(max(total - comm, 0.0), comm)
 
     def transition_time(self, key: TransitionKey) -> float:
         if key.is_noop:

@@ -1,0 +1,266 @@
+"""Plans side by side in real training steps: what ``cfp bench`` runs.
+
+1. The model is analysed and profiled on the real backend (stored profiles
+   are reused), and each plan is made: ``cfp`` (the ILP over those profiles),
+   ``analytic`` (the same ILP over the Alpa-style analytic cost model), the
+   baselines of ``cfp.baselines``, and plan files given by path.
+2. Every plan's predicted step time is the profiled cost model's, so the
+   plans are predicted, and the prediction checked, by one yardstick.
+3. One worker pool (a process per mesh rank) builds the model once per plan
+   from the same seed and applies the plan with ``cfp.parallelize``. Training
+   steps (forward, backward, AdamW) then run round-robin over the plans, the
+   order rotating each round, so machine noise hits every plan alike. A step's
+   time is the slowest rank's, from a barrier to the end of the optimizer
+   step; the first ``warmup`` rounds are not counted.
+4. Peak memory per rank comes from one more step per plan: CUDA's allocator
+   peak on GPUs, ``MemTracker`` (every live tensor's storage) on CPU.
+
+All plans start from the same weights and see the same batch, so their
+first-step losses must agree: the table shows them as a check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from cfp.errors import CFPError
+from cfp.mesh import MeshSpec, parse_mesh
+from cfp.plan import Plan, make_plan
+from cfp.spec import ModelSpec
+
+DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "analytic")
+COLUMNS = [
+    "plan", "median_step_s", "iqr_step_s", "min_step_s", "max_step_s", "fwd_bwd_s", "optimizer_s",
+    "predicted_step_s", "prediction_error", "peak_mem_bytes", "ratio_to_cfp", "first_loss", "configs", "steps",
+]
+
+
+@dataclass
+class BenchPlan:
+    name: str
+    plan: Plan
+    predicted_s: float  # under the profiled cost model
+
+
+@dataclass
+class BenchResult:
+    table: pd.DataFrame  # one row per plan, COLUMNS
+    model: str
+    mesh: MeshSpec
+    device: str
+    steps: int
+    wall_s: float
+    skipped: dict[str, str] = field(default_factory=dict)  # plan -> why it was not run
+
+    def to_csv(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.table.to_csv(path, index=False)
+
+
+# --------------------------------------------------------------------------
+# Making the plans
+# --------------------------------------------------------------------------
+
+
+def _choice_of(plan: Plan, graph) -> list[int]:
+    """Config index per block of a plan loaded from a file (it must be for this model)."""
+    plan.check_matches(graph.traced)
+    out = []
+    for block, entry in zip(graph.blocks, plan.blocks):
+        names = [p.config.name for p in graph.block_configs(block)]
+        if entry["config"] not in names:
+            raise CFPError(f"The plan's block {block.id} has config {entry['config']!r}, which the analysis does not offer ({', '.join(names)}).")
+        out.append(names.index(entry["config"]))
+    return out
+
+
+def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, progress=None) -> tuple[list[BenchPlan], dict[str, str]]:
+    """The plans to bench, each with its profiled prediction; and the baselines skipped (with why)."""
+    from cfp import baselines
+    from cfp.cluster import load_cluster
+    from cfp.plan import cost_model
+    from cfp.profile import analyze_for_profile
+    from cfp.solve import evaluate
+
+    graph = analyze_for_profile(spec, mesh)
+    profiled = cost_model(graph, "profiled", None, "real", spec, progress)
+    made, skipped = [], {}
+    for name in names:
+        if name == "cfp":
+            plan = make_plan(spec, mesh, cost="profiled", backend="real", graph=graph, costs=profiled)[0]
+        elif name == "analytic":
+            local = cluster or ("cpu-gloo-local" if spec.device == "cpu" else None)
+            plan = make_plan(spec, mesh, cost="analytic", cluster=load_cluster(local) if local else None, graph=graph)[0]
+        elif name in baselines.BASELINES:
+            if baselines.choose(name, graph) is None:
+                skipped[name] = baselines.NOT_APPLICABLE[name]
+                continue
+            plan = make_plan(spec, mesh, cost="profiled", backend="real", graph=graph, costs=profiled, baseline=name)[0]
+        elif name.endswith(".json"):
+            plan = Plan.load(name)
+        else:
+            raise CFPError(f"Unknown plan {name!r}: use cfp, analytic, {', '.join(baselines.BASELINES)} or a plan file (.json).")
+        predicted = evaluate(graph, profiled, _choice_of(plan, graph)).total_s
+        made.append(BenchPlan(Path(name).stem if name.endswith(".json") else name, plan, predicted))
+    return made, skipped
+
+
+# --------------------------------------------------------------------------
+# What each rank runs (module level, so spawn can pickle it)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class BenchContext:
+    spec: ModelSpec
+    device: str
+    mesh: object = None  # DeviceMesh, set once the process group exists
+    rank: int = 0
+    models: list = field(default_factory=list)
+    optimizers: list = field(default_factory=list)
+    inputs: tuple = ()
+
+
+def bench_rank_init(rank: int, world: int, spec: ModelSpec, device_type: str):
+    device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+    return BenchContext(dataclasses.replace(spec, device=device), device), {"rank": rank}
+
+
+def setup_plans(ctx: BenchContext, plans: list[dict], lr: float) -> int:
+    """Build the model once per plan (same seed, same weights) and parallelize it."""
+    from cfp.parallelize import parallelize
+    from cfp.spec import build
+
+    for data in plans:
+        workload = build(ctx.spec)
+        model = parallelize(workload.model, Plan.from_json(data), mesh=ctx.mesh, example_inputs=workload.inputs)
+        ctx.models.append(model)
+        ctx.optimizers.append(torch.optim.AdamW(model.parameters(), lr=lr))
+        ctx.inputs = tuple(t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in workload.inputs)
+    return len(ctx.models)
+
+
+def _sync(ctx: BenchContext) -> None:
+    if ctx.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_step(ctx: BenchContext, i: int) -> dict:
+    """One timed training step of plan ``i`` on this rank: forward + backward, then the optimizer."""
+    import torch.distributed as dist
+
+    model, opt = ctx.models[i], ctx.optimizers[i]
+    _sync(ctx)
+    dist.barrier()
+    start = time.perf_counter()
+    loss = model(*ctx.inputs)
+    loss.backward()
+    _sync(ctx)
+    backward_done = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    _sync(ctx)
+    end = time.perf_counter()
+    return {"step_s": end - start, "fwd_bwd_s": backward_done - start, "optimizer_s": end - backward_done, "loss": loss.item()}
+
+
+def peak_memory(ctx: BenchContext, i: int) -> int:
+    """Peak bytes this rank holds during one more training step of plan ``i``."""
+    if ctx.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(ctx, i)
+        return int(torch.cuda.max_memory_allocated())
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(ctx.models[i], ctx.optimizers[i])
+    with tracker:
+        train_step(ctx, i)
+    return int(sum(stats["Total"] for stats in tracker.get_tracker_snapshot("peak").values()))
+
+
+# --------------------------------------------------------------------------
+# The bench
+# --------------------------------------------------------------------------
+
+
+def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int, warmup: int, lr: float = 1e-3,
+            timeout_s: float = 600.0, on_step: Callable | None = None) -> dict[str, dict]:
+    """Interleaved training steps of every plan on one worker pool; raw results per plan."""
+    from cfp.profile.real import WorkerPool
+
+    device_type = "cuda" if str(spec.device).startswith("cuda") else "cpu"
+    raw = {p.name: {"steps": [], "peak_mem_bytes": 0} for p in plans}
+    with WorkerPool(mesh, bench_rank_init, (spec, device_type), device_type) as pool:
+        pool.run(setup_plans, ([p.plan.to_json() for p in plans], lr), "building the model under every plan", timeout_s)
+        rounds = warmup + steps
+        for r in range(rounds):
+            for k in range(len(plans)):
+                i = (r + k) % len(plans)  # rotate who goes first
+                ranks = pool.run(train_step, (i,), f"a training step of the {plans[i].name} plan", timeout_s)
+                slowest = max(ranks, key=lambda x: x["step_s"])
+                if r >= warmup:
+                    raw[plans[i].name]["steps"].append(slowest)
+                elif r == 0:
+                    raw[plans[i].name]["first_loss"] = ranks[0]["loss"]
+                if on_step:
+                    on_step(r * len(plans) + k + 1, rounds * len(plans))
+        for i, p in enumerate(plans):
+            raw[p.name]["peak_mem_bytes"] = max(pool.run(peak_memory, (i,), f"measuring the memory of the {p.name} plan", timeout_s))
+    return raw
+
+
+def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
+    rows = []
+    for p in plans:
+        steps = pd.DataFrame(raw[p.name]["steps"])
+        median = float(steps["step_s"].median())
+        rows.append({
+            "plan": p.name,
+            "median_step_s": median,
+            "iqr_step_s": float(steps["step_s"].quantile(0.75) - steps["step_s"].quantile(0.25)),
+            "min_step_s": float(steps["step_s"].min()),
+            "max_step_s": float(steps["step_s"].max()),
+            "fwd_bwd_s": float(steps["fwd_bwd_s"].median()),
+            "optimizer_s": float(steps["optimizer_s"].median()),
+            "predicted_step_s": p.predicted_s,
+            "prediction_error": p.predicted_s / median - 1 if median > 0 else math.nan,
+            "peak_mem_bytes": raw[p.name]["peak_mem_bytes"],
+            "first_loss": raw[p.name].get("first_loss", math.nan),
+            "configs": " ".join(f"{c}x{n}" for c, n in p.plan.config_counts().items()),
+            "steps": len(steps),
+        })
+    table = pd.DataFrame(rows)
+    base = table.loc[table["plan"] == "cfp", "median_step_s"]
+    table["ratio_to_cfp"] = table["median_step_s"] / float(base.iloc[0]) if len(base) else math.nan
+    return table[COLUMNS]
+
+
+def bench(model: str | ModelSpec, mesh: str | MeshSpec, plans: list[str] | None = None, steps: int = 20, warmup: int = 3,
+          cluster=None, lr: float = 1e-3, timeout_s: float = 600.0, progress=None, on_step=None) -> BenchResult:
+    """``cfp.bench("gpt:small", "2")``: every plan in real interleaved training steps (see the module doc)."""
+    start = time.perf_counter()
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(str(model), device="cpu")
+    if spec.device == "meta":
+        spec = dataclasses.replace(spec, device="cpu")
+    mesh = parse_mesh(mesh)
+    if steps < 1:
+        raise CFPError("cfp bench needs at least one timed step per plan (--steps).")
+    explicit = plans is not None
+    made, skipped = make_plans(spec, mesh, list(plans or DEFAULT_PLANS), cluster, progress)
+    if explicit and skipped:
+        raise CFPError("; ".join(f"The {n} baseline does not apply to this model: {why}" for n, why in skipped.items()) + ".")
+    if not made:
+        raise CFPError("No plan to bench.")
+    raw = measure(spec, mesh, made, steps, warmup, lr, timeout_s, on_step)
+    device = torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else "cpu"
+    return BenchResult(summarize(made, raw), spec.describe(), mesh, device, steps, time.perf_counter() - start, skipped)
