@@ -39,7 +39,7 @@ from cfp.spec import ModelSpec
 DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "analytic")
 COLUMNS = [
     "plan", "median_step_s", "iqr_step_s", "min_step_s", "max_step_s", "fwd_bwd_s", "optimizer_s",
-    "predicted_step_s", "prediction_error", "peak_mem_bytes", "ratio_to_cfp", "first_loss", "configs", "steps",
+    "predicted_step_s", "predicted_optimizer_s", "prediction_error", "peak_mem_bytes", "ratio_to_cfp", "first_loss", "configs", "steps",
 ]
 
 
@@ -48,6 +48,7 @@ class BenchPlan:
     name: str
     plan: Plan
     predicted_s: float  # under the profiled cost model
+    predicted_optimizer_s: float  # the AdamW steps of its blocks, part of predicted_s
 
 
 @dataclass
@@ -82,34 +83,46 @@ def _choice_of(plan: Plan, graph) -> list[int]:
     return out
 
 
-def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, progress=None) -> tuple[list[BenchPlan], dict[str, str]]:
-    """The plans to bench, each with its profiled prediction; and the baselines skipped (with why)."""
+def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, progress=None, strict: bool = True) -> tuple[list[BenchPlan], dict[str, str]]:
+    """The plans to bench, each with its profiled prediction; and the baselines left out (with why).
+
+    A baseline that does not apply to the model is an error when ``strict``
+    (the user asked for it), else it is left out. Names are checked before
+    anything is profiled.
+    """
     from cfp import baselines
     from cfp.cluster import load_cluster
     from cfp.plan import cost_model
     from cfp.profile import analyze_for_profile
     from cfp.solve import evaluate
 
-    graph = analyze_for_profile(spec, mesh)
-    profiled = cost_model(graph, "profiled", None, "real", spec, progress)
-    made, skipped = [], {}
     for name in names:
+        if name not in ("cfp", "analytic", *baselines.BASELINES) and not name.endswith(".json"):
+            raise CFPError(f"Unknown plan {name!r}: use cfp, analytic, {', '.join(baselines.BASELINES)} or a plan file (.json).")
+    files = {name: Plan.load(name) for name in names if name.endswith(".json")}
+    graph = analyze_for_profile(spec, mesh)
+    skipped = {n: baselines.NOT_APPLICABLE[n] for n in names if n in baselines.BASELINES and baselines.choose(n, graph) is None}
+    if strict and skipped:
+        raise CFPError("; ".join(f"The {n} baseline does not apply to this model: {why}" for n, why in skipped.items()) + ".")
+    choices = {name: _choice_of(plan, graph) for name, plan in files.items()}  # refuses a plan for another model
+    profiled = cost_model(graph, "profiled", None, "real", spec, progress)
+    made = []
+    for name in names:
+        if name in skipped:
+            continue
         if name == "cfp":
             plan = make_plan(spec, mesh, cost="profiled", backend="real", graph=graph, costs=profiled)[0]
         elif name == "analytic":
             local = cluster or ("cpu-gloo-local" if spec.device == "cpu" else None)
             plan = make_plan(spec, mesh, cost="analytic", cluster=load_cluster(local) if local else None, graph=graph)[0]
-        elif name in baselines.BASELINES:
-            if baselines.choose(name, graph) is None:
-                skipped[name] = baselines.NOT_APPLICABLE[name]
-                continue
-            plan = make_plan(spec, mesh, cost="profiled", backend="real", graph=graph, costs=profiled, baseline=name)[0]
-        elif name.endswith(".json"):
-            plan = Plan.load(name)
+        elif name in files:
+            plan = files[name]
         else:
-            raise CFPError(f"Unknown plan {name!r}: use cfp, analytic, {', '.join(baselines.BASELINES)} or a plan file (.json).")
-        predicted = evaluate(graph, profiled, _choice_of(plan, graph)).total_s
-        made.append(BenchPlan(Path(name).stem if name.endswith(".json") else name, plan, predicted))
+            plan = make_plan(spec, mesh, cost="profiled", backend="real", graph=graph, costs=profiled, baseline=name)[0]
+        choice = choices.get(name) or _choice_of(plan, graph)
+        configs = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)]
+        optimizer = sum(profiled.block_phase_s(b.class_id, c, "optimizer") for b, c in zip(graph.blocks, configs))
+        made.append(BenchPlan(Path(name).stem if name in files else name, plan, evaluate(graph, profiled, choice).total_s, optimizer))
     return made, skipped
 
 
@@ -233,6 +246,7 @@ def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
             "fwd_bwd_s": float(steps["fwd_bwd_s"].median()),
             "optimizer_s": float(steps["optimizer_s"].median()),
             "predicted_step_s": p.predicted_s,
+            "predicted_optimizer_s": p.predicted_optimizer_s,
             "prediction_error": p.predicted_s / median - 1 if median > 0 else math.nan,
             "peak_mem_bytes": raw[p.name]["peak_mem_bytes"],
             "first_loss": raw[p.name].get("first_loss", math.nan),
@@ -255,10 +269,7 @@ def bench(model: str | ModelSpec, mesh: str | MeshSpec, plans: list[str] | None 
     mesh = parse_mesh(mesh)
     if steps < 1:
         raise CFPError("cfp bench needs at least one timed step per plan (--steps).")
-    explicit = plans is not None
-    made, skipped = make_plans(spec, mesh, list(plans or DEFAULT_PLANS), cluster, progress)
-    if explicit and skipped:
-        raise CFPError("; ".join(f"The {n} baseline does not apply to this model: {why}" for n, why in skipped.items()) + ".")
+    made, skipped = make_plans(spec, mesh, list(plans or DEFAULT_PLANS), cluster, progress, strict=plans is not None)
     if not made:
         raise CFPError("No plan to bench.")
     raw = measure(spec, mesh, made, steps, warmup, lr, timeout_s, on_step)

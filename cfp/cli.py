@@ -10,7 +10,7 @@ import cfp
 from cfp.commands.common import console
 from cfp.errors import CFPError
 
-COMMANDS = ["inspect", "analyze", "profile", "calibrate", "plan", "report"]
+COMMANDS = ["inspect", "analyze", "profile", "calibrate", "plan", "report", "bench"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,7 +24,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cfp.mesh import launched_rank
+
     args = parser().parse_args(argv)
+    console.quiet = launched_rank() != 0  # under torchrun every rank runs the command; rank 0 reports
     try:
         args.run(args)
     except CFPError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -70,6 +71,16 @@ def parse_mesh(text: str | MeshSpec) -> MeshSpec:
     if any(s < 1 for s in shape):
         raise CFPError(f"Mesh {text!r} has a dimension of size 0.")
     return MeshSpec(shape, names)
+
+
+def launched_world() -> int:
+    """Ranks of the ``torchrun`` job this process belongs to (1 when not launched so)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+
+
+def launched_rank() -> int:
+    """This process's rank in its ``torchrun`` job (0 when not launched so): only rank 0 prints and writes files."""
+    return int(os.environ.get("RANK", "0")) if launched_world() > 1 else 0
 
 
 def device_mesh(spec: MeshSpec, device_type: str = "cpu") -> DeviceMesh:

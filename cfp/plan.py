@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from cfp.errors import CFPError
+from cfp.mesh import launched_rank
 from cfp.propagate import placements_str
 
 SCHEMA_VERSION = 1
@@ -357,7 +358,7 @@ def make_plan(
     if cost == "analytic":
         prov["backend"] = "analytic"
     plan = build_plan(graph, costs, solution, baselines, prov)
-    if output is not None:
+    if output is not None and launched_rank() == 0:
         plan.save(output)
     return plan, graph, solution
 

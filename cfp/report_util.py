@@ -24,7 +24,9 @@ def human_bytes(n: float) -> str:
 
 def write_json(path: str | Path | None, data: dict[str, Any]) -> None:
     """Write what a command reported, for scripts (the --json FILE option)."""
-    if path is None:
+    from cfp.mesh import launched_rank
+
+    if path is None or launched_rank() != 0:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")

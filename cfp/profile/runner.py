@@ -6,6 +6,11 @@ Backends (``backend.name`` is recorded in every row):
   rebuilds the model on its own device from the ModelSpec, captures and
   analyses it (deterministic; the parent checks fingerprints), then times
   the jobs it is sent. Per-iteration times are the max over ranks.
+- ``real`` under ``torchrun``: when the command itself runs as one rank of
+  a ``torchrun`` job (one host or many), ``TorchrunBackend`` uses that job's
+  process group instead of a pool: every rank analyses the model, rank 0's
+  store decides which jobs to run, every rank runs each job, and results are
+  all-gathered so every rank builds the same table; rank 0 writes the store.
 - ``emulated``: one process, the fake process group of the mesh size, the
   real local-shard computation on the local device; the collectives move
   no data and are priced by a ``ClusterModel`` from what ``CommRecorder``
@@ -14,6 +19,7 @@ Backends (``backend.name`` is recorded in every row):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,7 +34,7 @@ from cfp.capture import capture
 from cfp.cluster import ClusterModel
 from cfp.costs import unique_transitions
 from cfp.errors import CFPError
-from cfp.mesh import MeshSpec, fake_mesh
+from cfp.mesh import MeshSpec, device_mesh, fake_mesh, launched_rank, launched_world
 from cfp.profile.jobs import Job, RankContext, combine, execute
 from cfp.profile.real import WorkerPool, cpu_cores
 from cfp.profile.store import SCHEMA, ProfileStore, ProfileTable, transition_config
@@ -176,6 +182,74 @@ class RealBackend:
         return combine(results)
 
 
+class TorchrunBackend:
+    """The real backend inside a ``torchrun`` job: this process is one mesh rank."""
+
+    name = "real"
+
+    def __init__(self, graph: BlockGraph, mesh: MeshSpec, device_type: str = "cpu", pg_timeout_s: float = 600.0):
+        world = launched_world()
+        if world != mesh.size:
+            raise CFPError(f"Mesh {mesh} needs {mesh.size} ranks; this torchrun job has {world}. Pass --nproc-per-node and --nnodes that multiply to {mesh.size}.")
+        self.graph, self.mesh, self.device_type, self.pg_timeout_s = graph, mesh, device_type, pg_timeout_s
+        self.own_group = False
+
+    def __enter__(self):
+        import datetime
+        import os
+
+        import torch.distributed as dist
+
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.mesh.size))
+        if self.device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            torch.set_num_threads(max(1, cpu_cores() // local_world))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device_type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=self.pg_timeout_s))
+            self.own_group = True
+        device = f"cuda:{torch.cuda.current_device()}" if self.device_type == "cuda" else "cpu"
+        self.ctx = RankContext(graph=self.graph, mesh=device_mesh(self.mesh, self.device_type), device=device, rank=dist.get_rank())
+        prints = self.gather(self.graph.traced.fingerprint())
+        if len(set(prints)) > 1:
+            raise CFPError(f"The ranks built different models (fingerprints {sorted(set(prints))}); is the model factory deterministic, and the same code on every host?")
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        if self.own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def gather(self, value) -> list:
+        import torch.distributed as dist
+
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+
+    def broadcast(self, value):
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def run(self, job: Job, warmup: int, iters: int, seed: int, timeout_s: float) -> dict:
+        try:
+            result = execute(self.ctx, job, warmup, iters, seed)
+        except Exception as exc:  # every rank learns of it below and stops alike
+            result = {"status": "error", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        try:
+            results = self.gather(result)
+        except Exception as exc:
+            raise CFPError(f"The ranks lost each other while profiling {job.describe()} ({type(exc).__name__}: {exc}); a rank crashed or hung.") from exc
+        failed = [(r, res["error"]) for r, res in enumerate(results) if res["status"] == "error"]
+        if failed:
+            raise CFPError(f"Rank {failed[0][0]} failed while profiling {job.describe()}: {failed[0][1]}")
+        return combine(results)
+
+
 # -- the run -------------------------------------------------------------------
 
 @dataclass
@@ -216,26 +290,36 @@ def profile(
     device_type = "cuda" if str(spec.device).startswith("cuda") else "cpu"
     dev = device_kind(device_type)
     jobs = block_jobs(graph) + (transition_jobs(graph) if transitions else [])
-    rows, todo = [], []
-    for job in jobs:
-        key = job_key(job, graph, mesh, backend, dev, cluster)
-        hit = store.lookup(key)
-        (rows.append(hit) if hit is not None else todo.append((job, key)))
-    cached = len(rows)
-    if on_progress:
-        on_progress(cached, cached, len(jobs), None)
-    if todo:
-        runner = EmulatedBackend(graph, mesh, cluster, device="cpu" if device_type == "cpu" else "cuda:0") if backend == "emulated" else RealBackend(spec, graph, mesh, device_type)
-        try:
-            with runner:
-                for done, (job, key) in enumerate(todo, start=1):
-                    row = {**key, **runner.run(job, warmup, iters, seed, timeout_s)}
-                    store.add(row)
-                    rows.append(row)
-                    if on_progress:
-                        on_progress(cached + done, cached, len(jobs), job)
-        finally:
-            store.flush()
+    keys = [job_key(job, graph, mesh, backend, dev, cluster) for job in jobs]
+    spmd = backend == "real" and launched_world() > 1
+    writes = not spmd or launched_rank() == 0
+    with (TorchrunBackend(graph, mesh, device_type, timeout_s) if spmd else contextlib.nullcontext()) as group:
+        stored = [store.lookup(key) for key in keys] if writes else None
+        if spmd:
+            stored = group.broadcast(stored)  # rank 0's store decides, so that every rank runs the same jobs
+        rows = [row for row in stored if row is not None]
+        todo = [(job, key) for job, key, row in zip(jobs, keys, stored) if row is None]
+        cached = len(rows)
+        if on_progress:
+            on_progress(cached, cached, len(jobs), None)
+        if todo:
+            if spmd:
+                runner = group
+            elif backend == "emulated":
+                runner = EmulatedBackend(graph, mesh, cluster, device="cpu" if device_type == "cpu" else "cuda:0")
+            else:
+                runner = RealBackend(spec, graph, mesh, device_type)
+            try:
+                with (contextlib.nullcontext() if spmd else runner):
+                    for done, (job, key) in enumerate(todo, start=1):
+                        row = {**key, **runner.run(job, warmup, iters, seed, timeout_s)}
+                        if writes:
+                            store.add(row)
+                        rows.append(row)
+                        if on_progress:
+                            on_progress(cached + done, cached, len(jobs), job)
+            finally:
+                store.flush()
     frame = pd.DataFrame(rows)
     return ProfileRun(
         table=ProfileTable(frame, name=f"profiled-{backend}"),

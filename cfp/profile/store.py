@@ -186,6 +186,11 @@ class ProfileTable:
     def block_time(self, class_id: str, config: str) -> float:
         return self._time(self._blocks.get((class_id, config)), f"block class {class_id} config {config!r}")
 
+    def block_phase_s(self, class_id: str, config: str, phase: str) -> float:
+        """One measured phase of a block (``forward``, ``backward``, ``reduce``, ``optimizer``), in seconds."""
+        self.block_time(class_id, config)  # a clear error if it was never profiled
+        return float(self._blocks[(class_id, config)][f"{phase}_s"])
+
     def block_cost(self, class_id: str, config: str) -> BlockCost:
         """Measured compute and communication: ``comm_s`` (timed collectives, or priced when emulated) and the rest."""
         total = self.block_time(class_id, config)

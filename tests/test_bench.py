@@ -1,0 +1,63 @@
+"""cfp bench: every plan in real interleaved training steps on a 2-rank gloo group."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+import cfp
+from cfp.bench import COLUMNS, BenchPlan, summarize
+from cfp.cli import main
+from cfp.plan import Plan
+
+
+def _plan(configs: list[str]) -> Plan:
+    blocks = [{"config": c} for c in configs]
+    return Plan(model={}, mesh={"shape": [2], "names": ["d0"]}, parameters={}, blocks=blocks, predicted_step_time_s=0.0,
+                time_breakdown_s={}, memory_per_device_bytes={}, solve={}, provenance={})
+
+
+def test_summary_columns_ratios_and_errors():
+    plans = [BenchPlan("cfp", _plan(["rep", "col"]), 0.011, 0.001), BenchPlan("dp", _plan(["batch", "batch"]), 0.03, 0.002)]
+    steps = lambda xs: [{"step_s": x, "fwd_bwd_s": x * 0.8, "optimizer_s": x * 0.2, "loss": 1.0} for x in xs]
+    raw = {
+        "cfp": {"steps": steps([0.010, 0.012, 0.009]), "peak_mem_bytes": 100, "first_loss": 5.5},
+        "dp": {"steps": steps([0.020, 0.022, 0.040]), "peak_mem_bytes": 200, "first_loss": 5.5},
+    }
+    table = summarize(plans, raw)
+    assert list(table.columns) == COLUMNS
+    cfp_row, dp_row = table.iloc[0], table.iloc[1]
+    assert cfp_row["median_step_s"] == pytest.approx(0.010)
+    assert cfp_row["prediction_error"] == pytest.approx(0.1)
+    assert dp_row["ratio_to_cfp"] == pytest.approx(2.2)
+    assert dp_row["configs"] == "batchx2"
+    assert cfp_row["steps"] == 3 and dp_row["peak_mem_bytes"] == 200
+
+
+def test_bench_runs_every_plan(tmp_path, monkeypatch):
+    """Real profiles, real steps: one CSV row per plan, equal first losses (same weights, same batch, same model)."""
+    monkeypatch.setenv("CFP_PROFILE_DIR", str(tmp_path / "store"))
+    plan_file = tmp_path / "megatron.json"
+    assert main(["plan", "gpt:tiny", "--mesh", "2", "--cost", "analytic", "--cluster", "cpu-gloo-local", "--baseline", "megatron", "-o", str(plan_file)]) == 0
+    csv = tmp_path / "bench.csv"
+    args = ["bench", "gpt:tiny", "--mesh", "2", "--plans", f"cfp,dp,analytic,{plan_file}", "--steps", "3", "--warmup", "1", "--csv", str(csv)]
+    assert main(args) == 0
+    table = pd.read_csv(csv)
+    assert list(table["plan"]) == ["cfp", "dp", "analytic", "megatron"]
+    for col in ("plan", "median_step_s", "predicted_step_s", "peak_mem_bytes"):
+        assert col in table.columns
+    assert (table["median_step_s"] > 0).all() and (table["predicted_step_s"] > 0).all() and (table["peak_mem_bytes"] > 0).all()
+    assert (table["steps"] == 3).all()
+    assert table.loc[0, "ratio_to_cfp"] == 1.0
+    assert table["first_loss"].max() - table["first_loss"].min() < 1e-4
+    assert all(math.isfinite(e) for e in table["prediction_error"])
+
+
+def test_bench_refuses_a_baseline_that_does_not_apply(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFP_PROFILE_DIR", str(tmp_path / "store"))
+    with pytest.raises(cfp.CFPError, match="expert baseline does not apply"):
+        cfp.bench("gpt:tiny", "2", plans=["expert"], steps=1)
+    with pytest.raises(cfp.CFPError, match="Unknown plan"):
+        cfp.bench("gpt:tiny", "2", plans=["fastest"], steps=1)
