@@ -88,7 +88,9 @@ def execute(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int = 0) 
 
 
 def combine(results: list[dict], comm_priced: dict[str, float] | None = None) -> dict:
-    """Rank results -> one row's measurements (seconds).
+    """Rank results -> one row's measurements (seconds): per phase the median
+    of the per-iteration max over ranks; in total the median of the
+    per-iteration max over ranks of each rank's whole iteration.
 
     ``comm_priced``: the emulated backend's communication time per phase,
     added to the measured local compute. On the real backend communication is
@@ -104,13 +106,17 @@ def combine(results: list[dict], comm_priced: dict[str, float] | None = None) ->
     comm = comm_priced or {}
     for ph, key in (("forward", "forward"), ("backward", "backward"), ("reduce", "grad")):
         per_iter[ph] = [t + comm.get(key, 0.0) for t in per_iter[ph]]
-    totals = [sum(per_iter[ph][i] for ph in per_iter) for i in range(n)]
+    # A rank that finishes backward early waits inside its next collective, so per-phase maxima
+    # would count that skew twice (once in the slow rank's phase, once in the waiting rank's).
+    # An iteration lasts as long as its slowest rank's whole program.
+    priced = sum(comm.values())
+    totals = [max(sum(r[ph][i] for ph in phases) for r in results) + priced for i in range(n)]
     q = statistics.quantiles(totals, n=4) if len(totals) >= 2 else [totals[0]] * 3
     return {
         "status": "ok",
         "error": "",
         **{f"{ph}_s": statistics.median(per_iter[ph]) for ph in phases},
-        "comm_s": sum(comm.values()) if comm_priced is not None else max(r["comm_seconds"] for r in results),
+        "comm_s": priced if comm_priced is not None else max(r["comm_seconds"] for r in results),
         "total_s": statistics.median(totals),
         "total_min_s": min(totals),
         "total_max_s": max(totals),
