@@ -34,26 +34,15 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
 from cfp.errors import CFPError
 from cfp.plan import Plan, spec_json, block_entry, parameter_placements
 from cfp.program import BlockRun, Placements, _call, grad_placements
+from cfp.propagate import parse_placement
 from cfp.spec import ModelSpec, Workload, build
-
-
-def parse_placement(text: str) -> Placement:
-    """``"Shard(0)"``, ``"Replicate()"``, ``"Partial(sum)"`` -> the placement."""
-    text = text.strip()
-    if text.startswith("Shard(") and text.endswith(")"):
-        return Shard(int(text[6:-1]))
-    if text.startswith("Partial(") and text.endswith(")"):
-        return Partial(text[8:-1] or "sum")
-    if text == "Replicate()":
-        return Replicate()
-    raise CFPError(f"Plan placement {text!r} is not Shard(d), Replicate() or Partial(op).")
 
 
 def parse_placements(texts: Sequence[str] | None) -> Placements | None:

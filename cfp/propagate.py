@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from cfp.blocks import Block
 from cfp.capture import TracedModel
 from cfp.configs import BlockConfig
+from cfp.errors import CFPError
 from cfp.program import Collective, CommRecorder, Placements, grad_placements, make_dtensor, run_block
 
 
@@ -36,6 +37,18 @@ def placements_str(ps) -> list[str] | None:
     if ps is None:
         return None
     return [placement_str(p) for p in ps]
+
+
+def parse_placement(text: str) -> Placement:
+    """``"Shard(0)"``, ``"Replicate()"``, ``"Partial(sum)"`` -> the placement (placement_str's inverse)."""
+    text = text.strip()
+    if text.startswith("Shard(") and text.endswith(")"):
+        return Shard(int(text[6:-1]))
+    if text.startswith("Partial(") and text.endswith(")"):
+        return Partial(text[8:-1] or "sum")
+    if text == "Replicate()":
+        return Replicate()
+    raise CFPError(f"Placement {text!r} is not Shard(d), Replicate() or Partial(op).")
 
 
 @dataclass

@@ -27,24 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate
 
 from cfp.analyze import BlockGraph
 from cfp.blocks import Block
 from cfp.costs import TransitionKey
 from cfp.program import Collective, CommRecorder, Placements, grad_placements, make_dtensor, run_block
-from cfp.propagate import Propagation, entry_placements, exit_gradients, reduce_gradients
-
-
-def parse_placement(text: str) -> Placement:
-    """``"Shard(0)"``, ``"Replicate()"``, ``"Partial(sum)"`` -> the placement."""
-    if text.startswith("Shard("):
-        return Shard(int(text[6:-1]))
-    if text.startswith("Partial("):
-        return Partial(text[8:-1] or "sum")
-    if text == "Replicate()":
-        return Replicate()
-    raise ValueError(f"unknown placement {text!r}")
+from cfp.propagate import Propagation, entry_placements, exit_gradients, parse_placement, reduce_gradients
 
 
 def _seed(seed: int, name: str) -> int:
@@ -153,7 +142,10 @@ class BlockProgram(_Timed):
 
     def exit_grad(self, out: DTensor) -> torch.Tensor:
         name = next(n for n in self.block.outputs if self._values.get(n) is out)
-        return seeded(out.shape, out.dtype, "grad:" + name, self.seed, self.device)
+        key = "grad:" + name
+        if key not in self.globals:  # made once: drawing random numbers is not part of the program
+            self.globals[key] = seeded(out.shape, out.dtype, key, self.seed, self.device)
+        return self.globals[key]
 
     # -- one iteration --------------------------------------------------------
     def iterate(self, sync=lambda: None, record: bool = False, optimize: bool = False) -> tuple[tuple[float, ...], list[Collective], dict]:
@@ -175,6 +167,8 @@ class BlockProgram(_Timed):
         self._values = run.values
         self.params = [run.values[i.name] for i in self.block.inputs if i.name in self.traced.params]
         outs, grads = exit_gradients(self.block, run.values, self.mesh, self.exit_grad)
+        sync()
+        t1b = time.perf_counter()  # the upstream gradients are given, not computed, in a training step
         with ctx("backward"):
             if outs:
                 torch.autograd.backward(outs, grads)
@@ -188,20 +182,31 @@ class BlockProgram(_Timed):
                 _wait(g)
         sync()
         t3 = time.perf_counter()
-        if optimize and self.params:
-            self.step(reduced)
-        sync()
-        t4 = time.perf_counter()
+        optimizer_s = self.step(reduced, sync) if optimize and self.params else 0.0
         collectives = [c for r in recs.values() for c in r.collectives]
-        return (t1 - t0, t2 - t1, t3 - t2, t4 - t3), collectives, {"values": run.values, "grads": reduced}
+        return (t1 - t0, t2 - t1b, t3 - t2, optimizer_s), collectives, {"values": run.values, "grads": reduced}
 
-    def step(self, grads: list) -> None:
-        """What a training step's optimizer does to this block's parameters (AdamW, as examples/train.py)."""
+    def step(self, grads: list, sync) -> float:
+        """Seconds an AdamW step (as examples/train.py takes) adds for this block's parameters.
+
+        A training step calls the optimizer once for all blocks, so the fixed
+        cost of a call, timed on a one-element parameter, is taken off.
+        """
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
+            probe = make_dtensor(torch.zeros(1, device=self.device), self.mesh, (Replicate(),) * self.mesh.ndim, requires_grad=True)
+            probe.grad = torch.zeros_like(probe)
+            self.probe = torch.optim.AdamW([probe], lr=1e-6)
         for p, g in zip(self.params, grads):
             p.grad = g
-        self.optimizer.step()
+        times = []
+        for opt in (self.optimizer, self.probe):
+            sync()
+            start = time.perf_counter()
+            opt.step()
+            sync()
+            times.append(time.perf_counter() - start)
+        return max(times[0] - times[1], 0.0)
 
     def estimated_memory(self) -> int:
         """Per-rank bytes from analysis' local shapes: parameters, their gradients, every op output."""
