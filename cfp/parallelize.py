@@ -9,7 +9,8 @@ interprets the exported graph in order:
 - before a block's ops read a value from outside the block (the anchor's
   activation, a parameter, a residual stream, a buffer, a graph input), that
   value is redistributed to the placements the plan's config gives it, once
-  per block;
+  per block, and its gradient is brought back to those placements on the way
+  out of the block's backward, as profiling times it;
 - the block's ops then run with DTensor's own sharding propagation through
   ``cfp.program._call``, the very function analysis propagates and profiling
   times with (export's asserts skipped, a ``Partial`` operand of a sum with a
@@ -127,6 +128,22 @@ def _target(placements: Placements) -> Placements:
     return grad_placements(placements)
 
 
+class _GradPlacedLikeValue(torch.autograd.Function):
+    """Identity whose backward brings the gradient to the value's placements, as every block
+    program delivers its input gradients (``cfp.propagate.input_values``)."""
+
+    @staticmethod
+    def forward(ctx, value):
+        ctx.mesh, ctx.placements = value.device_mesh, tuple(value.placements)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if isinstance(grad, DTensor) and tuple(grad.placements) != ctx.placements:
+            grad = grad.redistribute(ctx.mesh, ctx.placements)
+        return grad
+
+
 class ParallelModule(nn.Module):
     """The model's exported training step on DTensors, per a CFP plan (made by ``parallelize``)."""
 
@@ -212,9 +229,10 @@ class ParallelModule(nn.Module):
             return value
         placements = _target(placements)
         if isinstance(value, DTensor):
-            if tuple(value.placements) == placements:
-                return value
-            return value.redistribute(self.mesh, placements)
+            is_param = isinstance(value, nn.Parameter)  # its gradient is reduced as it accumulates
+            if tuple(value.placements) != placements:
+                value = value.redistribute(self.mesh, placements)
+            return _GradPlacedLikeValue.apply(value) if value.requires_grad and not is_param else value
         # A plain tensor is the same on every rank: each keeps its shard, no communication.
         return distribute_tensor(value, self.mesh, placements, src_data_rank=None)
 

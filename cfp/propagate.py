@@ -131,7 +131,7 @@ def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: Devi
     result.param_bytes = sum(_local_bytes(p) for p in params)
     result.activation_bytes = sum(_local_bytes(values[n]) for n in block.nodes)
     try:
-        result.collectives = forward.collectives + _backward(block, values, params, mesh)
+        result.collectives = forward.collectives + _backward(block, values, params, input_values(block, values, traced), mesh)
     except Exception as exc:
         return Propagation(config=config, valid=False, reason="backward: " + _describe(exc))
     return result
@@ -153,8 +153,24 @@ def exit_gradients(block: Block, values: dict, mesh: DeviceMesh, make_grad=None)
     return outs, grads
 
 
+def input_values(block: Block, values: dict, traced: TracedModel) -> list[DTensor]:
+    """The block's differentiable inputs that are not parameters: their gradients flow to other blocks.
+
+    A block delivers each such gradient placed like the input itself (as
+    Megatron's column-parallel input all-reduces its gradient), so the
+    producer's backward starts from the placements it was profiled with.
+    ``cfp.parallelize`` does the same at every block entry.
+    """
+    out = []
+    for i in block.inputs:
+        value = values.get(i.name)
+        if i.name not in traced.params and isinstance(value, DTensor) and value.requires_grad:
+            out.append(value)
+    return out
+
+
 def reduce_gradients(params: list[DTensor], mesh: DeviceMesh, recorder: CommRecorder | None = None) -> list:
-    """Each parameter's gradient brought to the parameter's own placement (None where it has none)."""
+    """Each tensor's gradient brought to the tensor's own placement (None where it has none)."""
     reduced = []
     for p in params:
         grad = p.grad
@@ -166,13 +182,14 @@ def reduce_gradients(params: list[DTensor], mesh: DeviceMesh, recorder: CommReco
     return reduced
 
 
-def _backward(block: Block, values: dict, params: list[DTensor], mesh: DeviceMesh) -> list[Collective]:
-    """Backward from gradients placed like the exits, then the gradient reduction."""
+def _backward(block: Block, values: dict, params: list[DTensor], inputs: list[DTensor], mesh: DeviceMesh) -> list[Collective]:
+    """Backward from gradients placed like the exits (input gradients placed like the inputs), then the gradient reduction."""
     outs, grads = exit_gradients(block, values, mesh)
     backward = CommRecorder(mesh, "backward")
     if outs:
         with backward:
             torch.autograd.backward(outs, grads)
+            reduce_gradients(inputs, mesh, backward)
     reduce = CommRecorder(mesh, "grad")
     with reduce:
         reduce_gradients(params, mesh, reduce)

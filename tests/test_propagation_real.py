@@ -13,7 +13,7 @@ import cfp
 from cfp.analyze import analyze
 from cfp.mesh import device_mesh, parse_mesh
 from cfp.program import CommRecorder, grad_placements, make_dtensor, run_block
-from cfp.propagate import placements_str
+from cfp.propagate import input_values, placements_str, reduce_gradients
 from cfp.spec import ModelSpec
 
 SPEC = ModelSpec("gpt:tiny", batch=2, device="meta")
@@ -60,6 +60,7 @@ def _run_real(graph, mesh):
             backward = CommRecorder(mesh, "backward")
             with backward:
                 torch.autograd.backward([o for o in outs if o.requires_grad], grads)
+                reduce_gradients(input_values(block, run.values, graph.traced), mesh, backward)
             exits = [tuple(o.placements) for o in outs]
             observed[(class_id, prop.config.name)] = _signature((exits, forward.collectives + backward.collectives))
     return observed

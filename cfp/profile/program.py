@@ -33,7 +33,7 @@ from cfp.analyze import BlockGraph
 from cfp.blocks import Block
 from cfp.costs import TransitionKey
 from cfp.program import Collective, CommRecorder, Placements, grad_placements, make_dtensor, run_block
-from cfp.propagate import Propagation, entry_placements, exit_gradients, parse_placement, reduce_gradients
+from cfp.propagate import Propagation, entry_placements, exit_gradients, input_values, parse_placement, reduce_gradients
 
 
 def _seed(seed: int, name: str) -> int:
@@ -166,12 +166,15 @@ class BlockProgram(_Timed):
         t1 = time.perf_counter()
         self._values = run.values
         self.params = [run.values[i.name] for i in self.block.inputs if i.name in self.traced.params]
+        inputs = input_values(self.block, run.values, self.traced)
         outs, grads = exit_gradients(self.block, run.values, self.mesh, self.exit_grad)
         sync()
         t1b = time.perf_counter()  # the upstream gradients are given, not computed, in a training step
         with ctx("backward"):
             if outs:
                 torch.autograd.backward(outs, grads)
+            for g in reduce_gradients(inputs, self.mesh, recs.get("backward")):
+                _wait(g)
             for p in self.params:
                 _wait(p.grad)
         sync()
