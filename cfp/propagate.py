@@ -131,7 +131,7 @@ def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: Devi
     result.param_bytes = sum(_local_bytes(p) for p in params)
     result.activation_bytes = sum(_local_bytes(values[n]) for n in block.nodes)
     try:
-        result.collectives = forward.collectives + _backward(block, values, params, input_values(block, values, traced), mesh)
+        result.collectives = forward.collectives + _backward(block, values, params, input_values(block, values), mesh)
     except Exception as exc:
         return Propagation(config=config, valid=False, reason="backward: " + _describe(exc))
     return result
@@ -153,18 +153,19 @@ def exit_gradients(block: Block, values: dict, mesh: DeviceMesh, make_grad=None)
     return outs, grads
 
 
-def input_values(block: Block, values: dict, traced: TracedModel) -> list[DTensor]:
-    """The block's differentiable inputs that are not parameters: their gradients flow to other blocks.
+def input_values(block: Block, values: dict) -> list[DTensor]:
+    """The block's differentiable inputs made by other blocks: their gradients flow back to them.
 
     A block delivers each such gradient placed like the input itself (as
     Megatron's column-parallel input all-reduces its gradient), so the
     producer's backward starts from the placements it was profiled with.
-    ``cfp.parallelize`` does the same at every block entry.
+    ``cfp.parallelize`` does the same at every block entry. Parameters,
+    buffers and graph inputs (no producer) send no gradient to another block.
     """
     out = []
     for i in block.inputs:
         value = values.get(i.name)
-        if i.name not in traced.params and isinstance(value, DTensor) and value.requires_grad:
+        if i.producer is not None and isinstance(value, DTensor) and value.requires_grad:
             out.append(value)
     return out
 

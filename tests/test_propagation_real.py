@@ -60,7 +60,7 @@ def _run_real(graph, mesh):
             backward = CommRecorder(mesh, "backward")
             with backward:
                 torch.autograd.backward([o for o in outs if o.requires_grad], grads)
-                reduce_gradients(input_values(block, run.values, graph.traced), mesh, backward)
+                reduce_gradients(input_values(block, run.values), mesh, backward)
             exits = [tuple(o.placements) for o in outs]
             observed[(class_id, prop.config.name)] = _signature((exits, forward.collectives + backward.collectives))
     return observed

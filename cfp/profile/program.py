@@ -166,7 +166,7 @@ class BlockProgram(_Timed):
         t1 = time.perf_counter()
         self._values = run.values
         self.params = [run.values[i.name] for i in self.block.inputs if i.name in self.traced.params]
-        inputs = input_values(self.block, run.values, self.traced)
+        inputs = input_values(self.block, run.values)
         outs, grads = exit_gradients(self.block, run.values, self.mesh, self.exit_grad)
         sync()
         t1b = time.perf_counter()  # the upstream gradients are given, not computed, in a training step
