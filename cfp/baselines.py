@@ -25,9 +25,9 @@ baseline does not apply (no linear is recognised, no block has experts).
 from __future__ import annotations
 
 import re
-from collections import Counter
 from typing import Callable
 
+from cfp.costs import shared_parameters
 from cfp.errors import CFPError
 
 COLUMN = re.compile(r"(^|\.)(c_attn|c_fc|wq|wk|wv|w1|w3|w_in|q_proj|k_proj|v_proj|gate_proj|up_proj|query_key_value|dense_h_to_4h)(\.weight|\.bias)?$")
@@ -50,15 +50,9 @@ def dp(graph) -> list[int]:
     return _choose(graph, lambda block: ["batch"] * graph.mesh.ndim)
 
 
-def _shared_params(graph) -> set[str]:
-    """Parameter placeholders read by more than one block (tied weights)."""
-    reads = Counter(i.name for b in graph.blocks for i in b.inputs if i.name in graph.traced.params)
-    return {name for name, n in reads.items() if n > 1}
-
-
 def megatron(graph) -> list[int] | None:
     traced = graph.traced
-    shared = _shared_params(graph)
+    shared = shared_parameters(graph)
 
     def role(block) -> str:
         fqns = [traced.params[i.name] for i in block.anchor_params()]

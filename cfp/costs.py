@@ -8,6 +8,7 @@ producer leaves it in and those its consumer needs, forward and backward.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Protocol
 
@@ -111,3 +112,13 @@ def edge_transitions(graph: "BlockGraph") -> Iterator[EdgeTransition]:
 def unique_transitions(graph: "BlockGraph") -> set[TransitionKey]:
     """The distinct non-trivial transitions a plan of this graph can need."""
     return {t.key for t in edge_transitions(graph) if not t.key.is_noop}
+
+
+def shared_parameters(graph: "BlockGraph") -> dict[str, list[tuple[int, int]]]:
+    """Parameters read by more than one block (tied weights) -> (block id, input position) of each read."""
+    readers: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for block in graph.blocks:
+        for pos, inp in enumerate(block.inputs):
+            if inp.name in graph.traced.params:
+                readers[inp.name].append((block.id, pos))
+    return {name: r for name, r in readers.items() if len(r) > 1}

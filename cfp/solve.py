@@ -30,7 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from cfp import baselines
-from cfp.costs import CostModel, TransitionKey, value_edges
+from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
 from cfp.propagate import placements_str
 
@@ -322,12 +322,7 @@ class _Builder:
     def _tied_params(self) -> None:
         """A parameter read by several blocks takes one placement."""
         graph = self.graph
-        readers: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for block in graph.blocks:
-            for pos, inp in enumerate(block.inputs):
-                if inp.name in graph.traced.params:
-                    readers[inp.name].append((block.id, pos))
-        self.tied = {p: r for p, r in readers.items() if len(r) > 1}
+        self.tied = shared_parameters(graph)
         for param, rs in self.tied.items():
             b0, p0 = rs[0]
             g0 = self.group_of[b0]
