@@ -73,14 +73,10 @@ class BenchResult:
 
 def _choice_of(plan: Plan, graph) -> list[int]:
     """Config index per block of a plan loaded from a file (it must be for this model)."""
+    from cfp.parallelize import config_indices
+
     plan.check_matches(graph.traced)
-    out = []
-    for block, entry in zip(graph.blocks, plan.blocks):
-        names = [p.config.name for p in graph.block_configs(block)]
-        if entry["config"] not in names:
-            raise CFPError(f"The plan's block {block.id} has config {entry['config']!r}, which the analysis does not offer ({', '.join(names)}).")
-        out.append(names.index(entry["config"]))
-    return out
+    return config_indices(graph, [entry["config"] for entry in plan.blocks])
 
 
 def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, progress=None, strict: bool = True) -> tuple[list[BenchPlan], dict[str, str]]:

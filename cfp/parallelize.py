@@ -55,8 +55,8 @@ def parse_placements(texts: Sequence[str] | None) -> Placements | None:
 # --------------------------------------------------------------------------
 
 
-def plan_from_choice(graph, choice: Mapping[int, str] | Sequence[str] | Callable[[Any, list[str]], str]) -> Plan:
-    """A Plan choosing one config per block by name, without costs.
+def config_indices(graph, choice: Mapping[int, str] | Sequence[str] | Callable[[Any, list[str]], str]) -> list[int]:
+    """Config index per block from config names.
 
     ``choice`` is ``{block id: config name}`` (blocks left out take their
     first config), a list of names aligned with the blocks, or a function
@@ -74,7 +74,12 @@ def plan_from_choice(graph, choice: Mapping[int, str] | Sequence[str] | Callable
         if name not in names:
             raise CFPError(f"Block {block.id} ({block.anchor}) has no config {name!r}; it has {', '.join(names)}.")
         indices.append(names.index(name))
-    return plan_from_indices(graph, indices)
+    return indices
+
+
+def plan_from_choice(graph, choice: Mapping[int, str] | Sequence[str] | Callable[[Any, list[str]], str]) -> Plan:
+    """A Plan choosing one config per block by name (see ``config_indices``), without costs."""
+    return plan_from_indices(graph, config_indices(graph, choice))
 
 
 def plan_from_indices(graph, indices: Sequence[int]) -> Plan:
