@@ -217,10 +217,10 @@ def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int,
                 i = (r + k) % len(plans)  # rotate who goes first
                 ranks = pool.run(train_step, (i,), f"a training step of the {plans[i].name} plan", timeout_s)
                 slowest = max(ranks, key=lambda x: x["step_s"])
+                if r == 0:
+                    raw[plans[i].name]["first_loss"] = ranks[0]["loss"]
                 if r >= warmup:
                     raw[plans[i].name]["steps"].append(slowest)
-                elif r == 0:
-                    raw[plans[i].name]["first_loss"] = ranks[0]["loss"]
                 if on_step:
                     on_step(r * len(plans) + k + 1, rounds * len(plans))
         for i, p in enumerate(plans):
@@ -245,7 +245,7 @@ def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
             "predicted_optimizer_s": p.predicted_optimizer_s,
             "prediction_error": p.predicted_s / median - 1 if median > 0 else math.nan,
             "peak_mem_bytes": raw[p.name]["peak_mem_bytes"],
-            "first_loss": raw[p.name].get("first_loss", math.nan),
+            "first_loss": raw[p.name]["first_loss"],
             "configs": " ".join(f"{c}x{n}" for c, n in p.plan.config_counts().items()),
             "steps": len(steps),
         })
