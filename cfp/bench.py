@@ -139,7 +139,9 @@ class BenchContext:
 
 
 def bench_rank_init(rank: int, world: int, spec: ModelSpec, device_type: str):
-    device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+    from cfp.profile.real import rank_device
+
+    device = rank_device(device_type)
     return BenchContext(dataclasses.replace(spec, device=device), device), {"rank": rank}
 
 

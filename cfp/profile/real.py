@@ -39,6 +39,11 @@ class WorkerFailure(CFPError):
     """A rank crashed, raised or hung; the pool has been shut down."""
 
 
+def rank_device(device_type: str) -> str:
+    """This rank's device: its current GPU (set from its rank), or the CPU."""
+    return f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+
+
 def cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -215,8 +220,7 @@ def no_context(rank: int, world: int, device_type: str = "cpu"):
     """Init for pools that need no model (calibration, tests)."""
     from cfp.profile.jobs import RankContext
 
-    device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
-    return RankContext(graph=None, mesh=None, device=device), {"rank": rank}
+    return RankContext(graph=None, mesh=None, device=rank_device(device_type)), {"rank": rank}
 
 
 def debug_crash(ctx, rank: int) -> int:

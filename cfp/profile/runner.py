@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from cfp.analyze import BlockGraph, analyze
 from cfp.capture import capture
@@ -36,7 +39,7 @@ from cfp.costs import unique_transitions
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, device_mesh, fake_mesh, launched_rank, launched_world
 from cfp.profile.jobs import Job, RankContext, combine, execute
-from cfp.profile.real import WorkerPool, cpu_cores
+from cfp.profile.real import WorkerPool, cpu_cores, rank_device
 from cfp.profile.store import SCHEMA, ProfileStore, ProfileTable, transition_config
 from cfp.spec import ModelSpec, build
 
@@ -95,7 +98,7 @@ def job_key(job: Job, graph: BlockGraph, mesh: MeshSpec, backend: str, device: s
 
 def profile_rank_init(rank: int, world: int, spec: ModelSpec, mesh: MeshSpec, device_type: str):
     """Rebuild the model on this rank's device, capture and analyse it (before the real PG exists)."""
-    device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+    device = rank_device(device_type)
     traced = capture(build(dataclasses.replace(spec, device=device)))
     graph = analyze(traced, mesh)
     info = {"fingerprint": traced.fingerprint(), "configs": {c: [p.config.name for p in ps] for c, ps in graph.configs.items()}}
@@ -195,11 +198,6 @@ class TorchrunBackend:
         self.own_group = False
 
     def __enter__(self):
-        import datetime
-        import os
-
-        import torch.distributed as dist
-
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.mesh.size))
         if self.device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -208,29 +206,22 @@ class TorchrunBackend:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if self.device_type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=self.pg_timeout_s))
             self.own_group = True
-        device = f"cuda:{torch.cuda.current_device()}" if self.device_type == "cuda" else "cpu"
-        self.ctx = RankContext(graph=self.graph, mesh=device_mesh(self.mesh, self.device_type), device=device, rank=dist.get_rank())
+        self.ctx = RankContext(graph=self.graph, mesh=device_mesh(self.mesh, self.device_type), device=rank_device(self.device_type), rank=dist.get_rank())
         prints = self.gather(self.graph.traced.fingerprint())
         if len(set(prints)) > 1:
             raise CFPError(f"The ranks built different models (fingerprints {sorted(set(prints))}); is the model factory deterministic, and the same code on every host?")
         return self
 
     def __exit__(self, *exc):
-        import torch.distributed as dist
-
         if self.own_group and dist.is_initialized():
             dist.destroy_process_group()
 
     def gather(self, value) -> list:
-        import torch.distributed as dist
-
         out = [None] * dist.get_world_size()
         dist.all_gather_object(out, value)
         return out
 
     def broadcast(self, value):
-        import torch.distributed as dist
-
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
