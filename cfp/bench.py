@@ -87,7 +87,6 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
     anything is profiled.
     """
     from cfp import baselines
-    from cfp.cluster import load_cluster
     from cfp.plan import cost_model
     from cfp.profile import analyze_for_profile
     from cfp.solve import evaluate
@@ -109,8 +108,9 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         if name == "cfp":
             plan = make_plan(spec, mesh, cost="profiled", backend="real", graph=graph, costs=profiled)[0]
         elif name == "analytic":
+            # make_plan loads a cluster by name, and picks the H100 models when none is named
             local = cluster or ("cpu-gloo-local" if spec.device == "cpu" else None)
-            plan = make_plan(spec, mesh, cost="analytic", cluster=load_cluster(local) if local else None, graph=graph)[0]
+            plan = make_plan(spec, mesh, cost="analytic", cluster=local, graph=graph)[0]
         elif name in files:
             plan = files[name]
         else:
