@@ -42,10 +42,6 @@ class MeshSpec:
     def to_json(self) -> dict:
         return {"shape": list(self.shape), "names": list(self.names)}
 
-    @classmethod
-    def from_json(cls, data: dict) -> "MeshSpec":
-        return cls(tuple(data["shape"]), tuple(data["names"]))
-
 
 DEFAULT_NAMES = {1: ("tp",), 2: ("dp", "tp"), 3: ("pp", "dp", "tp")}
 

@@ -132,9 +132,6 @@ class Plan:
                 f"parameter names differ. Re-run `cfp plan` for this model."
             )
 
-    def mesh_shape(self) -> tuple[int, ...]:
-        return tuple(self.mesh["shape"])
-
     def config_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for b in self.blocks:

@@ -67,10 +67,6 @@ class Propagation:
     fallbacks: list[str] = field(default_factory=list)
 
     @property
-    def grad_bytes(self) -> int:
-        return self.param_bytes
-
-    @property
     def comm_free(self) -> bool:
         return not any(c.phase == "forward" for c in self.collectives)
 

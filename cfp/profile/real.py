@@ -235,9 +235,3 @@ def debug_hang(ctx, rank: int) -> int:
     if ctx.rank == rank:
         time.sleep(3600)
     return ctx.rank
-
-
-def debug_raise(ctx, rank: int) -> int:
-    if ctx.rank == rank:
-        raise RuntimeError("injected failure")
-    return ctx.rank

@@ -205,7 +205,3 @@ class ProfileTable:
             return 0.0
         row = self._transitions.get((json.dumps(list(key.shape)), key.dtype, transition_config(key)))
         return self._time(row, f"transition {key}")
-
-    def block_memory(self, class_id: str, config: str) -> int:
-        row = self._blocks.get((class_id, config))
-        return int(row["memory_bytes"]) if row is not None else 0
