@@ -8,11 +8,13 @@ for the contraction:
 - a letter of the activation and the output only: batch/sequence parallel,
 - of the parameter and the output only: column parallel,
 - of activation and parameter but not the output: row parallel (``Partial``),
-- of all three (an expert or batch-matmul dimension): expert parallel,
-- of the parameter only (an embedding's vocabulary): vocabulary parallel.
-  Not offered: DTensor's masked-partial embedding output cannot be reliably
-  propagated on meta tensors (whether it works depends on DTensor's cache
-  state), so analysis results would not be deterministic.
+- of all three (an expert or batch-matmul dimension): expert parallel.
+
+A letter of the parameter only (an embedding's vocabulary) would be
+vocabulary parallel. It is not offered (``candidates`` leaves such letters
+out): DTensor's masked-partial embedding output cannot be reliably
+propagated on meta tensors (whether it works depends on DTensor's cache
+state), so analysis results would not be deterministic.
 
 A config picks one letter (or none: replicate) per mesh dimension; it is kept
 only where DTensor then runs the anchor without communication.
@@ -42,14 +44,14 @@ class AnchorSignature:
     output: str
     sizes: dict[str, int]  # letter -> size
 
-    def role(self, letter: str, kind: str) -> str:
+    def role(self, letter: str) -> str:
         in_act = letter in self.activation
         in_param = any(letter in p for p in self.params.values())
         in_out = letter in self.output
         if in_act and in_param:
             return "expert" if in_out else "row"
         if in_param:
-            return "col" if in_out else ("vocab" if kind == "embedding" else "param")
+            return "col"  # a letter of the parameter only is never a candidate
         dim, ndim = self.activation.index(letter), len(self.activation)
         if dim == 0 and ndim >= 2:
             return "batch"
@@ -143,7 +145,6 @@ def candidates(block: Block, traced: TracedModel, mesh_shape: tuple[int, ...]) -
     propagation (``cfp.propagate``), which drops the configs that need any.
     """
     sig = signature(block, traced)
-    kind = "embedding" if traced.nodes[block.anchor].target == aten.embedding.default else "other"
     shardable = set(sig.activation) | (set("".join(sig.params.values())) & set(sig.output + sig.activation))
     letters = [None] + sorted(shardable)
     configs = []
@@ -155,7 +156,7 @@ def candidates(block: Block, traced: TracedModel, mesh_shape: tuple[int, ...]) -
                 split[letter] = split.get(letter, 1) * size
         if any(sig.sizes[l] % s for l, s in split.items()):
             continue
-        name = "/".join("rep" if l is None else sig.role(l, kind) for l in choice)
+        name = "/".join("rep" if l is None else sig.role(l) for l in choice)
         activation = _placements(sig.activation, choice)
         params = tuple((p, _placements(l, choice)) for p, l in sig.params.items())
         configs.append(BlockConfig(name, activation, params))
