@@ -43,7 +43,8 @@ class MeshSpec:
         return {"shape": list(self.shape), "names": list(self.names)}
 
 
-DEFAULT_NAMES = {1: ("tp",), 2: ("dp", "tp"), 3: ("pp", "dp", "tp")}
+# CFP plans no pipeline stages, so no default name says "pp": a 3-D mesh is d0, d1, d2 unless named.
+DEFAULT_NAMES = {1: ("tp",), 2: ("dp", "tp")}
 
 
 def parse_mesh(text: str | MeshSpec) -> MeshSpec:
