@@ -42,7 +42,7 @@ class Collective:
     mesh_dim: int
     bytes: int
     phase: str  # "forward", "backward" or "grad" (gradient reduction)
-    op: str  # the block op (or "grad:<param>") that caused it
+    op: str  # the block op that caused it, or "grad" for a gradient brought to its tensor's placements
     seconds: float = 0.0  # time from issuing it to its result being ready (only when timed)
 
 

@@ -161,7 +161,7 @@ def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | N
 class Solution:
     choice: list[int]  # config index per block
     evaluation: Evaluation
-    status: str  # "OPTIMAL" or "FEASIBLE"
+    status: str  # CP-SAT's "OPTIMAL" or "FEASIBLE"; for a fixed choice, what chose it ("baseline dp")
     objective_s: float  # the solver's objective, in seconds
     best_bound_s: float
     seconds: float  # solve time (building the model included)
