@@ -30,9 +30,7 @@ from cfp.cluster import CLUSTERS_DIR
 from cfp.costs import BlockCost, TransitionKey
 from cfp.errors import CFPError
 
-SCHEMA = 6  # 2: optimizer_s in total_s, comm_s measured on the real backend; 3: total_s is the slowest rank's whole iteration;
-# 4: the upstream gradients are made outside the timed backward, an optimizer call's fixed cost is taken off;
-# 5, 6: gradients sent to producing blocks are placed like the inputs (in backward)
+SCHEMA = 6  # bump when what a row measures changes (rows of another schema are re-measured); the history is in git
 KEY = ["kind", "class_id", "config", "shape_key", "mesh", "device_kind", "backend", "cluster", "dtype", "torch_version", "schema"]
 VALUES = [
     "status", "error", "forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s",
