@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from rich.text import Text
+
 import cfp
 from cfp.commands.common import console
 from cfp.errors import CFPError
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except CFPError as exc:
         if args.debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # The message is plain text: brackets in it (a path, a gloo error, an --arg) are not rich markup.
+        console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

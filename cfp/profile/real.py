@@ -171,12 +171,30 @@ class WorkerPool:
                     )
                 continue
             if kind in ("failed", "error"):
-                first = payload.splitlines()[0] if payload else ""
-                raise WorkerFailure(f"Rank {rank} failed while {what}: {first}; all {self.world} worker processes were stopped.\n{payload if os.environ.get('CFP_DEBUG') else ''}".rstrip())
+                raise self._failure(rank, payload, what)
             if ready != (kind == "ready") or (not ready and jid != job_id):
                 continue  # a stale reply of an earlier job
             replies[rank] = payload
         return replies
+
+    def _failure(self, rank: int, payload: str, what: str, grace_s: float = 1.0) -> WorkerFailure:
+        """The error for a rank that reported ``payload``, blaming a rank that died instead where there is one.
+
+        When one rank dies mid-collective its peers raise connection errors, and one of them may report first;
+        the dead rank is the cause, so a moment is given for its exit to be seen.
+        """
+        first = payload.splitlines()[0] if payload else ""
+        stopped = f"all {self.world} worker processes were stopped"
+        deadline = time.monotonic() + grace_s
+        while True:
+            dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if r != rank and p.exitcode is not None]
+            if dead:
+                r, code = dead[0]
+                return WorkerFailure(f"Rank {r} died (exit code {code}) while {what}; rank {rank} then failed ({first}); {stopped}.")
+            if time.monotonic() > deadline:
+                debug = f"\n{payload}" if os.environ.get("CFP_DEBUG") else ""
+                return WorkerFailure(f"Rank {rank} failed while {what}: {first}; {stopped}.{debug}")
+            time.sleep(0.05)
 
     def close(self) -> None:
         """Stop every worker: ask, then terminate, then kill; always join."""
