@@ -30,6 +30,7 @@ def test_brackets_in_an_error_are_printed_literally(capsys):
     assert main(["inspect", FAULTY, "--arg", "foo=[/bar]"]) == 1
     out = capsys.readouterr().out
     assert "error:" in out and "foo=[/bar]" in out and "unexpected keyword" in out
+    assert out.count("\n") == 1  # without a terminal, lines are not wrapped (nor tables cut) at 80 columns
 
 
 @pytest.mark.parametrize("fault, says", [("exit", "Rank 1 died (exit code 1)"), ("raise", "Rank 1 failed")])

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from rich.console import Console
 
 from cfp.spec import ModelSpec, parse_args
 
-console = Console()
+# Without a terminal (logs, CI, pipes) rich would cut tables and wrap lines at 80 columns; there, lines are as wide
+# as their content instead (tables size themselves to it), unless COLUMNS says otherwise.
+console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=100_000)
 
 
 def add_model_args(p: argparse.ArgumentParser, device: str = "meta") -> None:
