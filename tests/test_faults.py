@@ -4,13 +4,17 @@ The faulty model is ``tests/faults.py:build``; runs carry a marker in their envi
 they started (workers, their helpers) can be found in /proc afterwards.
 """
 
+import json
+import re
 import subprocess
 import sys
 import uuid
 
 import pytest
 
+import cfp
 from cfp.cli import main
+from cfp.errors import CFPError
 from tests.faults import cfp_env, wait_for_no_survivors
 
 FAULTY = "tests/faults.py:build"
@@ -57,3 +61,45 @@ def test_bad_sizes_are_refused_before_any_work(model, args, says, capsys):
         assert main([command[0], model, *command[1:], *args]) == 1
         out = capsys.readouterr().out
         assert says in out, out
+
+
+# -- 7: plans are validated against the model when loaded --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory):
+    from cfp.plan import make_plan
+
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    make_plan(cfp.ModelSpec("gpt:tiny", device="meta"), "2", cost="analytic", output=path)
+    return path
+
+
+def edited(plan_file, tmp_path, edit):
+    data = json.loads(plan_file.read_text())
+    edit(data)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def shard_seven(data):
+    data["parameters"]["transformer.h.0.mlp.c_fc.weight"] = ["Shard(7)"]
+
+
+def rename_config(data):
+    data["blocks"][3]["config"] = "expert"
+
+
+@pytest.mark.parametrize("edit, says", [
+    (shard_seven, "shards parameter transformer.h.0.mlp.c_fc.weight (shape (256, 64)) on dimension 7"),
+    (rename_config, "has config 'expert', which this block does not offer"),
+    (lambda d: d.update(schema_version="1"), "schema_version '1' (str); it must be the integer 1"),
+    (lambda d: d["parameters"].update({"lm_head.weight": ["Shard(-1)"]}), "parameter lm_head.weight has placement 'Shard(-1)'"),
+])
+def test_edited_plans_are_refused_naming_what_is_wrong(plan_file, tmp_path, capsys, edit, says):
+    path = edited(plan_file, tmp_path, edit)
+    assert main(["report", str(path)]) == 1
+    assert says in capsys.readouterr().out
+    workload = cfp.build(cfp.ModelSpec("gpt:tiny", device="cpu"))
+    with pytest.raises(CFPError, match=re.escape(says)):
+        cfp.parallelize(workload.model, path, example_inputs=workload.inputs)
