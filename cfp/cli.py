@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from rich.text import Text
 
 import cfp
 from cfp.commands.common import console
-from cfp.errors import CFPError
+from cfp.errors import CFPError, CFPWarning
 
 COMMANDS = ["inspect", "analyze", "profile", "calibrate", "plan", "report", "bench"]
 
@@ -25,10 +26,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """CFP's own warnings as one plain line; others as Python shows them."""
+    if issubclass(category, CFPWarning):
+        console.print(Text.assemble(("warning: ", "yellow"), str(message)), highlight=False)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     from cfp.mesh import launched_rank
 
     args = parser().parse_args(argv)
+    warnings.showwarning = show_warning
     console.quiet = launched_rank() != 0  # under torchrun every rank runs the command; rank 0 reports
     try:
         args.run(args)

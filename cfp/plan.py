@@ -19,6 +19,7 @@ Top-level keys (``schema_version`` 1):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,15 @@ class Plan:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        try:
+            text = json.dumps(self.to_json(), indent=1, allow_nan=False)  # bare NaN/Infinity is not JSON
+        except ValueError:
+            where = ", ".join(non_finite(self.to_json())[:3])
+            raise CFPError(
+                f"The plan holds non-finite numbers ({where}), which JSON cannot carry; {path} was not written. "
+                f"A profile row or cost behind them is invalid: re-measure with `cfp profile`."
+            ) from None
+        path.write_text(text + "\n")
 
     @classmethod
     def from_json(cls, data: Any, source: str = "plan") -> "Plan":
@@ -191,6 +200,17 @@ class Plan:
         for b in self.blocks:
             out[b["config"]] = out.get(b["config"], 0) + 1
         return out
+
+
+def non_finite(value: Any, path: str = "") -> list[str]:
+    """Paths (``baselines.dp.predicted_step_time_s``) of NaN or infinite numbers in a JSON-like value."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{path or 'value'} = {value}"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in non_finite(v, f"{path}[{i}]")]
+    return []
 
 
 def check_mesh(mesh: Any) -> None:
@@ -420,6 +440,8 @@ def make_plan(
         if choice is None:
             continue
         ev = evaluate(graph, costs, choice)
+        if not math.isfinite(ev.total_s):
+            continue  # a block of it cannot run (out of memory when profiled): there is no prediction to record
         baselines[name] = {
             "predicted_step_time_s": ev.total_s,
             "memory_per_device_bytes": ev.memory.total,

@@ -9,10 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import subprocess
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -93,3 +96,24 @@ def cfp_env(marker: str, **extra) -> dict:
     env = {**os.environ, "CFP_TEST_MARKER": marker, **extra}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
     return env
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """``path`` read-only for this process: by permissions, or (as root, whom permissions do not stop) a read-only bind mount."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a read-only directory here (root without mount)")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

@@ -5,17 +5,27 @@ they started (workers, their helpers) can be found in /proc afterwards.
 """
 
 import json
+import math
 import re
 import subprocess
 import sys
 import uuid
+import warnings
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 import cfp
 from cfp.cli import main
+from cfp.cluster import load_cluster
 from cfp.errors import CFPError
-from tests.faults import cfp_env, wait_for_no_survivors
+from cfp.mesh import parse_mesh
+from cfp.plan import make_plan
+from cfp.profile import ProfileStore, analyze_for_profile, profile
+from cfp.profile.store import SCHEMA, StoreWarning
+from tests.faults import cfp_env, read_only, wait_for_no_survivors
 
 FAULTY = "tests/faults.py:build"
 
@@ -67,8 +77,6 @@ def test_bad_sizes_are_refused_before_any_work(model, args, says, capsys):
 
 @pytest.fixture(scope="module")
 def plan_file(tmp_path_factory):
-    from cfp.plan import make_plan
-
     path = tmp_path_factory.mktemp("plan") / "plan.json"
     make_plan(cfp.ModelSpec("gpt:tiny", device="meta"), "2", cost="analytic", output=path)
     return path
@@ -103,3 +111,73 @@ def test_edited_plans_are_refused_naming_what_is_wrong(plan_file, tmp_path, caps
     workload = cfp.build(cfp.ModelSpec("gpt:tiny", device="cpu"))
     with pytest.raises(CFPError, match=re.escape(says)):
         cfp.parallelize(workload.model, path, example_inputs=workload.inputs)
+
+
+# -- 5, 3: the store keeps its rows valid, takes turns between runs, and refuses what it could not keep ----------------
+
+EMULATED = ["--mesh", "2", "--backend", "emulated", "--cluster", "h100-nvlink-8", "--warmup", "0", "--iters", "1"]
+
+
+def stored_rows(store) -> pd.DataFrame:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StoreWarning)
+        return ProfileStore(store).frame
+
+
+def test_invalid_rows_are_remeasured_and_never_reach_a_plan(tmp_path):
+    spec = cfp.ModelSpec(FAULTY, device="cpu")
+    graph = analyze_for_profile(spec, parse_mesh("2"))
+    cluster = load_cluster("h100-nvlink-8")
+    first = profile(graph, spec, "emulated", cluster, tmp_path, warmup=0, iters=1)
+    for part in (tmp_path / "blocks").glob("*.parquet"):
+        df = pd.read_parquet(part)
+        df.loc[0, "total_s"], df.loc[1, "backward_s"] = math.nan, -1.0
+        df.to_parquet(part, index=False)
+    with pytest.warns(StoreWarning, match="2 rows marked ok have timings that are NaN, infinite or negative"):
+        again = profile(graph, spec, "emulated", cluster, tmp_path, warmup=0, iters=1)
+    assert again.measured == 2 and again.cached == first.jobs - 2
+    assert np.isfinite(again.table.rows["total_s"]).all()
+    plan = make_plan(graph.traced, "2", cost="analytic", graph=graph, costs=again.table)[0]
+    plan.predicted_step_time_s = math.nan
+    with pytest.raises(CFPError, match="non-finite numbers \\(predicted_step_time_s = nan\\)"):
+        plan.save(tmp_path / "plan.json")
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_two_runs_on_one_store_take_turns(tmp_path):
+    store = tmp_path / "store"
+    # Many parts from another mesh, so that a run compacts them while the other reads.
+    filler = ProfileStore(store, flush_every_s=0)
+    for i in range(40):
+        filler.add({"kind": "block", "class_id": f"other{i}", "config": "rep", "shape_key": "[]", "mesh": "9", "device_kind": "cpu",
+                    "backend": "emulated", "cluster": "", "dtype": "float32", "torch_version": torch.__version__, "schema": SCHEMA,
+                    "status": "ok", "total_s": 1e-3})
+    marker = uuid.uuid4().hex
+    runs = [subprocess.Popen([sys.executable, "-m", "cfp.cli", "profile", FAULTY, *EMULATED, "--store", str(store),
+                              "--json", str(tmp_path / f"run{i}.json")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cfp_env(marker)) for i in range(2)]
+    outs = [r.communicate(timeout=240)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], outs
+    results = [json.loads((tmp_path / f"run{i}.json").read_text()) for i in range(2)]
+    assert sum(r["measured"] for r in results) == results[0]["jobs"]  # every job measured once, by one run
+    rows = stored_rows(store)
+    assert len(rows) == 40 + results[0]["jobs"]  # nothing lost, the filler included
+    assert len(list((store / "blocks").glob("*.parquet"))) <= 33
+
+
+def test_a_store_that_cannot_keep_rows_is_refused_before_measuring(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    out, marker = run_cfp("profile", FAULTY, *EMULATED, "--store", afile)
+    assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
+    assert f"Profile store {afile} is a file, not a directory" in out.stdout and "need measuring" in out.stdout
+    # A read-only store with a corrupt file and rows missing: nothing is measured, nothing is lost.
+    store = tmp_path / "store"
+    (store / "blocks").mkdir(parents=True)
+    (store / "blocks" / "part-bad.parquet").write_bytes(b"not parquet")
+    with read_only(store):
+        out, marker = run_cfp("profile", FAULTY, *EMULATED, "--store", store)
+        assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
+        assert "cannot be read" in out.stdout and "left in place" in out.stdout
+        assert "is not writable" in out.stdout and "nothing was measured" in out.stdout
+    assert (store / "blocks" / "part-bad.parquet").exists()
