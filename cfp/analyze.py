@@ -19,6 +19,7 @@ import torch
 
 from cfp.blocks import Block, partition
 from cfp.capture import TracedModel
+from cfp.children import die_with_parent
 from cfp.configs import candidates
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, fake_mesh, parse_mesh
@@ -170,7 +171,8 @@ def _propagate_class(block: Block, traced: TracedModel, mesh: MeshSpec, device_m
 _WORKER_STATE: dict = {}
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     _WORKER_STATE["context"] = fake_mesh(_WORKER_STATE["mesh"])
     _WORKER_STATE["device_mesh"] = _WORKER_STATE["context"].__enter__()
 
@@ -185,7 +187,7 @@ def _propagate_in_workers(blocks: list[Block], traced: TracedModel, mesh: MeshSp
     order = sorted(range(len(blocks)), key=lambda i: -len(blocks[i].nodes))
     results: list[list[Propagation] | None] = [None] * len(blocks)
     try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             pending = {i: pool.apply_async(_worker_run, (blocks[i],)) for i in order}
             for done, i in enumerate(order):
                 results[i] = pending[i].get()

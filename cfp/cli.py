@@ -10,6 +10,7 @@ import warnings
 from rich.text import Text
 
 import cfp
+from cfp.children import exit_on_sigterm
 from cfp.commands.common import console
 from cfp.errors import CFPError, CFPWarning
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from cfp.mesh import launched_rank
 
     args = parser().parse_args(argv)
+    exit_on_sigterm()
     warnings.showwarning = show_warning
     console.quiet = launched_rank() != 0  # under torchrun every rank runs the command; rank 0 reports
     try:

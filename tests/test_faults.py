@@ -9,8 +9,11 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,8 +27,9 @@ from cfp.errors import CFPError
 from cfp.mesh import parse_mesh
 from cfp.plan import make_plan
 from cfp.profile import ProfileStore, analyze_for_profile, profile
+from cfp.profile.real import remove_stale_dirs
 from cfp.profile.store import SCHEMA, StoreWarning
-from tests.faults import cfp_env, read_only, wait_for_no_survivors
+from tests.faults import cfp_env, read_only, survivors, wait_for_no_survivors
 
 FAULTY = "tests/faults.py:build"
 
@@ -47,15 +51,13 @@ def test_brackets_in_an_error_are_printed_literally(capsys):
     assert out.count("\n") == 1  # without a terminal, lines are not wrapped (nor tables cut) at 80 columns
 
 
-@pytest.mark.parametrize("fault, says", [("exit", "Rank 1 died (exit code 1)"), ("raise", "Rank 1 failed")])
-def test_the_rank_that_failed_is_named(fault, says, tmp_path):
-    out, marker = run_cfp("profile", FAULTY, "--mesh", "2", "--store", tmp_path, "--arg", f"fault={fault}",
+def test_the_rank_that_died_is_named(tmp_path):
+    """Rank 1 exits in the model's op; rank 0's connection error (with '[/...]' in it) often arrives first."""
+    out, marker = run_cfp("profile", FAULTY, "--mesh", "2", "--store", tmp_path, "--arg", "fault=exit",
                           "--timeout", "60", "--no-transitions", "--warmup", "0", "--iters", "1")
     assert out.returncode == 1, out.stdout + out.stderr
-    assert says in out.stdout, out.stdout
+    assert "error: Rank 1 died (exit code 1) while profiling block class" in out.stdout, out.stdout
     assert "Traceback" not in out.stdout + out.stderr
-    if fault == "raise":
-        assert "injected failure [/bar]" in out.stdout
     assert not wait_for_no_survivors(marker)
 
 
@@ -181,3 +183,53 @@ def test_a_store_that_cannot_keep_rows_is_refused_before_measuring(tmp_path):
         assert "cannot be read" in out.stdout and "left in place" in out.stdout
         assert "is not writable" in out.stdout and "nothing was measured" in out.stdout
     assert (store / "blocks" / "part-bad.parquet").exists()
+
+
+# -- 4: no process of a run survives it -------------------------------------------------------------------------------
+
+def start_cfp(*args, **env):
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "cfp.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=cfp_env(marker, **env))
+    return proc, marker
+
+
+def wait_for(path, proc, within_s=120):
+    deadline = time.monotonic() + within_s
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() is not None else "timed out"
+        time.sleep(0.2)
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """kill -9 of the parent while rank 1 sleeps in the model's op and rank 0 waits for it in a collective."""
+    reached = tmp_path / "reached"
+    proc, marker = start_cfp("profile", FAULTY, "--mesh", "2", "--store", tmp_path, "--arg", "fault=sleep",
+                             "--arg", f"touch={reached}", "--no-transitions", "--warmup", "0", "--iters", "1")
+    wait_for(reached, proc)
+    pg_dirs = list(Path(tempfile.gettempdir()).glob(f"cfp-pg-{proc.pid}-*"))
+    assert pg_dirs
+    proc.kill()
+    proc.wait()
+    assert not wait_for_no_survivors(marker)
+    # The FileStore directory the killed parent could not remove goes when the next pool starts on this host.
+    remove_stale_dirs()
+    assert not any(d.exists() for d in pg_dirs)
+
+
+def test_timeout_covers_worker_start_up(tmp_path):
+    out, marker = run_cfp("profile", FAULTY, "--mesh", "2", "--store", tmp_path, "--arg", "fault=startup", "--timeout", "15")
+    assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
+    assert "Rank(s) [1] did not finish starting the worker pool within 15 s" in out.stdout
+    assert not wait_for_no_survivors(marker)
+
+
+def test_sigterm_stops_analysis_workers(tmp_path):
+    proc, marker = start_cfp("analyze", "gpt:tiny", "--mesh", "2x2", CFP_CACHE_DIR=str(tmp_path))  # empty cache: workers
+    deadline = time.monotonic() + 120
+    while len(survivors(marker)) < 2:  # the command and at least one forked analysis worker
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.terminate()
+    assert proc.wait(timeout=60) != 0
+    assert not wait_for_no_survivors(marker)

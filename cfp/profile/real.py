@@ -10,14 +10,15 @@ jobs ``(job id, function, args)`` from its queue until told to stop.
 
 A rank that dies, raises, or does not answer within the job's timeout ends
 the pool: every worker is terminated, then killed, then joined, and a
-``WorkerFailure`` names the job. Workers also exit by themselves when their
-parent disappears.
+``WorkerFailure`` names the job. Workers die with their parent in every
+state (``cfp.children``), and ``--timeout`` bounds start-up too.
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
+import logging
 import os
 import queue
 import shutil
@@ -25,12 +26,14 @@ import tempfile
 import time
 import traceback
 import weakref
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cfp.children import die_with_parent
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, device_mesh
 
@@ -52,12 +55,15 @@ def cpu_cores() -> int:
 
 
 def _worker_main(rank, world, mesh_spec, device_type, store_path, threads, init, init_args, tasks, results, parent_pid, pg_timeout_s):
+    die_with_parent(parent_pid)
+    quiet_gloo_alltoall()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     try:
         if device_type == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         ctx, info = init(rank, world, *init_args)
+        results.put(("joining", rank, None, None))  # from here on it waits for the others
         store = dist.FileStore(store_path, world)
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout_s))
@@ -72,8 +78,6 @@ def _worker_main(rank, world, mesh_spec, device_type, store_path, threads, init,
         try:
             item = tasks.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent_pid:  # orphaned: the parent was killed
-                os._exit(1)
             continue
         if item is None:
             break
@@ -86,6 +90,35 @@ def _worker_main(rank, world, mesh_spec, device_type, store_path, threads, init,
         dist.destroy_process_group()
     except Exception:
         pass
+
+
+def quiet_gloo_alltoall() -> None:
+    """DTensor warns on each rank of each pool that gloo has no all_to_all (it all-gathers instead); README says it once."""
+    logging.getLogger("torch.distributed.tensor._collective_utils").addFilter(
+        lambda record: "does not support alltoall" not in record.getMessage()
+    )
+
+
+# A pool's FileStore directory is named after the process that owns it, so that one left by a parent killed
+# with -9 (whose cleanup never ran) is removed by the next pool started on this host.
+PG_DIR_PREFIX = "cfp-pg-"
+
+
+def remove_stale_dirs() -> None:
+    for path in Path(tempfile.gettempdir()).glob(f"{PG_DIR_PREFIX}*-*"):
+        owner = path.name[len(PG_DIR_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _LIVE: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
@@ -114,7 +147,8 @@ class WorkerPool:
         if self.device_type == "cuda" and torch.cuda.device_count() < self.world:
             raise CFPError(f"Mesh {self.mesh} needs {self.world} GPUs; {torch.cuda.device_count()} are visible.")
         ctx = mp.get_context("spawn")
-        self.tmp = tempfile.mkdtemp(prefix="cfp-pg-")
+        remove_stale_dirs()
+        self.tmp = tempfile.mkdtemp(prefix=f"{PG_DIR_PREFIX}{os.getpid()}-")
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(self.world)]
         for rank in range(self.world):
@@ -156,6 +190,7 @@ class WorkerPool:
     def _collect(self, job_id, what: str, timeout_s: float, ready: bool = False) -> dict[int, Any]:
         deadline = time.monotonic() + timeout_s
         replies: dict[int, Any] = {}
+        joining: set[int] = set()  # ranks past their own start-up, waiting for the others to join the group
         while len(replies) < self.world:
             try:
                 kind, rank, jid, payload = self.results.get(timeout=0.2)
@@ -165,13 +200,16 @@ class WorkerPool:
                     r, code = dead[0]
                     raise WorkerFailure(f"Rank {r} died (exit code {code}) while {what}; all {self.world} worker processes were stopped.")
                 if time.monotonic() > deadline:
-                    waiting = sorted(set(range(self.world)) - set(replies))
+                    waiting = sorted(set(range(self.world)) - set(replies) - joining) or sorted(set(range(self.world)) - set(replies))
                     raise WorkerFailure(
                         f"Rank(s) {waiting} did not finish {what} within {timeout_s:.0f} s (hung?); all {self.world} worker processes were stopped."
                     )
                 continue
             if kind in ("failed", "error"):
                 raise self._failure(rank, payload, what)
+            if kind == "joining":
+                joining.add(rank)
+                continue
             if ready != (kind == "ready") or (not ready and jid != job_id):
                 continue  # a stale reply of an earlier job
             replies[rank] = payload

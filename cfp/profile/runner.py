@@ -304,7 +304,7 @@ def profile(
             elif backend == "emulated":
                 runner = EmulatedBackend(graph, mesh, cluster, device="cpu" if device_type == "cpu" else "cuda:0")
             else:
-                runner = RealBackend(spec, graph, mesh, device_type)
+                runner = RealBackend(spec, graph, mesh, device_type, start_timeout_s=timeout_s)
             try:
                 with (contextlib.nullcontext() if spmd else runner):
                     for done, (job, key) in enumerate(todo, start=1):
