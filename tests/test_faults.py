@@ -233,3 +233,28 @@ def test_sigterm_stops_analysis_workers(tmp_path):
     proc.terminate()
     assert proc.wait(timeout=60) != 0
     assert not wait_for_no_survivors(marker)
+
+
+# -- 6: oversubscription is said, and noisy rows flagged -------------------------------------------------------------
+
+def test_more_ranks_than_cores_is_warned_about(monkeypatch):
+    real = sys.modules["cfp.profile.real"]  # cfp.profile is also the name of a function
+    monkeypatch.setattr(real, "cpu_cores", lambda: 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        real.check_oversubscription(parse_mesh("2"), "cpu")
+    with pytest.warns(real.OversubscribedWarning, match="8 CPU ranks on 2 core"):
+        real.check_oversubscription(parse_mesh("2x4"), "cpu")
+
+
+def test_noisy_rows_are_flagged(tmp_path, capsys):
+    assert main(["profile", FAULTY, *EMULATED, "--store", str(tmp_path), "--no-transitions"]) == 0
+    capsys.readouterr()
+    for part in (tmp_path / "blocks").glob("*.parquet"):
+        df = pd.read_parquet(part)
+        df.loc[0, "total_iqr_s"] = df.loc[0, "total_s"]  # spread as large as the median, as on 8 ranks on 2 cores
+        df.to_parquet(part, index=False)
+    assert main(["profile", FAULTY, *EMULATED, "--store", str(tmp_path), "--no-transitions"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 1 of" in out and "too noisy to trust" in out
+    assert "ok (noisy)" in out

@@ -85,9 +85,12 @@ def run(args: argparse.Namespace) -> None:
             table.add_column(col, justify="left" if col in ("config", "status") else "right")
         ok = sub[sub["status"] == "ok"]
         best = ok.loc[ok["total_s"].idxmin(), "config"] if not ok.empty else None
+        flagged = result.table.noisy()
+        noisy = set(flagged.loc[flagged["class_id"] == class_id, "config"])
         for row in sub.to_dict("records"):
+            status = f"{row['status']} (noisy)" if row["config"] in noisy else row["status"]
             mark = " [bold green]*fastest[/]" if row["config"] == best else ""
-            table.add_row(f"{row['config']}{mark}", _ms(row.get("forward_s")), _ms(row.get("backward_s")), _ms(row.get("reduce_s")), _ms(row.get("optimizer_s")), _ms(row.get("comm_s")), _ms(row["total_s"]), _ms(row.get("total_iqr_s")), human_bytes(row.get("memory_bytes") or 0), row["status"])
+            table.add_row(f"{row['config']}{mark}", _ms(row.get("forward_s")), _ms(row.get("backward_s")), _ms(row.get("reduce_s")), _ms(row.get("optimizer_s")), _ms(row.get("comm_s")), _ms(row["total_s"]), _ms(row.get("total_iqr_s")), human_bytes(row.get("memory_bytes") or 0), status)
         console.print(table)
     trans = rows[rows["kind"] == "transition"]
     console.print(

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 import traceback
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -34,12 +35,27 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cfp.children import die_with_parent
-from cfp.errors import CFPError
+from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, device_mesh
 
 
 class WorkerFailure(CFPError):
     """A rank crashed, raised or hung; the pool has been shut down."""
+
+
+class OversubscribedWarning(CFPWarning):
+    """More CPU ranks than cores: they take turns, and what is timed is that."""
+
+
+def check_oversubscription(mesh: MeshSpec, device_type: str) -> None:
+    cores = cpu_cores()
+    if device_type == "cpu" and mesh.size > cores:
+        warnings.warn(
+            f"mesh {mesh} runs {mesh.size} CPU ranks on {cores} core(s): the ranks take turns on the cores, so timings "
+            f"measure that contention, not {mesh.size} devices, and are noisy; rows whose spread is large are flagged.",
+            OversubscribedWarning,
+            stacklevel=3,
+        )
 
 
 def rank_device(device_type: str) -> str:
@@ -146,6 +162,7 @@ class WorkerPool:
     def start(self) -> "WorkerPool":
         if self.device_type == "cuda" and torch.cuda.device_count() < self.world:
             raise CFPError(f"Mesh {self.mesh} needs {self.world} GPUs; {torch.cuda.device_count()} are visible.")
+        check_oversubscription(self.mesh, self.device_type)
         ctx = mp.get_context("spawn")
         remove_stale_dirs()
         self.tmp = tempfile.mkdtemp(prefix=f"{PG_DIR_PREFIX}{os.getpid()}-")

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -36,11 +37,11 @@ from cfp.analyze import BlockGraph, analyze
 from cfp.capture import capture
 from cfp.cluster import ClusterModel
 from cfp.costs import unique_transitions
-from cfp.errors import CFPError
+from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, device_mesh, fake_mesh, launched_rank, launched_world
 from cfp.profile.jobs import Job, RankContext, combine, execute
 from cfp.profile.real import WorkerPool, cpu_cores, rank_device
-from cfp.profile.store import SCHEMA, ProfileStore, ProfileTable, transition_config
+from cfp.profile.store import NOISY_SPREAD, SCHEMA, ProfileStore, ProfileTable, transition_config
 from cfp.spec import ModelSpec, build
 
 BACKENDS = ("real", "emulated")
@@ -243,6 +244,10 @@ class TorchrunBackend:
 
 # -- the run -------------------------------------------------------------------
 
+class NoisyProfileWarning(CFPWarning):
+    """Profile rows whose spread is too large for their median to be trusted."""
+
+
 @dataclass
 class ProfileRun:
     table: ProfileTable
@@ -316,9 +321,18 @@ def profile(
                             on_progress(cached + done, cached, len(jobs), job)
             finally:
                 store.flush()
-    frame = pd.DataFrame(rows)
+    table = ProfileTable(pd.DataFrame(rows), name=f"profiled-{backend}")
+    noisy = table.noisy()
+    if len(noisy):
+        warnings.warn(
+            f"{len(noisy)} of {len(rows)} profile rows are too noisy to trust (spread over {NOISY_SPREAD:.0%} of the median), "
+            f"e.g. {noisy.iloc[0]['kind']} {noisy.iloc[0]['class_id']} config {noisy.iloc[0]['config']!r}; plans built on them may "
+            f"rank configs wrongly. Profile on an idle host, with fewer ranks than cores, or with more --iters.",
+            NoisyProfileWarning,
+            stacklevel=2,
+        )
     return ProfileRun(
-        table=ProfileTable(frame, name=f"profiled-{backend}"),
+        table=table,
         jobs=len(jobs),
         measured=len(todo),
         cached=cached,

@@ -51,6 +51,7 @@ VALUES = [
     "total_iqr_s", "iters", "memory_bytes", "memory_source", "collectives", "comm_bytes", "measured_at",
 ]
 TIMES = ["forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s", "total_iqr_s"]
+NOISY_SPREAD = 0.5  # a row whose IQR exceeds this fraction of its median total is too noisy to trust
 DEFAULT_DIR = CLUSTERS_DIR.parent
 COMPACT_AFTER = 32
 
@@ -294,6 +295,14 @@ class ProfileTable:
                 self._blocks[(row["class_id"], row["config"])] = row
             else:
                 self._transitions[(row["shape_key"], row["dtype"], row["config"])] = row
+
+    def noisy(self) -> pd.DataFrame:
+        """Rows measured ok whose spread (IQR of the total) is over ``NOISY_SPREAD`` of their median: too noisy to trust."""
+        rows = self.rows
+        if rows.empty:
+            return rows
+        spread = rows["total_iqr_s"].astype("float64") / rows["total_s"].astype("float64")
+        return rows[(rows["status"] == "ok") & (spread > NOISY_SPREAD)]
 
     def _time(self, row: dict | None, what: str) -> float:
         if row is None:
