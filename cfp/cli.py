@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import warnings
 
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     exit_on_sigterm()
+    if not args.debug:
+        # torch.export logs the whole partial graph (dozens of lines) before raising on an untraceable model;
+        # CFP's own error says what failed, and --debug shows everything.
+        logging.getLogger("torch.fx.experimental.symbolic_shapes").setLevel(logging.ERROR)
     warnings.showwarning = show_warning
     console.quiet = launched_rank() != 0  # under torchrun every rank runs the command; rank 0 reports
     try:

@@ -117,3 +117,22 @@ def read_only(path):
         yield
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.sum() > 0:
+            h = h * 2
+        return h.mean()
+
+
+def build_untraceable(batch: int = 2, device: str = "cpu"):
+    with torch.device(device):
+        return Branchy(), (torch.randn(batch, 4),)

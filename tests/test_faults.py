@@ -258,3 +258,24 @@ def test_noisy_rows_are_flagged(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning: 1 of" in out and "too noisy to trust" in out
     assert "ok (noisy)" in out
+
+
+# -- 8: errors without noise ------------------------------------------------------------------------------------------
+
+def test_an_untraceable_model_gets_one_paragraph(capfd):
+    assert main(["inspect", "tests/faults.py:build_untraceable"]) == 1
+    out, err = capfd.readouterr()
+    assert "cannot be traced by torch.export" in out
+    assert (out + err).strip().count("\n") == 0, out + err
+
+
+def test_train_py_says_a_bad_plan_once(plan_file, tmp_path):
+    path = edited(plan_file, tmp_path, shard_seven)
+    marker = uuid.uuid4().hex
+    out = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", "examples/train.py", "--plan", str(path), "--steps", "1"],
+                         capture_output=True, text=True, env=cfp_env(marker), timeout=180)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert text.count("shards parameter transformer.h.0.mlp.c_fc.weight") == 1, text
+    assert "[rank0]" not in text and "[rank1]" not in text  # no per-rank tracebacks
+    assert not wait_for_no_survivors(marker)
