@@ -279,3 +279,23 @@ def test_train_py_says_a_bad_plan_once(plan_file, tmp_path):
     assert text.count("shards parameter transformer.h.0.mlp.c_fc.weight") == 1, text
     assert "[rank0]" not in text and "[rank1]" not in text  # no per-rank tracebacks
     assert not wait_for_no_survivors(marker)
+
+
+def test_analysis_progress_counts_configs(tmp_path, monkeypatch):
+    """Progress (and so an ETA) moves config by config, in the forked workers too, not once per block class."""
+    monkeypatch.setenv("CFP_CACHE_DIR", str(tmp_path))
+    traced = cfp.capture(cfp.build(cfp.ModelSpec(FAULTY, device="meta")))
+    for workers in (1, 2):
+        calls = []
+        graph = cfp.analyze(traced, "2", progress=lambda done, total: calls.append((done, total)), workers=workers)
+        total = sum(len(graph.configs[c]) + len(graph.rejected[c]) for c in graph.classes)
+        assert calls[0] == (0, total) and calls[-1] == (total, total)
+        assert len(calls) == total + 1 > len(graph.classes) + 1
+        monkeypatch.setenv("CFP_CACHE_DIR", str(tmp_path / "again"))
+
+
+def test_a_mesh_nothing_divides_is_said(capsys):
+    assert main(["analyze", FAULTY, "--mesh", "3"]) == 0  # batch 4, width 8: nothing divides by 3
+    assert "warning: Nothing in this model can be sharded across mesh dimension" in capsys.readouterr().out
+    assert main(["analyze", FAULTY, "--mesh", "2"]) == 0
+    assert "Nothing in this model" not in capsys.readouterr().out

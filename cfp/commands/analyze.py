@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 import cfp
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def analyze_with_progress(traced, mesh) -> BlockGraph:
-    columns = [TextColumn("propagating configs"), BarColumn(), MofNCompleteColumn(), TextColumn("block classes"), TimeElapsedColumn()]
+    columns = [TextColumn("propagating configs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("propagate", total=None)
         return analyze(traced, mesh, progress=lambda done, total: progress.update(task, completed=done, total=total))
