@@ -83,7 +83,7 @@ class Plan:
         if not isinstance(data, dict):
             raise CFPError(f"{source} is not a CFP plan: expected a JSON object, found {type(data).__name__}.")
         version = data.get("schema_version")
-        if isinstance(version, str) or isinstance(version, float):
+        if isinstance(version, (str, float)):
             raise CFPError(
                 f"{source} has schema_version {version!r} ({type(version).__name__}); it must be the integer "
                 f"{SCHEMA_VERSION}. Was the file edited by hand? Re-create the plan with `cfp plan`."

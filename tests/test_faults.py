@@ -38,7 +38,7 @@ def run_cfp(*args, timeout=180, **env):
     """``cfp ARGS`` in a fresh process; (result, marker)."""
     marker = uuid.uuid4().hex
     out = subprocess.run([sys.executable, "-m", "cfp.cli", *map(str, args)], capture_output=True, text=True,
-                         env=cfp_env(marker, **env), timeout=timeout)
+                         env=cfp_env(marker, **env), timeout=timeout, check=False)
     return out, marker
 
 
@@ -170,7 +170,7 @@ def test_two_runs_on_one_store_take_turns(tmp_path):
 def test_a_store_that_cannot_keep_rows_is_refused_before_measuring(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a directory")
-    out, marker = run_cfp("profile", FAULTY, *EMULATED, "--store", afile)
+    out, _ = run_cfp("profile", FAULTY, *EMULATED, "--store", afile)
     assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
     assert f"Profile store {afile} is a file, not a directory" in out.stdout and "need measuring" in out.stdout
     # A read-only store with a corrupt file and rows missing: nothing is measured, nothing is lost.
@@ -178,7 +178,7 @@ def test_a_store_that_cannot_keep_rows_is_refused_before_measuring(tmp_path):
     (store / "blocks").mkdir(parents=True)
     (store / "blocks" / "part-bad.parquet").write_bytes(b"not parquet")
     with read_only(store):
-        out, marker = run_cfp("profile", FAULTY, *EMULATED, "--store", store)
+        out, _ = run_cfp("profile", FAULTY, *EMULATED, "--store", store)
         assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
         assert "cannot be read" in out.stdout and "left in place" in out.stdout
         assert "is not writable" in out.stdout and "nothing was measured" in out.stdout
@@ -273,7 +273,7 @@ def test_train_py_says_a_bad_plan_once(plan_file, tmp_path):
     path = edited(plan_file, tmp_path, shard_seven)
     marker = uuid.uuid4().hex
     out = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", "examples/train.py", "--plan", str(path), "--steps", "1"],
-                         capture_output=True, text=True, env=cfp_env(marker), timeout=180)
+                         capture_output=True, text=True, env=cfp_env(marker), timeout=180, check=False)
     text = out.stdout + out.stderr
     assert out.returncode != 0
     assert text.count("shards parameter transformer.h.0.mlp.c_fc.weight") == 1, text
@@ -287,7 +287,7 @@ def test_analysis_progress_counts_configs(tmp_path, monkeypatch):
     traced = cfp.capture(cfp.build(cfp.ModelSpec(FAULTY, device="meta")))
     for workers in (1, 2):
         calls = []
-        graph = cfp.analyze(traced, "2", progress=lambda done, total: calls.append((done, total)), workers=workers)
+        graph = cfp.analyze(traced, "2", progress=lambda done, total, calls=calls: calls.append((done, total)), workers=workers)
         total = sum(len(graph.configs[c]) + len(graph.rejected[c]) for c in graph.classes)
         assert calls[0] == (0, total) and calls[-1] == (total, total)
         assert len(calls) == total + 1 > len(graph.classes) + 1

@@ -41,7 +41,13 @@ from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, device_mesh, fake_mesh, launched_rank, launched_world
 from cfp.profile.jobs import Job, RankContext, combine, execute
 from cfp.profile.real import WorkerPool, cpu_cores, rank_device
-from cfp.profile.store import NOISY_SPREAD, SCHEMA, ProfileStore, ProfileTable, transition_config
+from cfp.profile.store import (
+    NOISY_SPREAD,
+    SCHEMA,
+    ProfileStore,
+    ProfileTable,
+    transition_config,
+)
 from cfp.spec import ModelSpec, build
 
 BACKENDS = ("real", "emulated")
