@@ -40,7 +40,7 @@ from cfp.costs import unique_transitions
 from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, device_mesh, fake_mesh, launched_rank, launched_world
 from cfp.profile.jobs import Job, RankContext, combine, execute
-from cfp.profile.real import WorkerPool, cpu_cores, rank_device
+from cfp.profile.real import WorkerPool, cpu_cores, quiet_gloo_alltoall, rank_device
 from cfp.profile.store import (
     NOISY_SPREAD,
     SCHEMA,
@@ -205,6 +205,7 @@ class TorchrunBackend:
         self.own_group = False
 
     def __enter__(self):
+        quiet_gloo_alltoall()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.mesh.size))
         if self.device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
