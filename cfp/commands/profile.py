@@ -9,7 +9,7 @@ import time
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cfp.commands.common import add_json_arg, add_model_args, console, model_spec
+from cfp.commands.common import add_json_arg, add_model_args, analysis_progress, console, model_spec
 from cfp.mesh import parse_mesh
 from cfp.report_util import human_bytes, write_json
 
@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> None:
         from cfp.errors import CFPError
 
         raise CFPError("--backend emulated needs --cluster NAME|FILE to price communication (e.g. --cluster cpu-gloo-local).")
-    with console.status(f"Building {args.model} on {spec.device} and analysing it on mesh {mesh}..."):
-        graph = analyze_for_profile(spec, mesh)
+    with analysis_progress(f"analysing {args.model} on mesh {mesh}") as progress:
+        graph = analyze_for_profile(spec, mesh, progress)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StoreWarning)
         store = ProfileStore(args.store)

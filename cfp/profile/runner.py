@@ -351,8 +351,8 @@ def profile(
     )
 
 
-def analyze_for_profile(spec: ModelSpec, mesh: MeshSpec) -> BlockGraph:
+def analyze_for_profile(spec: ModelSpec, mesh: MeshSpec, progress=None) -> BlockGraph:
     """Build the model on the device profiling runs on (not meta), capture and analyse it."""
     if spec.device == "meta":
         spec = dataclasses.replace(spec, device="cpu")
-    return analyze(capture(build(spec)), mesh)
+    return analyze(capture(build(spec)), mesh, progress=progress)
