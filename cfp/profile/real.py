@@ -132,8 +132,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process
+        pass
     return True
 
 
@@ -217,7 +217,8 @@ class WorkerPool:
                     r, code = dead[0]
                     raise WorkerFailure(f"Rank {r} died (exit code {code}) while {what}; all {self.world} worker processes were stopped.")
                 if time.monotonic() > deadline:
-                    waiting = sorted(set(range(self.world)) - set(replies) - joining) or sorted(set(range(self.world)) - set(replies))
+                    missing = set(range(self.world)) - set(replies)
+                    waiting = sorted(missing - joining) or sorted(missing)  # not those waiting for the others to join
                     raise WorkerFailure(
                         f"Rank(s) {waiting} did not finish {what} within {timeout_s:.0f} s (hung?); all {self.world} worker processes were stopped."
                     )

@@ -194,7 +194,7 @@ class ProfileStore:
             except FileNotFoundError:
                 return None  # another run set it aside first
             except OSError as move:
-                where = f"left in place ({move.strerror}: the store is read-only)"
+                where = f"left in place (it cannot be moved: {move.strerror})"
             warnings.warn(
                 f"profile store file {part} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); {where}; its rows will be re-measured",
                 StoreWarning,
