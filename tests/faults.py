@@ -49,8 +49,9 @@ class FaultyMLP(nn.Module):
         self.fault, self.rank, self.touch = fault, rank, touch
 
     def forward(self, x):
-        h = torch.ops.cfp_test.fault(self.up(x), self.fault, self.rank, self.touch)
-        return self.down(torch.relu(h)).pow(2).mean()
+        h = self.down(torch.relu(self.up(x)))
+        # In the second block, so that the first block's jobs are measured (and must be kept) before the fault.
+        return torch.ops.cfp_test.fault(h, self.fault, self.rank, self.touch).pow(2).mean()
 
 
 def build(batch: int = 4, width: int = 8, fault: str = "none", rank: int = 1, touch: str = "", device: str = "cpu"):

@@ -59,6 +59,8 @@ def test_the_rank_that_died_is_named(tmp_path):
     assert "error: Rank 1 died (exit code 1) while profiling block class" in out.stdout, out.stdout
     assert "Traceback" not in out.stdout + out.stderr
     assert not wait_for_no_survivors(marker)
+    kept = stored_rows(tmp_path)  # the first block's jobs, measured before the fault
+    assert len(kept) >= 2 and kept["class_id"].nunique() == 1 and (kept["status"] == "ok").all()
 
 
 # -- 2: sizes are validated before any work -------------------------------------------------------------------------
