@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import pickle
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import torch
 
 from cfp.blocks import Block, partition
 from cfp.capture import TracedModel
+from cfp.children import die_with_parent
 from cfp.configs import candidates
-from cfp.errors import CFPError
+from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, fake_mesh, parse_mesh
 from cfp.propagate import Propagation, propagate
 from cfp.segments import Segment, classify, find_segments, structure_key
@@ -70,7 +72,8 @@ class BlockGraph:
 
 
 def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: int | None = None) -> BlockGraph:
-    """Cut, class and propagate. ``progress(done, total)`` is called per class.
+    """Cut, class and propagate. ``progress(done, total)`` counts candidate configs, called as each is propagated
+    (a class can take minutes on a 3-D mesh, so per-class progress would give no ETA for long).
 
     Classes are propagated in ``workers`` forked processes (default: one per
     core); DTensor's sharding propagation is CPU-bound Python, and a class's
@@ -87,7 +90,16 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
     representatives = [blocks[members[0]] for members in classes.values()]
     results = [_load_cached(block, traced, mesh) for block in representatives]
     todo = [block for block, cached in zip(representatives, results) if cached is None]
-    tick = (lambda done: progress(len(representatives) - len(todo) + done, len(representatives))) if progress else None
+    tick = None
+    if progress is not None:
+        total = sum(len(candidates(block, traced, mesh.shape)) for block in representatives)
+        done = [sum(len(props) for props in results if props is not None)]
+
+        def tick(n: int = 1) -> None:
+            done[0] += n
+            progress(done[0], total)
+
+        tick(0)
     workers = min(workers or os.cpu_count() or 1, len(todo))
     if workers > 1:
         computed = _propagate_in_workers(todo, traced, mesh, workers, tick)
@@ -95,10 +107,8 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
         computed = []
         if todo:
             with fake_mesh(mesh) as device_mesh:
-                for done, block in enumerate(todo):
-                    computed.append(_propagate_class(block, traced, mesh, device_mesh))
-                    if tick is not None:
-                        tick(done + 1)
+                for block in todo:
+                    computed.append(_propagate_class(block, traced, mesh, device_mesh, tick))
     for block, props in zip(todo, computed):
         _store_cached(block, traced, mesh, props)
     fresh = iter(computed)
@@ -114,9 +124,28 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
                 f"Block {block.anchor} ({traced.nodes[block.anchor].target}) has no config "
                 f"DTensor can run on mesh {mesh}: {reasons}"
             )
+    warn_unshardable(configs, mesh)
     return BlockGraph(
         traced, mesh, blocks, classes, segments, configs, rejected, time.perf_counter() - start, len(representatives) - len(todo)
     )
+
+
+class NothingToShardWarning(CFPWarning):
+    """A mesh dimension across which no config of any block shards anything."""
+
+
+def warn_unshardable(configs: dict[str, list[Propagation]], mesh: MeshSpec) -> None:
+    """Say so when every config replicates across a mesh dimension: its devices would all compute the same thing."""
+    for dim, (name, size) in enumerate(zip(mesh.names, mesh.shape)):
+        if size > 1 and all(p.config.name.split("/")[dim] == "rep" for props in configs.values() for p in props):
+            warnings.warn(
+                f"Nothing in this model can be sharded across mesh dimension {name} ({size} devices): no dimension of any "
+                f"block's activations or parameters divides evenly by {size}. Every plan replicates the model across it, "
+                f"so its devices all compute the same thing (the 'dp' baseline too). Choose a mesh whose sizes divide "
+                f"the batch or the model's widths.",
+                NothingToShardWarning,
+                stacklevel=3,
+            )
 
 
 # Propagation depends only on a block's structure, the mesh and torch's DTensor,
@@ -162,35 +191,48 @@ def _store_cached(block: Block, traced: TracedModel, mesh: MeshSpec, props: list
     os.replace(tmp, path)
 
 
-def _propagate_class(block: Block, traced: TracedModel, mesh: MeshSpec, device_mesh) -> list[Propagation]:
-    return [propagate(block, c, traced, device_mesh) for c in candidates(block, traced, mesh.shape)]
+def _propagate_class(block: Block, traced: TracedModel, mesh: MeshSpec, device_mesh, tick=None) -> list[Propagation]:
+    props = []
+    for config in candidates(block, traced, mesh.shape):
+        props.append(propagate(block, config, traced, device_mesh))
+        if tick is not None:
+            tick()
+    return props
 
 
 # Forked workers inherit the traced model instead of pickling an ExportedProgram.
 _WORKER_STATE: dict = {}
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     _WORKER_STATE["context"] = fake_mesh(_WORKER_STATE["mesh"])
     _WORKER_STATE["device_mesh"] = _WORKER_STATE["context"].__enter__()
 
 
 def _worker_run(block: Block) -> list[Propagation]:
-    return _propagate_class(block, _WORKER_STATE["traced"], _WORKER_STATE["mesh"], _WORKER_STATE["device_mesh"])
+    ticks = _WORKER_STATE["ticks"]
+    return _propagate_class(block, _WORKER_STATE["traced"], _WORKER_STATE["mesh"], _WORKER_STATE["device_mesh"], lambda: ticks.put(1))
 
 
 def _propagate_in_workers(blocks: list[Block], traced: TracedModel, mesh: MeshSpec, workers: int, progress) -> list[list[Propagation]]:
-    _WORKER_STATE.update(traced=traced, mesh=mesh)
+    ctx = multiprocessing.get_context("fork")
+    ticks = ctx.SimpleQueue()  # one item per propagated config, for progress
+    _WORKER_STATE.update(traced=traced, mesh=mesh, ticks=ticks)
     # Largest classes first, so the slowest one does not start last.
     order = sorted(range(len(blocks)), key=lambda i: -len(blocks[i].nodes))
-    results: list[list[Propagation] | None] = [None] * len(blocks)
     try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
-            pending = {i: pool.apply_async(_worker_run, (blocks[i],)) for i in order}
-            for done, i in enumerate(order):
-                results[i] = pending[i].get()
-                if progress is not None:
-                    progress(done + 1)
+        with ctx.Pool(workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+            pending = [pool.apply_async(_worker_run, (blocks[i],)) for i in order]
+            finished = False
+            while not finished:
+                finished = all(p.ready() for p in pending)
+                while not ticks.empty():
+                    ticks.get()
+                    if progress is not None:
+                        progress()
+                time.sleep(0.1)
+            results = dict(zip(order, (p.get() for p in pending)))
     finally:
         _WORKER_STATE.clear()
-    return results
+    return [results[i] for i in range(len(blocks))]

@@ -211,7 +211,7 @@ def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int,
 
     device_type = "cuda" if str(spec.device).startswith("cuda") else "cpu"
     raw = {p.name: {"steps": [], "peak_mem_bytes": 0} for p in plans}
-    with WorkerPool(mesh, bench_rank_init, (spec, device_type), device_type) as pool:
+    with WorkerPool(mesh, bench_rank_init, (spec, device_type), device_type, start_timeout_s=timeout_s) as pool:
         pool.run(setup_plans, ([p.plan.to_json() for p in plans], lr), "building the model under every plan", timeout_s)
         rounds = warmup + steps
         for r in range(rounds):

@@ -8,8 +8,11 @@ models, so a 175B-parameter shape is analysed without its memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import operator
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -138,11 +141,30 @@ def _tied_aliases(model: torch.nn.Module, params: dict[str, str], graph: torch.f
     return aliases
 
 
+@contextlib.contextmanager
+def _without_partial_graph():
+    """torch.export prints the partial graph of a model it cannot trace to stderr (dozens of lines) before raising;
+    CFP's error names the cause instead. Everything else export writes to stderr is passed on."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except Exception as exc:
+        text = buffer.getvalue()
+        if hasattr(exc, "partial_fx_graph"):
+            text = text.replace(f"{exc.partial_fx_graph}\n", "")
+        sys.stderr.write(text)
+        raise
+    else:
+        sys.stderr.write(buffer.getvalue())
+
+
 def capture(workload: Workload) -> TracedModel:
     """Export the workload's training step (forward to the loss)."""
     model, inputs = workload.model, workload.inputs
     try:
-        exported = torch.export.export(model, inputs, strict=False)
+        with _without_partial_graph():
+            exported = torch.export.export(model, inputs, strict=False)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CFPError(

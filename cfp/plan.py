@@ -19,15 +19,17 @@ Top-level keys (``schema_version`` 1):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import Shard
 
 from cfp.errors import CFPError
 from cfp.mesh import launched_rank
-from cfp.propagate import placements_str
+from cfp.propagate import parse_placement, placements_str
 
 SCHEMA_VERSION = 1
 REQUIRED = ("schema_version", "model", "mesh", "parameters", "blocks", "predicted_step_time_s", "memory_per_device_bytes", "solve", "provenance")
@@ -66,13 +68,26 @@ class Plan:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        try:
+            text = json.dumps(self.to_json(), indent=1, allow_nan=False)  # bare NaN/Infinity is not JSON
+        except ValueError:
+            where = ", ".join(non_finite(self.to_json())[:3])
+            raise CFPError(
+                f"The plan holds non-finite numbers ({where}), which JSON cannot carry; {path} was not written. "
+                f"A profile row or cost behind them is invalid: re-measure with `cfp profile`."
+            ) from None
+        path.write_text(text + "\n")
 
     @classmethod
     def from_json(cls, data: Any, source: str = "plan") -> "Plan":
         if not isinstance(data, dict):
             raise CFPError(f"{source} is not a CFP plan: expected a JSON object, found {type(data).__name__}.")
         version = data.get("schema_version")
+        if isinstance(version, (str, float)):
+            raise CFPError(
+                f"{source} has schema_version {version!r} ({type(version).__name__}); it must be the integer "
+                f"{SCHEMA_VERSION}. Was the file edited by hand? Re-create the plan with `cfp plan`."
+            )
         if version != SCHEMA_VERSION:
             raise CFPError(
                 f"{source} has plan schema version {version!r}; this CFP ({__import__('cfp').__version__}) reads version "
@@ -86,10 +101,16 @@ class Plan:
                 raise TypeError("parameters must map names to lists of placements")
             if not isinstance(data["blocks"], list):
                 raise TypeError("blocks must be a list")
+            check_mesh(data["mesh"])
             ndim = len(data["mesh"]["shape"])
             for fqn, pl in data["parameters"].items():
                 if len(pl) != ndim:
                     raise ValueError(f"parameter {fqn} has {len(pl)} placements for a {ndim}-D mesh")
+                check_placements(pl, f"parameter {fqn}")
+            for b in data["blocks"]:
+                for i in b.get("inputs", []):
+                    if i.get("placements") is not None:
+                        check_placements(i["placements"], f"block {b.get('id')} input {i.get('name')}")
             return cls(
                 model=dict(data["model"]),
                 mesh={"shape": list(data["mesh"]["shape"]), "names": list(data["mesh"]["names"])},
@@ -102,8 +123,9 @@ class Plan:
                 provenance=dict(data["provenance"]),
                 baselines=data.get("baselines", {}),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CFPError(f"{source} is damaged: {type(exc).__name__}: {exc}. Re-create the plan with `cfp plan`.") from exc
+        except (KeyError, TypeError, ValueError, CFPError) as exc:
+            why = str(exc) if isinstance(exc, CFPError) else f"{type(exc).__name__}: {exc}"
+            raise CFPError(f"{source} is damaged: {why}. Re-create the plan with `cfp plan`.") from exc
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -122,7 +144,8 @@ class Plan:
         return self.model.get("fingerprint", "")
 
     def check_matches(self, traced) -> None:
-        """Refuse a plan made for another model (graph structure, shapes or parameter names differ)."""
+        """Refuse a plan made for another model (graph structure, shapes or parameter names differ), or one whose
+        placements or configs that model cannot take (an edited file)."""
         actual = traced.fingerprint()
         if actual != self.fingerprint:
             made_for = self.model.get("spec", {})
@@ -131,12 +154,81 @@ class Plan:
                 f"The plan was made for {made_for.get('describe', made_for)}; shapes (batch, sequence, sizes), structure or "
                 f"parameter names differ. Re-run `cfp plan` for this model."
             )
+        self._check_parameters(traced)
+        self._check_configs(traced)
+
+    def _check_parameters(self, traced) -> None:
+        """Every parameter has placements its rank allows; Shard(7) on a matrix is named here, not by DTensor."""
+        shapes = traced.param_shapes()
+        for fqn, shape in shapes.items():
+            texts = self.parameters.get(fqn)
+            if texts is None:
+                raise CFPError(f"The plan gives no placements for parameter {fqn}; was the file edited? Re-run `cfp plan`.")
+            for mesh_dim, text in enumerate(texts):
+                placement = parse_placement(text)
+                if isinstance(placement, Shard) and placement.dim >= len(shape):
+                    raise CFPError(
+                        f"The plan shards parameter {fqn} (shape {tuple(shape)}) on dimension {placement.dim} "
+                        f"({text} on mesh dimension {mesh_dim}); it has only {len(shape)}. Was the file edited? Re-run `cfp plan`."
+                    )
+        unknown = sorted(set(self.parameters) - set(shapes) - set(traced.aliases))
+        if unknown:
+            raise CFPError(f"The plan gives placements for {', '.join(unknown[:3])}, which the model does not have. Re-run `cfp plan`.")
+
+    def _check_configs(self, traced) -> None:
+        """Every block's config is one the model's block offers (by name), so what trains is what was planned."""
+        from cfp.blocks import partition
+        from cfp.configs import candidates
+
+        blocks = partition(traced)
+        if len(blocks) != len(self.blocks):
+            raise CFPError(f"The plan has {len(self.blocks)} blocks but the model cuts into {len(blocks)}; re-run `cfp plan` for this model.")
+        for block, entry in zip(blocks, self.blocks):
+            names = [c.name for c in candidates(block, traced, self.mesh_shape())]
+            if entry.get("config") not in names:
+                raise CFPError(
+                    f"Plan block {block.id} ({block.anchor}) has config {entry.get('config')!r}, which this block does not "
+                    f"offer on mesh {'x'.join(map(str, self.mesh_shape()))} (it offers {', '.join(names)}). "
+                    f"Was the file edited? Re-run `cfp plan`."
+                )
 
     def config_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for b in self.blocks:
             out[b["config"]] = out.get(b["config"], 0) + 1
         return out
+
+
+def non_finite(value: Any, path: str = "") -> list[str]:
+    """Paths (``baselines.dp.predicted_step_time_s``) of NaN or infinite numbers in a JSON-like value."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{path or 'value'} = {value}"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in non_finite(v, f"{path}[{i}]")]
+    return []
+
+
+def check_mesh(mesh: Any) -> None:
+    shape, names = mesh["shape"], mesh["names"]
+    if not (isinstance(shape, list) and shape and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise ValueError(f"mesh shape {shape!r} is not a list of positive integers")
+    if not isinstance(names, list) or len(names) != len(shape):
+        raise ValueError(f"mesh names {names!r} do not match its shape {shape}")
+
+
+def check_placements(texts: Any, what: str) -> None:
+    """Placement strings that parse, with non-negative shard dimensions (the rank is checked against the model)."""
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{what} has placements {texts!r}, not a list of strings")
+    for text in texts:
+        try:
+            placement = parse_placement(text)
+        except (CFPError, ValueError) as exc:
+            raise ValueError(f"{what} has placement {text!r}, which is not Shard(d), Replicate() or Partial(op)") from exc
+        if isinstance(placement, Shard) and placement.dim < 0:
+            raise ValueError(f"{what} has placement {text!r}: a shard dimension cannot be negative")
 
 
 # --------------------------------------------------------------------------
@@ -345,6 +437,8 @@ def make_plan(
         if choice is None:
             continue
         ev = evaluate(graph, costs, choice)
+        if not math.isfinite(ev.total_s):
+            continue  # a block of it cannot run (out of memory when profiled): there is no prediction to record
         baselines[name] = {
             "predicted_step_time_s": ev.total_s,
             "memory_per_device_bytes": ev.memory.total,

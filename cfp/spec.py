@@ -141,6 +141,7 @@ def _import_target(spec: str, target: str):
 def build(spec: ModelSpec) -> Workload:
     """Call the spec's factory and check it returned ``(model, inputs)``."""
     factory = resolve_factory(spec.spec)
+    check_kwargs(spec)
     try:
         result = factory(**spec.kwargs())
     except CFPError:
@@ -157,4 +158,28 @@ def build(spec: ModelSpec) -> Workload:
         )
     model, inputs = result
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    check_sizes(spec, model, inputs)
     return Workload(spec=spec, model=model, inputs=inputs)
+
+
+def check_kwargs(spec: ModelSpec) -> None:
+    """Refuse sizes that cannot be right before the factory runs: a batch or sequence below 1, a negative count."""
+    for key, value in spec.kwargs().items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        flag = f"--{key}" if key in ("batch", "seq") else f"--arg {key}="
+        if key in ("batch", "seq") and value < 1:
+            raise CFPError(f"Model spec {spec.spec!r}: {flag} {value} is not a size; it must be at least 1.")
+        if value < 0:
+            raise CFPError(f"Model spec {spec.spec!r}: {flag}{value} is negative; sizes and counts cannot be.")
+
+
+def check_sizes(spec: ModelSpec, model: nn.Module, inputs: tuple) -> None:
+    """Refuse a built model with an empty input or parameter: nothing would be computed, and DTensor hangs on it."""
+    named = [(f"input {i}", t) for i, t in enumerate(inputs)] + [(f"parameter {n}", p) for n, p in model.named_parameters()]
+    for what, t in named:
+        if isinstance(t, torch.Tensor) and 0 in t.shape:
+            raise CFPError(
+                f"Model spec {spec.describe()}: {what} has shape {tuple(t.shape)}, with a zero-size dimension. "
+                f"Check --batch, --seq and the --arg sizes."
+            )

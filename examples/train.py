@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 import cfp
+from cfp.errors import CFPError
 from cfp.parallelize import parallelize, plan_from_choice, spec_of
 
 
@@ -66,7 +67,17 @@ def synthetic_batch(inputs, period: int, gen: torch.Generator):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return train(parse_args(argv))
+    except CFPError as exc:  # every rank hits it alike (a bad plan, a bad spec): say it once, without tracebacks
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 1
+
+
+def train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

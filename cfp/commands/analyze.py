@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import cfp
 from cfp.analyze import BlockGraph, analyze
 from cfp.capture import op_name
-from cfp.commands.common import add_json_arg, add_model_args, console, model_spec
+from cfp.commands.common import add_json_arg, add_model_args, analysis_progress, console, model_spec
 from cfp.mesh import parse_mesh
 from cfp.propagate import Propagation, placements_str
 from cfp.report_util import human, human_bytes, write_json
@@ -46,10 +45,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def analyze_with_progress(traced, mesh) -> BlockGraph:
-    columns = [TextColumn("propagating configs"), BarColumn(), MofNCompleteColumn(), TextColumn("block classes"), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("propagate", total=None)
-        return analyze(traced, mesh, progress=lambda done, total: progress.update(task, completed=done, total=total))
+    with analysis_progress() as progress:
+        return analyze(traced, mesh, progress=progress)
 
 
 def _collectives(prop: Propagation) -> dict[str, int]:

@@ -9,7 +9,7 @@ import time
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cfp.commands.common import add_json_arg, add_model_args, console, model_spec
+from cfp.commands.common import add_json_arg, add_model_args, analysis_progress, console, model_spec
 from cfp.mesh import parse_mesh
 from cfp.report_util import human_bytes, write_json
 
@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> None:
         from cfp.errors import CFPError
 
         raise CFPError("--backend emulated needs --cluster NAME|FILE to price communication (e.g. --cluster cpu-gloo-local).")
-    with console.status(f"Building {args.model} on {spec.device} and analysing it on mesh {mesh}..."):
-        graph = analyze_for_profile(spec, mesh)
+    with analysis_progress(f"analysing {args.model} on mesh {mesh}") as progress:
+        graph = analyze_for_profile(spec, mesh, progress)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StoreWarning)
         store = ProfileStore(args.store)
@@ -85,9 +85,12 @@ def run(args: argparse.Namespace) -> None:
             table.add_column(col, justify="left" if col in ("config", "status") else "right")
         ok = sub[sub["status"] == "ok"]
         best = ok.loc[ok["total_s"].idxmin(), "config"] if not ok.empty else None
+        flagged = result.table.noisy()
+        noisy = set(flagged.loc[flagged["class_id"] == class_id, "config"])
         for row in sub.to_dict("records"):
+            status = f"{row['status']} (noisy)" if row["config"] in noisy else row["status"]
             mark = " [bold green]*fastest[/]" if row["config"] == best else ""
-            table.add_row(f"{row['config']}{mark}", _ms(row.get("forward_s")), _ms(row.get("backward_s")), _ms(row.get("reduce_s")), _ms(row.get("optimizer_s")), _ms(row.get("comm_s")), _ms(row["total_s"]), _ms(row.get("total_iqr_s")), human_bytes(row.get("memory_bytes") or 0), row["status"])
+            table.add_row(f"{row['config']}{mark}", _ms(row.get("forward_s")), _ms(row.get("backward_s")), _ms(row.get("reduce_s")), _ms(row.get("optimizer_s")), _ms(row.get("comm_s")), _ms(row["total_s"]), _ms(row.get("total_iqr_s")), human_bytes(row.get("memory_bytes") or 0), status)
         console.print(table)
     trans = rows[rows["kind"] == "transition"]
     console.print(

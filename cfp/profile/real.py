@@ -10,33 +10,52 @@ jobs ``(job id, function, args)`` from its queue until told to stop.
 
 A rank that dies, raises, or does not answer within the job's timeout ends
 the pool: every worker is terminated, then killed, then joined, and a
-``WorkerFailure`` names the job. Workers also exit by themselves when their
-parent disappears.
+``WorkerFailure`` names the job. Workers die with their parent in every
+state (``cfp.children``), and ``--timeout`` bounds start-up too.
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
+import logging
 import os
 import queue
 import shutil
 import tempfile
 import time
 import traceback
+import warnings
 import weakref
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cfp.errors import CFPError
+from cfp.children import die_with_parent
+from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, device_mesh
 
 
 class WorkerFailure(CFPError):
     """A rank crashed, raised or hung; the pool has been shut down."""
+
+
+class OversubscribedWarning(CFPWarning):
+    """More CPU ranks than cores: they take turns, and what is timed is that."""
+
+
+def check_oversubscription(mesh: MeshSpec, device_type: str) -> None:
+    cores = cpu_cores()
+    if device_type == "cpu" and mesh.size > cores:
+        warnings.warn(
+            f"mesh {mesh} runs {mesh.size} CPU ranks on {cores} core(s): the ranks take turns on the cores, so timings "
+            f"measure that contention, not {mesh.size} devices, and are noisy; rows whose spread is large are flagged.",
+            OversubscribedWarning,
+            stacklevel=3,
+        )
 
 
 def rank_device(device_type: str) -> str:
@@ -52,12 +71,15 @@ def cpu_cores() -> int:
 
 
 def _worker_main(rank, world, mesh_spec, device_type, store_path, threads, init, init_args, tasks, results, parent_pid, pg_timeout_s):
+    die_with_parent(parent_pid)
+    quiet_gloo_alltoall()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     try:
         if device_type == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         ctx, info = init(rank, world, *init_args)
+        results.put(("joining", rank, None, None))  # from here on it waits for the others
         store = dist.FileStore(store_path, world)
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout_s))
@@ -72,8 +94,6 @@ def _worker_main(rank, world, mesh_spec, device_type, store_path, threads, init,
         try:
             item = tasks.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent_pid:  # orphaned: the parent was killed
-                os._exit(1)
             continue
         if item is None:
             break
@@ -86,6 +106,35 @@ def _worker_main(rank, world, mesh_spec, device_type, store_path, threads, init,
         dist.destroy_process_group()
     except Exception:
         pass
+
+
+def quiet_gloo_alltoall() -> None:
+    """DTensor warns on each rank of each pool that gloo has no all_to_all (it all-gathers instead); README says it once."""
+    logging.getLogger("torch.distributed.tensor._collective_utils").addFilter(
+        lambda record: "does not support alltoall" not in record.getMessage()
+    )
+
+
+# A pool's FileStore directory is named after the process that owns it, so that one left by a parent killed
+# with -9 (whose cleanup never ran) is removed by the next pool started on this host.
+PG_DIR_PREFIX = "cfp-pg-"
+
+
+def remove_stale_dirs() -> None:
+    for path in Path(tempfile.gettempdir()).glob(f"{PG_DIR_PREFIX}*-*"):
+        owner = path.name[len(PG_DIR_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 _LIVE: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
@@ -113,8 +162,10 @@ class WorkerPool:
     def start(self) -> "WorkerPool":
         if self.device_type == "cuda" and torch.cuda.device_count() < self.world:
             raise CFPError(f"Mesh {self.mesh} needs {self.world} GPUs; {torch.cuda.device_count()} are visible.")
+        check_oversubscription(self.mesh, self.device_type)
         ctx = mp.get_context("spawn")
-        self.tmp = tempfile.mkdtemp(prefix="cfp-pg-")
+        remove_stale_dirs()
+        self.tmp = tempfile.mkdtemp(prefix=f"{PG_DIR_PREFIX}{os.getpid()}-")
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(self.world)]
         for rank in range(self.world):
@@ -156,6 +207,7 @@ class WorkerPool:
     def _collect(self, job_id, what: str, timeout_s: float, ready: bool = False) -> dict[int, Any]:
         deadline = time.monotonic() + timeout_s
         replies: dict[int, Any] = {}
+        joining: set[int] = set()  # ranks past their own start-up, waiting for the others to join the group
         while len(replies) < self.world:
             try:
                 kind, rank, jid, payload = self.results.get(timeout=0.2)
@@ -165,18 +217,40 @@ class WorkerPool:
                     r, code = dead[0]
                     raise WorkerFailure(f"Rank {r} died (exit code {code}) while {what}; all {self.world} worker processes were stopped.")
                 if time.monotonic() > deadline:
-                    waiting = sorted(set(range(self.world)) - set(replies))
+                    missing = set(range(self.world)) - set(replies)
+                    waiting = sorted(missing - joining) or sorted(missing)  # not those waiting for the others to join
                     raise WorkerFailure(
                         f"Rank(s) {waiting} did not finish {what} within {timeout_s:.0f} s (hung?); all {self.world} worker processes were stopped."
                     )
                 continue
             if kind in ("failed", "error"):
-                first = payload.splitlines()[0] if payload else ""
-                raise WorkerFailure(f"Rank {rank} failed while {what}: {first}; all {self.world} worker processes were stopped.\n{payload if os.environ.get('CFP_DEBUG') else ''}".rstrip())
+                raise self._failure(rank, payload, what)
+            if kind == "joining":
+                joining.add(rank)
+                continue
             if ready != (kind == "ready") or (not ready and jid != job_id):
                 continue  # a stale reply of an earlier job
             replies[rank] = payload
         return replies
+
+    def _failure(self, rank: int, payload: str, what: str, grace_s: float = 1.0) -> WorkerFailure:
+        """The error for a rank that reported ``payload``, blaming a rank that died instead where there is one.
+
+        When one rank dies mid-collective its peers raise connection errors, and one of them may report first;
+        the dead rank is the cause, so a moment is given for its exit to be seen.
+        """
+        first = payload.splitlines()[0] if payload else ""
+        stopped = f"all {self.world} worker processes were stopped"
+        deadline = time.monotonic() + grace_s
+        while True:
+            dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if r != rank and p.exitcode is not None]
+            if dead:
+                r, code = dead[0]
+                return WorkerFailure(f"Rank {r} died (exit code {code}) while {what}; rank {rank} then failed ({first}); {stopped}.")
+            if time.monotonic() > deadline:
+                debug = f"\n{payload}" if os.environ.get("CFP_DEBUG") else ""
+                return WorkerFailure(f"Rank {rank} failed while {what}: {first}; {stopped}.{debug}")
+            time.sleep(0.05)
 
     def close(self) -> None:
         """Stop every worker: ask, then terminate, then kill; always join."""

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -36,11 +37,17 @@ from cfp.analyze import BlockGraph, analyze
 from cfp.capture import capture
 from cfp.cluster import ClusterModel
 from cfp.costs import unique_transitions
-from cfp.errors import CFPError
+from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, device_mesh, fake_mesh, launched_rank, launched_world
 from cfp.profile.jobs import Job, RankContext, combine, execute
-from cfp.profile.real import WorkerPool, cpu_cores, rank_device
-from cfp.profile.store import SCHEMA, ProfileStore, ProfileTable, transition_config
+from cfp.profile.real import WorkerPool, cpu_cores, quiet_gloo_alltoall, rank_device
+from cfp.profile.store import (
+    NOISY_SPREAD,
+    SCHEMA,
+    ProfileStore,
+    ProfileTable,
+    transition_config,
+)
 from cfp.spec import ModelSpec, build
 
 BACKENDS = ("real", "emulated")
@@ -198,6 +205,7 @@ class TorchrunBackend:
         self.own_group = False
 
     def __enter__(self):
+        quiet_gloo_alltoall()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.mesh.size))
         if self.device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -243,6 +251,10 @@ class TorchrunBackend:
 
 # -- the run -------------------------------------------------------------------
 
+class NoisyProfileWarning(CFPWarning):
+    """Profile rows whose spread is too large for their median to be trusted."""
+
+
 @dataclass
 class ProfileRun:
     table: ProfileTable
@@ -284,8 +296,13 @@ def profile(
     keys = [job_key(job, graph, mesh, backend, dev, cluster) for job in jobs]
     spmd = backend == "real" and launched_world() > 1
     writes = not spmd or launched_rank() == 0
-    with (TorchrunBackend(graph, mesh, device_type, timeout_s) if spmd else contextlib.nullcontext()) as group:
+    measuring = contextlib.ExitStack()
+    with (TorchrunBackend(graph, mesh, device_type, timeout_s) if spmd else contextlib.nullcontext()) as group, measuring:
         stored = [store.lookup(key) for key in keys] if writes else None
+        if writes and any(row is None for row in stored):
+            # One run measures into a store at a time; it rereads the store once it holds the lock.
+            measuring.enter_context(store.measuring(sum(row is None for row in stored)))
+            stored = [store.lookup(key) for key in keys]
         if spmd:
             stored = group.broadcast(stored)  # rank 0's store decides, so that every rank runs the same jobs
         rows = [row for row in stored if row is not None]
@@ -299,7 +316,7 @@ def profile(
             elif backend == "emulated":
                 runner = EmulatedBackend(graph, mesh, cluster, device="cpu" if device_type == "cpu" else "cuda:0")
             else:
-                runner = RealBackend(spec, graph, mesh, device_type)
+                runner = RealBackend(spec, graph, mesh, device_type, start_timeout_s=timeout_s)
             try:
                 with (contextlib.nullcontext() if spmd else runner):
                     for done, (job, key) in enumerate(todo, start=1):
@@ -311,9 +328,18 @@ def profile(
                             on_progress(cached + done, cached, len(jobs), job)
             finally:
                 store.flush()
-    frame = pd.DataFrame(rows)
+    table = ProfileTable(pd.DataFrame(rows), name=f"profiled-{backend}")
+    noisy = table.noisy()
+    if len(noisy):
+        warnings.warn(
+            f"{len(noisy)} of {len(rows)} profile rows are too noisy to trust (spread over {NOISY_SPREAD:.0%} of the median), "
+            f"e.g. {noisy.iloc[0]['kind']} {noisy.iloc[0]['class_id']} config {noisy.iloc[0]['config']!r}; plans built on them may "
+            f"rank configs wrongly. Profile on an idle host, with fewer ranks than cores, or with more --iters.",
+            NoisyProfileWarning,
+            stacklevel=2,
+        )
     return ProfileRun(
-        table=ProfileTable(frame, name=f"profiled-{backend}"),
+        table=table,
         jobs=len(jobs),
         measured=len(todo),
         cached=cached,
@@ -325,8 +351,8 @@ def profile(
     )
 
 
-def analyze_for_profile(spec: ModelSpec, mesh: MeshSpec) -> BlockGraph:
+def analyze_for_profile(spec: ModelSpec, mesh: MeshSpec, progress=None) -> BlockGraph:
     """Build the model on the device profiling runs on (not meta), capture and analyse it."""
     if spec.device == "meta":
         spec = dataclasses.replace(spec, device="cpu")
-    return analyze(capture(build(spec)), mesh)
+    return analyze(capture(build(spec)), mesh, progress=progress)

@@ -11,14 +11,26 @@ shape key, mesh, device kind, backend, cluster model for emulated rows,
 dtype, torch version, store schema). Rows from another torch version or
 schema are never reused (a warning says how many were skipped); a file that
 cannot be read is reported, renamed to ``*.corrupt`` and its rows
-re-measured.
+re-measured; a row marked ok whose timings are not finite and non-negative
+is not reused either.
+
+Concurrent runs on one store: ``blocks/.lock`` is held shared while the
+files are read and exclusively while parts are compacted, so a reader never
+sees a part vanish; ``blocks/.measure.lock`` is held by the one run that
+measures, so two runs never time the same jobs against each other. A run that
+finds rows missing checks that the store is writable, takes the measuring
+lock (waiting for another run to finish), rereads the store and measures only
+what is still missing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +40,7 @@ import torch
 
 from cfp.cluster import CLUSTERS_DIR
 from cfp.costs import BlockCost, TransitionKey
-from cfp.errors import CFPError
+from cfp.errors import CFPError, CFPWarning
 
 SCHEMA = 6  # bump when what a row measures changes (rows of another schema are re-measured); the history is in git
 KEY = ["kind", "class_id", "config", "shape_key", "mesh", "device_kind", "backend", "cluster", "dtype", "torch_version", "schema"]
@@ -36,11 +48,13 @@ VALUES = [
     "status", "error", "forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s",
     "total_iqr_s", "iters", "memory_bytes", "memory_source", "collectives", "comm_bytes", "measured_at",
 ]
+TIMES = ["forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s", "total_iqr_s"]
+NOISY_SPREAD = 0.5  # a row whose IQR exceeds this fraction of its median total is too noisy to trust
 DEFAULT_DIR = CLUSTERS_DIR.parent
 COMPACT_AFTER = 32
 
 
-class StoreWarning(UserWarning):
+class StoreWarning(CFPWarning):
     """A stored profile row or file could not be used and will be re-measured."""
 
 
@@ -65,28 +79,74 @@ class ProfileStore:
         self._seq = 0
         self.frame = self._load()
 
+    # -- locking ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, name: str, exclusive: bool):
+        """``flock`` on ``blocks/<name>``; without one where the store cannot hold a lock file (read-only, absent)."""
+        path = self.dir / name
+        fd = None
+        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+            try:
+                fd = os.open(path, flags, 0o666)
+                break
+            except OSError:
+                continue
+        if fd is None:  # nothing can write to a store that cannot hold a lock file, so nothing to wait for
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def measuring(self, jobs: int):
+        """Hold the store's measuring lock: wait for any other run measuring into it, then reread it.
+
+        On exit the rows are flushed and many parts compacted.
+        """
+        self.check_writable(jobs)
+        fd = os.open(self.dir / ".measure.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                warnings.warn(f"another run is measuring into profile store {self.dir}; waiting for it to finish", StoreWarning, stacklevel=3)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            with warnings.catch_warnings():  # said at the first read
+                warnings.simplefilter("ignore", StoreWarning)
+                self.frame = self._load()  # what another run measured meanwhile is not measured again
+            try:
+                yield self
+            finally:
+                self.flush()
+                self._compact()
+        finally:
+            os.close(fd)
+
+    def check_writable(self, jobs: int) -> None:
+        """Refuse to measure what could not be kept: a store that is a file, or a directory we cannot write."""
+        advice = "Pass --store DIR (or set CFP_PROFILE_DIR) to a writable directory."
+        for path in (self.root, self.dir):
+            if path.exists() and not path.is_dir():
+                raise CFPError(f"Profile store {path} is a file, not a directory; {jobs} profiling job(s) need measuring and their rows could not be kept. {advice}")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise CFPError(
+                f"Profile store {self.dir} is not writable ({exc.strerror or exc}); {jobs} profiling job(s) need measuring and "
+                f"their rows could not be kept, so nothing was measured. {advice}"
+            ) from exc
+
     # -- reading ----------------------------------------------------------------
     def _load(self) -> pd.DataFrame:
-        frames = []
-        parts = sorted(self.dir.glob("*.parquet")) if self.dir.is_dir() else []
-        for part in parts:
-            try:
-                df = pd.read_parquet(part)
-                missing = [c for c in KEY + VALUES if c not in df.columns]
-                if missing:
-                    raise ValueError(f"missing columns {missing[:4]}")
-            except Exception as exc:
-                bad = part.with_suffix(".corrupt")
-                os.replace(part, bad)
-                self.corrupt.append(bad)
-                warnings.warn(
-                    f"profile store file {part} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); "
-                    f"moved to {bad.name}; its rows will be re-measured",
-                    StoreWarning,
-                    stacklevel=3,
-                )
-                continue
-            frames.append(df)
+        if not self.dir.is_dir():
+            return pd.DataFrame(columns=KEY + VALUES)
+        with self._locked(".lock", exclusive=False):
+            frames = [df for part in sorted(self.dir.glob("*.parquet")) if (df := self._read(part)) is not None]
         if not frames:
             return pd.DataFrame(columns=KEY + VALUES)
         df = pd.concat(frames, ignore_index=True)
@@ -101,11 +161,56 @@ class ProfileStore:
                 StoreWarning,
                 stacklevel=3,
             )
-        if len(parts) > COMPACT_AFTER and not self.corrupt:
-            self._write(df, "compact")
+        valid = _valid_timings(df)
+        if (~valid & current).any():
+            n = int((~valid & current).sum())
+            self.skipped["invalid timings (NaN, infinite or negative)"] = n
+            warnings.warn(
+                f"profile store {self.dir}: {n} rows marked ok have timings that are NaN, infinite or negative; "
+                f"they are not reused and will be re-measured",
+                StoreWarning,
+                stacklevel=3,
+            )
+        return df[current & valid].reset_index(drop=True)
+
+    def _read(self, part: Path) -> pd.DataFrame | None:
+        """One part's rows; None for a part compacted away meanwhile or an unreadable one (set aside and warned about)."""
+        try:
+            df = pd.read_parquet(part)
+            missing = [c for c in KEY + VALUES if c not in df.columns]
+            if missing:
+                raise ValueError(f"missing columns {missing[:4]}")
+            return df
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            bad = part.with_suffix(".corrupt")
+            try:
+                os.replace(part, bad)
+                self.corrupt.append(bad)
+                where = f"moved to {bad.name}"
+            except FileNotFoundError:
+                return None  # another run set it aside first
+            except OSError as move:
+                where = f"left in place (it cannot be moved: {move.strerror})"
+            warnings.warn(
+                f"profile store file {part} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); {where}; its rows will be re-measured",
+                StoreWarning,
+                stacklevel=4,
+            )
+            return None
+
+    def _compact(self) -> None:
+        """Many parts -> one file, under the exclusive files lock (no reader is between glob and read)."""
+        with self._locked(".lock", exclusive=True):
+            parts = sorted(self.dir.glob("*.parquet"))
+            if len(parts) <= COMPACT_AFTER:
+                return
+            frames = [df for part in parts if (df := self._read(part)) is not None]
+            if frames:
+                self._write(pd.concat(frames, ignore_index=True), "compact")
             for part in parts:
                 part.unlink(missing_ok=True)
-        return df[current].reset_index(drop=True)
 
     def lookup(self, key: dict) -> dict | None:
         """The stored row with exactly this key (current torch and schema), or None."""
@@ -132,12 +237,25 @@ class ProfileStore:
         self.last_flush = time.monotonic()
 
     def _write(self, df: pd.DataFrame, stem: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
         name = f"{stem}-{time.time_ns()}-{os.getpid()}-{self._seq}.parquet"
         tmp = self.dir / f".{name}.tmp"
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, self.dir / name)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            df.to_parquet(tmp, index=False)
+            os.replace(tmp, self.dir / name)
+        except OSError as exc:
+            raise CFPError(f"Could not write {len(df)} profile row(s) to {self.dir} ({exc.strerror or exc}); they are lost.") from exc
+
+
+def _valid_timings(df: pd.DataFrame) -> pd.Series:
+    """Rows not marked ok (an oom's infinite cost), or whose measured times are finite and non-negative.
+
+    A phase may be missing (NaN) where a backend does not time it; the total never may.
+    """
+    times = df[TIMES].astype("float64")
+    bad = (times < 0).any(axis=1) | times.isin([math.inf, -math.inf]).any(axis=1) | times["total_s"].isna()
+    return (df["status"] != "ok") | ~bad
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
@@ -175,6 +293,14 @@ class ProfileTable:
                 self._blocks[(row["class_id"], row["config"])] = row
             else:
                 self._transitions[(row["shape_key"], row["dtype"], row["config"])] = row
+
+    def noisy(self) -> pd.DataFrame:
+        """Rows measured ok whose spread (IQR of the total) is over ``NOISY_SPREAD`` of their median: too noisy to trust."""
+        rows = self.rows
+        if rows.empty:
+            return rows
+        spread = rows["total_iqr_s"].astype("float64") / rows["total_s"].astype("float64")
+        return rows[(rows["status"] == "ok") & (spread > NOISY_SPREAD)]
 
     def _time(self, row: dict | None, what: str) -> float:
         if row is None:
