@@ -72,7 +72,8 @@ class TracedModel:
             val = n.meta.get("val")
             shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
             dtype = str(val.dtype) if isinstance(val, torch.Tensor) else None
-            args = [a.name if isinstance(a, Node) else repr(a) for a in n.args]
+            # The device a graph was captured on (meta to plan, cpu or cuda to train) is not its structure.
+            args = [a.name if isinstance(a, Node) else "device" if isinstance(a, torch.device) else repr(a) for a in n.args]
             h.update(repr((n.op, op_name(n), shape, dtype, args)).encode())
         h.update(repr(sorted(self.params.items())).encode())
         return h.hexdigest()[:16]

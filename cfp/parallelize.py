@@ -266,7 +266,10 @@ class ParallelModule(nn.Module):
             block = self._owner.get(node.name)
 
             def read(arg, block=block):
-                if block is None or self._owner.get(arg.name) == block:
+                if block is None:  # the prologue: plain tensors, whole on every rank
+                    value = env[arg.name]
+                    return value.full_tensor() if isinstance(value, DTensor) else value
+                if self._owner.get(arg.name) == block:
                     return env[arg.name]
                 key = (block, arg.name)
                 if key not in entered:

@@ -9,17 +9,23 @@ the rest, exactly as at training time.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.debug._comm_mode import NATIVE_TO_PY_MAPPING, c10d_collective_ops
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.fx import Node
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from cfp.capture import as_meta
 
 Placements = tuple[Placement, ...]
 WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
@@ -209,16 +215,68 @@ def _call(node: Node, args, kwargs, mesh: DeviceMesh, run: BlockRun):
         return None  # export's metadata checks of the single-device trace, not computation
     args = _reduce_partial_sums(node, args, mesh)
     try:
-        return node.target(*args, **kwargs)
-    except NotImplementedError as exc:
-        if "sharding strateg" not in str(exc) and "sharding propagation" not in str(exc):
+        # A plain tensor meeting a DTensor (a lifted constant, a factory op's output) is the
+        # same on every rank: DTensor takes it as Replicate.
+        with implicit_replication(), _attention_kernels(node, args):
+            return node.target(*args, **kwargs)
+    except Exception as exc:
+        no_rule = isinstance(exc, NotImplementedError) and ("sharding strateg" in str(exc) or "sharding propagation" in str(exc))
+        if not no_rule and not (_on_meta(args, kwargs) and meta_kernel_fails(node)):
             raise
-    # DTensor has no rule for this op: run it replicated, which is always correct.
+    # DTensor has no rule for this op, or its meta kernel fails: run it replicated, which is always correct.
     run.fallbacks.append(str(node.target))
-    to_local = lambda a: a.redistribute(mesh, (Replicate(),) * mesh.ndim).to_local() if isinstance(a, DTensor) else a
+    return _call_replicated(node, args, kwargs, mesh)
+
+
+def _attention_kernels(node: Node, args):
+    """SDPA off CUDA runs its math decomposition (matmuls and a softmax, which DTensor shards
+    over batch and heads): DTensor has no rule for the fused CPU kernel's backward."""
+    on_cuda = any(isinstance(a, DTensor) and a.device.type == "cuda" for a in args)
+    if node.target is torch.ops.aten.scaled_dot_product_attention.default and not on_cuda:
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
+def _on_meta(args, kwargs) -> bool:
+    tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(t.device.type == "meta" for t in tensors)
+
+
+def meta_kernel_fails(node: Node) -> bool:
+    """Whether the op raises on shape-only tensors of the shapes export recorded: on ``meta``
+    ones, or on the fake CPU ones DTensor's sharding propagation uses (``histc`` on integers)."""
+    if "cfp_meta_fails" not in node.meta:
+        node.meta["cfp_meta_fails"] = not _runs(node, lambda v: as_meta(v))
+        if not node.meta["cfp_meta_fails"]:
+            with FakeTensorMode() as fake:
+                cpu = lambda v: fake.from_tensor(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype)) if isinstance(v, torch.Tensor) else v
+                node.meta["cfp_meta_fails"] = not _runs(node, cpu)
+    return node.meta["cfp_meta_fails"]
+
+
+def _runs(node: Node, make) -> bool:
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: make(n.meta.get("val")))
+    try:
+        node.target(*args, **kwargs)
+    except Exception:
+        return False
+    return True
+
+
+def _call_replicated(node: Node, args, kwargs, mesh: DeviceMesh):
+    """The op on whole local tensors, its outputs as replicated DTensors.
+
+    On ``meta`` tensors an op whose meta kernel fails (``histc`` on integers)
+    takes the output shapes export recorded in ``node.meta["val"]``.
+    """
+    replicate = (Replicate(),) * mesh.ndim
+    to_local = lambda a: a.redistribute(mesh, replicate).to_local() if isinstance(a, DTensor) else a
     args, kwargs = torch.utils._pytree.tree_map(to_local, (args, kwargs))
-    out = node.target(*args, **kwargs)
-    wrap = lambda t: DTensor.from_local(t, mesh, (Replicate(),) * mesh.ndim, run_check=False) if isinstance(t, torch.Tensor) else t
+    if _on_meta(args, kwargs) and not _runs(node, as_meta):
+        out = as_meta(node.meta["val"])
+    else:
+        out = node.target(*args, **kwargs)
+    wrap = lambda t: DTensor.from_local(t, mesh, replicate, run_check=False) if isinstance(t, torch.Tensor) else t
     return torch.utils._pytree.tree_map(wrap, out)
 
 
