@@ -187,6 +187,7 @@ class ParallelModule(nn.Module):
         model_buffers = dict(model.named_buffers(remove_duplicate=False))
         constants = getattr(traced.exported, "constants", {}) or {}
         self._buffer_of: dict[str, str] = {}
+        self._buffer_fqn = dict(traced.buffers)
         for name, fqn in traced.buffers.items():
             value = model_buffers.get(fqn)
             if value is None:
@@ -223,6 +224,10 @@ class ParallelModule(nn.Module):
         if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(param.placements):
             param.grad = grad.redistribute(self.mesh, param.placements)
 
+    def model_buffers(self) -> dict[str, torch.Tensor]:
+        """The model's buffers and constants by FQN, as this module holds (and updates) them."""
+        return {self._buffer_fqn[name]: getattr(self, attr) for name, attr in self._buffer_of.items()}
+
     @property
     def fallbacks(self) -> list[str]:
         """Ops of the last forward that DTensor had no rule for and that ran replicated."""
@@ -241,12 +246,23 @@ class ParallelModule(nn.Module):
         # A plain tensor is the same on every rank: each keeps its shard, no communication.
         return distribute_tensor(value, self.mesh, placements, src_data_rank=None)
 
+    @torch.no_grad()
+    def _write_back_buffers(self, entered: dict, versions: dict) -> None:
+        """Buffers a block updated in place (BatchNorm's running statistics) were updated on the
+        copy placed for that block: bring the new values back to the module's buffer."""
+        for (block, name), version in versions.items():
+            value = entered[(block, name)]
+            if value._local_tensor._version != version:
+                buffer = getattr(self, self._buffer_of[name])
+                buffer.copy_(value.full_tensor())
+
     def forward(self, *inputs):
         if len(inputs) != len(self._user_inputs):
             raise TypeError(f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), got {len(inputs)}")
         env: dict[str, Any] = {}
         user = dict(zip(self._user_inputs, inputs))
         entered: dict[tuple[int, str], Any] = {}  # (block, value) -> the value as that block reads it
+        buffer_versions: dict[tuple[int, str], int] = {}  # (block, buffer) -> its version counter on entry
         run = BlockRun(values=env, input_placements={})
         output = None
         for node in self._graph.nodes:
@@ -274,11 +290,14 @@ class ParallelModule(nn.Module):
                 key = (block, arg.name)
                 if key not in entered:
                     entered[key] = self._enter(env[arg.name], self._entry[block].get(arg.name))
+                    if arg.name in self._buffer_of and isinstance(entered[key], DTensor):
+                        buffer_versions[key] = entered[key]._local_tensor._version
                 return entered[key]
 
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), read)
             env[node.name] = _call(node, args, kwargs, self.mesh, run)
         self._fallbacks = run.fallbacks
+        self._write_back_buffers(entered, buffer_versions)
         loss = torch.fx.node.map_arg(output, lambda n: env[n.name])
         loss = loss[0] if isinstance(loss, (tuple, list)) and len(loss) == 1 else loss
         return loss.full_tensor() if isinstance(loss, DTensor) else loss
