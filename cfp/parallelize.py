@@ -135,7 +135,9 @@ def _target(placements: Placements) -> Placements:
 
 class _GradPlacedLikeValue(torch.autograd.Function):
     """Identity whose backward brings the gradient to the value's placements, as every block
-    program delivers its input gradients (``cfp.propagate.input_values``)."""
+    program delivers its input gradients (``cfp.propagate.input_values``), and contiguous, as
+    block programs receive the gradients of their exits (a shard of a transposed gradient
+    may not allow the views the producer's backward takes)."""
 
     @staticmethod
     def forward(ctx, value):
@@ -146,7 +148,7 @@ class _GradPlacedLikeValue(torch.autograd.Function):
     def backward(ctx, grad):
         if isinstance(grad, DTensor) and tuple(grad.placements) != ctx.placements:
             grad = grad.redistribute(ctx.mesh, ctx.placements)
-        return grad
+        return grad.contiguous()
 
 
 class ParallelModule(nn.Module):

@@ -208,18 +208,61 @@ def _reduce_partial_sums(node: Node, args: tuple, mesh: DeviceMesh) -> tuple:
     return tuple(whole(a) for a in args)
 
 
+# Losses whose mean counts only the targets that are not ignore_index.
+MEAN_LOSSES = {torch.ops.aten.cross_entropy_loss.default, torch.ops.aten.nll_loss.default}
+MEAN = 1  # torch's Reduction.MEAN
+
+
+def _loss_args(node: Node, args, kwargs) -> dict:
+    names = [a.name for a in node.target._schema.arguments]
+    bound = {a.name: a.default_value for a in node.target._schema.arguments}  # in schema order
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _sharded_mean_loss(node: Node, args, kwargs) -> bool:
+    bound = _loss_args(node, args, kwargs)
+    tensors = (bound["self"], bound["target"])  # a Partial one may be reduce-scattered into shards
+    split = any(isinstance(t, DTensor) and not all(p.is_replicate() for p in t.placements) for t in tensors)
+    return split and bound["reduction"] == MEAN and bound["weight"] is None
+
+
+def _mean_loss_over_shards(node: Node, args, kwargs, mesh: DeviceMesh):
+    """A mean loss over split scores or targets, as the sum over shards divided by the count of targets.
+
+    DTensor averages the shards' means (``Partial(avg)``), which is the mean only when every
+    shard counts as many targets; ``ignore_index`` (padding, the shifted labels' last position)
+    breaks that. The sum and the count are both exact.
+    """
+    bound = _loss_args(node, args, kwargs)
+    replicate = (Replicate(),) * mesh.ndim
+    whole = lambda t: t.redistribute(mesh, replicate) if isinstance(t, DTensor) else DTensor.from_local(t, mesh, replicate)
+    with implicit_replication():
+        total = node.target(*({**bound, "reduction": 2}.values()))  # Reduction.SUM: Partial(sum)
+        count = (bound["target"] != bound["ignore_index"]).sum()
+    return whole(total) / whole(count).to(total.dtype)
+
+
 def _call(node: Node, args, kwargs, mesh: DeviceMesh, run: BlockRun):
     if node.target is operator.getitem:
         return operator.getitem(*args)
     if str(node.target).startswith("aten._assert"):
         return None  # export's metadata checks of the single-device trace, not computation
     args = _reduce_partial_sums(node, args, mesh)
+    if node.target in MEAN_LOSSES and _sharded_mean_loss(node, args, kwargs):
+        return _mean_loss_over_shards(node, args, kwargs, mesh)
     try:
         # A plain tensor meeting a DTensor (a lifted constant, a factory op's output) is the
         # same on every rank: DTensor takes it as Replicate.
         with implicit_replication(), _attention_kernels(node, args):
             return node.target(*args, **kwargs)
     except Exception as exc:
+        if node.target is torch.ops.aten.view.default and "view size is not compatible" in str(exc):
+            # A local shard's strides can forbid a view the whole tensor allows (a transposed value
+            # split on another dim): reshape computes the same values, copying where it must.
+            with implicit_replication():
+                return torch.ops.aten.reshape.default(*args, **kwargs)
         no_rule = isinstance(exc, NotImplementedError) and ("sharding strateg" in str(exc) or "sharding propagation" in str(exc))
         if not no_rule and not (_on_meta(args, kwargs) and meta_kernel_fails(node)):
             raise

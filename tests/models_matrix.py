@@ -10,6 +10,12 @@ import cfp
 
 BATCH, SEQ = 2, 8
 SMALL = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=128)
+# Dropout draws its masks per shard under a sharded config, so a plan drops other elements
+# than one device does: the parity check turns it off where the default config has it.
+NO_DROPOUT = {
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "opt": dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
+}
 
 
 def hf(model_type: str, **overrides) -> cfp.ModelSpec:
@@ -18,7 +24,7 @@ def hf(model_type: str, **overrides) -> cfp.ModelSpec:
 
 MATRIX: dict[str, cfp.ModelSpec] = {
     # GPT-2: learned positions, LayerNorm, fused c_attn (HF Conv1D: addmm), tied head.
-    "gpt2": hf("gpt2", n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=32),
+    "gpt2": hf("gpt2", n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=32, **NO_DROPOUT["gpt2"]),
     # LLaMA: RMSNorm, rotary, grouped-query attention, SwiGLU, untied head.
     "llama": hf("llama", **SMALL, num_key_value_heads=2),
     # Mixtral: sparse MoE (top-2 of 4 experts, histc + grouped matmul), GQA.
@@ -34,7 +40,7 @@ MATRIX: dict[str, cfp.ModelSpec] = {
     "gemma": hf("gemma", **SMALL, num_key_value_heads=1, head_dim=8),
     # OPT: learned positions with an offset, LayerNorm, ReLU MLP (fc1/fc2), tied head.
     "opt": hf("opt", num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4, vocab_size=128,
-              word_embed_proj_dim=32, max_position_embeddings=32),
+              word_embed_proj_dim=32, max_position_embeddings=32, **NO_DROPOUT["opt"]),
     # Phi: parallel attention and MLP, partial rotary, dense / fc1 / fc2, untied head with a bias.
     "phi": hf("phi", **SMALL),
     # torch.nn.TransformerEncoder sequence classifier.

@@ -13,6 +13,7 @@ For every model of the matrix, one spawn of two gloo ranks, launched as ``torchr
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import socket
@@ -113,8 +114,9 @@ def _plans(spec: cfp.ModelSpec, store: str, seed: int) -> tuple[dict, object]:
         choice = baselines.choose(name, graph)
         if choice is not None:
             plans[name] = plan_from_indices(graph, choice)
-    rng = random.Random(seed)
-    plans["random"] = plan_from_choice(graph, lambda block, names: rng.choice(names))
+    rng = random.Random(seed)  # among the configs that ran while profiled, as the ILP chooses
+    feasible = lambda block, names: [n for n in names if math.isfinite(run.table.block_time(block.class_id, n))]
+    plans["random"] = plan_from_choice(graph, lambda block, names: rng.choice(feasible(block, names)))
     return plans, graph
 
 
@@ -144,7 +146,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str, st
                 try:
                     errors, stats = _check(spec, plan, graph.traced, ref)
                 except Exception as exc:  # reported, not hung: the other rank fails at the same op
-                    errors, stats = [f"{type(exc).__name__}: {str(exc)[:300]}"], {}
+                    errors, stats = [f"{type(exc).__name__}: {str(exc)[:300]}"], {"traceback": __import__("traceback").format_exc()[-1500:]}
                 stats["seconds"] = round(time.perf_counter() - start, 2)
                 results[name][plan_name] = {"errors": errors, "stats": stats}
     finally:
