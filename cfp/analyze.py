@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cfp.blocks import Block, partition
+from cfp.blocks import Block, partition, prologue
 from cfp.capture import TracedModel
 from cfp.configs import candidates
 from cfp.errors import CFPError
@@ -39,6 +39,17 @@ class BlockGraph:
     rejected: dict[str, list[Propagation]] = field(default_factory=dict)  # class id -> configs DTensor refused
     seconds: float = 0.0
     cached_classes: int = 0  # classes whose propagation came from the on-disk cache
+    prologue: list[str] = field(default_factory=list)  # ops no parameter reaches: run once, replicated
+
+    def replicated_ops(self) -> dict[str, list[str]]:
+        """Ops run replicated (DTensor has no rule, or their fake kernel fails) -> the configs, as
+        ``class:config``, under which they are."""
+        out: dict[str, list[str]] = {}
+        for class_id, props in self.configs.items():
+            for prop in props:
+                for op in dict.fromkeys(prop.fallbacks):
+                    out.setdefault(op, []).append(f"{class_id}:{prop.config.name}")
+        return out
 
     def block_configs(self, block: Block | int) -> list[Propagation]:
         block = self.blocks[block] if isinstance(block, int) else block
@@ -115,7 +126,8 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
                 f"DTensor can run on mesh {mesh}: {reasons}"
             )
     return BlockGraph(
-        traced, mesh, blocks, classes, segments, configs, rejected, time.perf_counter() - start, len(representatives) - len(todo)
+        traced, mesh, blocks, classes, segments, configs, rejected, time.perf_counter() - start, len(representatives) - len(todo),
+        prologue=prologue(traced),
     )
 
 
