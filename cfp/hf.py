@@ -13,6 +13,7 @@ transformers is an optional dependency (``pip install cfp[hf]``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -54,12 +55,11 @@ def load_config(target: str, overrides: dict):
         if not file.is_file():
             raise CFPError(f"Model spec hf:{target}: {file} does not exist (give a config.json or a directory holding one).")
         try:
-            config = transformers.AutoConfig.from_pretrained(str(file), local_files_only=True)
+            fields = json.loads(file.read_text())
+            model_type = fields.pop("model_type")
+            return transformers.AutoConfig.for_model(model_type, **_rederived(transformers, model_type, fields, overrides))
         except Exception as exc:
             raise CFPError(f"Model spec hf:{target}: {file} is not a transformers config: {type(exc).__name__}: {exc}") from exc
-        for key, value in overrides.items():
-            setattr(config, key, value)
-        return config
     try:
         return transformers.AutoConfig.for_model(target, **overrides)
     except ValueError as exc:
@@ -67,6 +67,19 @@ def load_config(target: str, overrides: dict):
             f"Model spec hf:{target}: transformers {transformers.__version__} knows no model type {target!r} "
             f"(e.g. gpt2, llama, mixtral, qwen2, gemma), and there is no config file of that name."
         ) from exc
+
+
+def _rederived(transformers, model_type: str, fields: dict, overrides: dict) -> dict:
+    """The file's fields with the overrides, less the per-layer lists the config derives from
+    other fields (``layer_types`` from ``num_hidden_layers``): left as saved they would
+    contradict an override such as ``num_hidden_layers=2``."""
+    derived = []
+    for key, value in fields.items():
+        if isinstance(value, list) and key not in overrides:
+            rest = {k: v for k, v in fields.items() if k != key}
+            if getattr(transformers.AutoConfig.for_model(model_type, **rest), key, None) == value:
+                derived.append(key)
+    return {**{k: v for k, v in fields.items() if k not in derived}, **overrides}
 
 
 def build(
@@ -80,7 +93,8 @@ def build(
     """The causal LM ``target`` names, randomly initialised (seed 0) on ``device``, and a random batch."""
     transformers = _transformers()
     config = load_config(target, overrides)
-    unknown = [key for key in overrides if not hasattr(config, key)]
+    known = type(config)()  # transformers keeps unknown keyword arguments as attributes: check a default one
+    unknown = [key for key in overrides if not hasattr(known, key)]
     if unknown:
         raise CFPError(f"Model spec hf:{target}: its config ({type(config).__name__}) has no field {', '.join(unknown)}.")
     config.use_cache = False

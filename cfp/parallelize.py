@@ -6,6 +6,8 @@ refused by fingerprint), holds its parameters as DTensor ``nn.Parameter``s
 with the plan's placements, and returns a module whose ``forward(*inputs)``
 interprets the exported graph in order:
 
+- the prologue (ops no parameter reaches: positions, masks, rotary tables)
+  runs on plain tensors, whole on every rank;
 - before a block's ops read a value from outside the block (the anchor's
   activation, a parameter, a residual stream, a buffer, a graph input), that
   value is redistributed to the placements the plan's config gives it, once
@@ -16,6 +18,8 @@ interprets the exported graph in order:
   times with (export's asserts skipped, a ``Partial`` operand of a sum with a
   non-``Partial`` one reduced first, ops DTensor has no rule for run
   replicated);
+- buffers a block updated in place (BatchNorm's running statistics) are
+  written back to the module's buffers;
 - the loss comes back as a plain tensor (``full_tensor``), so
   ``loss.backward()`` works, and each parameter's gradient is brought to the
   parameter's own placements as it is accumulated (a replicated weight used

@@ -264,9 +264,9 @@ def _call(node: Node, args, kwargs, mesh: DeviceMesh, run: BlockRun):
             with implicit_replication():
                 return torch.ops.aten.reshape.default(*args, **kwargs)
         no_rule = isinstance(exc, NotImplementedError) and ("sharding strateg" in str(exc) or "sharding propagation" in str(exc))
-        if not no_rule and not (_on_meta(args, kwargs) and meta_kernel_fails(node)):
+        if not no_rule and not (_on_meta(args, kwargs) and fake_kernel_fails(node)):
             raise
-    # DTensor has no rule for this op, or its meta kernel fails: run it replicated, which is always correct.
+    # DTensor has no rule for this op, or its fake kernel fails: run it replicated, which is always correct.
     run.fallbacks.append(str(node.target))
     return _call_replicated(node, args, kwargs, mesh)
 
@@ -285,16 +285,16 @@ def _on_meta(args, kwargs) -> bool:
     return bool(tensors) and all(t.device.type == "meta" for t in tensors)
 
 
-def meta_kernel_fails(node: Node) -> bool:
+def fake_kernel_fails(node: Node) -> bool:
     """Whether the op raises on shape-only tensors of the shapes export recorded: on ``meta``
     ones, or on the fake CPU ones DTensor's sharding propagation uses (``histc`` on integers)."""
-    if "cfp_meta_fails" not in node.meta:
-        node.meta["cfp_meta_fails"] = not _runs(node, lambda v: as_meta(v))
-        if not node.meta["cfp_meta_fails"]:
+    if "cfp_fake_kernel_fails" not in node.meta:
+        node.meta["cfp_fake_kernel_fails"] = not _runs(node, lambda v: as_meta(v))
+        if not node.meta["cfp_fake_kernel_fails"]:
             with FakeTensorMode() as fake:
                 cpu = lambda v: fake.from_tensor(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype)) if isinstance(v, torch.Tensor) else v
-                node.meta["cfp_meta_fails"] = not _runs(node, cpu)
-    return node.meta["cfp_meta_fails"]
+                node.meta["cfp_fake_kernel_fails"] = not _runs(node, cpu)
+    return node.meta["cfp_fake_kernel_fails"]
 
 
 def _runs(node: Node, make) -> bool:
