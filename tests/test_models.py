@@ -18,6 +18,7 @@ import os
 import random
 import socket
 import time
+import traceback
 
 import pytest
 import torch
@@ -25,14 +26,14 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 
-import cfp  # noqa: E402
-from cfp import baselines  # noqa: E402
-from cfp.analyze import analyze  # noqa: E402
-from cfp.mesh import parse_mesh  # noqa: E402
-from cfp.parallelize import parallelize, plan_from_choice, plan_from_indices  # noqa: E402
-from cfp.plan import make_plan  # noqa: E402
-from cfp.profile import analyze_for_profile, profile  # noqa: E402
-from models_matrix import MATRIX  # noqa: E402
+import cfp
+from cfp import baselines
+from cfp.analyze import analyze
+from cfp.mesh import parse_mesh
+from cfp.parallelize import parallelize, plan_from_choice, plan_from_indices
+from cfp.plan import make_plan
+from cfp.profile import analyze_for_profile, profile
+from models_matrix import MATRIX
 
 MESH = "2"
 ATOL, RTOL = 1e-5, 1e-4
@@ -146,7 +147,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str, st
                 try:
                     errors, stats = _check(spec, plan, graph.traced, ref)
                 except Exception as exc:  # reported, not hung: the other rank fails at the same op
-                    errors, stats = [f"{type(exc).__name__}: {str(exc)[:300]}"], {"traceback": __import__("traceback").format_exc()[-1500:]}
+                    errors, stats = [f"{type(exc).__name__}: {str(exc)[:300]}"], {"traceback": traceback.format_exc(limit=-4)}
                 stats["seconds"] = round(time.perf_counter() - start, 2)
                 results[name][plan_name] = {"errors": errors, "stats": stats}
     finally:
@@ -199,3 +200,36 @@ def test_megatron_applies_by_parameter_names(results):
             continue
         configs = results[0][model]["megatron"]["stats"]["configs"]
         assert configs.get("col", 0) >= 2 and configs.get("row", 0) >= 2, (model, configs)
+
+
+class _Failing:
+    """An analytic cost model under which some block configs failed while profiled."""
+
+    def __init__(self, costs, failed: set[tuple[str, str]]):
+        self.costs, self.failed, self.name = costs, failed, "profiled"
+
+    def __getattr__(self, name):
+        return getattr(self.costs, name)
+
+    def block_time(self, class_id, config):
+        return math.inf if (class_id, config) in self.failed else self.costs.block_time(class_id, config)
+
+    def block_failure(self, class_id, config):
+        return "failed: RuntimeError: no kernel" if (class_id, config) in self.failed else ""
+
+
+def test_configs_that_failed_profiling_are_avoided_then_named():
+    """The ILP avoids configs that failed while profiled; a block with none left is an error naming why."""
+    from cfp.analytic import AnalyticCosts
+    from cfp.cluster import load_cluster
+    from cfp.solve import solve
+
+    graph = analyze(cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="meta"))), parse_mesh(MESH))
+    costs = AnalyticCosts(graph, load_cluster("cpu-gloo-local"))
+    block = graph.blocks[1]
+    names = [p.config.name for p in graph.block_configs(block)]
+    best = solve(graph, costs).choice[block.id]
+    failed = {(block.class_id, names[best])}
+    assert solve(graph, _Failing(costs, failed)).choice[block.id] != best
+    with pytest.raises(cfp.CFPError, match=rf"block {block.id} \({block.anchor}; ops .*embedding.*\) can run .*rep: failed: RuntimeError"):
+        solve(graph, _Failing(costs, {(block.class_id, n) for n in names}))

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
         )
     elapsed = time.perf_counter() - start
     print_summary(plan, graph)
-    replicated = sorted(set(op for b, entry in zip(graph.blocks, plan.blocks) for op in _fallbacks(graph, b, entry["config"])))
+    replicated = sorted({op for b, entry in zip(graph.blocks, plan.blocks) for op in _fallbacks(graph, b, entry["config"])})
     if replicated:
         console.print(f"[yellow]Run replicated under this plan (no DTensor rule, or its fake kernel fails): {', '.join(replicated)}[/]")
     console.print(f"Plan written to [bold]{args.output}[/] ({elapsed:.1f} s in all). See it with `cfp report {args.output}`.")
