@@ -14,7 +14,7 @@ SMALL = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_atte
 # than one device does: the parity check turns it off where the default config has it.
 NO_DROPOUT = {
     "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "opt": dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
+    "opt": dict(dropout=0.0, attention_dropout=0.0),
 }
 
 

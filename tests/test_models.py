@@ -136,7 +136,9 @@ def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str, st
             spec = MATRIX[name]
             start = time.perf_counter()
             try:
-                plans, graph = _plans(spec, store, seed=1234 + i)
+                # Rank 0's store decides which jobs run; a store per rank keeps rank 1 from reading
+                # (and renaming as corrupt) a file rank 0 is writing.
+                plans, graph = _plans(spec, os.path.join(store, f"rank{rank}"), seed=1234 + i)
             except Exception as exc:  # every rank fails alike (analysis and profiling are SPMD)
                 results[name] = {"plan": {"errors": [f"planning: {type(exc).__name__}: {exc}"], "stats": {}}}
                 continue
