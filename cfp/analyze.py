@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cfp.blocks import Block, partition
+from cfp.blocks import Block, partition, prologue
 from cfp.capture import TracedModel
 from cfp.children import die_with_parent
 from cfp.configs import candidates
@@ -41,6 +41,17 @@ class BlockGraph:
     rejected: dict[str, list[Propagation]] = field(default_factory=dict)  # class id -> configs DTensor refused
     seconds: float = 0.0
     cached_classes: int = 0  # classes whose propagation came from the on-disk cache
+    prologue: list[str] = field(default_factory=list)  # ops no parameter reaches: run once, replicated
+
+    def replicated_ops(self) -> dict[str, list[str]]:
+        """Ops run replicated (DTensor has no rule, or their fake kernel fails) -> the configs, as
+        ``class:config``, under which they are."""
+        out: dict[str, list[str]] = {}
+        for class_id, props in self.configs.items():
+            for prop in props:
+                for op in dict.fromkeys(prop.fallbacks):
+                    out.setdefault(op, []).append(f"{class_id}:{prop.config.name}")
+        return out
 
     def block_configs(self, block: Block | int) -> list[Propagation]:
         block = self.blocks[block] if isinstance(block, int) else block
@@ -126,7 +137,8 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
             )
     warn_unshardable(configs, mesh)
     return BlockGraph(
-        traced, mesh, blocks, classes, segments, configs, rejected, time.perf_counter() - start, len(representatives) - len(todo)
+        traced, mesh, blocks, classes, segments, configs, rejected, time.perf_counter() - start, len(representatives) - len(todo),
+        prologue=prologue(traced),
     )
 
 
@@ -151,7 +163,7 @@ def warn_unshardable(configs: dict[str, list[Propagation]], mesh: MeshSpec) -> N
 # Propagation depends only on a block's structure, the mesh and torch's DTensor,
 # so it is cached on disk: every command that re-analyses a model (plan,
 # profile workers, bench) then skips DTensor's slow first propagation.
-ANALYSIS_CACHE_VERSION = 4  # bump when a Propagation's contents change; the history is in git
+ANALYSIS_CACHE_VERSION = 6  # bump when a Propagation's contents change; the history is in git
 
 
 def cache_dir() -> Path:

@@ -30,8 +30,14 @@ from typing import Callable
 from cfp.costs import shared_parameters
 from cfp.errors import CFPError
 
-COLUMN = re.compile(r"(^|\.)(c_attn|c_fc|wq|wk|wv|w1|w3|w_in|q_proj|k_proj|v_proj|gate_proj|up_proj|query_key_value|dense_h_to_4h)(\.weight|\.bias)?$")
-ROW = re.compile(r"(^|\.)(c_proj|wo|w2|w_out|o_proj|down_proj|dense_4h_to_h)(\.weight|\.bias)?$")
+# The projection names of GPT-2, LLaMA, Megatron-LM, Hugging Face transformers and torch.nn.
+_SUFFIX = r"(\.weight|\.bias|_weight|_bias)?$"
+COLUMN = re.compile(
+    r"(^|\.)(c_attn|c_fc|wq|wk|wv|wqkv|w1|w3|w_in|q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj"
+    r"|query_key_value|query|key|value|dense_h_to_4h|fc1|fc_in|linear1|in_proj)" + _SUFFIX,
+    re.IGNORECASE,
+)
+ROW = re.compile(r"(^|\.)(c_proj|wo|w2|w_out|o_proj|out_proj|down_proj|dense_4h_to_h|dense|fc2|fc_out|linear2)" + _SUFFIX, re.IGNORECASE)
 HEAD = re.compile(r"(^|\.)(lm_head|output)(\.weight)?$")
 
 

@@ -1,9 +1,15 @@
 """ParallelBlocks: cut the captured graph at its anchor ops.
 
 An *anchor* is an op that contracts an activation with a trainable parameter
-(linear, matmul/mm/bmm/einsum with a parameter, embedding, convolution). Each
-anchor starts a block; every other op joins the block of its nearest anchor
-producer, so the partition fixed at the anchor propagates through the block.
+(linear, addmm, matmul/mm/bmm/einsum with a parameter, embedding,
+convolution). Each anchor starts a block; every other op joins the block of
+its nearest anchor producer, so the partition fixed at the anchor propagates
+through the block.
+
+Ops that depend on no parameter form the *prologue* (position ids, causal
+masks, rotary tables, shifted labels, constants): they belong to no block,
+are offered no config, and run once, replicated, on plain tensors; a block
+reads their values like graph inputs.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ aten = torch.ops.aten
 
 CONTRACTIONS = {
     aten.linear.default,
+    aten.addmm.default,
     aten.matmul.default,
     aten.mm.default,
     aten.bmm.default,
@@ -49,7 +56,7 @@ class BlockInput:
     """A value a block reads from outside itself."""
 
     name: str  # node name of the value
-    producer: int | None  # block id of its producer; None for graph inputs, params and buffers
+    producer: int | None  # block id of its producer; None for graph inputs, params, buffers and prologue values
     role: str  # "activation" (the anchor's), "param" (the anchor's), or "input" (anything else)
 
 
@@ -86,14 +93,29 @@ def is_anchor(node: Node, traced: TracedModel) -> bool:
     return has_param and has_activation
 
 
+def prologue(traced: TracedModel) -> list[str]:
+    """The ops, in graph order, that no parameter reaches: computed once, replicated, outside every block."""
+    reached = set(traced.params)
+    ops = []
+    for node in traced.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if any(a.name in reached for a in node.all_input_nodes):
+            reached.add(node.name)
+        else:
+            ops.append(node.name)
+    return ops
+
+
 def partition(traced: TracedModel) -> list[Block]:
-    """Assign every op to a block, in graph order."""
+    """Assign every op outside the prologue to a block, in graph order."""
     order = {n.name: i for i, n in enumerate(traced.graph.nodes)}
+    outside = set(prologue(traced))
     owner: dict[str, int] = {}
     blocks: list[Block] = []
     pending: list[Node] = []  # ops with no anchor upstream: they join a consumer's block
     for node in traced.graph.nodes:
-        if node.op != "call_function":
+        if node.op != "call_function" or node.name in outside:
             continue
         if is_anchor(node, traced):
             block = Block(id=len(blocks), anchor=node.name, nodes=[])
@@ -109,8 +131,8 @@ def partition(traced: TracedModel) -> list[Block]:
     if not blocks:
         raise ValueError("the graph has no anchor op (no parameter is used in a contraction)")
     # A parameter's views join the block of the anchor that reads them; other
-    # ops with no anchor upstream (on inputs or buffers) join the block open
-    # where they stand in the graph, the first block if none is open yet.
+    # ops with no anchor upstream (computed from parameters alone) join the
+    # block open where they stand in the graph, the first block if none is open yet.
     started = [order[b.anchor] for b in blocks]
     for node in reversed(pending):
         consumers = {owner[u.name] for u in node.users if u.name in owner}

@@ -35,6 +35,7 @@ class TracedModel:
     user_inputs: list[str]  # placeholder names of the example inputs
     flops: dict[str, int]  # forward FLOPs per call_function node
     aliases: dict[str, str] = field(default_factory=dict)  # tied parameter FQN -> the FQN the graph uses
+    frozen: set[str] = field(default_factory=set)  # placeholder names of parameters that do not require grad
     spec: ModelSpec | None = None
     nodes: dict[str, Node] = field(init=False)
 
@@ -75,7 +76,8 @@ class TracedModel:
             val = n.meta.get("val")
             shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
             dtype = str(val.dtype) if isinstance(val, torch.Tensor) else None
-            args = [a.name if isinstance(a, Node) else repr(a) for a in n.args]
+            # The device a graph was captured on (meta to plan, cpu or cuda to train) is not its structure.
+            args = [a.name if isinstance(a, Node) else "device" if isinstance(a, torch.device) else repr(a) for a in n.args]
             h.update(repr((n.op, op_name(n), shape, dtype, args)).encode())
         h.update(repr(sorted(self.params.items())).encode())
         return h.hexdigest()[:16]
@@ -188,10 +190,13 @@ def capture(workload: Workload) -> TracedModel:
             user_inputs.append(spec.arg.name)
     aliases = _tied_aliases(model, params, exported.graph)
     params = {name: fqn for name, fqn in params.items() if fqn not in aliases}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    frozen = {name for name, fqn in params.items() if fqn in named and not named[fqn].requires_grad}
     return TracedModel(
         exported=exported,
         params=params,
         aliases=aliases,
+        frozen=frozen,
         buffers=buffers,
         user_inputs=user_inputs,
         flops=count_flops(exported.graph),

@@ -98,6 +98,12 @@ def signature(block: Block, traced: TracedModel) -> AnchorSignature:
         if len(anchor.args) > 2 and anchor.args[2] is not None:
             params[param_of(anchor.args[2])] = n
         act, out = lead + k, lead + n
+    elif op == aten.addmm.default:  # bias + activation @ weight, weight stored [in, out] (HF Conv1D)
+        bias, weight = anchor.args[0], anchor.args[2]
+        params = {param_of(weight): "KN"}
+        if param_root(bias, traced) is not None:
+            params[param_of(bias)] = "N"
+        act, out = "bK", "bN"
     elif op == aten.embedding.default:
         lead = batch[: len(act_shape)]
         params = {param_of(anchor.args[0]): "VD"}

@@ -6,6 +6,8 @@ refused by fingerprint), holds its parameters as DTensor ``nn.Parameter``s
 with the plan's placements, and returns a module whose ``forward(*inputs)``
 interprets the exported graph in order:
 
+- the prologue (ops no parameter reaches: positions, masks, rotary tables)
+  runs on plain tensors, whole on every rank;
 - before a block's ops read a value from outside the block (the anchor's
   activation, a parameter, a residual stream, a buffer, a graph input), that
   value is redistributed to the placements the plan's config gives it, once
@@ -16,6 +18,8 @@ interprets the exported graph in order:
   times with (export's asserts skipped, a ``Partial`` operand of a sum with a
   non-``Partial`` one reduced first, ops DTensor has no rule for run
   replicated);
+- buffers a block updated in place (BatchNorm's running statistics) are
+  written back to the module's buffers;
 - the loss comes back as a plain tensor (``full_tensor``), so
   ``loss.backward()`` works, and each parameter's gradient is brought to the
   parameter's own placements as it is accumulated (a replicated weight used
@@ -135,7 +139,9 @@ def _target(placements: Placements) -> Placements:
 
 class _GradPlacedLikeValue(torch.autograd.Function):
     """Identity whose backward brings the gradient to the value's placements, as every block
-    program delivers its input gradients (``cfp.propagate.input_values``)."""
+    program delivers its input gradients (``cfp.propagate.input_values``), and contiguous, as
+    block programs receive the gradients of their exits (a shard of a transposed gradient
+    may not allow the views the producer's backward takes)."""
 
     @staticmethod
     def forward(ctx, value):
@@ -146,7 +152,7 @@ class _GradPlacedLikeValue(torch.autograd.Function):
     def backward(ctx, grad):
         if isinstance(grad, DTensor) and tuple(grad.placements) != ctx.placements:
             grad = grad.redistribute(ctx.mesh, ctx.placements)
-        return grad
+        return grad.contiguous()
 
 
 class ParallelModule(nn.Module):
@@ -187,6 +193,7 @@ class ParallelModule(nn.Module):
         model_buffers = dict(model.named_buffers(remove_duplicate=False))
         constants = getattr(traced.exported, "constants", {}) or {}
         self._buffer_of: dict[str, str] = {}
+        self._buffer_fqn = dict(traced.buffers)
         for name, fqn in traced.buffers.items():
             value = model_buffers.get(fqn)
             if value is None:
@@ -223,6 +230,10 @@ class ParallelModule(nn.Module):
         if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(param.placements):
             param.grad = grad.redistribute(self.mesh, param.placements)
 
+    def model_buffers(self) -> dict[str, torch.Tensor]:
+        """The model's buffers and constants by FQN, as this module holds (and updates) them."""
+        return {self._buffer_fqn[name]: getattr(self, attr) for name, attr in self._buffer_of.items()}
+
     @property
     def fallbacks(self) -> list[str]:
         """Ops of the last forward that DTensor had no rule for and that ran replicated."""
@@ -241,12 +252,23 @@ class ParallelModule(nn.Module):
         # A plain tensor is the same on every rank: each keeps its shard, no communication.
         return distribute_tensor(value, self.mesh, placements, src_data_rank=None)
 
+    @torch.no_grad()
+    def _write_back_buffers(self, entered: dict, versions: dict) -> None:
+        """Buffers a block updated in place (BatchNorm's running statistics) were updated on the
+        copy placed for that block: bring the new values back to the module's buffer."""
+        for (block, name), version in versions.items():
+            value = entered[(block, name)]
+            if value._local_tensor._version != version:
+                buffer = getattr(self, self._buffer_of[name])
+                buffer.copy_(value.full_tensor())
+
     def forward(self, *inputs):
         if len(inputs) != len(self._user_inputs):
             raise TypeError(f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), got {len(inputs)}")
         env: dict[str, Any] = {}
         user = dict(zip(self._user_inputs, inputs))
         entered: dict[tuple[int, str], Any] = {}  # (block, value) -> the value as that block reads it
+        buffer_versions: dict[tuple[int, str], int] = {}  # (block, buffer) -> its version counter on entry
         run = BlockRun(values=env, input_placements={})
         output = None
         for node in self._graph.nodes:
@@ -266,16 +288,22 @@ class ParallelModule(nn.Module):
             block = self._owner.get(node.name)
 
             def read(arg, block=block):
-                if block is None or self._owner.get(arg.name) == block:
+                if block is None:  # the prologue: plain tensors, whole on every rank
+                    value = env[arg.name]
+                    return value.full_tensor() if isinstance(value, DTensor) else value
+                if self._owner.get(arg.name) == block:
                     return env[arg.name]
                 key = (block, arg.name)
                 if key not in entered:
                     entered[key] = self._enter(env[arg.name], self._entry[block].get(arg.name))
+                    if arg.name in self._buffer_of and isinstance(entered[key], DTensor):
+                        buffer_versions[key] = entered[key]._local_tensor._version
                 return entered[key]
 
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), read)
             env[node.name] = _call(node, args, kwargs, self.mesh, run)
         self._fallbacks = run.fallbacks
+        self._write_back_buffers(entered, buffer_versions)
         loss = torch.fx.node.map_arg(output, lambda n: env[n.name])
         loss = loss[0] if isinstance(loss, (tuple, list)) and len(loss) == 1 else loss
         return loss.full_tensor() if isinstance(loss, DTensor) else loss

@@ -9,17 +9,23 @@ the rest, exactly as at training time.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.debug._comm_mode import NATIVE_TO_PY_MAPPING, c10d_collective_ops
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.fx import Node
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from cfp.capture import as_meta
 
 Placements = tuple[Placement, ...]
 WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
@@ -202,23 +208,118 @@ def _reduce_partial_sums(node: Node, args: tuple, mesh: DeviceMesh) -> tuple:
     return tuple(whole(a) for a in args)
 
 
+# Losses whose mean counts only the targets that are not ignore_index.
+MEAN_LOSSES = {torch.ops.aten.cross_entropy_loss.default, torch.ops.aten.nll_loss.default}
+MEAN = 1  # torch's Reduction.MEAN
+
+
+def _loss_args(node: Node, args, kwargs) -> dict:
+    names = [a.name for a in node.target._schema.arguments]
+    bound = {a.name: a.default_value for a in node.target._schema.arguments}  # in schema order
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _sharded_mean_loss(node: Node, args, kwargs) -> bool:
+    bound = _loss_args(node, args, kwargs)
+    tensors = (bound["self"], bound["target"])  # a Partial one may be reduce-scattered into shards
+    split = any(isinstance(t, DTensor) and not all(p.is_replicate() for p in t.placements) for t in tensors)
+    return split and bound["reduction"] == MEAN and bound["weight"] is None
+
+
+def _mean_loss_over_shards(node: Node, args, kwargs, mesh: DeviceMesh):
+    """A mean loss over split scores or targets, as the sum over shards divided by the count of targets.
+
+    DTensor averages the shards' means (``Partial(avg)``), which is the mean only when every
+    shard counts as many targets; ``ignore_index`` (padding, the shifted labels' last position)
+    breaks that. The sum and the count are both exact.
+    """
+    bound = _loss_args(node, args, kwargs)
+    replicate = (Replicate(),) * mesh.ndim
+    whole = lambda t: t.redistribute(mesh, replicate) if isinstance(t, DTensor) else DTensor.from_local(t, mesh, replicate)
+    with implicit_replication():
+        total = node.target(*({**bound, "reduction": 2}.values()))  # Reduction.SUM: Partial(sum)
+        count = (bound["target"] != bound["ignore_index"]).sum()
+    return whole(total) / whole(count).to(total.dtype)
+
+
 def _call(node: Node, args, kwargs, mesh: DeviceMesh, run: BlockRun):
     if node.target is operator.getitem:
         return operator.getitem(*args)
     if str(node.target).startswith("aten._assert"):
         return None  # export's metadata checks of the single-device trace, not computation
     args = _reduce_partial_sums(node, args, mesh)
+    if node.target in MEAN_LOSSES and _sharded_mean_loss(node, args, kwargs):
+        return _mean_loss_over_shards(node, args, kwargs, mesh)
     try:
-        return node.target(*args, **kwargs)
-    except NotImplementedError as exc:
-        if "sharding strateg" not in str(exc) and "sharding propagation" not in str(exc):
+        # A plain tensor meeting a DTensor (a lifted constant, a factory op's output) is the
+        # same on every rank: DTensor takes it as Replicate.
+        with implicit_replication(), _attention_kernels(node, args):
+            return node.target(*args, **kwargs)
+    except Exception as exc:
+        if node.target is torch.ops.aten.view.default and "view size is not compatible" in str(exc):
+            # A local shard's strides can forbid a view the whole tensor allows (a transposed value
+            # split on another dim): reshape computes the same values, copying where it must.
+            with implicit_replication():
+                return torch.ops.aten.reshape.default(*args, **kwargs)
+        no_rule = isinstance(exc, NotImplementedError) and ("sharding strateg" in str(exc) or "sharding propagation" in str(exc))
+        if not no_rule and not (_on_meta(args, kwargs) and fake_kernel_fails(node)):
             raise
-    # DTensor has no rule for this op: run it replicated, which is always correct.
+    # DTensor has no rule for this op, or its fake kernel fails: run it replicated, which is always correct.
     run.fallbacks.append(str(node.target))
-    to_local = lambda a: a.redistribute(mesh, (Replicate(),) * mesh.ndim).to_local() if isinstance(a, DTensor) else a
+    return _call_replicated(node, args, kwargs, mesh)
+
+
+def _attention_kernels(node: Node, args):
+    """SDPA off CUDA runs its math decomposition (matmuls and a softmax, which DTensor shards
+    over batch and heads): DTensor has no rule for the fused CPU kernel's backward."""
+    on_cuda = any(isinstance(a, DTensor) and a.device.type == "cuda" for a in args)
+    if node.target is torch.ops.aten.scaled_dot_product_attention.default and not on_cuda:
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
+def _on_meta(args, kwargs) -> bool:
+    tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(t.device.type == "meta" for t in tensors)
+
+
+def fake_kernel_fails(node: Node) -> bool:
+    """Whether the op raises on shape-only tensors of the shapes export recorded: on ``meta``
+    ones, or on the fake CPU ones DTensor's sharding propagation uses (``histc`` on integers)."""
+    if "cfp_fake_kernel_fails" not in node.meta:
+        node.meta["cfp_fake_kernel_fails"] = not _runs(node, lambda v: as_meta(v))
+        if not node.meta["cfp_fake_kernel_fails"]:
+            with FakeTensorMode() as fake:
+                cpu = lambda v: fake.from_tensor(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype)) if isinstance(v, torch.Tensor) else v
+                node.meta["cfp_fake_kernel_fails"] = not _runs(node, cpu)
+    return node.meta["cfp_fake_kernel_fails"]
+
+
+def _runs(node: Node, make) -> bool:
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: make(n.meta.get("val")))
+    try:
+        node.target(*args, **kwargs)
+    except Exception:
+        return False
+    return True
+
+
+def _call_replicated(node: Node, args, kwargs, mesh: DeviceMesh):
+    """The op on whole local tensors, its outputs as replicated DTensors.
+
+    On ``meta`` tensors an op whose meta kernel fails (``histc`` on integers)
+    takes the output shapes export recorded in ``node.meta["val"]``.
+    """
+    replicate = (Replicate(),) * mesh.ndim
+    to_local = lambda a: a.redistribute(mesh, replicate).to_local() if isinstance(a, DTensor) else a
     args, kwargs = torch.utils._pytree.tree_map(to_local, (args, kwargs))
-    out = node.target(*args, **kwargs)
-    wrap = lambda t: DTensor.from_local(t, mesh, (Replicate(),) * mesh.ndim, run_check=False) if isinstance(t, torch.Tensor) else t
+    if _on_meta(args, kwargs) and not _runs(node, as_meta):
+        out = as_meta(node.meta["val"])
+    else:
+        out = node.target(*args, **kwargs)
+    wrap = lambda t: DTensor.from_local(t, mesh, replicate, run_check=False) if isinstance(t, torch.Tensor) else t
     return torch.utils._pytree.tree_map(wrap, out)
 
 

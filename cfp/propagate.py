@@ -100,6 +100,14 @@ def entry_placements(block: Block, config: BlockConfig) -> dict[str, Placements]
     return {activation: config.activation, **config.placements()}
 
 
+def needs_grad(block: Block, name: str, traced: TracedModel) -> bool:
+    """Whether a block's external input takes a gradient: a trainable parameter, or a value another
+    block made. Buffers (BatchNorm's running statistics), graph inputs and prologue values do not."""
+    if name in traced.params:
+        return name not in traced.frozen
+    return any(i.name == name and i.producer is not None for i in block.inputs)
+
+
 def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: DeviceMesh) -> Propagation:
     """Run one config of one block on meta tensors and record what DTensor does."""
     nodes = [traced.nodes[n] for n in block.nodes]
@@ -107,7 +115,8 @@ def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: Devi
 
     def make_input(node, placements):
         val = node.meta["val"]
-        return make_dtensor(torch.empty(val.shape, dtype=val.dtype, device="meta"), mesh, placements, requires_grad=True)
+        meta = torch.empty(val.shape, dtype=val.dtype, device="meta")
+        return make_dtensor(meta, mesh, placements, requires_grad=needs_grad(block, node.name, traced))
 
     result = Propagation(config=config, valid=True)
     forward = CommRecorder(mesh, "forward")

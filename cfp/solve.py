@@ -30,6 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from cfp import baselines
+from cfp.capture import op_name
 from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
 from cfp.propagate import placements_str
@@ -199,6 +200,16 @@ def _groups(graph, tie_segments: bool) -> list[tuple]:
     return group
 
 
+def _no_config_runs(graph, block, costs) -> str:
+    ops = sorted({op_name(graph.traced.nodes[n]) for n in block.nodes})
+    failure = getattr(costs, "block_failure", lambda c, n: "")
+    reasons = [f"{p.config.name}: {failure(block.class_id, p.config.name) or 'infinite cost'}" for p in graph.block_configs(block)]
+    return (
+        f"No config of block {block.id} ({block.anchor}; ops {', '.join(ops)}) can run under the {costs.name} "
+        f"cost model: {'; '.join(reasons)}."
+    )
+
+
 class _Builder:
     """Builds the CP-SAT model over decision groups."""
 
@@ -229,7 +240,7 @@ class _Builder:
                     if math.isfinite(time_cache[k]):
                         allowed[c] = self.model.NewBoolVar(f"x_{block.id}_{c}")
                 if not allowed:
-                    raise CFPError(f"No config of block {block.anchor} can run under the {costs.name} cost model.")
+                    raise CFPError(_no_config_runs(graph, block, costs))
                 self.model.AddExactlyOne(allowed.values())
                 self.x[g] = allowed
             for c in allowed:

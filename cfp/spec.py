@@ -4,7 +4,9 @@ A spec is one of
 
 - ``path/to/file.py:factory``  a factory function in a Python file,
 - ``package.module:factory``   a factory function in an importable module,
-- ``gpt:gpt2-xl``              a preset of one of CFP's example models.
+- ``gpt:gpt2-xl``              a preset of one of CFP's example models,
+- ``hf:llama``, ``hf:path/config.json``  a Hugging Face transformers causal LM
+  built from a model type's default config or a checkpoint's (``cfp.hf``).
 
 A factory is called as ``factory(**kwargs)`` and returns ``(model, inputs)``:
 an ``nn.Module`` whose forward returns the training loss, and a tuple of
@@ -74,18 +76,22 @@ def parse_args(pairs: list[str] | None) -> dict[str, Any]:
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            value = raw  # a bare word such as float32 stays a string
+            value = {"true": True, "false": False}.get(raw.lower(), raw)  # a bare word such as float32 stays a string
         args[key.strip()] = value
     return args
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
     """Find the factory a spec names, or say clearly why it cannot be found."""
+    if spec.startswith("hf:") and spec[3:]:
+        from cfp import hf
+
+        return lambda **kw: hf.build(spec[3:], **kw)
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise CFPError(
             f"Model spec {spec!r} is not of the form 'path/to/file.py:factory', "
-            f"'package.module:factory' or a preset such as 'gpt:gpt2-xl' "
+            f"'package.module:factory', 'hf:MODEL_TYPE' or a preset such as 'gpt:gpt2-xl' "
             f"(examples: {', '.join(EXAMPLES)})."
         )
     if target in EXAMPLES:

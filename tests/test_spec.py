@@ -89,3 +89,30 @@ def test_untraceable_model(tmp_path):
     )
     with pytest.raises(CFPError, match="cannot be traced by torch.export"):
         cfp.capture(build(f"{path}:build", device="cpu"))
+
+
+TINY_LLAMA = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=128)
+
+
+def test_hf_model_type_and_config_file(tmp_path):
+    """hf:TYPE and hf:path/config.json (or its directory) build the causal-LM loss, random-init, on meta too."""
+    transformers = pytest.importorskip("transformers")
+    w = build("hf:llama", batch=2, seq=8, args=dict(TINY_LLAMA, num_key_value_heads=2), device="meta")
+    assert w.inputs[0].shape == (2, 8) and w.model.lm.config.num_key_value_heads == 2
+    assert next(w.model.parameters()).device.type == "meta"
+    transformers.AutoConfig.for_model("qwen2", **TINY_LLAMA, num_key_value_heads=2).save_pretrained(tmp_path)
+    for target in (tmp_path, tmp_path / "config.json"):
+        w = build(f"hf:{target}", batch=1, seq=4, args={"num_hidden_layers": 2}, device="cpu")
+        assert type(w.model.lm).__name__ == "Qwen2ForCausalLM" and w.model.lm.config.num_hidden_layers == 2
+        assert w.model(*w.inputs).dim() == 0
+    assert parse_args(["tie_word_embeddings=false"]) == {"tie_word_embeddings": False}
+
+
+def test_hf_errors(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(CFPError, match="knows no model type 'nosuchmodel'"):
+        build("hf:nosuchmodel")
+    with pytest.raises(CFPError, match="has no field no_such_field"):
+        build("hf:llama", args=dict(TINY_LLAMA, no_such_field=1), device="meta")
+    with pytest.raises(CFPError, match="does not exist"):
+        build(f"hf:{tmp_path}/missing/config.json")

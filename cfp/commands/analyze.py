@@ -94,6 +94,8 @@ def summarize(graph: BlockGraph) -> dict:
         "search_space": graph.search_space(),
         "analysis_s": round(graph.seconds, 2),
         "cached_classes": graph.cached_classes,
+        "prologue_ops": len(graph.prologue),
+        "replicated_ops": graph.replicated_ops(),
         "block_classes": classes,
     }
 
@@ -112,6 +114,7 @@ def print_summary(graph: BlockGraph, summary: dict, model: str, show_rejected: b
     table = Table(title=f"{model} on mesh {graph.mesh}", show_header=False)
     table.add_row("ParallelBlocks", str(summary["blocks"]))
     table.add_row("unique block classes", str(summary["classes"]))
+    table.add_row("prologue ops (run once, replicated)", str(summary["prologue_ops"]))
     for s in graph.segments:
         table.add_row("segment", f"{len(s.classes)} blocks x {s.repeats} repeats, from block {s.start}")
     table.add_row("profiling jobs (class, config)", str(summary["profile_jobs"]))
@@ -140,7 +143,7 @@ def print_summary(graph: BlockGraph, summary: dict, model: str, show_rejected: b
         console.print(t)
         fallbacks = sorted({f for cfg in cls["configs"] for f in cfg["replicated_fallbacks"]})
         if fallbacks:
-            console.print(f"  [yellow]DTensor has no sharding rule for {', '.join(fallbacks)}: run replicated[/]")
+            console.print(f"  [yellow]run replicated (no DTensor rule, or its fake kernel fails): {', '.join(fallbacks)}[/]")
         if show_rejected and cls["rejected"]:
             for name, reason in cls["rejected"].items():
                 console.print(f"  [dim]rejected {name}: {reason}[/]")

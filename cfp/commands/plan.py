@@ -59,8 +59,15 @@ def run(args: argparse.Namespace) -> None:
         )
     elapsed = time.perf_counter() - start
     print_summary(plan, graph)
+    replicated = sorted({op for b, entry in zip(graph.blocks, plan.blocks) for op in _fallbacks(graph, b, entry["config"])})
+    if replicated:
+        console.print(f"[yellow]Run replicated under this plan (no DTensor rule, or its fake kernel fails): {', '.join(replicated)}[/]")
     console.print(f"Plan written to [bold]{args.output}[/] ({elapsed:.1f} s in all). See it with `cfp report {args.output}`.")
     write_json(args.json, {**plan.to_json(), "output": args.output, "wall_s": round(elapsed, 2)})
+
+
+def _fallbacks(graph, block, config: str) -> list[str]:
+    return next((p.fallbacks for p in graph.block_configs(block) if p.config.name == config), [])
 
 
 def segment_rows(plan, graph) -> list[tuple[str, str, str, str]]:

@@ -47,7 +47,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def execute(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int = 0) -> dict:
-    """Run one job on this rank; returns its times, collectives and memory (or status ``oom``)."""
+    """Run one job on this rank; returns its times, collectives and memory (or status ``oom`` or
+    ``failed``, with the error)."""
     cuda = ctx.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     import torch.distributed as dist
@@ -82,9 +83,10 @@ def execute(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int = 0) 
             "memory_source": source,
         }
     except Exception as exc:
-        if _is_oom(exc):
-            return {"status": "oom", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
-        raise
+        # A config that cannot run here (no DTensor rule, a runtime error, out of memory) is
+        # stored as infeasible with its reason: the ILP avoids it and the run goes on.
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        return {"status": "oom" if _is_oom(exc) else "failed", "error": reason}
 
 
 def combine(results: list[dict], comm_priced: dict[str, float] | None = None) -> dict:

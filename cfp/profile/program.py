@@ -33,7 +33,15 @@ from cfp.analyze import BlockGraph
 from cfp.blocks import Block
 from cfp.costs import TransitionKey
 from cfp.program import Collective, CommRecorder, Placements, grad_placements, make_dtensor, run_block
-from cfp.propagate import Propagation, entry_placements, exit_gradients, input_values, parse_placement, reduce_gradients
+from cfp.propagate import (
+    Propagation,
+    entry_placements,
+    exit_gradients,
+    input_values,
+    needs_grad,
+    parse_placement,
+    reduce_gradients,
+)
 
 
 def _seed(seed: int, name: str) -> int:
@@ -137,7 +145,8 @@ class BlockProgram(_Timed):
 
     def make_input(self, node, placements: Placements) -> DTensor:
         if node.name not in self.leaves:
-            self.leaves[node.name] = make_dtensor(self.global_input(node.name), self.mesh, placements, requires_grad=True)
+            grad = needs_grad(self.block, node.name, self.traced)
+            self.leaves[node.name] = make_dtensor(self.global_input(node.name), self.mesh, placements, requires_grad=grad)
         return self.leaves[node.name]
 
     def exit_grad(self, out: DTensor) -> torch.Tensor:
@@ -226,7 +235,7 @@ def reference(program: BlockProgram) -> tuple[dict[str, torch.Tensor], dict[str,
         for arg in node.all_input_nodes:
             if arg.name not in env and arg.name not in {n.name for n in program.nodes}:
                 t = program.global_input(arg.name).clone()
-                if t.is_floating_point():
+                if t.is_floating_point() and needs_grad(program.block, arg.name, program.traced):
                     t.requires_grad_(True)
                 leaves[arg.name] = t
                 env[arg.name] = t

@@ -312,6 +312,11 @@ class ProfileTable:
     def block_time(self, class_id: str, config: str) -> float:
         return self._time(self._blocks.get((class_id, config)), f"block class {class_id} config {config!r}")
 
+    def block_failure(self, class_id: str, config: str) -> str:
+        """Why a block config has no finite time (its status and error), or "" if it ran."""
+        row = self._blocks.get((class_id, config))
+        return "" if row is None or row["status"] == "ok" else f"{row['status']}: {row['error']}"
+
     def block_phase_s(self, class_id: str, config: str, phase: str) -> float:
         """One measured phase of a block (``forward``, ``backward``, ``reduce``, ``optimizer``), in seconds."""
         self.block_time(class_id, config)  # a clear error if it was never profiled
