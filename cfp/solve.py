@@ -17,6 +17,13 @@ Formulation (OR-Tools CP-SAT):
 - Memory per device: parameters + gradients + Adam state (two fp32 moments)
   under local shapes, each parameter counted once, plus every block's
   saved activations, at most the limit.
+- Storage and recomputation (``cfp.storage``): ``s[g, c, level]`` stores the
+  group's parameters ZeRO-1/2/3 sharded and ``r[g, c]`` recomputes its
+  activations, each at most ``x[g, c]``; both add their seconds to the
+  objective and their bytes to the memory sum. One more integer ``t`` is at
+  least every group's transient bytes (a gathered ZeRO-3 parameter, the
+  activations a recomputed block brings back), since blocks run one at a
+  time; it joins the memory sum.
 
 Times are scaled to integers in units of ``TIME_UNIT_S`` (0.1 ns); memory is
 in bytes.
@@ -33,6 +40,7 @@ from cfp import baselines
 from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
 from cfp.propagate import placements_str
+from cfp.storage import StorageTable
 
 TIME_UNIT_S = 1e-10
 ADAM_STATE_BYTES_PER_PARAM = 8  # two fp32 moments
@@ -54,13 +62,15 @@ class Memory:
     grads: int = 0
     optimizer: int = 0
     activations: int = 0
+    transient: int = 0  # the largest of one block's gathered parameters and recomputed activations
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.transient
 
     def to_json(self) -> dict:
-        return {"total": self.total, "params": self.params, "grads": self.grads, "optimizer": self.optimizer, "activations": self.activations}
+        return {"total": self.total, "params": self.params, "grads": self.grads, "optimizer": self.optimizer,
+                "activations": self.activations, "transient": self.transient}
 
     def dominant(self) -> str:
         parts = {"parameters": self.params, "gradients": self.grads, "optimizer state": self.optimizer, "activations": self.activations}
@@ -137,9 +147,29 @@ class MemoryTable:
         return total
 
 
-def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | None = None) -> Evaluation:
-    """Block times, transition times and memory of a choice (config index per block)."""
+def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | None = None,
+             storage: list[str] | None = None, recompute: list[bool] | None = None,
+             table: StorageTable | None = None) -> Evaluation:
+    """Block times, transition times and memory of a choice (config index per block), with each block's
+    storage level and recomputation (default: replicated, activations saved)."""
     block_s = [costs.block_time(b.class_id, graph.block_configs(b)[c].config.name) for b, c in zip(graph.blocks, choice)]
+    memory = memory or MemoryTable(graph)
+    mem = memory.of(choice)
+    if storage is not None or recompute is not None:
+        table = table or StorageTable(graph, costs, memory.owner)
+        for b, c in enumerate(choice):
+            deltas = []
+            if storage is not None and storage[b] != "replicate":
+                deltas.append(table.levels(b, c)[storage[b]])
+            if recompute is not None and recompute[b]:
+                deltas.append(table.recompute(b, c))
+            for d in deltas:
+                block_s[b] += d.time_s
+                mem.params += d.params
+                mem.grads += d.grads
+                mem.optimizer += d.optimizer
+                mem.activations += d.activations
+            mem.transient = max(mem.transient, sum(d.transient for d in deltas))
     trans = [0.0] * len(graph.blocks)
     for edge in value_edges(graph):
         src = graph.block_configs(edge.producer)[choice[edge.producer.id]].exit_placements[edge.exit_pos]
@@ -149,7 +179,7 @@ def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | N
         key = edge.key(placements_str(src), placements_str(dst))
         if not key.is_noop:
             trans[edge.consumer.id] += costs.transition_time(key)
-    return Evaluation(block_s, trans, (memory or MemoryTable(graph)).of(choice))
+    return Evaluation(block_s, trans, mem)
 
 
 # --------------------------------------------------------------------------
@@ -168,6 +198,8 @@ class Solution:
     tie_segments: bool = False
     memory_limit: int | None = None
     stats: dict = field(default_factory=dict)
+    storage: list[str] | None = None  # per block: a cfp.storage level (None: all replicated)
+    recompute: list[bool] | None = None  # per block: its activations are recomputed in backward
 
     @property
     def gap(self) -> float:
@@ -202,7 +234,7 @@ def _groups(graph, tie_segments: bool) -> list[tuple]:
 class _Builder:
     """Builds the CP-SAT model over decision groups."""
 
-    def __init__(self, graph, costs: CostModel, tie_segments: bool):
+    def __init__(self, graph, costs: CostModel, tie_segments: bool, storage: bool = True, recompute: bool = True):
         from ortools.sat.python import cp_model
 
         self.cp_model = cp_model
@@ -236,6 +268,8 @@ class _Builder:
                 self.block_cost[g][c] += self._units(time_cache[(block.class_id, props[c].config.name)])
                 self.mem_terms[g][c] += self.memory.rows[block.id][c].total
         self.objective_terms: list = []
+        self.storage = StorageTable(graph, costs, self.memory.owner)
+        self._storage_choices(storage, recompute)
         self.n_transition_vars = 0
         self._transitions()
         self._tied_params()
@@ -246,8 +280,52 @@ class _Builder:
     def _units(seconds: float) -> int:
         return int(round(seconds / TIME_UNIT_S))
 
+    def _storage_choices(self, storage: bool, recompute: bool) -> None:
+        """``s[g, c, level]`` and ``r[g, c]``, each implying ``x[g, c]``, with their seconds and bytes."""
+        self.s: dict[tuple, dict[int, dict[str, object]]] = defaultdict(lambda: defaultdict(dict))
+        self.r: dict[tuple, dict[int, object]] = defaultdict(dict)
+        self.extra_mem: list[tuple[object, int]] = []
+        transient: dict[tuple, list[tuple[object, int]]] = defaultdict(list)
+        seen = set()
+        for block in self.graph.blocks:
+            g = self.group_of[block.id]
+            first = g not in seen
+            seen.add(g)
+            for c, xv in self.x[g].items():
+                options = dict(self.storage.levels(block.id, c)) if storage else {}
+                rc = self.storage.recompute(block.id, c) if recompute else None
+                if rc is not None:
+                    options["recompute"] = rc
+                for name, delta in options.items():
+                    if first:
+                        v = self.model.NewBoolVar(f"{name}_{block.id}_{c}")
+                        if name == "recompute":
+                            self.r[g][c] = v
+                            self.model.AddImplication(v, xv)
+                        else:
+                            self.s[g][c][name] = v
+                    v = self.r[g].get(c) if name == "recompute" else self.s[g].get(c, {}).get(name)
+                    if v is None:  # a group's members share its first block's options
+                        continue
+                    units = self._units(delta.time_s)
+                    if units:
+                        self.objective_terms.append((v, units))
+                    mem = delta.params + delta.grads + delta.optimizer + delta.activations
+                    if mem:
+                        self.extra_mem.append((v, mem))
+                    if first and delta.transient:
+                        transient[g].append((v, delta.transient))
+            if first and self.s[g]:
+                for c, levels in self.s[g].items():
+                    self.model.Add(sum(levels.values()) <= self.x[g][c])
+        bound = max((sum(b for _, b in terms) for terms in transient.values()), default=0)
+        self.transient = self.model.NewIntVar(0, int(bound), "transient") if bound else 0
+        for terms in transient.values():
+            self.model.Add(self.transient >= sum(v * b for v, b in terms))
+
     def memory_expr(self):
-        return sum(v * self.mem_terms[g][c] for g, xs in self.x.items() for c, v in xs.items() if self.mem_terms[g][c])
+        return (sum(v * self.mem_terms[g][c] for g, xs in self.x.items() for c, v in xs.items() if self.mem_terms[g][c])
+                + sum(v * b for v, b in self.extra_mem) + self.transient)
 
     def time_expr(self):
         return sum(coef * v for v, coef in self.objective_terms)
@@ -344,15 +422,32 @@ class _Builder:
             out.append(next(c for c, v in xs.items() if solver.BooleanValue(v)))
         return out
 
-    def hint(self, choice: list[int]) -> None:
+    def storage_choice(self, solver, choice: list[int]) -> tuple[list[str], list[bool]]:
+        """Per block: the storage level and whether it recomputes, as solved."""
+        levels, recompute = [], []
+        for block, c in zip(self.graph.blocks, choice):
+            g = self.group_of[block.id]
+            chosen = [name for name, v in self.s[g].get(c, {}).items() if solver.BooleanValue(v)] if g in self.s else []
+            levels.append(chosen[0] if chosen else "replicate")
+            r = self.r[g].get(c) if g in self.r else None
+            recompute.append(bool(r is not None and solver.BooleanValue(r)))
+        return levels, recompute
+
+    def hint(self, choice: list[int], storage: list[str] | None = None, recompute: list[bool] | None = None) -> None:
         done = set()
         for block in self.graph.blocks:
             g = self.group_of[block.id]
             if g in done:
                 continue
             done.add(g)
+            mine = choice[block.id]
             for c, v in self.x[g].items():
-                self.model.AddHint(v, int(c == choice[block.id]))
+                self.model.AddHint(v, int(c == mine))
+            for c, levels in self.s.get(g, {}).items():
+                for name, v in levels.items():
+                    self.model.AddHint(v, int(c == mine and storage is not None and storage[block.id] == name))
+            for c, v in self.r.get(g, {}).items():
+                self.model.AddHint(v, int(c == mine and recompute is not None and recompute[block.id]))
 
 
 def _solver(time_limit_s: float, workers: int):
@@ -365,16 +460,18 @@ def _solver(time_limit_s: float, workers: int):
     return solver
 
 
-def min_memory(graph, costs: CostModel, tie_segments: bool = False, time_limit_s: float = 30.0, workers: int = 2) -> tuple[Memory, list[int]]:
+def min_memory(graph, costs: CostModel, tie_segments: bool = False, time_limit_s: float = 30.0, workers: int = 2,
+               storage: bool = True, recompute: bool = True) -> tuple[Memory, list[int]]:
     """The least per-device memory any plan needs (tied parameters agreeing), and that plan."""
-    builder = _Builder(graph, costs, tie_segments)
+    builder = _Builder(graph, costs, tie_segments, storage, recompute)
     builder.model.Minimize(builder.memory_expr())
     solver = _solver(time_limit_s, workers)
     status = solver.Solve(builder.model)
     if status not in (builder.cp_model.OPTIMAL, builder.cp_model.FEASIBLE):
         raise CFPError(f"No plan satisfies the model's constraints (tied parameters cannot agree on a placement); solver status {solver.StatusName(status)}.")
     choice = builder.choice(solver)
-    return builder.memory.of(choice), choice
+    levels, recomputed = builder.storage_choice(solver, choice)
+    return evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage).memory, choice
 
 
 def solve(
@@ -385,15 +482,18 @@ def solve(
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
     workers: int = 2,
     hint_first: bool = True,
+    storage: bool = True,
+    recompute: bool = True,
 ) -> Solution:
     """Choose one config per block minimising predicted step time under ``memory_limit`` bytes per device.
 
     Without ``tie_segments`` the tied problem is solved first (in well under a
     second on a 96-layer model) and its plan given to CP-SAT as a hint, which
-    roughly halves the search on deep models.
+    roughly halves the search on deep models. ``storage`` offers ZeRO-1/2/3
+    storage of parameters, ``recompute`` activation recomputation (``cfp.storage``).
     """
     start = time.perf_counter()
-    builder = _Builder(graph, costs, tie_segments)
+    builder = _Builder(graph, costs, tie_segments, storage, recompute)
     if memory_limit is not None:
         builder.model.Add(builder.memory_expr() <= int(memory_limit))
     builder.model.Minimize(builder.time_expr())
@@ -401,25 +501,30 @@ def solve(
     hint, hint_from = None, None
     if not tie_segments and graph.segments and hint_first:
         try:
-            hint, hint_from = solve(graph, costs, memory_limit, True, min(10.0, time_limit_s / 4), workers, hint_first=False).choice, "tie_segments"
+            tied = solve(graph, costs, memory_limit, True, min(10.0, time_limit_s / 4), workers, False, storage, recompute)
+            hint, hint_from = tied, "tie_segments"
         except CFPError:
             hint = None
     if hint is None:
         hint, hint_from = baselines.dp(graph), "dp"
-    if all(c in builder.x[builder.group_of[b]] for b, c in enumerate(hint)):
+    if isinstance(hint, Solution):
+        builder.hint(hint.choice, hint.storage, hint.recompute)
+        hint = hint.choice
+    elif all(c in builder.x[builder.group_of[b]] for b, c in enumerate(hint)):
         builder.hint(hint)
     built = time.perf_counter()
     solver = _solver(time_limit_s, workers)
     status = solver.Solve(builder.model)
     cp = builder.cp_model
     if status == cp.INFEASIBLE:
-        _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers)
+        _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage, recompute)
     if status not in (cp.OPTIMAL, cp.FEASIBLE):
         raise CFPError(
             f"The ILP found no plan within {time_limit_s:.0f} s (solver status {solver.StatusName(status)}). "
             f"Allow more time, or pass --tie-segments to shrink the problem."
         )
     choice = builder.choice(solver)
+    levels, recomputed = builder.storage_choice(solver, choice)
     seconds = time.perf_counter() - start
     stats = {
         "build_seconds": round(built - start, 3),
@@ -427,10 +532,12 @@ def solve(
         "decision_groups": len(builder.x),
         "tied_parameters": len(builder.tied),
         "hint": hint_from,
+        "storage_choices": storage,
+        "recompute_choices": recompute,
     }
     return Solution(
         choice=choice,
-        evaluation=evaluate(graph, costs, choice, builder.memory),
+        evaluation=evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage),
         status=solver.StatusName(status),
         objective_s=solver.ObjectiveValue() * TIME_UNIT_S,
         best_bound_s=solver.BestObjectiveBound() * TIME_UNIT_S,
@@ -438,26 +545,31 @@ def solve(
         tie_segments=tie_segments,
         memory_limit=memory_limit,
         stats=stats,
+        storage=levels,
+        recompute=recomputed,
     )
 
 
-def fixed(graph, costs: CostModel, choice: list[int], status: str, memory_limit: int | None = None) -> Solution:
+def fixed(graph, costs: CostModel, choice: list[int], status: str, memory_limit: int | None = None,
+          storage: list[str] | None = None, recompute: list[bool] | None = None) -> Solution:
     """A Solution that was not searched for (a baseline, a plan chosen by hand), evaluated under ``costs``."""
-    ev = evaluate(graph, costs, choice)
+    ev = evaluate(graph, costs, choice, storage=storage, recompute=recompute)
     if memory_limit is not None and ev.memory.total > memory_limit:
         status += " (over the memory limit)"
-    return Solution(choice=list(choice), evaluation=ev, status=status, objective_s=ev.total_s, best_bound_s=ev.total_s, seconds=0.0, memory_limit=memory_limit)
+    return Solution(choice=list(choice), evaluation=ev, status=status, objective_s=ev.total_s, best_bound_s=ev.total_s, seconds=0.0,
+                    memory_limit=memory_limit, storage=storage, recompute=recompute)
 
 
-def _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers) -> None:
+def _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage=True, recompute=True) -> None:
     from cfp.report_util import human_bytes
 
     if memory_limit is None:
         raise CFPError("No plan satisfies the model's constraints: tied parameters cannot agree on one placement under any config.")
-    least, _ = min_memory(graph, costs, tie_segments, time_limit_s, workers)
+    least, _ = min_memory(graph, costs, tie_segments, time_limit_s, workers, storage, recompute)
     raise CFPError(
         f"No plan fits in {human_bytes(memory_limit)} per device on mesh {graph.mesh}. The least memory any plan needs is "
         f"{human_bytes(least.total)} per device: parameters {human_bytes(least.params)}, gradients {human_bytes(least.grads)}, "
         f"optimizer state {human_bytes(least.optimizer)}, activations {human_bytes(least.activations)} "
-        f"({least.dominant()} dominate). Use a larger mesh, a smaller batch or sequence, or raise --memory."
+        f"({least.dominant()} dominate){'' if storage and recompute else ' without storage sharding or recomputation'}. "
+        f"Use a larger mesh, a smaller batch or sequence, or raise --memory."
     )
