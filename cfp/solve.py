@@ -40,7 +40,7 @@ from cfp import baselines
 from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
 from cfp.propagate import placements_str
-from cfp.storage import StorageTable
+from cfp.storage import StorageTable, Variant
 
 TIME_UNIT_S = 1e-10
 ADAM_STATE_BYTES_PER_PARAM = 8  # two fp32 moments
@@ -271,6 +271,7 @@ class _Builder:
         self.storage = StorageTable(graph, costs, self.memory.owner)
         self._storage_choices(storage, recompute)
         self.n_transition_vars = 0
+        self.y_edges: list[tuple] = []  # (y, producer group, src labels, consumer group, dst labels), for hints
         self._transitions()
         self._tied_params()
         for g, costs_g in self.block_cost.items():
@@ -281,9 +282,15 @@ class _Builder:
         return int(round(seconds / TIME_UNIT_S))
 
     def _storage_choices(self, storage: bool, recompute: bool) -> None:
-        """``s[g, c, level]`` and ``r[g, c]``, each implying ``x[g, c]``, with their seconds and bytes."""
-        self.s: dict[tuple, dict[int, dict[str, object]]] = defaultdict(lambda: defaultdict(dict))
-        self.r: dict[tuple, dict[int, object]] = defaultdict(dict)
+        """Per (group, config): one Boolean per storage level and one each for saving and recomputing.
+
+        Each set sums to ``x[g, c]``. The cheapest option's seconds and bytes go
+        on ``x`` and every option carries only what it adds to that, so no
+        coefficient is negative: CP-SAT's bounds stay tight without the LP.
+        """
+        self.s: dict[tuple, dict[int, dict[str, object]]] = defaultdict(lambda: defaultdict(dict))  # level -> var
+        self.r: dict[tuple, dict[int, object]] = defaultdict(dict)  # recompute
+        self.keep: dict[tuple, dict[int, object]] = defaultdict(dict)  # save activations
         self.extra_mem: list[tuple[object, int]] = []
         transient: dict[tuple, list[tuple[object, int]]] = defaultdict(list)
         seen = set()
@@ -292,32 +299,37 @@ class _Builder:
             first = g not in seen
             seen.add(g)
             for c, xv in self.x[g].items():
-                options = dict(self.storage.levels(block.id, c)) if storage else {}
+                levels = self.storage.levels(block.id, c) if storage else {}
                 rc = self.storage.recompute(block.id, c) if recompute else None
+                sets = []
+                if levels:
+                    sets.append((self.s[g][c], {"replicate": Variant(), **levels}))
                 if rc is not None:
-                    options["recompute"] = rc
-                for name, delta in options.items():
+                    sets.append((None, {"keep": Variant(), "recompute": rc}))
+                for target, options in sets:
                     if first:
-                        v = self.model.NewBoolVar(f"{name}_{block.id}_{c}")
-                        if name == "recompute":
-                            self.r[g][c] = v
-                            self.model.AddImplication(v, xv)
+                        made = {name: self.model.NewBoolVar(f"{name}_{block.id}_{c}") for name in options}
+                        self.model.Add(sum(made.values()) == xv)
+                        if target is None:
+                            self.keep[g][c], self.r[g][c] = made["keep"], made["recompute"]
                         else:
-                            self.s[g][c][name] = v
-                    v = self.r[g].get(c) if name == "recompute" else self.s[g].get(c, {}).get(name)
-                    if v is None:  # a group's members share its first block's options
+                            target.update(made)
+                    chosen = self.s[g].get(c, {}) if target is not None else {"keep": self.keep[g].get(c), "recompute": self.r[g].get(c)}
+                    if any(chosen.get(name) is None for name in options):  # a group's members share its first block's options
                         continue
-                    units = self._units(delta.time_s)
-                    if units:
-                        self.objective_terms.append((v, units))
-                    mem = delta.params + delta.grads + delta.optimizer + delta.activations
-                    if mem:
-                        self.extra_mem.append((v, mem))
-                    if first and delta.transient:
-                        transient[g].append((v, delta.transient))
-            if first and self.s[g]:
-                for c, levels in self.s[g].items():
-                    self.model.Add(sum(levels.values()) <= self.x[g][c])
+                    mem = {name: d.params + d.grads + d.optimizer + d.activations for name, d in options.items()}
+                    units = {name: self._units(d.time_s) for name, d in options.items()}
+                    base_mem, base_units = min(mem.values()), min(units.values())
+                    self.mem_terms[g][c] += base_mem
+                    self.block_cost[g][c] += base_units
+                    for name, d in options.items():
+                        if units[name] > base_units:
+                            self.objective_terms.append((chosen[name], units[name] - base_units))
+                        if mem[name] > base_mem:
+                            self.extra_mem.append((chosen[name], mem[name] - base_mem))
+                        if first and d.transient:
+                            transient[g].append((chosen[name], d.transient))
+        self.transient_terms = transient
         bound = max((sum(b for _, b in terms) for terms in transient.values()), default=0)
         self.transient = self.model.NewIntVar(0, int(bound), "transient") if bound else 0
         for terms in transient.values():
@@ -390,6 +402,7 @@ class _Builder:
                         self.objective_terms.append((v, units))
                 continue
             y = {(s, d): self.model.NewBoolVar("") for s in srcs for d in dsts}
+            self.y_edges.append((y, gp, src, gc, dst))
             self.n_transition_vars += len(y)
             for s in srcs:
                 self.model.Add(sum(y[s, d] for d in dsts) == sum(v for a, v in xp.items() if src[a] == s))
@@ -443,11 +456,29 @@ class _Builder:
             mine = choice[block.id]
             for c, v in self.x[g].items():
                 self.model.AddHint(v, int(c == mine))
+            level = storage[block.id] if storage is not None else "replicate"
+            rc = bool(recompute is not None and recompute[block.id])
             for c, levels in self.s.get(g, {}).items():
                 for name, v in levels.items():
-                    self.model.AddHint(v, int(c == mine and storage is not None and storage[block.id] == name))
+                    self.model.AddHint(v, int(c == mine and level == name))
             for c, v in self.r.get(g, {}).items():
-                self.model.AddHint(v, int(c == mine and recompute is not None and recompute[block.id]))
+                self.model.AddHint(v, int(c == mine and rc))
+                self.model.AddHint(self.keep[g][c], int(c == mine and not rc))
+        # A complete hint: CP-SAT starts from it as a solution instead of repairing it under the memory sum.
+        picked = {self.group_of[b.id]: choice[b.id] for b in self.graph.blocks}
+        for y, gp, src, gc, dst in self.y_edges:
+            chosen = (src[picked[gp]], dst[picked[gc]])
+            for k, v in y.items():
+                self.model.AddHint(v, int(k == chosen))
+        if not isinstance(self.transient, int):
+            on = {b.id: (storage[b.id] if storage else "replicate", bool(recompute and recompute[b.id])) for b in self.graph.blocks}
+            value = 0
+            for g, terms in self.transient_terms.items():
+                block = next(b for b in self.graph.blocks if self.group_of[b.id] == g)
+                level, rc = on[block.id]
+                chosen = {self.s[g].get(picked[g], {}).get(level), self.r[g].get(picked[g]) if rc else None} - {None}
+                value = max(value, sum(b for v, b in terms if any(v is w for w in chosen)))
+            self.model.AddHint(self.transient, value)
 
 
 def _solver(time_limit_s: float, workers: int):
@@ -457,6 +488,9 @@ def _solver(time_limit_s: float, workers: int):
     solver.parameters.max_time_in_seconds = float(time_limit_s)
     solver.parameters.num_workers = int(workers)
     solver.parameters.linearization_level = 2  # the LP bound is nearly tight here; 2-4x faster on deep models
+    # With several workers the portfolio's full-problem worker is default_lp, which lowers the linearization
+    # level again; max_lp keeps it. Without it the storage and recomputation choices leave the bound open.
+    solver.parameters.subsolvers.append("max_lp")
     return solver
 
 
@@ -498,13 +532,13 @@ def solve(
         builder.model.Add(builder.memory_expr() <= int(memory_limit))
     builder.model.Minimize(builder.time_expr())
     # A good first solution: the tied-segments optimum (a far smaller ILP), else data parallel.
-    hint, hint_from = None, None
+    hint, hint_from, tied = None, None, None
     if not tie_segments and graph.segments and hint_first:
         try:
             tied = solve(graph, costs, memory_limit, True, min(10.0, time_limit_s / 4), workers, False, storage, recompute)
             hint, hint_from = tied, "tie_segments"
         except CFPError:
-            hint = None
+            hint, tied = None, None
     if hint is None:
         hint, hint_from = baselines.dp(graph), "dp"
     if isinstance(hint, Solution):
@@ -518,6 +552,9 @@ def solve(
     cp = builder.cp_model
     if status == cp.INFEASIBLE:
         _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage, recompute)
+    if status not in (cp.OPTIMAL, cp.FEASIBLE) and tied is not None:
+        tied.status, tied.stats["untied"] = f"{tied.status} (segments tied: untied search found no plan in time)", solver.StatusName(status)
+        return tied
     if status not in (cp.OPTIMAL, cp.FEASIBLE):
         raise CFPError(
             f"The ILP found no plan within {time_limit_s:.0f} s (solver status {solver.StatusName(status)}). "
@@ -560,6 +597,11 @@ def fixed(graph, costs: CostModel, choice: list[int], status: str, memory_limit:
                     memory_limit=memory_limit, storage=storage, recompute=recompute)
 
 
+def _without(storage: bool, recompute: bool) -> str:
+    off = [what for what, on in (("storage sharding", storage), ("recomputation", recompute)) if not on]
+    return f" with {' and '.join(off)} turned off" if off else ""
+
+
 def _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage=True, recompute=True) -> None:
     from cfp.report_util import human_bytes
 
@@ -570,6 +612,6 @@ def _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, 
         f"No plan fits in {human_bytes(memory_limit)} per device on mesh {graph.mesh}. The least memory any plan needs is "
         f"{human_bytes(least.total)} per device: parameters {human_bytes(least.params)}, gradients {human_bytes(least.grads)}, "
         f"optimizer state {human_bytes(least.optimizer)}, activations {human_bytes(least.activations)} "
-        f"({least.dominant()} dominate){'' if storage and recompute else ' without storage sharding or recomputation'}. "
+        f"({least.dominant()} dominate){_without(storage, recompute)}. "
         f"Use a larger mesh, a smaller batch or sequence, or raise --memory."
     )
