@@ -122,7 +122,7 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
 # Propagation depends only on a block's structure, the mesh and torch's DTensor,
 # so it is cached on disk: every command that re-analyses a model (plan,
 # profile workers, bench) then skips DTensor's slow first propagation.
-ANALYSIS_CACHE_VERSION = 4  # bump when a Propagation's contents change; the history is in git
+ANALYSIS_CACHE_VERSION = 5  # bump when a Propagation's contents change; the history is in git
 
 
 def cache_dir() -> Path:

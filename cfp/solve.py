@@ -14,9 +14,11 @@ Formulation (OR-Tools CP-SAT):
   their ``y`` and add their costs.
 - Tied parameters (one placeholder read by several blocks) take one
   placement: the chosen configs must agree on it.
-- Memory per device: parameters + gradients + Adam state (two fp32 moments)
-  under local shapes, each parameter counted once, plus every block's
-  saved activations, at most the limit.
+- Memory per device at the step's peak: parameters + Adam state (two fp32
+  moments) under local shapes, each parameter counted once, plus the larger
+  of the gradients (all alive at the end of backward) and every block's
+  saved activations (all alive at the end of forward), at most the limit:
+  two constraints, one with each.
 - Storage and recomputation (``cfp.storage``): ``s[g, c, level]`` stores the
   group's parameters ZeRO-1/2/3 sharded and ``r[g, c]`` recomputes its
   activations, each at most ``x[g, c]``; both add their seconds to the
@@ -66,7 +68,8 @@ class Memory:
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.transient
+        """The step's peak: gradients fill in as backward frees the saved activations."""
+        return self.params + self.optimizer + max(self.grads, self.activations) + self.transient
 
     def to_json(self) -> dict:
         return {"total": self.total, "params": self.params, "grads": self.grads, "optimizer": self.optimizer,
@@ -125,7 +128,7 @@ class MemoryTable:
             if key not in self.table:
                 row = []
                 for prop in graph.block_configs(block):
-                    m = Memory(activations=int(prop.activation_bytes))
+                    m = Memory(activations=int(prop.saved_bytes))
                     for pos in owned:
                         val = traced.nodes[block.inputs[pos].name].meta["val"]
                         numel = _local_numel(tuple(val.shape), prop.input_placements[pos], graph.mesh.shape)
@@ -246,7 +249,10 @@ class _Builder:
         # Block times; configs that cannot run are left out.
         self.x: dict[tuple, dict[int, object]] = {}
         self.block_cost: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        # Memory in three parts: always alive (parameters, optimizer state), gradients, saved activations.
         self.mem_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.grad_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.act_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         time_cache: dict[tuple[str, str], float] = {}
         for block in graph.blocks:
             g = self.group_of[block.id]
@@ -266,7 +272,10 @@ class _Builder:
                 self.x[g] = allowed
             for c in allowed:
                 self.block_cost[g][c] += self._units(time_cache[(block.class_id, props[c].config.name)])
-                self.mem_terms[g][c] += self.memory.rows[block.id][c].total
+                m = self.memory.rows[block.id][c]
+                self.mem_terms[g][c] += m.params + m.optimizer
+                self.grad_terms[g][c] += m.grads
+                self.act_terms[g][c] += m.activations
         self.objective_terms: list = []
         self.storage = StorageTable(graph, costs, self.memory.owner)
         self._storage_choices(storage, recompute)
@@ -291,7 +300,7 @@ class _Builder:
         self.s: dict[tuple, dict[int, dict[str, object]]] = defaultdict(lambda: defaultdict(dict))  # level -> var
         self.r: dict[tuple, dict[int, object]] = defaultdict(dict)  # recompute
         self.keep: dict[tuple, dict[int, object]] = defaultdict(dict)  # save activations
-        self.extra_mem: list[tuple[object, int]] = []
+        self.extra_mem: dict[str, list[tuple[object, int]]] = {"always": [], "grads": [], "activations": []}
         transient: dict[tuple, list[tuple[object, int]]] = defaultdict(list)
         seen = set()
         for block in self.graph.blocks:
@@ -317,27 +326,47 @@ class _Builder:
                     chosen = self.s[g].get(c, {}) if target is not None else {"keep": self.keep[g].get(c), "recompute": self.r[g].get(c)}
                     if any(chosen.get(name) is None for name in options):  # a group's members share its first block's options
                         continue
-                    mem = {name: d.params + d.grads + d.optimizer + d.activations for name, d in options.items()}
                     units = {name: self._units(d.time_s) for name, d in options.items()}
-                    base_mem, base_units = min(mem.values()), min(units.values())
-                    self.mem_terms[g][c] += base_mem
+                    base_units = min(units.values())
                     self.block_cost[g][c] += base_units
+                    for part, terms in (("always", self.mem_terms), ("grads", self.grad_terms), ("activations", self.act_terms)):
+                        mem = {name: d.params + d.optimizer if part == "always" else getattr(d, part) for name, d in options.items()}
+                        base = min(mem.values())
+                        terms[g][c] += base
+                        self.extra_mem[part] += [(chosen[name], mem[name] - base) for name in options if mem[name] > base]
                     for name, d in options.items():
                         if units[name] > base_units:
                             self.objective_terms.append((chosen[name], units[name] - base_units))
-                        if mem[name] > base_mem:
-                            self.extra_mem.append((chosen[name], mem[name] - base_mem))
                         if first and d.transient:
                             transient[g].append((chosen[name], d.transient))
         self.transient_terms = transient
         bound = max((sum(b for _, b in terms) for terms in transient.values()), default=0)
+        self.transient_bound = int(bound)
         self.transient = self.model.NewIntVar(0, int(bound), "transient") if bound else 0
         for terms in transient.values():
             self.model.Add(self.transient >= sum(v * b for v, b in terms))
 
-    def memory_expr(self):
-        return (sum(v * self.mem_terms[g][c] for g, xs in self.x.items() for c, v in xs.items() if self.mem_terms[g][c])
-                + sum(v * b for v, b in self.extra_mem) + self.transient)
+    def _part(self, terms, part: str):
+        return (sum(v * terms[g][c] for g, xs in self.x.items() for c, v in xs.items() if terms[g][c])
+                + sum(v * b for v, b in self.extra_mem[part]))
+
+    def memory_exprs(self) -> list:
+        """The step's peak is at most each of: the end of forward (activations) and of backward (gradients)."""
+        always = self._part(self.mem_terms, "always") + self.transient
+        return [always + self._part(self.grad_terms, "grads"), always + self._part(self.act_terms, "activations")]
+
+    def add_memory_limit(self, limit: int) -> None:
+        for expr in self.memory_exprs():
+            self.model.Add(expr <= int(limit))
+
+    def minimize_memory(self) -> None:
+        exprs = self.memory_exprs()
+        bound = sum(max(0, b) for terms in (self.mem_terms, self.grad_terms, self.act_terms) for row in terms.values() for b in row.values())
+        bound += sum(b for part in self.extra_mem.values() for _, b in part) + self.transient_bound
+        peak = self.model.NewIntVar(0, int(bound), "peak")
+        for expr in exprs:
+            self.model.Add(peak >= expr)
+        self.model.Minimize(peak)
 
     def time_expr(self):
         return sum(coef * v for v, coef in self.objective_terms)
@@ -498,7 +527,7 @@ def min_memory(graph, costs: CostModel, tie_segments: bool = False, time_limit_s
                storage: bool = True, recompute: bool = True) -> tuple[Memory, list[int]]:
     """The least per-device memory any plan needs (tied parameters agreeing), and that plan."""
     builder = _Builder(graph, costs, tie_segments, storage, recompute)
-    builder.model.Minimize(builder.memory_expr())
+    builder.minimize_memory()
     solver = _solver(time_limit_s, workers)
     status = solver.Solve(builder.model)
     if status not in (builder.cp_model.OPTIMAL, builder.cp_model.FEASIBLE):
@@ -529,7 +558,7 @@ def solve(
     start = time.perf_counter()
     builder = _Builder(graph, costs, tie_segments, storage, recompute)
     if memory_limit is not None:
-        builder.model.Add(builder.memory_expr() <= int(memory_limit))
+        builder.add_memory_limit(memory_limit)
     builder.model.Minimize(builder.time_expr())
     # A good first solution: the tied-segments optimum (a far smaller ILP), else data parallel.
     hint, hint_from, tied = None, None, None

@@ -234,15 +234,15 @@ class StorageTable:
                 yield traced.nodes[inp.name].meta["val"], prop.input_placements[pos]
 
     def _recompute(self, block, prop, mesh_shape) -> Variant | None:
-        if not prop.activation_bytes:
-            return None
+        """Checkpointing keeps the block's inputs instead of what its ops save; backward brings those back."""
         traced = self.graph.traced
-        exits = sum(_bytes(traced.nodes[n].meta.get("val"), pl, mesh_shape) for n, pl in zip(block.outputs, prop.exit_placements))
-        forward = _phase(self.costs, block.class_id, prop.config.name, "forward") if self.costs is not None else 0.0
-        saved = int(prop.activation_bytes) - exits
-        if saved <= 0:
+        kept = sum(_bytes(traced.nodes[i.name].meta.get("val"), pl, mesh_shape)
+                   for i, pl in zip(block.inputs, prop.input_placements) if i.name not in traced.params)
+        dropped = int(prop.saved_bytes) - kept
+        if dropped <= 0:
             return None
-        return Variant(forward, activations=-saved, transient=saved)
+        forward = _phase(self.costs, block.class_id, prop.config.name, "forward") if self.costs is not None else 0.0
+        return Variant(forward, activations=-dropped, transient=int(prop.saved_bytes))
 
     # -- what the ILP and the plan read ------------------------------------------
     def levels(self, block_id: int, config: int) -> dict[str, Variant]:
