@@ -640,7 +640,8 @@ def _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, 
     raise CFPError(
         f"No plan fits in {human_bytes(memory_limit)} per device on mesh {graph.mesh}. The least memory any plan needs is "
         f"{human_bytes(least.total)} per device: parameters {human_bytes(least.params)}, gradients {human_bytes(least.grads)}, "
-        f"optimizer state {human_bytes(least.optimizer)}, activations {human_bytes(least.activations)} "
+        f"optimizer state {human_bytes(least.optimizer)}, activations {human_bytes(least.activations)}, "
+        f"transient {human_bytes(least.transient)}; gradients and activations peak at different times, the larger counts "
         f"({least.dominant()} dominate){_without(storage, recompute)}. "
         f"Use a larger mesh, a smaller batch or sequence, or raise --memory."
     )
