@@ -149,13 +149,16 @@ class AnalyticCosts:
             return 0.0
         if phase == "forward":
             forward = [c for c in prop.collectives if c.phase == "forward"]
-            return cost.compute_s / 3 + sum(self.cluster.collective_time(c.kind, c.bytes, self.mesh, self._dim(c)) for c in forward)
+            priced = (self.cluster.collective_time(c.kind, c.bytes, self.mesh, self._dim(c)) for c in forward)
+            return cost.compute_s / 3 + sum(priced)
         if phase == "reduce":
             return self._communication(prop, phases=("grad",))
         raise ValueError(f"unknown phase {phase!r}")
 
     def _dim(self, c) -> int:
-        return c.mesh_dim if 0 <= c.mesh_dim < self.mesh.ndim else max(range(self.mesh.ndim), key=lambda i: self.mesh.shape[i])
+        if 0 <= c.mesh_dim < self.mesh.ndim:
+            return c.mesh_dim
+        return max(range(self.mesh.ndim), key=lambda i: self.mesh.shape[i])
 
     def _compute(self, block, prop: Propagation) -> float:
         traced = self.graph.traced

@@ -204,7 +204,8 @@ class ParallelModule(nn.Module):
             stored = plan.storage.get(fqn)
             if stored is not None:
                 if stored.get("level") not in LEVELS[1:] or len(stored.get("placements", ())) != ndim:
-                    raise CFPError(f"The plan's storage of {fqn} ({stored}) is not a ZeRO level with one placement per mesh dimension.")
+                    raise CFPError(f"The plan's storage of {fqn} ({stored}) is not a ZeRO level "
+                                   f"with one placement per mesh dimension; re-run `cfp plan`.")
                 self._stored[name] = (stored["level"], placements)
                 placements = parse_placements(stored["placements"])
             tensor = model_params[fqn].detach().to(device)

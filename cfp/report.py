@@ -40,6 +40,8 @@ def tables(plan: Plan) -> list[Table]:
         summary.add_row(f"{name} baseline", f"{human_time(base['predicted_step_time_s'])}, {human_bytes(base['memory_per_device_bytes'])}{'' if base.get('fits', True) else ' (does not fit)'}")
     used = f" ({100 * mem['total'] / limit:.1f}% of the limit)" if limit else ""
     summary.add_row("memory per device", f"{human_bytes(mem['total'])} / {human_bytes(limit) if limit else 'no limit'}{used}")
+    if "transient" in mem:
+        summary.add_row("", "at the step's peak: params + optimizer + transient + the larger of grads and activations")
     for k in ("params", "grads", "optimizer", "activations", "transient"):
         if k in mem:
             summary.add_row(f"  {k}", human_bytes(mem[k]))
@@ -62,7 +64,7 @@ def tables(plan: Plan) -> list[Table]:
             str(b["id"]),
             b["op"].removeprefix("aten."),
             b["config"],
-            " ".join([*([b["storage"]] if b.get("storage", "replicate") != "replicate" else []), *(["recompute"] if b.get("recompute") else [])]),
+            " ".join([b["storage"]] * (b.get("storage", "replicate") != "replicate") + ["recompute"] * bool(b.get("recompute"))),
             t(b["time_s"]),
             t(b.get("communication_s")),
             t(b["transition_in_s"]),
@@ -142,10 +144,12 @@ def figure(plan: Plan, path: str | Path) -> Path:
     limit = mem.get("limit")
     top = max(mem["total"], limit or 0) if limit and mem["total"] > 0.05 * limit else mem["total"]
     unit, div = next(((u, d) for u, d in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= d), ("B", 1))
+    # The step's peak holds the gradients (end of backward) or the saved activations (end of forward), not both.
+    larger = "grads" if mem["grads"] >= mem["activations"] and "transient" in mem else "activations"
     parts = [("params", "#4C72B0"), ("grads", "#55A868"), ("optimizer", "#8172B2"), ("activations", "#DD8452"), ("transient", "#937860")]
     y = 0.0
     for key, color in parts:
-        if key not in mem:
+        if key not in mem or ("transient" in mem and key in ("grads", "activations") and key != larger):
             continue
         ax_mem.bar([0], [mem[key] / div], bottom=y, width=0.6, color=color, label=f"{key} {human_bytes(mem[key])}")
         y += mem[key] / div

@@ -88,7 +88,8 @@ class Regather:
         if entry is None or entry[0]() is None:
             return t
         _, stored, compute = entry
-        return _Token(stored, compute, tuple(t.placements), t.shape, t.stride(), local.size(), local.stride(), local.storage_offset())
+        return _Token(stored, compute, tuple(t.placements), t.shape, t.stride(),
+                      local.size(), local.stride(), local.storage_offset())
 
     def _unpack(self, saved):
         if not isinstance(saved, _Token):
@@ -96,7 +97,8 @@ class Regather:
         with torch.no_grad():
             full = saved.stored.redistribute(self.mesh, saved.compute).to_local()
         local = full.as_strided(saved.local_size, saved.local_stride, saved.local_offset)
-        return DTensor.from_local(local, self.mesh, saved.placements, run_check=False, shape=saved.shape, stride=saved.stride)
+        return DTensor.from_local(local, self.mesh, saved.placements, run_check=False,
+                                  shape=saved.shape, stride=saved.stride)
 
 
 # --------------------------------------------------------------------------
