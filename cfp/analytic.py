@@ -140,6 +140,26 @@ class AnalyticCosts:
     def block_time(self, class_id: str, config: str) -> float:
         return self.block_cost(class_id, config).total_s
 
+    def block_phase_s(self, class_id: str, config: str, phase: str) -> float:
+        """One phase of a block, as profiled rows split it: ``forward`` (a third of the compute and the
+        forward collectives), ``reduce`` (the bucketed gradient reductions) or ``optimizer`` (not modelled: 0)."""
+        cost = self.block_cost(class_id, config)
+        prop = self._props.get((class_id, config))
+        if prop is None or phase == "optimizer":
+            return 0.0
+        if phase == "forward":
+            forward = [c for c in prop.collectives if c.phase == "forward"]
+            priced = (self.cluster.collective_time(c.kind, c.bytes, self.mesh, self._dim(c)) for c in forward)
+            return cost.compute_s / 3 + sum(priced)
+        if phase == "reduce":
+            return self._communication(prop, phases=("grad",))
+        raise ValueError(f"unknown phase {phase!r}")
+
+    def _dim(self, c) -> int:
+        if 0 <= c.mesh_dim < self.mesh.ndim:
+            return c.mesh_dim
+        return max(range(self.mesh.ndim), key=lambda i: self.mesh.shape[i])
+
     def _compute(self, block, prop: Propagation) -> float:
         traced = self.graph.traced
         placements = dict(zip(block.nodes, prop.node_placements))
@@ -176,7 +196,7 @@ class AnalyticCosts:
             total += self.cluster.compute_time(3 * flops, 3 * moved, dtype)
         return total
 
-    def _communication(self, prop: Propagation) -> float:
+    def _communication(self, prop: Propagation, phases=("forward", "backward", "grad")) -> float:
         """Forward and backward collectives one by one; the gradient reductions of a block bucketed.
 
         Gradient reductions of one kind on one mesh dimension are fused into
@@ -186,7 +206,9 @@ class AnalyticCosts:
         total = 0.0
         buckets: dict[tuple[str, int], float] = {}
         for c in prop.collectives:
-            dim = c.mesh_dim if 0 <= c.mesh_dim < self.mesh.ndim else max(range(self.mesh.ndim), key=lambda i: self.mesh.shape[i])
+            if c.phase not in phases:
+                continue
+            dim = self._dim(c)
             if c.phase == "grad":
                 buckets[(c.kind, dim)] = buckets.get((c.kind, dim), 0.0) + c.bytes
             else:
@@ -204,6 +226,11 @@ class AnalyticCosts:
                 self.cluster.collective_time(kind, nbytes, self.mesh, dim) for kind, dim, nbytes, _ in redistribute_collectives(key, self.mesh)
             )
         return self._transitions[key]
+
+    def transition_phase_s(self, key: TransitionKey, phase: str) -> float:
+        """The ``forward`` or ``backward`` collectives of a transition, priced."""
+        return sum(self.cluster.collective_time(kind, nbytes, self.mesh, dim)
+                   for kind, dim, nbytes, ph in redistribute_collectives(key, self.mesh) if ph == phase)
 
     def describe(self) -> dict:
         return {"name": self.name, "cluster": self.cluster.name, "device": self.cluster.device_kind, "backend": "analytic"}

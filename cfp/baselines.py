@@ -17,6 +17,13 @@ analyses:
 - ``expert``: GShard / DeepSpeed-MoE expert parallelism: expert weights
   sharded over experts on the last mesh dimension, everything else data
   parallel.
+- ``fsdp``: ``dp`` with every parameter stored ZeRO-3 sharded over every
+  mesh dimension (FSDP / ZeRO-3).
+- ``fsdp+tp``: ``megatron`` with every parameter ZeRO-3 sharded over the
+  mesh dimensions it is replicated on (torchtitan's default 2-D layout:
+  FSDP across the first dimension, Megatron across the last).
+
+Tied parameters stay replicated in every layout (``cfp.storage``).
 
 ``choose(name, graph)`` returns the config index per block, or None where the
 baseline does not apply (no linear is recognised, no block has experts).
@@ -87,11 +94,23 @@ def expert(graph) -> list[int] | None:
     return _choose(graph, lambda block: dp_dims + ["expert" if block.id in has_experts else "batch"])
 
 
-BASELINES: dict[str, Callable] = {"dp": dp, "megatron": megatron, "expert": expert}
+BASELINES: dict[str, Callable] = {"dp": dp, "megatron": megatron, "expert": expert, "fsdp": dp, "fsdp+tp": megatron}
+STORAGE = {"fsdp": "zero3", "fsdp+tp": "zero3"}  # baselines that store parameters sharded, and at which level
 NOT_APPLICABLE = {
     "megatron": "no linear layer has a parameter named like an attention or MLP projection (c_attn, wq, q_proj, w1, c_proj, ...)",
     "expert": "no block has an expert dimension to shard",
 }
+NOT_APPLICABLE["fsdp+tp"] = NOT_APPLICABLE["megatron"]
+
+
+def storage_levels(name: str, graph, choice: list[int]) -> list[str] | None:
+    """The baseline's storage level per block (None: every parameter stored where it computes)."""
+    level = STORAGE.get(name)
+    if level is None:
+        return None
+    from cfp.storage import StorageTable, uniform
+
+    return uniform(graph, StorageTable(graph), choice, level)
 
 
 def choose(name: str, graph) -> list[int] | None:

@@ -13,7 +13,10 @@
    time is the slowest rank's, from a barrier to the end of the optimizer
    step; the first ``warmup`` rounds are not counted.
 4. Peak memory per rank comes from one more step per plan: CUDA's allocator
-   peak on GPUs, ``MemTracker`` (every live tensor's storage) on CPU.
+   peak on GPUs, ``MemTracker`` (every live tensor's storage) on CPU. It is
+   shown beside the plan's predicted per-device memory (parameters,
+   gradients, optimizer state, activations, as the ILP counts them for the
+   plan's configs, storage levels and recomputation).
 
 All plans start from the same weights and see the same batch, so their
 first-step losses must agree: the table shows them as a check.
@@ -36,10 +39,11 @@ from cfp.mesh import MeshSpec, parse_mesh
 from cfp.plan import Plan, make_plan
 from cfp.spec import ModelSpec
 
-DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "analytic")
+DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "fsdp", "fsdp+tp", "analytic")
 COLUMNS = [
     "plan", "median_step_s", "iqr_step_s", "min_step_s", "max_step_s", "fwd_bwd_s", "optimizer_s",
-    "predicted_step_s", "predicted_optimizer_s", "prediction_error", "peak_mem_bytes", "ratio_to_cfp", "first_loss", "configs", "steps",
+    "predicted_step_s", "predicted_optimizer_s", "prediction_error", "peak_mem_bytes", "predicted_mem_bytes", "mem_error",
+    "ratio_to_cfp", "first_loss", "configs", "layout", "steps",
 ]
 
 
@@ -49,6 +53,7 @@ class BenchPlan:
     plan: Plan
     predicted_s: float  # under the profiled cost model
     predicted_optimizer_s: float  # the AdamW steps of its blocks, part of predicted_s
+    predicted_mem_bytes: int = 0  # per device, as the ILP counts it
 
 
 @dataclass
@@ -79,12 +84,18 @@ def _choice_of(plan: Plan, graph) -> list[int]:
     return config_indices(graph, [entry["config"] for entry in plan.blocks])
 
 
-def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, progress=None, strict: bool = True) -> tuple[list[BenchPlan], dict[str, str]]:
+def layout_of(plan: Plan) -> tuple[list[str], list[bool]]:
+    """Per block of a plan: its storage level and whether it recomputes."""
+    return [b.get("storage", "replicate") for b in plan.blocks], [bool(b.get("recompute")) for b in plan.blocks]
+
+
+def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, progress=None, strict: bool = True,
+               memory=None) -> tuple[list[BenchPlan], dict[str, str]]:
     """The plans to bench, each with its profiled prediction; and the baselines left out (with why).
 
     A baseline that does not apply to the model is an error when ``strict``
     (the user asked for it), else it is left out. Names are checked before
-    anything is profiled.
+    anything is profiled. ``memory`` (bytes or a size) limits the plans CFP makes.
     """
     from cfp import baselines
     from cfp.plan import cost_model
@@ -106,11 +117,11 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         if name in skipped:
             continue
         if name == "cfp":
-            plan = make_plan(spec, mesh, cost="profiled", backend="real", graph=graph, costs=profiled)[0]
+            plan = make_plan(spec, mesh, memory, cost="profiled", backend="real", graph=graph, costs=profiled)[0]
         elif name == "analytic":
             # make_plan loads a cluster by name, and picks the H100 models when none is named
             local = cluster or ("cpu-gloo-local" if spec.device == "cpu" else None)
-            plan = make_plan(spec, mesh, cost="analytic", cluster=local, graph=graph)[0]
+            plan = make_plan(spec, mesh, memory, cost="analytic", cluster=local, graph=graph)[0]
         elif name in files:
             plan = files[name]
         else:
@@ -118,7 +129,8 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         choice = choices.get(name) or _choice_of(plan, graph)
         configs = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)]
         optimizer = sum(profiled.block_phase_s(b.class_id, c, "optimizer") for b, c in zip(graph.blocks, configs))
-        made.append(BenchPlan(Path(name).stem if name in files else name, plan, evaluate(graph, profiled, choice).total_s, optimizer))
+        ev = evaluate(graph, profiled, choice, None, *layout_of(plan))
+        made.append(BenchPlan(Path(name).stem if name in files else name, plan, ev.total_s, optimizer, ev.memory.total))
     return made, skipped
 
 
@@ -247,8 +259,11 @@ def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
             "predicted_optimizer_s": p.predicted_optimizer_s,
             "prediction_error": p.predicted_s / median - 1 if median > 0 else math.nan,
             "peak_mem_bytes": raw[p.name]["peak_mem_bytes"],
+            "predicted_mem_bytes": p.predicted_mem_bytes,
+            "mem_error": p.predicted_mem_bytes / raw[p.name]["peak_mem_bytes"] - 1 if raw[p.name]["peak_mem_bytes"] else math.nan,
             "first_loss": raw[p.name]["first_loss"],
             "configs": " ".join(f"{c}x{n}" for c, n in p.plan.config_counts().items()),
+            "layout": " ".join(f"{c}x{n}" for c, n in p.plan.layout_counts().items()),
             "steps": len(steps),
         })
     table = pd.DataFrame(rows)
@@ -258,7 +273,7 @@ def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
 
 
 def bench(model: str | ModelSpec, mesh: str | MeshSpec, plans: list[str] | None = None, steps: int = 20, warmup: int = 3,
-          cluster=None, lr: float = 1e-3, timeout_s: float = 600.0, progress=None, on_step=None) -> BenchResult:
+          cluster=None, lr: float = 1e-3, timeout_s: float = 600.0, progress=None, on_step=None, memory=None) -> BenchResult:
     """``cfp.bench("gpt:small", "2")``: every plan in real interleaved training steps (see the module doc)."""
     start = time.perf_counter()
     spec = model if isinstance(model, ModelSpec) else ModelSpec(str(model), device="cpu")
@@ -267,7 +282,7 @@ def bench(model: str | ModelSpec, mesh: str | MeshSpec, plans: list[str] | None 
     mesh = parse_mesh(mesh)
     if steps < 1:
         raise CFPError("cfp bench needs at least one timed step per plan (--steps).")
-    made, skipped = make_plans(spec, mesh, list(plans or DEFAULT_PLANS), cluster, progress, strict=plans is not None)
+    made, skipped = make_plans(spec, mesh, list(plans or DEFAULT_PLANS), cluster, progress, strict=plans is not None, memory=memory)
     if not made:
         raise CFPError("No plan to bench.")
     raw = measure(spec, mesh, made, steps, warmup, lr, timeout_s, on_step)

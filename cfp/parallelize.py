@@ -29,6 +29,21 @@ interprets the exported graph in order:
 Every rank passes the same global inputs; plain tensors are distributed per
 the plan without communication (each rank keeps its own shard), and DTensor
 inputs are redistributed.
+
+The plan's ``storage`` and per-block ``recompute`` are applied too
+(``cfp.storage`` says what they mean):
+
+- a parameter stored ZeRO-sharded is an ``nn.Parameter`` DTensor with its
+  *storage* placements, so the optimizer steps shards and keeps sharded
+  moments; a block reading it gathers it to its compute placements
+  (``cfp.sharded.gather``), and the gradient comes back to the shard by
+  reduce-scatter (ZeRO-2/3) or all-reduce and slice (ZeRO-1);
+- a ZeRO-3 parameter's gathered copy is not kept for backward:
+  ``cfp.sharded.Regather`` saves a token instead and gathers it again there;
+- a recomputed block's ops run under ``torch.utils.checkpoint`` (one region
+  per contiguous run of its ops), its gathers included;
+- values are freed after their last use, as ``torch.fx.Interpreter`` does,
+  so what stays alive is what autograd saves.
 """
 
 from __future__ import annotations
@@ -47,7 +62,9 @@ from cfp.errors import CFPError
 from cfp.plan import Plan, spec_json, block_entry, parameter_placements
 from cfp.program import BlockRun, Placements, _call, grad_placements
 from cfp.propagate import parse_placement
+from cfp.sharded import Regather, Schedule, gather, schedule
 from cfp.spec import ModelSpec, Workload, build
+from cfp.storage import LEVELS
 
 
 def parse_placements(texts: Sequence[str] | None) -> Placements | None:
@@ -86,14 +103,24 @@ def plan_from_choice(graph, choice: Mapping[int, str] | Sequence[str] | Callable
     return plan_from_indices(graph, config_indices(graph, choice))
 
 
-def plan_from_indices(graph, indices: Sequence[int]) -> Plan:
-    """A Plan from one config index per block (e.g. ``cfp.baselines.dp(graph)``)."""
+def plan_from_indices(graph, indices: Sequence[int], storage: Sequence[str] | None = None,
+                      recompute: Sequence[bool] | None = None) -> Plan:
+    """A Plan from one config index per block (e.g. ``cfp.baselines.dp(graph)``), with a storage level
+    per block (``cfp.storage.LEVELS``; a block with nothing to shard stays ``replicate``) and whether it recomputes."""
+    from cfp.storage import StorageTable
+
     traced = graph.traced
-    blocks = [block_entry(graph, block, graph.block_configs(block)[c]) for block, c in zip(graph.blocks, indices)]
+    table = StorageTable(graph)
+    storage = [lv if lv in table.levels(b.id, c) else "replicate"
+               for b, c, lv in zip(graph.blocks, indices, storage or ["replicate"] * len(graph.blocks))]
+    recompute = list(recompute or [False] * len(graph.blocks))
+    blocks = [{**block_entry(graph, block, graph.block_configs(block)[c]), "storage": lv, "recompute": bool(r)}
+              for block, c, lv, r in zip(graph.blocks, indices, storage, recompute)]
     return Plan(
         model={"spec": spec_json(traced.spec), "fingerprint": traced.fingerprint(), "parameters": traced.num_parameters()},
         mesh=graph.mesh.to_json(),
         parameters=parameter_placements(graph, list(indices)),
+        storage=table.parameter_storage(list(indices), storage),
         blocks=blocks,
         predicted_step_time_s=0.0,
         time_breakdown_s={},
@@ -171,6 +198,7 @@ class ParallelModule(nn.Module):
         # Parameters: DTensors with the plan's placements, same FQNs, tied ones shared.
         model_params = dict(model.named_parameters(remove_duplicate=False))
         self._param_of: dict[str, nn.Parameter] = {}  # placeholder -> parameter
+        self._stored: dict[str, tuple[str, Placements]] = {}  # placeholder -> (ZeRO level, compute placements)
         by_fqn: dict[str, nn.Parameter] = {}
         for name, fqn in traced.params.items():
             texts = plan.parameters.get(fqn)
@@ -179,6 +207,13 @@ class ParallelModule(nn.Module):
             placements = _target(parse_placements(texts))
             if len(placements) != ndim:
                 raise CFPError(f"The plan gives {len(placements)} placements for {fqn} on a {ndim}-D mesh.")
+            stored = plan.storage.get(fqn)
+            if stored is not None:
+                if stored.get("level") not in LEVELS[1:] or len(stored.get("placements", ())) != ndim:
+                    raise CFPError(f"The plan's storage of {fqn} ({stored}) is not a ZeRO level "
+                                   f"with one placement per mesh dimension; re-run `cfp plan`.")
+                self._stored[name] = (stored["level"], placements)
+                placements = parse_placements(stored["placements"])
             tensor = model_params[fqn].detach().to(device)
             param = nn.Parameter(distribute_tensor(tensor, mesh, placements), requires_grad=model_params[fqn].requires_grad)
             by_fqn[fqn] = param
@@ -219,6 +254,9 @@ class ParallelModule(nn.Module):
                 self._owner[n] = block.id
             self._entry.append({i["name"]: parse_placements(i.get("placements")) for i in entry["inputs"]})
         self.configs = [entry["config"] for entry in plan.blocks]
+        self._recompute = {entry["id"] for entry in plan.blocks if entry.get("recompute")}
+        self._schedule: Schedule = schedule(self._graph, self._owner, self._recompute)
+        self._regather = Regather(mesh)
 
         # Gradients take the parameter's own placements as they accumulate (data parallelism's reduction).
         for param in by_fqn.values():
@@ -239,11 +277,17 @@ class ParallelModule(nn.Module):
         """Ops of the last forward that DTensor had no rule for and that ran replicated."""
         return list(self._fallbacks)
 
-    def _enter(self, value, placements: Placements | None):
-        """``value`` with the placements a block's config gives it."""
+    def _enter(self, value, placements: Placements | None, name: str = "", recomputed: bool = False):
+        """``value`` with the placements a block's config gives it (a stored parameter gathered)."""
         if placements is None or not isinstance(value, torch.Tensor):
             return value
         placements = _target(placements)
+        if name in self._stored:
+            level, compute = self._stored[name]
+            gathered = gather(value, self.mesh, compute, level)
+            if level == "zero3" and not recomputed:  # a recomputed block's checkpoint drops it anyway
+                self._regather.register(gathered, value, compute)
+            return gathered
         if isinstance(value, DTensor):
             is_param = isinstance(value, nn.Parameter)  # its gradient is reduced as it accumulates
             if tuple(value.placements) != placements:
@@ -253,11 +297,10 @@ class ParallelModule(nn.Module):
         return distribute_tensor(value, self.mesh, placements, src_data_rank=None)
 
     @torch.no_grad()
-    def _write_back_buffers(self, entered: dict, versions: dict) -> None:
+    def _write_back_buffers(self, versions: dict) -> None:
         """Buffers a block updated in place (BatchNorm's running statistics) were updated on the
         copy placed for that block: bring the new values back to the module's buffer."""
-        for (block, name), version in versions.items():
-            value = entered[(block, name)]
+        for (block, name), (value, version) in versions.items():
             if value._local_tensor._version != version:
                 buffer = getattr(self, self._buffer_of[name])
                 buffer.copy_(value.full_tensor())
@@ -268,45 +311,67 @@ class ParallelModule(nn.Module):
         env: dict[str, Any] = {}
         user = dict(zip(self._user_inputs, inputs))
         entered: dict[tuple[int, str], Any] = {}  # (block, value) -> the value as that block reads it
-        buffer_versions: dict[tuple[int, str], int] = {}  # (block, buffer) -> its version counter on entry
+        buffer_versions: dict[tuple[int, str], tuple] = {}  # (block, buffer) -> (its copy, version counter on entry)
         run = BlockRun(values=env, input_placements={})
-        output = None
-        for node in self._graph.nodes:
-            if node.op == "placeholder":
-                if node.name in self._param_of:
-                    env[node.name] = self._param_of[node.name]
-                elif node.name in self._buffer_of:
-                    env[node.name] = getattr(self, self._buffer_of[node.name])
-                elif node.name in user:
-                    env[node.name] = user[node.name]
+        for node in self._schedule.placeholders:
+            if node.name in self._param_of:
+                env[node.name] = self._param_of[node.name]
+            elif node.name in self._buffer_of:
+                env[node.name] = getattr(self, self._buffer_of[node.name])
+            elif node.name in user:
+                env[node.name] = user[node.name]
+            else:
+                env[node.name] = None  # a placeholder the graph does not read (e.g. a tied alias)
+        with self._regather.hooks():
+            for step in self._schedule.steps:
+                if step.recompute:
+                    # Only the first run (forward) writes updated buffers back, not the recomputation in backward.
+                    once = [buffer_versions]
+                    fn = lambda *values, step=step, once=once: self._run_region(step, values, run, once.pop() if once else None)
+                    outs = torch.utils.checkpoint.checkpoint(fn, *(env[n] for n in step.inputs), use_reentrant=False)
+                    env.update(zip(step.outputs, outs))
                 else:
-                    env[node.name] = None  # a placeholder the graph does not read (e.g. a tied alias)
-                continue
-            if node.op == "output":
-                output = node.args[0]
-                break
-            block = self._owner.get(node.name)
-
-            def read(arg, block=block):
-                if block is None:  # the prologue: plain tensors, whole on every rank
-                    value = env[arg.name]
-                    return value.full_tensor() if isinstance(value, DTensor) else value
-                if self._owner.get(arg.name) == block:
-                    return env[arg.name]
-                key = (block, arg.name)
-                if key not in entered:
-                    entered[key] = self._enter(env[arg.name], self._entry[block].get(arg.name))
-                    if arg.name in self._buffer_of and isinstance(entered[key], DTensor):
-                        buffer_versions[key] = entered[key]._local_tensor._version
-                return entered[key]
-
-            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), read)
-            env[node.name] = _call(node, args, kwargs, self.mesh, run)
+                    for node in step.nodes:
+                        env[node.name] = self._run_node(node, env, entered, run, versions=buffer_versions)
+                for name in step.free:
+                    env.pop(name, None)
+                for key in [k for k in entered if k[0] in step.blocks_done]:
+                    del entered[key]
+        self._regather.clear()
         self._fallbacks = run.fallbacks
-        self._write_back_buffers(entered, buffer_versions)
-        loss = torch.fx.node.map_arg(output, lambda n: env[n.name])
+        self._write_back_buffers(buffer_versions)
+        loss = torch.fx.node.map_arg(self._schedule.output, lambda n: env[n.name])
         loss = loss[0] if isinstance(loss, (tuple, list)) and len(loss) == 1 else loss
         return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+    def _run_node(self, node, env: dict, entered: dict, run: BlockRun, recomputed: bool = False, versions=None):
+        """One op: values from outside its block enter with the block's placements, then DTensor runs it.
+        ``versions`` collects the buffers blocks read, to write in-place updates back."""
+        block = self._owner.get(node.name)
+
+        def read(arg):
+            if block is None:  # the prologue: plain tensors, whole on every rank
+                value = env[arg.name]
+                return value.full_tensor() if isinstance(value, DTensor) else value
+            if self._owner.get(arg.name) == block:
+                return env[arg.name]
+            key = (block, arg.name)
+            if key not in entered:
+                entered[key] = self._enter(env[arg.name], self._entry[block].get(arg.name), arg.name, recomputed)
+                if versions is not None and arg.name in self._buffer_of and isinstance(entered[key], DTensor):
+                    versions[key] = (entered[key], entered[key]._local_tensor._version)
+            return entered[key]
+
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), read)
+        return _call(node, args, kwargs, self.mesh, run)
+
+    def _run_region(self, step, values, run: BlockRun, versions=None) -> tuple:
+        """A recomputed block's contiguous ops (forward, and again in backward under checkpoint)."""
+        env = dict(zip(step.inputs, values))
+        entered: dict = {}
+        for node in step.nodes:
+            env[node.name] = self._run_node(node, env, entered, run, recomputed=True, versions=versions)
+        return tuple(env[n] for n in step.outputs)
 
 
 def _mesh_for(plan: Plan, mesh, device_type: str) -> DeviceMesh:

@@ -6,8 +6,13 @@ Top-level keys (``schema_version`` 1):
 - ``mesh``: ``shape`` and ``names``;
 - ``parameters``: every parameter FQN (tied aliases included) -> its
   placements, one string per mesh dimension (``"Shard(0)"``, ``"Replicate()"``);
-- ``blocks``: per block its id, anchor, class, config and the entry placements
-  of each external input, with its predicted time;
+- ``storage``: every parameter stored apart from where it computes (FQN ->
+  ``level``, one of ``zero1``/``zero2``/``zero3``, and its storage
+  ``placements``; see cfp.storage); parameters not listed are stored as
+  ``parameters`` says;
+- ``blocks``: per block its id, anchor, class, config, the entry placements
+  of each external input, its ``storage`` level and whether it is
+  ``recompute``d, with its predicted time;
 - ``predicted_step_time_s`` (seconds) and ``time_breakdown_s`` (blocks,
   transitions, and compute/communication where the cost model splits them);
 - ``memory_per_device_bytes``: total, limit and params/grads/optimizer/activations;
@@ -47,6 +52,7 @@ class Plan:
     solve: dict[str, Any]
     provenance: dict[str, Any]
     baselines: dict[str, Any] = field(default_factory=dict)
+    storage: dict[str, dict[str, Any]] = field(default_factory=dict)  # FQN -> {"level", "placements"}
     schema_version: int = SCHEMA_VERSION
 
     # -- file -------------------------------------------------------------
@@ -56,6 +62,7 @@ class Plan:
             "model": self.model,
             "mesh": self.mesh,
             "parameters": self.parameters,
+            "storage": self.storage,
             "blocks": self.blocks,
             "predicted_step_time_s": self.predicted_step_time_s,
             "time_breakdown_s": self.time_breakdown_s,
@@ -122,6 +129,7 @@ class Plan:
                 solve=dict(data["solve"]),
                 provenance=dict(data["provenance"]),
                 baselines=data.get("baselines", {}),
+                storage=dict(data.get("storage") or {}),
             )
         except (KeyError, TypeError, ValueError, CFPError) as exc:
             why = str(exc) if isinstance(exc, CFPError) else f"{type(exc).__name__}: {exc}"
@@ -191,6 +199,17 @@ class Plan:
                     f"offer on mesh {'x'.join(map(str, self.mesh_shape()))} (it offers {', '.join(names)}). "
                     f"Was the file edited? Re-run `cfp plan`."
                 )
+
+    def layout_counts(self) -> dict[str, int]:
+        """How many blocks store their parameters at each level, and recompute."""
+        out: dict[str, int] = {}
+        for b in self.blocks:
+            level = b.get("storage", "replicate")
+            if level != "replicate":
+                out[level] = out.get(level, 0) + 1
+            if b.get("recompute"):
+                out["recompute"] = out.get("recompute", 0) + 1
+        return out
 
     def config_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -281,8 +300,12 @@ def build_plan(graph, costs, solution, baselines: dict[str, Any] | None = None, 
     """A Plan from a BlockGraph, the cost model used and the ILP's Solution."""
     import cfp
 
+    from cfp.storage import StorageTable
+
     traced = graph.traced
     ev = solution.evaluation
+    levels = solution.storage or ["replicate"] * len(graph.blocks)
+    recompute = solution.recompute or [False] * len(graph.blocks)
     blocks = []
     compute_total = comm_total = 0.0
     split = hasattr(costs, "block_cost")
@@ -294,6 +317,8 @@ def build_plan(graph, costs, solution, baselines: dict[str, Any] | None = None, 
             "transition_in_s": ev.transition_in_s[block.id],
             "activation_bytes": int(prop.activation_bytes),
             "communication_free": prop.comm_free,
+            "storage": levels[block.id],
+            "recompute": bool(recompute[block.id]),
         }
         if split:
             bc = costs.block_cost(block.class_id, prop.config.name)
@@ -314,6 +339,7 @@ def build_plan(graph, costs, solution, baselines: dict[str, Any] | None = None, 
         model={"spec": spec_json(traced.spec), "fingerprint": traced.fingerprint(), "parameters": traced.num_parameters()},
         mesh=graph.mesh.to_json(),
         parameters=parameter_placements(graph, solution.choice),
+        storage=StorageTable(graph).parameter_storage(solution.choice, levels),
         blocks=blocks,
         predicted_step_time_s=ev.total_s,
         time_breakdown_s=breakdown,
@@ -384,6 +410,8 @@ def make_plan(
     progress=None,
     baseline: str | None = None,
     costs=None,
+    storage: bool = True,
+    recompute: bool = True,
 ) -> tuple["Plan", Any, Any]:
     """Capture, analyse, cost and solve; returns ``(plan, graph, solution)`` and writes ``output`` if given.
 
@@ -392,7 +420,9 @@ def make_plan(
     the cluster device's memory); ``cluster`` a name, a file or a ClusterModel.
     ``baseline`` (``dp``, ``megatron``, ``expert``; see cfp.baselines) writes
     that hand-made layout instead of solving, costed the same way. A
-    ``graph`` and ``costs`` already made are used as they are.
+    ``graph`` and ``costs`` already made are used as they are. ``storage``
+    and ``recompute`` let the ILP store parameters ZeRO-sharded and recompute
+    activations (cfp.storage).
     """
     from cfp.analyze import analyze
     from cfp.capture import TracedModel, capture
@@ -428,15 +458,16 @@ def make_plan(
         choice = hand.choose(baseline, graph)
         if choice is None:
             raise CFPError(f"The {baseline} baseline does not apply to this model: {hand.NOT_APPLICABLE[baseline]}.")
-        solution = fixed(graph, costs, choice, f"baseline {baseline}", limit)
+        solution = fixed(graph, costs, choice, f"baseline {baseline}", limit, hand.storage_levels(baseline, graph, choice))
     else:
-        solution = solve(graph, costs, memory_limit=limit, tie_segments=tie_segments, time_limit_s=time_limit_s or DEFAULT_TIME_LIMIT_S)
+        solution = solve(graph, costs, memory_limit=limit, tie_segments=tie_segments, time_limit_s=time_limit_s or DEFAULT_TIME_LIMIT_S,
+                         storage=storage, recompute=recompute)
     baselines = {}
     for name in hand.BASELINES:
         choice = hand.choose(name, graph)
         if choice is None:
             continue
-        ev = evaluate(graph, costs, choice)
+        ev = evaluate(graph, costs, choice, storage=hand.storage_levels(name, graph, choice))
         if not math.isfinite(ev.total_s):
             continue  # a block of it cannot run (out of memory when profiled): there is no prediction to record
         baselines[name] = {

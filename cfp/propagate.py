@@ -64,6 +64,7 @@ class Propagation:
     collectives: list[Collective] = field(default_factory=list)
     param_bytes: int = 0  # per device
     activation_bytes: int = 0  # per device, every op output of the block (what autograd may save)
+    saved_bytes: int = 0  # per device, what autograd does save for backward (parameters left out)
     fallbacks: list[str] = field(default_factory=list)
 
     @property
@@ -88,6 +89,19 @@ def _local_bytes(value) -> int:
     if isinstance(value, (tuple, list)):
         return sum(_local_bytes(v) for v in value)
     return 0
+
+
+def _saved_bytes(saved: list[torch.Tensor], params: list) -> int:
+    """Bytes of the distinct storages autograd saved, parameters (counted as parameters) left out."""
+    local = lambda t: t._local_tensor if isinstance(t, DTensor) else t
+    seen = {local(p).untyped_storage()._cdata for p in params if isinstance(p, torch.Tensor)}
+    total = 0
+    for t in saved:
+        storage = local(t).untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+    return total
 
 
 def _placements_of(value) -> Placements | None:
@@ -120,8 +134,9 @@ def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: Devi
 
     result = Propagation(config=config, valid=True)
     forward = CommRecorder(mesh, "forward")
+    saved: list[torch.Tensor] = []
     try:
-        with forward:
+        with forward, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             run = run_block(nodes, mesh, fixed, make_input, recorder=forward)
     except Exception as exc:  # DTensor refused this config somewhere inside the block
         return Propagation(config=config, valid=False, reason=_describe(exc))
@@ -135,6 +150,7 @@ def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: Devi
     params = [values[i.name] for i in block.inputs if i.name in traced.params]
     result.param_bytes = sum(_local_bytes(p) for p in params)
     result.activation_bytes = sum(_local_bytes(values[n]) for n in block.nodes)
+    result.saved_bytes = _saved_bytes(saved, params)
     try:
         result.collectives = forward.collectives + _backward(block, values, params, input_values(block, values), mesh)
     except Exception as exc:

@@ -38,9 +38,16 @@ def tables(plan: Plan) -> list[Table]:
         summary.add_row(f"  {k}", human_time(v))
     for name, base in plan.baselines.items():
         summary.add_row(f"{name} baseline", f"{human_time(base['predicted_step_time_s'])}, {human_bytes(base['memory_per_device_bytes'])}{'' if base.get('fits', True) else ' (does not fit)'}")
-    summary.add_row("memory per device", f"{human_bytes(mem['total'])} / {human_bytes(limit) if limit else 'no limit'}")
-    for k in ("params", "grads", "optimizer", "activations"):
-        summary.add_row(f"  {k}", human_bytes(mem[k]))
+    used = f" ({100 * mem['total'] / limit:.1f}% of the limit)" if limit else ""
+    summary.add_row("memory per device", f"{human_bytes(mem['total'])} / {human_bytes(limit) if limit else 'no limit'}{used}")
+    if "transient" in mem:
+        summary.add_row("", "at the step's peak: params + optimizer + transient + the larger of grads and activations")
+    for k in ("params", "grads", "optimizer", "activations", "transient"):
+        if k in mem:
+            summary.add_row(f"  {k}", human_bytes(mem[k]))
+    layout = plan.layout_counts()
+    if layout:
+        summary.add_row("storage, recomputation", ", ".join(f"{k}: {n} blocks" for k, n in layout.items()))
     s = plan.solve
     summary.add_row("solve", f"{s.get('status')}, gap {s.get('gap', 0) * 100:.2f}%, {s.get('seconds', 0):.2f} s")
     summary.add_row("provenance", ", ".join(f"{k}={v}" for k, v in plan.provenance.items()))
@@ -48,7 +55,8 @@ def tables(plan: Plan) -> list[Table]:
     scale, unit = (1e3, "ms") if plan.predicted_step_time_s >= 1e-3 else (1e6, "us")
     t = lambda v: f"{v * scale:.3g}" if v else ""
     blocks = Table(title=f"blocks along the model (times in {unit})")
-    for col, just in (("id", "right"), ("op", "left"), ("config", "left"), ("time", "right"), ("comm", "right"), ("trans in", "right"), ("entry", "left"), ("params", "right")):
+    for col, just in (("id", "right"), ("op", "left"), ("config", "left"), ("storage", "left"), ("time", "right"), ("comm", "right"),
+                      ("trans in", "right"), ("entry", "left"), ("params", "right")):
         blocks.add_column(col, justify=just)
     for b in plan.blocks:
         act = next((i for i in b["inputs"] if i["role"] == "activation"), None)
@@ -56,6 +64,7 @@ def tables(plan: Plan) -> list[Table]:
             str(b["id"]),
             b["op"].removeprefix("aten."),
             b["config"],
+            " ".join([b["storage"]] * (b.get("storage", "replicate") != "replicate") + ["recompute"] * bool(b.get("recompute"))),
             t(b["time_s"]),
             t(b.get("communication_s")),
             t(b["transition_in_s"]),
@@ -65,8 +74,10 @@ def tables(plan: Plan) -> list[Table]:
     params = Table(title="parameter placements")
     params.add_column("parameter")
     params.add_column("placements")
+    params.add_column("stored")
     for fqn, pl in plan.parameters.items():
-        params.add_row(fqn, ", ".join(pl))
+        stored = plan.storage.get(fqn)
+        params.add_row(fqn, ", ".join(pl), f"{stored['level']}: {', '.join(stored['placements'])}" if stored else "")
     return [summary, blocks, params]
 
 
@@ -133,9 +144,13 @@ def figure(plan: Plan, path: str | Path) -> Path:
     limit = mem.get("limit")
     top = max(mem["total"], limit or 0) if limit and mem["total"] > 0.05 * limit else mem["total"]
     unit, div = next(((u, d) for u, d in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= d), ("B", 1))
-    parts = [("params", "#4C72B0"), ("grads", "#55A868"), ("optimizer", "#8172B2"), ("activations", "#DD8452")]
+    # The step's peak holds the gradients (end of backward) or the saved activations (end of forward), not both.
+    larger = "grads" if mem["grads"] >= mem["activations"] and "transient" in mem else "activations"
+    parts = [("params", "#4C72B0"), ("grads", "#55A868"), ("optimizer", "#8172B2"), ("activations", "#DD8452"), ("transient", "#937860")]
     y = 0.0
     for key, color in parts:
+        if key not in mem or ("transient" in mem and key in ("grads", "activations") and key != larger):
+            continue
         ax_mem.bar([0], [mem[key] / div], bottom=y, width=0.6, color=color, label=f"{key} {human_bytes(mem[key])}")
         y += mem[key] / div
     if limit and mem["total"] > 0.05 * limit:

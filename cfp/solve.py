@@ -14,9 +14,18 @@ Formulation (OR-Tools CP-SAT):
   their ``y`` and add their costs.
 - Tied parameters (one placeholder read by several blocks) take one
   placement: the chosen configs must agree on it.
-- Memory per device: parameters + gradients + Adam state (two fp32 moments)
-  under local shapes, each parameter counted once, plus every block's
-  saved activations, at most the limit.
+- Memory per device at the step's peak: parameters + Adam state (two fp32
+  moments) under local shapes, each parameter counted once, plus the larger
+  of the gradients (all alive at the end of backward) and every block's
+  saved activations (all alive at the end of forward), at most the limit:
+  two constraints, one with each.
+- Storage and recomputation (``cfp.storage``): ``s[g, c, level]`` stores the
+  group's parameters ZeRO-1/2/3 sharded and ``r[g, c]`` recomputes its
+  activations, each at most ``x[g, c]``; both add their seconds to the
+  objective and their bytes to the memory sum. One more integer ``t`` is at
+  least every group's transient bytes (a gathered ZeRO-3 parameter, the
+  activations a recomputed block brings back), since blocks run one at a
+  time; it joins the memory sum.
 
 Times are scaled to integers in units of ``TIME_UNIT_S`` (0.1 ns); memory is
 in bytes.
@@ -34,6 +43,7 @@ from cfp.capture import op_name
 from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
 from cfp.propagate import placements_str
+from cfp.storage import StorageTable, Variant
 
 TIME_UNIT_S = 1e-10
 ADAM_STATE_BYTES_PER_PARAM = 8  # two fp32 moments
@@ -55,13 +65,16 @@ class Memory:
     grads: int = 0
     optimizer: int = 0
     activations: int = 0
+    transient: int = 0  # the largest of one block's gathered parameters and recomputed activations
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
+        """The step's peak: gradients fill in as backward frees the saved activations."""
+        return self.params + self.optimizer + max(self.grads, self.activations) + self.transient
 
     def to_json(self) -> dict:
-        return {"total": self.total, "params": self.params, "grads": self.grads, "optimizer": self.optimizer, "activations": self.activations}
+        return {"total": self.total, "params": self.params, "grads": self.grads, "optimizer": self.optimizer,
+                "activations": self.activations, "transient": self.transient}
 
     def dominant(self) -> str:
         parts = {"parameters": self.params, "gradients": self.grads, "optimizer state": self.optimizer, "activations": self.activations}
@@ -116,7 +129,7 @@ class MemoryTable:
             if key not in self.table:
                 row = []
                 for prop in graph.block_configs(block):
-                    m = Memory(activations=int(prop.activation_bytes))
+                    m = Memory(activations=int(prop.saved_bytes))
                     for pos in owned:
                         val = traced.nodes[block.inputs[pos].name].meta["val"]
                         numel = _local_numel(tuple(val.shape), prop.input_placements[pos], graph.mesh.shape)
@@ -138,9 +151,29 @@ class MemoryTable:
         return total
 
 
-def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | None = None) -> Evaluation:
-    """Block times, transition times and memory of a choice (config index per block)."""
+def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | None = None,
+             storage: list[str] | None = None, recompute: list[bool] | None = None,
+             table: StorageTable | None = None) -> Evaluation:
+    """Block times, transition times and memory of a choice (config index per block), with each block's
+    storage level and recomputation (default: replicated, activations saved)."""
     block_s = [costs.block_time(b.class_id, graph.block_configs(b)[c].config.name) for b, c in zip(graph.blocks, choice)]
+    memory = memory or MemoryTable(graph)
+    mem = memory.of(choice)
+    if storage is not None or recompute is not None:
+        table = table or StorageTable(graph, costs, memory.owner)
+        for b, c in enumerate(choice):
+            deltas = []
+            if storage is not None and storage[b] != "replicate":
+                deltas.append(table.levels(b, c)[storage[b]])
+            if recompute is not None and recompute[b]:
+                deltas.append(table.recompute(b, c))
+            for d in deltas:
+                block_s[b] += d.time_s
+                mem.params += d.params
+                mem.grads += d.grads
+                mem.optimizer += d.optimizer
+                mem.activations += d.activations
+            mem.transient = max(mem.transient, sum(d.transient for d in deltas))
     trans = [0.0] * len(graph.blocks)
     for edge in value_edges(graph):
         src = graph.block_configs(edge.producer)[choice[edge.producer.id]].exit_placements[edge.exit_pos]
@@ -150,7 +183,7 @@ def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | N
         key = edge.key(placements_str(src), placements_str(dst))
         if not key.is_noop:
             trans[edge.consumer.id] += costs.transition_time(key)
-    return Evaluation(block_s, trans, (memory or MemoryTable(graph)).of(choice))
+    return Evaluation(block_s, trans, mem)
 
 
 # --------------------------------------------------------------------------
@@ -169,6 +202,8 @@ class Solution:
     tie_segments: bool = False
     memory_limit: int | None = None
     stats: dict = field(default_factory=dict)
+    storage: list[str] | None = None  # per block: a cfp.storage level (None: all replicated)
+    recompute: list[bool] | None = None  # per block: its activations are recomputed in backward
 
     @property
     def gap(self) -> float:
@@ -213,7 +248,7 @@ def _no_config_runs(graph, block, costs) -> str:
 class _Builder:
     """Builds the CP-SAT model over decision groups."""
 
-    def __init__(self, graph, costs: CostModel, tie_segments: bool):
+    def __init__(self, graph, costs: CostModel, tie_segments: bool, storage: bool = True, recompute: bool = True):
         from ortools.sat.python import cp_model
 
         self.cp_model = cp_model
@@ -225,7 +260,10 @@ class _Builder:
         # Block times; configs that cannot run are left out.
         self.x: dict[tuple, dict[int, object]] = {}
         self.block_cost: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        # Memory in three parts: always alive (parameters, optimizer state), gradients, saved activations.
         self.mem_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.grad_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.act_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         time_cache: dict[tuple[str, str], float] = {}
         for block in graph.blocks:
             g = self.group_of[block.id]
@@ -245,9 +283,15 @@ class _Builder:
                 self.x[g] = allowed
             for c in allowed:
                 self.block_cost[g][c] += self._units(time_cache[(block.class_id, props[c].config.name)])
-                self.mem_terms[g][c] += self.memory.rows[block.id][c].total
+                m = self.memory.rows[block.id][c]
+                self.mem_terms[g][c] += m.params + m.optimizer
+                self.grad_terms[g][c] += m.grads
+                self.act_terms[g][c] += m.activations
         self.objective_terms: list = []
+        self.storage = StorageTable(graph, costs, self.memory.owner)
+        self._storage_choices(storage, recompute)
         self.n_transition_vars = 0
+        self.y_edges: list[tuple] = []  # (y, producer group, src labels, consumer group, dst labels), for hints
         self._transitions()
         self._tied_params()
         for g, costs_g in self.block_cost.items():
@@ -257,8 +301,83 @@ class _Builder:
     def _units(seconds: float) -> int:
         return int(round(seconds / TIME_UNIT_S))
 
-    def memory_expr(self):
-        return sum(v * self.mem_terms[g][c] for g, xs in self.x.items() for c, v in xs.items() if self.mem_terms[g][c])
+    def _storage_choices(self, storage: bool, recompute: bool) -> None:
+        """Per (group, config): one Boolean per storage level and one each for saving and recomputing.
+
+        Each set sums to ``x[g, c]``. The cheapest option's seconds and bytes go
+        on ``x`` and every option carries only what it adds to that, so no
+        coefficient is negative: CP-SAT's bounds stay tight without the LP.
+        """
+        self.s: dict[tuple, dict[int, dict[str, object]]] = defaultdict(lambda: defaultdict(dict))  # level -> var
+        self.r: dict[tuple, dict[int, object]] = defaultdict(dict)  # recompute
+        self.keep: dict[tuple, dict[int, object]] = defaultdict(dict)  # save activations
+        self.extra_mem: dict[str, list[tuple[object, int]]] = {"always": [], "grads": [], "activations": []}
+        transient: dict[tuple, list[tuple[object, int]]] = defaultdict(list)
+        seen = set()
+        for block in self.graph.blocks:
+            g = self.group_of[block.id]
+            first = g not in seen
+            seen.add(g)
+            for c, xv in self.x[g].items():
+                levels = self.storage.levels(block.id, c) if storage else {}
+                rc = self.storage.recompute(block.id, c) if recompute else None
+                sets = []
+                if levels:
+                    sets.append((self.s[g][c], {"replicate": Variant(), **levels}))
+                if rc is not None:
+                    sets.append((None, {"keep": Variant(), "recompute": rc}))
+                for target, options in sets:
+                    if first:
+                        made = {name: self.model.NewBoolVar(f"{name}_{block.id}_{c}") for name in options}
+                        self.model.Add(sum(made.values()) == xv)
+                        if target is None:
+                            self.keep[g][c], self.r[g][c] = made["keep"], made["recompute"]
+                        else:
+                            target.update(made)
+                    chosen = self.s[g].get(c, {}) if target is not None else {"keep": self.keep[g].get(c), "recompute": self.r[g].get(c)}
+                    if any(chosen.get(name) is None for name in options):  # a group's members share its first block's options
+                        continue
+                    units = {name: self._units(d.time_s) for name, d in options.items()}
+                    base_units = min(units.values())
+                    self.block_cost[g][c] += base_units
+                    for part, terms in (("always", self.mem_terms), ("grads", self.grad_terms), ("activations", self.act_terms)):
+                        mem = {name: d.params + d.optimizer if part == "always" else getattr(d, part) for name, d in options.items()}
+                        base = min(mem.values())
+                        terms[g][c] += base
+                        self.extra_mem[part] += [(chosen[name], mem[name] - base) for name in options if mem[name] > base]
+                    for name, d in options.items():
+                        if units[name] > base_units:
+                            self.objective_terms.append((chosen[name], units[name] - base_units))
+                        if first and d.transient:
+                            transient[g].append((chosen[name], d.transient))
+        self.transient_terms = transient
+        bound = max((sum(b for _, b in terms) for terms in transient.values()), default=0)
+        self.transient_bound = int(bound)
+        self.transient = self.model.NewIntVar(0, int(bound), "transient") if bound else 0
+        for terms in transient.values():
+            self.model.Add(self.transient >= sum(v * b for v, b in terms))
+
+    def _part(self, terms, part: str):
+        return (sum(v * terms[g][c] for g, xs in self.x.items() for c, v in xs.items() if terms[g][c])
+                + sum(v * b for v, b in self.extra_mem[part]))
+
+    def memory_exprs(self) -> list:
+        """The step's peak is at most each of: the end of forward (activations) and of backward (gradients)."""
+        always = self._part(self.mem_terms, "always") + self.transient
+        return [always + self._part(self.grad_terms, "grads"), always + self._part(self.act_terms, "activations")]
+
+    def add_memory_limit(self, limit: int) -> None:
+        for expr in self.memory_exprs():
+            self.model.Add(expr <= int(limit))
+
+    def minimize_memory(self) -> None:
+        exprs = self.memory_exprs()
+        bound = sum(max(0, b) for terms in (self.mem_terms, self.grad_terms, self.act_terms) for row in terms.values() for b in row.values())
+        bound += sum(b for part in self.extra_mem.values() for _, b in part) + self.transient_bound
+        peak = self.model.NewIntVar(0, int(bound), "peak")
+        for expr in exprs:
+            self.model.Add(peak >= expr)
+        self.model.Minimize(peak)
 
     def time_expr(self):
         return sum(coef * v for v, coef in self.objective_terms)
@@ -323,6 +442,7 @@ class _Builder:
                         self.objective_terms.append((v, units))
                 continue
             y = {(s, d): self.model.NewBoolVar("") for s in srcs for d in dsts}
+            self.y_edges.append((y, gp, src, gc, dst))
             self.n_transition_vars += len(y)
             for s in srcs:
                 self.model.Add(sum(y[s, d] for d in dsts) == sum(v for a, v in xp.items() if src[a] == s))
@@ -355,15 +475,50 @@ class _Builder:
             out.append(next(c for c, v in xs.items() if solver.BooleanValue(v)))
         return out
 
-    def hint(self, choice: list[int]) -> None:
+    def storage_choice(self, solver, choice: list[int]) -> tuple[list[str], list[bool]]:
+        """Per block: the storage level and whether it recomputes, as solved."""
+        levels, recompute = [], []
+        for block, c in zip(self.graph.blocks, choice):
+            g = self.group_of[block.id]
+            chosen = [name for name, v in self.s[g].get(c, {}).items() if solver.BooleanValue(v)] if g in self.s else []
+            levels.append(chosen[0] if chosen else "replicate")
+            r = self.r[g].get(c) if g in self.r else None
+            recompute.append(bool(r is not None and solver.BooleanValue(r)))
+        return levels, recompute
+
+    def hint(self, choice: list[int], storage: list[str] | None = None, recompute: list[bool] | None = None) -> None:
         done = set()
         for block in self.graph.blocks:
             g = self.group_of[block.id]
             if g in done:
                 continue
             done.add(g)
+            mine = choice[block.id]
             for c, v in self.x[g].items():
-                self.model.AddHint(v, int(c == choice[block.id]))
+                self.model.AddHint(v, int(c == mine))
+            level = storage[block.id] if storage is not None else "replicate"
+            rc = bool(recompute is not None and recompute[block.id])
+            for c, levels in self.s.get(g, {}).items():
+                for name, v in levels.items():
+                    self.model.AddHint(v, int(c == mine and level == name))
+            for c, v in self.r.get(g, {}).items():
+                self.model.AddHint(v, int(c == mine and rc))
+                self.model.AddHint(self.keep[g][c], int(c == mine and not rc))
+        # A complete hint: CP-SAT starts from it as a solution instead of repairing it under the memory sum.
+        picked = {self.group_of[b.id]: choice[b.id] for b in self.graph.blocks}
+        for y, gp, src, gc, dst in self.y_edges:
+            chosen = (src[picked[gp]], dst[picked[gc]])
+            for k, v in y.items():
+                self.model.AddHint(v, int(k == chosen))
+        if not isinstance(self.transient, int):
+            on = {b.id: (storage[b.id] if storage else "replicate", bool(recompute and recompute[b.id])) for b in self.graph.blocks}
+            value = 0
+            for g, terms in self.transient_terms.items():
+                block = next(b for b in self.graph.blocks if self.group_of[b.id] == g)
+                level, rc = on[block.id]
+                chosen = {self.s[g].get(picked[g], {}).get(level), self.r[g].get(picked[g]) if rc else None} - {None}
+                value = max(value, sum(b for v, b in terms if any(v is w for w in chosen)))
+            self.model.AddHint(self.transient, value)
 
 
 def _solver(time_limit_s: float, workers: int):
@@ -373,19 +528,24 @@ def _solver(time_limit_s: float, workers: int):
     solver.parameters.max_time_in_seconds = float(time_limit_s)
     solver.parameters.num_workers = int(workers)
     solver.parameters.linearization_level = 2  # the LP bound is nearly tight here; 2-4x faster on deep models
+    # With several workers the portfolio's full-problem worker is default_lp, which lowers the linearization
+    # level again; max_lp keeps it. Without it the storage and recomputation choices leave the bound open.
+    solver.parameters.subsolvers.append("max_lp")
     return solver
 
 
-def min_memory(graph, costs: CostModel, tie_segments: bool = False, time_limit_s: float = 30.0, workers: int = 2) -> tuple[Memory, list[int]]:
+def min_memory(graph, costs: CostModel, tie_segments: bool = False, time_limit_s: float = 30.0, workers: int = 2,
+               storage: bool = True, recompute: bool = True) -> tuple[Memory, list[int]]:
     """The least per-device memory any plan needs (tied parameters agreeing), and that plan."""
-    builder = _Builder(graph, costs, tie_segments)
-    builder.model.Minimize(builder.memory_expr())
+    builder = _Builder(graph, costs, tie_segments, storage, recompute)
+    builder.minimize_memory()
     solver = _solver(time_limit_s, workers)
     status = solver.Solve(builder.model)
     if status not in (builder.cp_model.OPTIMAL, builder.cp_model.FEASIBLE):
         raise CFPError(f"No plan satisfies the model's constraints (tied parameters cannot agree on a placement); solver status {solver.StatusName(status)}.")
     choice = builder.choice(solver)
-    return builder.memory.of(choice), choice
+    levels, recomputed = builder.storage_choice(solver, choice)
+    return evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage).memory, choice
 
 
 def solve(
@@ -396,41 +556,52 @@ def solve(
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
     workers: int = 2,
     hint_first: bool = True,
+    storage: bool = True,
+    recompute: bool = True,
 ) -> Solution:
     """Choose one config per block minimising predicted step time under ``memory_limit`` bytes per device.
 
     Without ``tie_segments`` the tied problem is solved first (in well under a
     second on a 96-layer model) and its plan given to CP-SAT as a hint, which
-    roughly halves the search on deep models.
+    roughly halves the search on deep models. ``storage`` offers ZeRO-1/2/3
+    storage of parameters, ``recompute`` activation recomputation (``cfp.storage``).
     """
     start = time.perf_counter()
-    builder = _Builder(graph, costs, tie_segments)
+    builder = _Builder(graph, costs, tie_segments, storage, recompute)
     if memory_limit is not None:
-        builder.model.Add(builder.memory_expr() <= int(memory_limit))
+        builder.add_memory_limit(memory_limit)
     builder.model.Minimize(builder.time_expr())
     # A good first solution: the tied-segments optimum (a far smaller ILP), else data parallel.
-    hint, hint_from = None, None
+    hint, hint_from, tied = None, None, None
     if not tie_segments and graph.segments and hint_first:
         try:
-            hint, hint_from = solve(graph, costs, memory_limit, True, min(10.0, time_limit_s / 4), workers, hint_first=False).choice, "tie_segments"
+            tied = solve(graph, costs, memory_limit, True, min(10.0, time_limit_s / 4), workers, False, storage, recompute)
+            hint, hint_from = tied, "tie_segments"
         except CFPError:
-            hint = None
+            hint, tied = None, None
     if hint is None:
         hint, hint_from = baselines.dp(graph), "dp"
-    if all(c in builder.x[builder.group_of[b]] for b, c in enumerate(hint)):
+    if isinstance(hint, Solution):
+        builder.hint(hint.choice, hint.storage, hint.recompute)
+        hint = hint.choice
+    elif all(c in builder.x[builder.group_of[b]] for b, c in enumerate(hint)):
         builder.hint(hint)
     built = time.perf_counter()
     solver = _solver(time_limit_s, workers)
     status = solver.Solve(builder.model)
     cp = builder.cp_model
     if status == cp.INFEASIBLE:
-        _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers)
+        _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage, recompute)
+    if status not in (cp.OPTIMAL, cp.FEASIBLE) and tied is not None:
+        tied.status, tied.stats["untied"] = f"{tied.status} (segments tied: untied search found no plan in time)", solver.StatusName(status)
+        return tied
     if status not in (cp.OPTIMAL, cp.FEASIBLE):
         raise CFPError(
             f"The ILP found no plan within {time_limit_s:.0f} s (solver status {solver.StatusName(status)}). "
             f"Allow more time, or pass --tie-segments to shrink the problem."
         )
     choice = builder.choice(solver)
+    levels, recomputed = builder.storage_choice(solver, choice)
     seconds = time.perf_counter() - start
     stats = {
         "build_seconds": round(built - start, 3),
@@ -438,10 +609,12 @@ def solve(
         "decision_groups": len(builder.x),
         "tied_parameters": len(builder.tied),
         "hint": hint_from,
+        "storage_choices": storage,
+        "recompute_choices": recompute,
     }
     return Solution(
         choice=choice,
-        evaluation=evaluate(graph, costs, choice, builder.memory),
+        evaluation=evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage),
         status=solver.StatusName(status),
         objective_s=solver.ObjectiveValue() * TIME_UNIT_S,
         best_bound_s=solver.BestObjectiveBound() * TIME_UNIT_S,
@@ -449,26 +622,37 @@ def solve(
         tie_segments=tie_segments,
         memory_limit=memory_limit,
         stats=stats,
+        storage=levels,
+        recompute=recomputed,
     )
 
 
-def fixed(graph, costs: CostModel, choice: list[int], status: str, memory_limit: int | None = None) -> Solution:
+def fixed(graph, costs: CostModel, choice: list[int], status: str, memory_limit: int | None = None,
+          storage: list[str] | None = None, recompute: list[bool] | None = None) -> Solution:
     """A Solution that was not searched for (a baseline, a plan chosen by hand), evaluated under ``costs``."""
-    ev = evaluate(graph, costs, choice)
+    ev = evaluate(graph, costs, choice, storage=storage, recompute=recompute)
     if memory_limit is not None and ev.memory.total > memory_limit:
         status += " (over the memory limit)"
-    return Solution(choice=list(choice), evaluation=ev, status=status, objective_s=ev.total_s, best_bound_s=ev.total_s, seconds=0.0, memory_limit=memory_limit)
+    return Solution(choice=list(choice), evaluation=ev, status=status, objective_s=ev.total_s, best_bound_s=ev.total_s, seconds=0.0,
+                    memory_limit=memory_limit, storage=storage, recompute=recompute)
 
 
-def _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers) -> None:
+def _without(storage: bool, recompute: bool) -> str:
+    off = [what for what, on in (("storage sharding", storage), ("recomputation", recompute)) if not on]
+    return f" with {' and '.join(off)} turned off" if off else ""
+
+
+def _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage=True, recompute=True) -> None:
     from cfp.report_util import human_bytes
 
     if memory_limit is None:
         raise CFPError("No plan satisfies the model's constraints: tied parameters cannot agree on one placement under any config.")
-    least, _ = min_memory(graph, costs, tie_segments, time_limit_s, workers)
+    least, _ = min_memory(graph, costs, tie_segments, time_limit_s, workers, storage, recompute)
     raise CFPError(
         f"No plan fits in {human_bytes(memory_limit)} per device on mesh {graph.mesh}. The least memory any plan needs is "
         f"{human_bytes(least.total)} per device: parameters {human_bytes(least.params)}, gradients {human_bytes(least.grads)}, "
-        f"optimizer state {human_bytes(least.optimizer)}, activations {human_bytes(least.activations)} "
-        f"({least.dominant()} dominate). Use a larger mesh, a smaller batch or sequence, or raise --memory."
+        f"optimizer state {human_bytes(least.optimizer)}, activations {human_bytes(least.activations)}, "
+        f"transient {human_bytes(least.transient)}; gradients and activations peak at different times, the larger counts "
+        f"({least.dominant()} dominate){_without(storage, recompute)}. "
+        f"Use a larger mesh, a smaller batch or sequence, or raise --memory."
     )

@@ -20,7 +20,7 @@ def _plan(configs: list[str]) -> Plan:
 
 
 def test_summary_columns_ratios_and_errors():
-    plans = [BenchPlan("cfp", _plan(["rep", "col"]), 0.011, 0.001), BenchPlan("dp", _plan(["batch", "batch"]), 0.03, 0.002)]
+    plans = [BenchPlan("cfp", _plan(["rep", "col"]), 0.011, 0.001, 110), BenchPlan("dp", _plan(["batch", "batch"]), 0.03, 0.002, 150)]
     steps = lambda xs: [{"step_s": x, "fwd_bwd_s": x * 0.8, "optimizer_s": x * 0.2, "loss": 1.0} for x in xs]
     raw = {
         "cfp": {"steps": steps([0.010, 0.012, 0.009]), "peak_mem_bytes": 100, "first_loss": 5.5},
@@ -34,6 +34,8 @@ def test_summary_columns_ratios_and_errors():
     assert dp_row["ratio_to_cfp"] == pytest.approx(2.2)
     assert dp_row["configs"] == "batchx2"
     assert cfp_row["steps"] == 3 and dp_row["peak_mem_bytes"] == 200
+    assert cfp_row["predicted_mem_bytes"] == 110 and cfp_row["mem_error"] == pytest.approx(0.1)
+    assert dp_row["mem_error"] == pytest.approx(-0.25)
 
 
 def test_bench_runs_every_plan(tmp_path, monkeypatch):
@@ -43,13 +45,15 @@ def test_bench_runs_every_plan(tmp_path, monkeypatch):
     plan_file = tmp_path / "megatron.json"
     assert main(["plan", "gpt:tiny", "--mesh", "2", "--cost", "analytic", "--cluster", "cpu-gloo-local", "--baseline", "megatron", "-o", str(plan_file)]) == 0
     csv = tmp_path / "bench.csv"
-    args = ["bench", "gpt:tiny", "--mesh", "2", "--plans", f"cfp,dp,analytic,{plan_file}", "--steps", "3", "--warmup", "0", "--csv", str(csv)]
+    args = ["bench", "gpt:tiny", "--mesh", "2", "--plans", f"cfp,dp,fsdp,analytic,{plan_file}", "--steps", "3", "--warmup", "0", "--csv", str(csv)]
     assert main(args) == 0
     table = pd.read_csv(csv)
-    assert list(table["plan"]) == ["cfp", "dp", "analytic", "megatron"]
-    for col in ("plan", "median_step_s", "predicted_step_s", "peak_mem_bytes"):
+    assert list(table["plan"]) == ["cfp", "dp", "fsdp", "analytic", "megatron"]
+    for col in ("plan", "median_step_s", "predicted_step_s", "peak_mem_bytes", "predicted_mem_bytes", "mem_error"):
         assert col in table.columns
     assert (table["median_step_s"] > 0).all() and (table["predicted_step_s"] > 0).all() and (table["peak_mem_bytes"] > 0).all()
+    assert (table["predicted_mem_bytes"] > 0).all()
+    assert table.loc[2, "layout"].startswith("zero3x")  # fsdp stores parameters sharded
     assert (table["steps"] == 3).all()
     assert table.loc[0, "ratio_to_cfp"] == 1.0
     assert table["first_loss"].max() - table["first_loss"].min() < 1e-4

@@ -22,8 +22,9 @@ from cfp.analyze import analyze
 from cfp.mesh import parse_mesh
 from cfp import baselines
 from cfp.baselines import BASELINES
-from cfp.parallelize import parallelize, plan_from_choice
+from cfp.parallelize import parallelize, plan_from_choice, plan_from_indices
 from cfp.plan import make_plan
+from cfp.storage import LEVELS
 
 MODELS = ["gpt:tiny", "llama:tiny", "moe:tiny"]
 BATCH = 2
@@ -37,6 +38,18 @@ TIMEOUT_S = 600
 def random_choice(seed):
     rng = random.Random(seed)
     return lambda block, names: rng.choice(names)
+
+
+def storage_plans(graph, rng) -> dict:
+    """Every block's parameters stored at one ZeRO level (on data-parallel configs), every block
+    recomputed, and a random mix of configs, levels and recomputation."""
+    dp = baselines.dp(graph)
+    n = len(graph.blocks)
+    out = {level: plan_from_indices(graph, dp, [level] * n) for level in LEVELS[1:]}
+    out["recompute"] = plan_from_indices(graph, dp, recompute=[True] * n)
+    mixed = [rng.randrange(len(graph.block_configs(b))) for b in graph.blocks]
+    out["mixed-storage"] = plan_from_indices(graph, mixed, [rng.choice(LEVELS) for _ in range(n)], [rng.random() < 0.5 for _ in range(n)])
+    return out
 
 
 def spec(model):
@@ -55,6 +68,7 @@ def plans(tmp_path_factory):
         for name in [None, *BASELINES]:
             if name is None or baselines.choose(name, graph) is not None:
                 made[name or "cfp"] = make_plan(traced, "2", cost="analytic", cluster="cpu-gloo-local", graph=graph, baseline=name)[0]
+        made.update(storage_plans(graph, random.Random(99 + i)))
         out[model] = {}
         for name, plan in made.items():
             path = root / f"{model.replace(':', '_')}-{name}.json"
@@ -100,6 +114,8 @@ def _check(model, plan_name, plan_file, ref, opt_name) -> tuple[list[str], dict]
     else:
         pm = parallelize(w.model, plan_file, example_inputs=w.inputs)
     stats["configs"] = cfp.Plan.load(plan_file).config_counts()
+    stats["stored_sharded"] = sum(1 for p in pm.parameters() if any(s.is_shard() for s in p.placements))
+    stats["checkpoint_regions"] = sum(step.recompute for step in pm._schedule.steps)
     inputs = w.inputs
     if plan_name == "megatron":  # DTensor inputs are accepted (and redistributed per the plan)
         inputs = tuple(distribute_tensor(t, pm.mesh, [Shard(0)]) for t in inputs)
@@ -185,6 +201,10 @@ def test_plans_match_single_device(plans, tmp_path):
             print(f"rank {r} {key}: {res['stats']}")
             if key.endswith("random") and "configs" in res["stats"]:
                 assert len(res["stats"]["configs"]) >= 2, f"{key} is not a mixed plan: {res['stats']['configs']}"
+            if key.split()[1] in ("zero1", "zero2", "zero3", "fsdp") and not res["errors"]:
+                assert res["stats"]["stored_sharded"] > 0, f"{key} stores no parameter sharded"
+            if key.split()[1] == "recompute" and not res["errors"]:
+                assert res["stats"]["checkpoint_regions"] > 0, f"{key} recomputes nothing"
             problems += [f"rank {r} {key}: {e}" for e in res["errors"]]
     assert not problems, "\n".join(problems[:30])
 
@@ -202,8 +222,9 @@ def test_megatron_plan_shards_weights(plans):
 
 def test_baselines_that_apply(plans):
     """Megatron applies to GPT and LLaMA (LLaMA's untied head is vocabulary parallel), expert parallelism to MoE."""
-    assert set(plans["gpt:tiny"]) == {"cfp", "dp", "megatron", "random"}
-    assert set(plans["moe:tiny"]) == {"cfp", "dp", "megatron", "expert", "random"}
+    storage = {"zero1", "zero2", "zero3", "recompute", "mixed-storage"}
+    assert set(plans["gpt:tiny"]) == {"cfp", "dp", "megatron", "fsdp", "fsdp+tp", "random"} | storage
+    assert set(plans["moe:tiny"]) == {"cfp", "dp", "megatron", "expert", "fsdp", "fsdp+tp", "random"} | storage
     llama = cfp.Plan.load(plans["llama:tiny"]["megatron"])
     assert llama.parameters["output.weight"] == ["Shard(0)"]
     assert llama.parameters["layers.0.attention.wo.weight"] == ["Shard(1)"]

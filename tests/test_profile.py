@@ -11,6 +11,7 @@ import cfp
 from cfp.cli import main
 from cfp.cluster import load_cluster
 from cfp.costs import unique_transitions
+from cfp.storage import StorageTable
 from cfp.mesh import parse_mesh
 from cfp.profile import ProfileStore, analyze_for_profile, profile
 from cfp.profile.calibrate import fit
@@ -32,7 +33,9 @@ def cluster():
 
 def test_emulated_profile_is_a_cost_model_and_reused(graph, cluster, tmp_path):
     run = profile(graph, SPEC, "emulated", cluster, tmp_path, **FAST)
-    assert run.jobs == graph.profile_jobs + len(unique_transitions(graph))
+    # transitions between blocks, and the all-gathers and reduce-scatters of parameters stored sharded
+    storage_keys = StorageTable(graph).transition_keys()
+    assert storage_keys and run.jobs == graph.profile_jobs + len(unique_transitions(graph) | storage_keys)
     assert run.measured == run.jobs and run.cached == 0
     table = run.table
     assert set(table.rows["backend"]) == {"emulated"}
@@ -40,8 +43,9 @@ def test_emulated_profile_is_a_cost_model_and_reused(graph, cluster, tmp_path):
         for p in props:
             t = table.block_time(class_id, p.config.name)
             assert 0 < t < math.inf
-    for key in unique_transitions(graph):
+    for key in unique_transitions(graph) | storage_keys:
         assert 0 < table.transition_time(key) < math.inf
+        assert 0 < table.transition_phase_s(key, "forward") < math.inf
     # communication is priced by the cluster model, and only where DTensor communicates
     rows = table.rows[table.rows["kind"] == "block"]
     assert (rows.loc[rows["collectives"] == 0, "comm_s"] == 0).all()

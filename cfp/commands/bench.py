@@ -32,6 +32,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed training steps per plan (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per plan first (default 3)")
     p.add_argument("--cluster", metavar="NAME|FILE", help="cluster model for the analytic plan (default: cpu-gloo-local on CPU)")
+    p.add_argument("--memory", metavar="SIZE", help="per-device memory limit for the plans CFP makes, e.g. 2MiB (default: none)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one step may take before the ranks count as hung (default 600)")
     p.add_argument("--csv", metavar="FILE", help="write one row per plan as CSV")
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
             bar.update(task, total=total, completed=done, description="training steps, plans interleaved")
 
         result = bench(model_spec(args), args.mesh, plans, steps=args.steps, warmup=args.warmup, cluster=args.cluster,
-                       lr=args.lr, timeout_s=args.timeout, progress=on_profile, on_step=on_step)
+                       lr=args.lr, timeout_s=args.timeout, progress=on_profile, on_step=on_step, memory=args.memory)
     print_table(result)
     if args.csv:
         result.to_csv(args.csv)
@@ -66,21 +67,24 @@ def run(args: argparse.Namespace) -> None:
 def print_table(result) -> None:
     mesh = "x".join(map(str, result.mesh.shape))
     table = Table(title=f"{result.model} on mesh {mesh} ({result.device}), median of {result.steps} interleaved steps per plan")
-    for col in ("plan", "step time", "spread (IQR)", "fwd+bwd", "optimizer", "predicted", "error", "peak mem/rank", "vs cfp", "first loss"):
+    for col in ("plan", "step time", "spread (IQR)", "fwd+bwd", "optimizer", "predicted", "error", "peak mem/rank",
+                "predicted mem", "vs cfp", "first loss"):
         table.add_column(col, justify="left" if col == "plan" else "right")
     for row in result.table.to_dict("records"):
         table.add_row(
             row["plan"], human_time(row["median_step_s"]), human_time(row["iqr_step_s"]), human_time(row["fwd_bwd_s"]),
             human_time(row["optimizer_s"]), f"{human_time(row['predicted_step_s'])} (opt {human_time(row['predicted_optimizer_s'])})",
             f"{row['prediction_error'] * 100:+.1f}%",
-            human_bytes(row["peak_mem_bytes"]), f"{row['ratio_to_cfp']:.2f}x", f"{row['first_loss']:.4f}",
+            human_bytes(row["peak_mem_bytes"]), f"{human_bytes(row['predicted_mem_bytes'])} ({row['mem_error'] * 100:+.0f}%)",
+            f"{row['ratio_to_cfp']:.2f}x", f"{row['first_loss']:.4f}",
         )
     console.print(table)
     for row in result.table.to_dict("records"):
-        console.print(f"[dim]{row['plan']}: {row['configs']}[/]", highlight=False)
+        layout = f"; {row['layout']}" if row.get("layout") else ""
+        console.print(f"[dim]{row['plan']}: {row['configs']}{layout}[/]", highlight=False)
     for name, why in result.skipped.items():
         console.print(f"[dim]{name}: not run, {why}[/]")
     console.print(
         "[dim]step time: the slowest rank, barrier to end of the optimizer step; predicted: the profiled cost model for every plan; "
-        "(opt: its AdamW part); error: predicted / measured - 1; vs cfp: step time / cfp's. Equal first losses show every plan computes the same model.[/]"
+        "(opt: its AdamW part); error: predicted / measured - 1; predicted mem: the ILP's per-device count (in brackets: vs the measured peak); vs cfp: step time / cfp's. Equal first losses show every plan computes the same model.[/]"
     )

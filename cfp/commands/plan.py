@@ -29,7 +29,12 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=["real", "emulated"], default="emulated", help="profiling backend for --cost profiled (default: emulated)")
     p.add_argument("--cluster", metavar="NAME|FILE", help="cluster model (profiles/clusters/NAME.json or a file); default h100-nvlink-8 (h100-ib-2x8 above 8 devices)")
     p.add_argument("--tie-segments", action="store_true", help="give every instance of a repeated block the same config (faster on deep models)")
-    p.add_argument("--baseline", choices=["dp", "megatron", "expert"], help="write this hand-made layout instead of solving (data parallel, Megatron tensor parallel, expert parallel), costed the same way")
+    p.add_argument("--baseline", choices=["dp", "megatron", "expert", "fsdp", "fsdp+tp"],
+                   help="write this hand-made layout instead of solving (data parallel, Megatron tensor parallel, expert parallel, "
+                        "FSDP/ZeRO-3, FSDP with Megatron on the last mesh dimension), costed the same way")
+    p.add_argument("--no-storage-sharding", action="store_true",
+                   help="store every parameter where it computes (no ZeRO-1/2/3 choices in the ILP)")
+    p.add_argument("--no-recompute", action="store_true", help="save every block's activations (no activation recomputation)")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="ILP time limit in seconds (default: 60)")
     p.add_argument("-o", "--output", default="plan.json", metavar="FILE", help="where to write the plan (default: plan.json)")
     add_json_arg(p)
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> None:
             time_limit_s=args.time_limit,
             progress=progress,
             baseline=args.baseline,
+            storage=not args.no_storage_sharding,
+            recompute=not args.no_recompute,
         )
     elapsed = time.perf_counter() - start
     print_summary(plan, graph)
@@ -70,6 +77,12 @@ def _fallbacks(graph, block, config: str) -> list[str]:
     return next((p.fallbacks for p in graph.block_configs(block) if p.config.name == config), [])
 
 
+def label(block: dict) -> str:
+    """A block's config, with its storage level and ``+recompute`` where they apply."""
+    extra = [block["storage"]] if block.get("storage", "replicate") != "replicate" else []
+    return " ".join([block["config"], *extra, *(["+recompute"] if block.get("recompute") else [])])
+
+
 def segment_rows(plan, graph) -> list[tuple[str, str, str, str]]:
     """(where, blocks, anchor ops, configs) rows: segments by class position, other blocks one by one."""
     rows = []
@@ -81,12 +94,12 @@ def segment_rows(plan, graph) -> list[tuple[str, str, str, str]]:
             in_segment.update(ids)
             counts: dict[str, int] = {}
             for i in ids:
-                counts[plan.blocks[i]["config"]] = counts.get(plan.blocks[i]["config"], 0) + 1
+                counts[label(plan.blocks[i])] = counts.get(label(plan.blocks[i]), 0) + 1
             configs = ", ".join(f"{c}" if n == len(ids) else f"{c} x{n}" for c, n in counts.items())
             rows.append((f"segment {graph.segments.index(seg)} pos {k}", f"{len(ids)} (from {ids[0]})", plan.blocks[ids[0]]["op"], configs))
     for b in plan.blocks:
         if b["id"] not in in_segment:
-            rows.append(("block", str(b["id"]), b["op"], b["config"]))
+            rows.append(("block", str(b["id"]), b["op"], label(b)))
     return rows
 
 
@@ -94,6 +107,7 @@ def print_summary(plan, graph) -> None:
     table = Table(title=f"chosen configs ({len(plan.blocks)} blocks, mesh {'x'.join(map(str, plan.mesh['shape']))})")
     for col in ("where", "blocks", "anchor op", "config"):
         table.add_column(col)
+    layout = plan.layout_counts()
     for row in segment_rows(plan, graph):
         table.add_row(*row)
     console.print(table)
@@ -111,8 +125,11 @@ def print_summary(plan, graph) -> None:
     summary.add_row(
         "memory per device",
         f"{human_bytes(mem['total'])} of {human_bytes(limit) if limit else 'no limit'} (params {human_bytes(mem['params'])}, grads {human_bytes(mem['grads'])}, "
-        f"optimizer {human_bytes(mem['optimizer'])}, activations {human_bytes(mem['activations'])})",
+        f"optimizer {human_bytes(mem['optimizer'])}, activations {human_bytes(mem['activations'])}, "
+        f"transient {human_bytes(mem.get('transient', 0))})",
     )
+    if layout:
+        summary.add_row("storage and recomputation", ", ".join(f"{k} x{n} blocks" for k, n in layout.items()))
     s = plan.solve
     summary.add_row("solve", f"{s['status']}, gap {s['gap'] * 100:.2f}%, {s['seconds']:.2f} s ({s.get('variables', '?')} variables{', segments tied' if s.get('tie_segments') else ''})")
     summary.add_row("cost model", f"{plan.provenance.get('cost_model')} ({plan.provenance.get('backend')}, cluster {plan.provenance.get('cluster')})")

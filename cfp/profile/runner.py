@@ -75,7 +75,10 @@ def block_jobs(graph: BlockGraph) -> list[Job]:
 
 
 def transition_jobs(graph: BlockGraph) -> list[Job]:
-    keys = sorted(unique_transitions(graph), key=lambda k: (k.shape, k.dtype, k.src, k.dst))
+    from cfp.storage import StorageTable  # parameters stored sharded are gathered and reduce-scattered
+
+    keys = unique_transitions(graph) | StorageTable(graph).transition_keys()
+    keys = sorted(keys, key=lambda k: (k.shape, k.dtype, k.src, k.dst))
     return [Job("transition", transition=k) for k in keys]
 
 

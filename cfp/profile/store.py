@@ -334,3 +334,11 @@ class ProfileTable:
             return 0.0
         row = self._transitions.get((json.dumps(list(key.shape)), key.dtype, transition_config(key)))
         return self._time(row, f"transition {key}")
+
+    def transition_phase_s(self, key: TransitionKey, phase: str) -> float:
+        """The measured ``forward`` or ``backward`` of a transition (a parameter's all-gather is its forward)."""
+        if key.is_noop:
+            return 0.0
+        if not math.isfinite(self.transition_time(key)):
+            return math.inf
+        return float(self._transitions[(json.dumps(list(key.shape)), key.dtype, transition_config(key))][f"{phase}_s"])

@@ -1,0 +1,281 @@
+"""Where parameter state is stored, apart from where it computes; and recomputing activations.
+
+A block's config fixes where each parameter *computes* (its entry
+placements). Along a mesh dimension on which a parameter computes
+``Replicate`` (a data-parallel dimension), its state can instead be *stored*
+sharded, ZeRO-style (Rajbhandari et al. 2020), at one of four levels:
+
+- ``replicate``: parameter, gradient and Adam moments on every rank (no ZeRO);
+- ``zero1``: the optimizer steps a shard: the gradient is all-reduced as in
+  data parallelism, each rank keeps its slice of it, and the parameter is
+  all-gathered from the updated shards before use;
+- ``zero2``: as ``zero1`` but the gradient is reduce-scattered, so only its
+  shard is ever reduced;
+- ``zero3`` (FSDP): as ``zero2``, and the gathered parameter is not kept for
+  backward: backward gathers it again.
+
+In every sharded level the ``nn.Parameter`` the optimizer sees is a DTensor
+with the *storage* placements (``Shard(d)`` on those mesh dimensions), so
+``torch.optim`` steps shards and keeps sharded moments. At block entry it is
+redistributed to the compute placements; DTensor's autograd turns the
+backward of that all-gather into the reduce-scatter (``Partial -> Shard``).
+``cfp.parallelize`` applies it; this module says which placements, what it
+costs (the all-gather and reduce-scatter of the parameter at its shape, as
+transitions the cost model prices, profiled or analytic) and how much memory
+it takes.
+
+*Recomputation* is a second per-block choice: the block runs under
+``torch.utils.checkpoint``, its saved activations are dropped (its exits
+stay, they are the next blocks' inputs) and backward runs its forward once
+more, at its profiled (or analytic) forward time.
+
+Parameters read by several blocks (tied weights) are always stored where
+they compute: the blocks reading them could otherwise disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from cfp.costs import TransitionKey, shared_parameters
+from cfp.propagate import placements_str
+
+LEVELS = ("replicate", "zero1", "zero2", "zero3")
+SHARDED = LEVELS[1:]
+ADAM_STATE_BYTES_PER_PARAM = 8  # two fp32 moments
+
+
+def storage_placements(shape: tuple[int, ...], compute: list[str], mesh_shape: tuple[int, ...]) -> list[str] | None:
+    """``compute`` with each ``Replicate()`` mesh dim (of size > 1) sharding one tensor dim; None if none can.
+
+    The tensor dim is the largest one no other mesh dim shards that the
+    product of those mesh dims divides (so every shard is the same size and
+    the optimizer steps equal slices); every such mesh dim shards that same
+    tensor dim, as FSDP flattens a data-parallel mesh.
+    """
+    dp = [i for i, (p, n) in enumerate(zip(compute, mesh_shape)) if p == "Replicate()" and n > 1]
+    if not dp:
+        return None
+    ways = math.prod(mesh_shape[i] for i in dp)
+    taken = {int(p[6:-1]) for p in compute if p.startswith("Shard(")}
+    local = list(shape)
+    for p, n in zip(compute, mesh_shape):
+        if p.startswith("Shard("):
+            local[int(p[6:-1])] //= n
+    dims = [d for d in range(len(shape)) if d not in taken and local[d] % ways == 0]
+    if not dims:
+        return None
+    dim = max(dims, key=lambda d: (local[d], -d))
+    return [f"Shard({dim})" if i in dp else p for i, p in enumerate(compute)]
+
+
+def gather_key(shape, dtype: str, storage: list[str], compute: list[str]) -> TransitionKey:
+    """The all-gather of a stored parameter to its compute placements (its forward is what a gather costs)."""
+    return TransitionKey(tuple(shape), dtype, tuple(storage), tuple(compute))
+
+
+def scatter_key(shape, dtype: str, storage: list[str], compute: list[str]) -> TransitionKey:
+    """The reduce-scatter of a gradient, ``Partial`` on the storage-sharded dims, to the storage placements."""
+    src = tuple("Partial(sum)" if s != c else c for s, c in zip(storage, compute))
+    return TransitionKey(tuple(shape), dtype, src, tuple(storage))
+
+
+@dataclass
+class ParamStorage:
+    """One parameter of a block under one config: its shape, compute and storage placements."""
+
+    pos: int  # input position in the block
+    shape: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    compute: list[str]
+    storage: list[str]
+    ways: int  # how many shards the storage dims make
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def local_numel(self, placements: list[str], mesh_shape) -> int:
+        dims = list(self.shape)
+        for p, n in zip(placements, mesh_shape):
+            if p.startswith("Shard("):
+                d = int(p[6:-1])
+                dims[d] = math.ceil(dims[d] / n)
+        return math.prod(dims)
+
+
+@dataclass
+class Variant:
+    """What one storage level (or recomputation) adds to a (block, config): seconds and bytes."""
+
+    time_s: float = 0.0
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    transient: int = 0  # bytes alive only while this block runs (a gathered parameter, recomputed activations)
+
+
+@dataclass
+class BlockStorage:
+    """Per block: the parameters it may store sharded, and per config the cost of each level and of recomputing."""
+
+    params: list[list[ParamStorage]] = field(default_factory=list)  # per config index
+    levels: list[dict[str, Variant]] = field(default_factory=list)  # per config index: level -> delta
+    recompute: list[Variant | None] = field(default_factory=list)  # per config index
+
+
+def _phase(costs, class_id: str, config: str, phase: str) -> float:
+    """A block phase's seconds, from a cost model that splits them (profiled and analytic both do)."""
+    fn = getattr(costs, "block_phase_s", None)
+    return float(fn(class_id, config, phase)) if fn is not None else 0.0
+
+
+def _forward_s(costs, key: TransitionKey) -> float:
+    fn = getattr(costs, "transition_phase_s", None)
+    return float(fn(key, "forward")) if fn is not None else costs.transition_time(key)
+
+
+def _bytes(val, placements, mesh_shape) -> int:
+    if not isinstance(val, torch.Tensor):
+        return 0
+    dims = list(val.shape)
+    for p, n in zip(placements or (), mesh_shape):
+        if type(p).__name__ in ("Shard", "_StridedShard") and p.dim < len(dims):
+            dims[p.dim] = math.ceil(dims[p.dim] / n)
+    return math.prod(dims) * val.element_size()
+
+
+class StorageTable:
+    """Every block's storage and recomputation options under every config, priced and sized.
+
+    Deltas are relative to the block as profiled (parameters replicated where
+    they compute, activations saved): a sharded level adds the all-gather of
+    each sharded parameter (twice for ``zero3``), replaces the gradient
+    reduction by a reduce-scatter (``zero2``/``zero3``) and divides the AdamW
+    step by the shard count; recomputing adds the block's forward.
+    """
+
+    def __init__(self, graph, costs=None, owner: dict[str, int] | None = None):
+        self.graph = graph
+        self.costs = costs
+        traced, mesh_shape = graph.traced, tuple(graph.mesh.shape)
+        shared = shared_parameters(graph)
+        if owner is None:
+            owner = {}
+            for block in graph.blocks:
+                for inp in block.inputs:
+                    if inp.name in traced.params:
+                        owner.setdefault(inp.name, block.id)
+        self.blocks: list[BlockStorage] = []
+        cache: dict[tuple, BlockStorage] = {}
+        for block in graph.blocks:
+            owned = tuple(pos for pos, inp in enumerate(block.inputs)
+                          if owner.get(inp.name) == block.id and inp.name not in shared)
+            key = (block.class_id, owned)
+            if key not in cache:
+                cache[key] = self._block(block, owned, mesh_shape)
+            self.blocks.append(cache[key])
+
+    def _block(self, block, owned, mesh_shape) -> BlockStorage:
+        traced = self.graph.traced
+        out = BlockStorage()
+        for prop in self.graph.block_configs(block):
+            params = []
+            for pos in owned:
+                val = traced.nodes[block.inputs[pos].name].meta["val"]
+                compute = placements_str(prop.input_placements[pos]) or ["Replicate()"] * len(mesh_shape)
+                storage = storage_placements(tuple(val.shape), compute, mesh_shape)
+                if storage is None or not val.is_floating_point():
+                    continue
+                ways = math.prod(n for s, c, n in zip(storage, compute, mesh_shape) if s != c)
+                dtype = str(val.dtype).removeprefix("torch.")
+                params.append(ParamStorage(pos, tuple(val.shape), dtype, val.element_size(), compute, storage, ways))
+            out.params.append(params)
+            out.levels.append(self._levels(block, prop, params, mesh_shape) if params else {})
+            out.recompute.append(self._recompute(block, prop, mesh_shape))
+        return out
+
+    def _levels(self, block, prop, params: list[ParamStorage], mesh_shape) -> dict[str, Variant]:
+        costs, name = self.costs, prop.config.name
+        full = [p.local_numel(p.compute, mesh_shape) for p in params]  # elements where it computes
+        shard = [p.local_numel(p.storage, mesh_shape) for p in params]
+        size = [p.itemsize for p in params]
+        full_bytes = sum(n * s for n, s in zip(full, size))
+        shard_bytes = sum(n * s for n, s in zip(shard, size))
+        opt_saved = sum(f - s for f, s in zip(full, shard)) * ADAM_STATE_BYTES_PER_PARAM
+        gather = scatter = reduce = optimizer = 0.0
+        if costs is not None:
+            gather = sum(_forward_s(costs, gather_key(p.shape, p.dtype, p.storage, p.compute)) for p in params)
+            scatter = sum(_forward_s(costs, scatter_key(p.shape, p.dtype, p.storage, p.compute)) for p in params)
+            # The profiled reduction and AdamW step cover every parameter of the block; these are their share.
+            total = sum(_bytes(traced_val, pl, mesh_shape) for traced_val, pl in self._param_values(block, prop))
+            frac = full_bytes / total if total else 0.0
+            reduce = _phase(costs, block.class_id, name, "reduce") * frac
+            opt_s = _phase(costs, block.class_id, name, "optimizer") * frac
+            optimizer = opt_s * (1 - sum(shard) / max(sum(full), 1))
+        # zero1/zero2 keep the gathered parameter until backward and the shard besides it.
+        return {
+            "zero1": Variant(gather - optimizer, params=shard_bytes, optimizer=-opt_saved),
+            "zero2": Variant(gather + scatter - reduce - optimizer, params=shard_bytes, grads=shard_bytes - full_bytes,
+                             optimizer=-opt_saved),
+            "zero3": Variant(2 * gather + scatter - reduce - optimizer, params=shard_bytes - full_bytes,
+                             grads=shard_bytes - full_bytes, optimizer=-opt_saved, transient=full_bytes),
+        }
+
+    def _param_values(self, block, prop):
+        traced = self.graph.traced
+        for pos, inp in enumerate(block.inputs):
+            if inp.name in traced.params:
+                yield traced.nodes[inp.name].meta["val"], prop.input_placements[pos]
+
+    def _recompute(self, block, prop, mesh_shape) -> Variant | None:
+        """Checkpointing keeps the block's inputs instead of what its ops save; backward brings those back."""
+        traced = self.graph.traced
+        kept = sum(_bytes(traced.nodes[i.name].meta.get("val"), pl, mesh_shape)
+                   for i, pl in zip(block.inputs, prop.input_placements) if i.name not in traced.params)
+        dropped = int(prop.saved_bytes) - kept
+        if dropped <= 0:
+            return None
+        forward = _phase(self.costs, block.class_id, prop.config.name, "forward") if self.costs is not None else 0.0
+        return Variant(forward, activations=-dropped, transient=int(prop.saved_bytes))
+
+    # -- what the ILP and the plan read ------------------------------------------
+    def levels(self, block_id: int, config: int) -> dict[str, Variant]:
+        return self.blocks[block_id].levels[config]
+
+    def recompute(self, block_id: int, config: int) -> Variant | None:
+        return self.blocks[block_id].recompute[config]
+
+    def transition_keys(self) -> set[TransitionKey]:
+        """The all-gathers and reduce-scatters a sharded level can need: what profiling must time."""
+        keys = set()
+        for bs in {id(b): b for b in self.blocks}.values():
+            for params in bs.params:
+                for p in params:
+                    keys.add(gather_key(p.shape, p.dtype, p.storage, p.compute))
+                    keys.add(scatter_key(p.shape, p.dtype, p.storage, p.compute))
+        return keys
+
+    def parameter_storage(self, choice: list[int], storage: list[str]) -> dict[str, dict]:
+        """FQN -> {"level", "placements"} of every parameter a plan stores sharded (aliases included)."""
+        traced = self.graph.traced
+        out: dict[str, dict] = {}
+        for block, c, level in zip(self.graph.blocks, choice, storage):
+            if level == "replicate":
+                continue
+            for p in self.blocks[block.id].params[c]:
+                out[traced.params[block.inputs[p.pos].name]] = {"level": level, "placements": list(p.storage)}
+        for alias, canonical in traced.aliases.items():
+            if canonical in out:
+                out[alias] = dict(out[canonical])
+        return out
+
+
+def uniform(graph, table: StorageTable, choice: list[int], level: str) -> list[str]:
+    """``level`` on every block that has parameters to shard under its config, else ``replicate``."""
+    return [level if level in table.levels(b.id, c) else "replicate" for b, c in zip(graph.blocks, choice)]
