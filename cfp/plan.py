@@ -191,12 +191,13 @@ class Plan:
         blocks = partition(traced)
         if len(blocks) != len(self.blocks):
             raise CFPError(f"The plan has {len(self.blocks)} blocks but the model cuts into {len(blocks)}; re-run `cfp plan` for this model.")
+        shape = tuple(self.mesh["shape"])
         for block, entry in zip(blocks, self.blocks):
-            names = [c.name for c in candidates(block, traced, self.mesh_shape())]
+            names = [c.name for c in candidates(block, traced, shape)]
             if entry.get("config") not in names:
                 raise CFPError(
                     f"Plan block {block.id} ({block.anchor}) has config {entry.get('config')!r}, which this block does not "
-                    f"offer on mesh {'x'.join(map(str, self.mesh_shape()))} (it offers {', '.join(names)}). "
+                    f"offer on mesh {'x'.join(map(str, shape))} (it offers {', '.join(names)}). "
                     f"Was the file edited? Re-run `cfp plan`."
                 )
 
