@@ -106,7 +106,8 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         if name in skipped:
             continue
         if name == "cfp":
-            plan = make_plan(spec, mesh, cost="profiled", backend="real", graph=graph, costs=profiled)[0]
+            # the ILP's own pick: a plan validated in real steps is benched from its file
+            plan = make_plan(spec, mesh, cost="profiled", backend="real", graph=graph, costs=profiled, validate=0)[0]
         elif name == "analytic":
             # make_plan loads a cluster by name, and picks the H100 models when none is named
             local = cluster or ("cpu-gloo-local" if spec.device == "cpu" else None)
@@ -205,8 +206,12 @@ def peak_memory(ctx: BenchContext, i: int) -> int:
 
 
 def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int, warmup: int, lr: float = 1e-3,
-            timeout_s: float = 600.0, on_step: Callable | None = None) -> dict[str, dict]:
-    """Interleaved training steps of every plan on one worker pool; raw results per plan."""
+            timeout_s: float = 600.0, on_step: Callable | None = None, memory: bool = True) -> dict[str, dict]:
+    """Interleaved training steps of every plan on one worker pool; raw results per plan.
+
+    ``cfp bench`` and ``cfp plan --validate`` both time plans with this; ``memory``
+    adds the peak-memory step of each plan.
+    """
     from cfp.profile.real import WorkerPool
 
     device_type = "cuda" if str(spec.device).startswith("cuda") else "cpu"
@@ -225,20 +230,26 @@ def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int,
                     raw[plans[i].name]["steps"].append(slowest)
                 if on_step:
                     on_step(r * len(plans) + k + 1, rounds * len(plans))
-        for i, p in enumerate(plans):
+        for i, p in enumerate(plans if memory else ()):
             raw[p.name]["peak_mem_bytes"] = max(pool.run(peak_memory, (i,), f"measuring the memory of the {p.name} plan", timeout_s))
     return raw
+
+
+def step_stats(steps: list[dict]) -> dict[str, float]:
+    """Median and interquartile range of the timed steps of one plan (slowest rank per step)."""
+    times = pd.Series([s["step_s"] for s in steps], dtype="float64")
+    return {"median_step_s": float(times.median()), "iqr_step_s": float(times.quantile(0.75) - times.quantile(0.25))}
 
 
 def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
     rows = []
     for p in plans:
         steps = pd.DataFrame(raw[p.name]["steps"])
-        median = float(steps["step_s"].median())
+        stats = step_stats(raw[p.name]["steps"])
+        median = stats["median_step_s"]
         rows.append({
             "plan": p.name,
-            "median_step_s": median,
-            "iqr_step_s": float(steps["step_s"].quantile(0.75) - steps["step_s"].quantile(0.25)),
+            **stats,
             "min_step_s": float(steps["step_s"].min()),
             "max_step_s": float(steps["step_s"].max()),
             "fwd_bwd_s": float(steps["fwd_bwd_s"].median()),

@@ -13,6 +13,9 @@ Top-level keys (``schema_version`` 1):
 - ``memory_per_device_bytes``: total, limit and params/grads/optimizer/activations;
 - ``solve``: seconds, status, gap, objective (seconds);
 - ``baselines``: the same cost model's prediction for e.g. data parallel;
+- ``validation`` (plans made with ``--validate``): every candidate measured in
+  real steps, its predicted and measured step time, and why one was chosen
+  (see ``cfp.validate``);
 - ``provenance``: cost model, backend, device, cluster, torch and cfp versions.
 """
 
@@ -45,6 +48,7 @@ class Plan:
     solve: dict[str, Any]
     provenance: dict[str, Any]
     baselines: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     # -- file -------------------------------------------------------------
@@ -60,6 +64,7 @@ class Plan:
             "memory_per_device_bytes": self.memory_per_device_bytes,
             "solve": self.solve,
             "baselines": self.baselines,
+            "validation": self.validation,
             "provenance": self.provenance,
         }
 
@@ -101,6 +106,7 @@ class Plan:
                 solve=dict(data["solve"]),
                 provenance=dict(data["provenance"]),
                 baselines=data.get("baselines", {}),
+                validation=data.get("validation", {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CFPError(f"{source} is damaged: {type(exc).__name__}: {exc}. Re-create the plan with `cfp plan`.") from exc
@@ -295,6 +301,9 @@ def make_plan(
     progress=None,
     baseline: str | None = None,
     costs=None,
+    validate: int | None = None,
+    validate_steps: int | None = None,
+    on_validate_step=None,
 ) -> tuple["Plan", Any, Any]:
     """Capture, analyse, cost and solve; returns ``(plan, graph, solution)`` and writes ``output`` if given.
 
@@ -304,14 +313,22 @@ def make_plan(
     ``baseline`` (``dp``, ``megatron``, ``expert``; see cfp.baselines) writes
     that hand-made layout instead of solving, costed the same way. A
     ``graph`` and ``costs`` already made are used as they are.
+
+    ``validate`` K: run the K best ILP plans and the baselines that fit for
+    ``validate_steps`` real training steps and write the fastest (cfp.validate).
+    The default (None) is 3 for profiled costs on the real backend with a mesh
+    this machine holds, else 0 (off); ``on_validate_step(done, total)`` reports
+    its progress.
     """
     from cfp.analyze import analyze
     from cfp.capture import TracedModel, capture
     from cfp.cluster import ClusterModel, load_cluster
     from cfp.mesh import parse_mesh
     from cfp import baselines as hand
-    from cfp.solve import DEFAULT_TIME_LIMIT_S, evaluate, fixed, solve
+    from cfp.solve import DEFAULT_TIME_LIMIT_S, best_plans, evaluate, fixed
     from cfp.spec import ModelSpec, build
+    from cfp.validate import DEFAULT_STEPS, check_can_validate, default_k
+    from cfp.validate import validate as validate_plans
 
     mesh = parse_mesh(mesh)
     if cost not in COSTS:
@@ -335,13 +352,20 @@ def make_plan(
     spec = spec or graph.traced.spec
     costs = costs if costs is not None else cost_model(graph, cost, cluster, backend, spec, progress)
     limit = parse_bytes(memory) if memory is not None else (cluster.memory_bytes if cluster is not None else None)
+    if validate is None:
+        validate = 0 if baseline is not None else default_k(cost, backend, mesh, spec.device if spec else "cpu")
+    if validate:
+        if baseline is not None:
+            raise CFPError("--baseline writes one hand-made layout; there is nothing to validate (leave out --validate).")
+        check_can_validate(cost, backend, mesh, spec)
     if baseline is not None:
         choice = hand.choose(baseline, graph)
         if choice is None:
             raise CFPError(f"The {baseline} baseline does not apply to this model: {hand.NOT_APPLICABLE[baseline]}.")
         solution = fixed(graph, costs, choice, f"baseline {baseline}", limit)
     else:
-        solution = solve(graph, costs, memory_limit=limit, tie_segments=tie_segments, time_limit_s=time_limit_s or DEFAULT_TIME_LIMIT_S)
+        solutions = best_plans(graph, costs, max(validate, 1), limit, tie_segments, time_limit_s or DEFAULT_TIME_LIMIT_S)
+        solution = solutions[0]
     baselines = {}
     for name in hand.BASELINES:
         choice = hand.choose(name, graph)
@@ -357,7 +381,13 @@ def make_plan(
     prov = {"cluster": getattr(cluster, "name", None), "analysis_seconds": round(graph.seconds, 2)}
     if cost == "analytic":
         prov["backend"] = "analytic"
-    plan = build_plan(graph, costs, solution, baselines, prov)
+    if validate:
+        checked = validate_plans(spec, graph, costs, solutions, limit, lambda s: build_plan(graph, costs, s, baselines, prov),
+                                 validate_steps or DEFAULT_STEPS, on_step=on_validate_step)
+        solution, plan = checked.chosen.solution, checked.chosen.plan
+        plan.validation = checked.to_json()
+    else:
+        plan = build_plan(graph, costs, solution, baselines, prov)
     if output is not None and launched_rank() == 0:
         plan.save(output)
     return plan, graph, solution

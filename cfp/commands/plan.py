@@ -8,7 +8,7 @@ import time
 from rich.table import Table
 
 from cfp.commands.common import add_json_arg, add_model_args, console, model_spec
-from cfp.report import human_time
+from cfp.report import human_time, print_validation
 from cfp.report_util import human_bytes, write_json
 
 
@@ -30,6 +30,10 @@ def register(sub) -> None:
     p.add_argument("--cluster", metavar="NAME|FILE", help="cluster model (profiles/clusters/NAME.json or a file); default h100-nvlink-8 (h100-ib-2x8 above 8 devices)")
     p.add_argument("--tie-segments", action="store_true", help="give every instance of a repeated block the same config (faster on deep models)")
     p.add_argument("--baseline", choices=["dp", "megatron", "expert"], help="write this hand-made layout instead of solving (data parallel, Megatron tensor parallel, expert parallel), costed the same way")
+    p.add_argument("--validate", type=int, metavar="K", default=None,
+                   help="run the K best ILP plans and every baseline that fits for a few real training steps and write the "
+                        "fastest (default: 3 with --cost profiled --backend real on a mesh this machine holds, else 0: off)")
+    p.add_argument("--validate-steps", type=int, default=None, metavar="N", help="timed steps per validated plan (default 6, after 2 warm-up)")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="ILP time limit in seconds (default: 60)")
     p.add_argument("-o", "--output", default="plan.json", metavar="FILE", help="where to write the plan (default: plan.json)")
     add_json_arg(p)
@@ -44,6 +48,9 @@ def run(args: argparse.Namespace) -> None:
         def progress(done, cached, total, job):
             status.update(f"Profiling {args.model}: {done}/{total} jobs ({cached} reused)...")
 
+        def on_validate_step(done, total):
+            status.update(f"Validating the best plans in real training steps: {done}/{total}...")
+
         plan, graph, solution = make_plan(
             model_spec(args),
             args.mesh,
@@ -56,6 +63,9 @@ def run(args: argparse.Namespace) -> None:
             time_limit_s=args.time_limit,
             progress=progress,
             baseline=args.baseline,
+            validate=args.validate,
+            validate_steps=args.validate_steps,
+            on_validate_step=on_validate_step,
         )
     elapsed = time.perf_counter() - start
     print_summary(plan, graph)
@@ -110,3 +120,4 @@ def print_summary(plan, graph) -> None:
     summary.add_row("solve", f"{s['status']}, gap {s['gap'] * 100:.2f}%, {s['seconds']:.2f} s ({s.get('variables', '?')} variables{', segments tied' if s.get('tie_segments') else ''})")
     summary.add_row("cost model", f"{plan.provenance.get('cost_model')} ({plan.provenance.get('backend')}, cluster {plan.provenance.get('cluster')})")
     console.print(summary)
+    print_validation(plan, console)
