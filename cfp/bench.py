@@ -5,7 +5,9 @@
    ``analytic`` (the same ILP over the Alpa-style analytic cost model), the
    baselines of ``cfp.baselines``, and plan files given by path.
 2. Every plan's predicted step time is the profiled cost model's, so the
-   plans are predicted, and the prediction checked, by one yardstick.
+   plans are predicted, and the prediction checked, by one yardstick. Where
+   ``cfp plan --validate`` has stored measurements of this model, the
+   prediction is corrected (cfp.correction); the raw one is reported too.
 3. One worker pool (a process per mesh rank) builds the model once per plan
    from the same seed and applies the plan with ``cfp.parallelize``. Training
    steps (forward, backward, AdamW) then run round-robin over the plans, the
@@ -39,7 +41,7 @@ from cfp.spec import ModelSpec
 DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "analytic")
 COLUMNS = [
     "plan", "median_step_s", "iqr_step_s", "min_step_s", "max_step_s", "fwd_bwd_s", "optimizer_s",
-    "predicted_step_s", "predicted_optimizer_s", "prediction_error", "peak_mem_bytes", "ratio_to_cfp", "first_loss", "configs", "steps",
+    "predicted_step_s", "predicted_optimizer_s", "prediction_error", "raw_predicted_step_s", "raw_prediction_error", "peak_mem_bytes", "ratio_to_cfp", "first_loss", "configs", "steps",
 ]
 
 
@@ -49,6 +51,7 @@ class BenchPlan:
     plan: Plan
     predicted_s: float  # under the profiled cost model
     predicted_optimizer_s: float  # the AdamW steps of its blocks, part of predicted_s
+    raw_predicted_s: float = math.nan  # before the correction learnt from validations (cfp.correction)
 
 
 @dataclass
@@ -87,6 +90,7 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
     anything is profiled.
     """
     from cfp import baselines
+    from cfp.correction import uncorrected
     from cfp.plan import cost_model
     from cfp.profile import analyze_for_profile
     from cfp.solve import evaluate
@@ -119,7 +123,8 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         choice = choices.get(name) or _choice_of(plan, graph)
         configs = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)]
         optimizer = sum(profiled.block_phase_s(b.class_id, c, "optimizer") for b, c in zip(graph.blocks, configs))
-        made.append(BenchPlan(Path(name).stem if name in files else name, plan, evaluate(graph, profiled, choice).total_s, optimizer))
+        raw = evaluate(graph, uncorrected(profiled), choice).total_s
+        made.append(BenchPlan(Path(name).stem if name in files else name, plan, evaluate(graph, profiled, choice).total_s, optimizer, raw))
     return made, skipped
 
 
@@ -257,6 +262,8 @@ def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
             "predicted_step_s": p.predicted_s,
             "predicted_optimizer_s": p.predicted_optimizer_s,
             "prediction_error": p.predicted_s / median - 1 if median > 0 else math.nan,
+            "raw_predicted_step_s": p.raw_predicted_s,
+            "raw_prediction_error": p.raw_predicted_s / median - 1 if median > 0 else math.nan,
             "peak_mem_bytes": raw[p.name]["peak_mem_bytes"],
             "first_loss": raw[p.name]["first_loss"],
             "configs": " ".join(f"{c}x{n}" for c, n in p.plan.config_counts().items()),

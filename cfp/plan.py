@@ -283,7 +283,9 @@ def cost_model(graph, cost: str, cluster=None, backend: str = "emulated", spec=N
         table = run.table
         table.describe = lambda: {"backend": backend, "device": getattr(cluster, "device_kind", "local") if backend == "emulated" else "local",
                                   "cluster": getattr(cluster, "name", None), "profile_store": run.store, "profile_jobs": run.jobs}
-        return table
+        from cfp.correction import corrected
+
+        return corrected(table, graph, backend, (spec if spec is not None else graph.traced.spec).device)
     raise CFPError(f"Unknown cost model {cost!r}; use one of {', '.join(COSTS)}.")
 
 

@@ -100,6 +100,15 @@ def print_validation(plan: Plan, console: Console) -> None:
     console.print(table)
     for c in plan.validation["candidates"]:
         console.print(f"[dim]{c['name']}: {c['configs']}[/]", highlight=False)
+    fit = plan.validation.get("correction")
+    if fit:
+        before, after = fit["error_before"], fit["error_after"]
+        console.print(
+            f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, max {before['max_abs']:.1%} as profiled; "
+            f"mean {after['mean_abs']:.1%}, max {after['max_abs']:.1%} after the correction refitted on {fit['pairs']} stored pairs "
+            f"(scale {fit['scale']:.3f}, overhead {human_time(fit['overhead_s'])} per step)",
+            highlight=False,
+        )
 
 
 def print_report(plan: Plan, console: Console, parameters: bool = False) -> None:

@@ -16,6 +16,7 @@ The plan file records every candidate under ``validation`` (see
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ class Candidate:
     steps: int = 0
     chosen: bool = False
     why: str = ""
+    raw_predicted_s: float = math.nan  # without the prediction correction
+    corrected_s: float = math.nan  # under the correction refitted with this validation's measurements
 
     @property
     def predicted_s(self) -> float:
@@ -93,6 +96,8 @@ class Candidate:
             "predicted_step_time_s": self.predicted_s,
             "measured_step_time_s": None if math.isnan(self.median_step_s) else self.median_step_s,
             "iqr_step_time_s": None if math.isnan(self.iqr_step_s) else self.iqr_step_s,
+            "raw_predicted_step_time_s": None if math.isnan(self.raw_predicted_s) else self.raw_predicted_s,
+            "corrected_step_time_s": None if math.isnan(self.corrected_s) else self.corrected_s,
             "steps": self.steps,
             "chosen": self.chosen,
             "why": self.why,
@@ -182,4 +187,46 @@ def validate(
         else:
             inside = " (inside its IQR)" if c.median_step_s - best.median_step_s <= best.iqr_step_s else ""
             c.why = f"{c.median_step_s / best.median_step_s:.2f}x the chosen plan's median{inside}"
-    return Validation(cands, steps, warmup, time.perf_counter() - start)
+    extra = {"correction": learn(device_spec, graph, costs, cands, run)} if _profiled(costs) else {}
+    return Validation(cands, steps, warmup, time.perf_counter() - start, extra)
+
+
+def _profiled(costs) -> bool:
+    """Only profiled costs teach the correction (a hand-made cost model's errors are not the profiles')."""
+    from cfp.correction import uncorrected
+    from cfp.profile import ProfileTable
+
+    return isinstance(uncorrected(costs), ProfileTable)
+
+
+def _errors(predicted: list[float], measured: list[float]) -> dict[str, float]:
+    errs = [p / m - 1 for p, m in zip(predicted, measured)]
+    return {"mean_abs": sum(map(abs, errs)) / len(errs), "max_abs": max(map(abs, errs))}
+
+
+def learn(spec: ModelSpec, graph, costs, cands: list[Candidate], run: list[Candidate]) -> dict:
+    """Store the measured candidates' pairs beside the profiles, refit the correction, report the error before and after."""
+    from cfp.correction import Correction, ValidationStore, features, store_key, uncorrected
+
+    raw = uncorrected(costs)
+    key = store_key(graph, "real", spec.device)
+    feats = {c.name: features(graph, raw, c.solution.choice) for c in cands}
+    for c in cands:
+        c.raw_predicted_s = sum(feats[c.name].values())
+    store = ValidationStore()
+    store.add([
+        {**key, "model": spec.describe(), "plan": c.name, "features": json.dumps(feats[c.name]), "predicted_s": c.raw_predicted_s,
+         "measured_s": c.median_step_s, "iqr_s": c.iqr_step_s, "steps": c.steps, "torch_version": torch.__version__,
+         "measured_at": time.time()}
+        for c in run
+    ])
+    fit = Correction.fit(store.rows(key))
+    for c in cands:
+        c.corrected_s = fit.predict(feats[c.name])
+    measured = [c.median_step_s for c in run]
+    return {
+        **fit.to_json(),
+        "store": str(store.dir),
+        "error_before": _errors([c.raw_predicted_s for c in run], measured),
+        "error_after": _errors([c.corrected_s for c in run], measured),
+    }

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 
 import cfp
 from cfp.cli import main
+from cfp.correction import Correction, CorrectedCosts
+from cfp.parallelize import config_indices
+from cfp.solve import evaluate
 from cfp.mesh import parse_mesh
 from cfp.plan import Plan, cost_model, make_plan
 from cfp.profile import analyze_for_profile
@@ -88,14 +93,49 @@ def test_cli_validate_default_fields_and_report(profiled, tmp_path, monkeypatch,
     predicted = [c["predicted_step_time_s"] for c in v["candidates"][:DEFAULT_K]]
     assert predicted == sorted(predicted)
     for c in v["candidates"]:
-        assert set(c) == {"name", "configs", "predicted_step_time_s", "measured_step_time_s", "iqr_step_time_s", "steps", "chosen", "why"}
+        assert set(c) == {"name", "configs", "predicted_step_time_s", "measured_step_time_s", "iqr_step_time_s", "steps", "chosen", "why",
+                          "raw_predicted_step_time_s", "corrected_step_time_s"}
         assert c["why"]
         if c["measured_step_time_s"] is not None:
             assert c["measured_step_time_s"] > 0 and c["iqr_step_time_s"] >= 0 and c["steps"] == 3
     assert sum(c["chosen"] for c in v["candidates"]) == 1
     assert main(["report", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "validation:" in text and v["chosen"] in text
+    text = " ".join(capsys.readouterr().out.split())
+    assert "validation:" in text and v["chosen"] in text and "after the correction" in text
+    # The measurements are stored beside the profiles, and the next plan's costs carry the fitted correction.
+    fit = v["correction"]
+    assert fit["pairs"] == sum(c["measured_step_time_s"] is not None for c in v["candidates"])
+    assert fit["error_after"]["mean_abs"] <= fit["error_before"]["mean_abs"] + 1e-9
+    assert list((store / "validations").glob("part-*.parquet"))
+    costs = cost_model(graph, "profiled", None, "real", SPEC)
+    assert isinstance(costs, CorrectedCosts) and costs.correction.pairs == fit["pairs"]
+    chosen = next(c for c in v["candidates"] if c["chosen"])
+    choice = config_indices(graph, [b["config"] for b in data["blocks"]])
+    assert evaluate(graph, costs, choice).total_s == pytest.approx(chosen["corrected_step_time_s"], rel=1e-6)
+    assert evaluate(graph, costs.raw, choice).total_s == pytest.approx(chosen["raw_predicted_step_time_s"], rel=1e-9)
     # Analytic costs model another cluster: validating them here is refused.
     assert main(["plan", "gpt:tiny", "--mesh", "2", "--cost", "analytic", "--cluster", "cpu-gloo-local", "--validate", "2", "-o", str(out)]) == 1
     assert "--validate measures plans on this machine" in " ".join(capsys.readouterr().out.split())
+
+
+def _pairs(rows):
+    return pd.DataFrame({"features": [json.dumps(f) for f, _ in rows], "measured_s": [m for _, m in rows]})
+
+
+def test_correction_fit():
+    """One pair: one common scale, exact. Many pairs with per-config error: per-config scales learnt."""
+    one = Correction.fit(_pairs([({"config:batch": 0.02, "transitions": 0.01}, 0.045)]))
+    assert one.predict({"config:batch": 0.02, "transitions": 0.01}) == pytest.approx(0.045, rel=1e-6)
+    assert one.scales["config:batch"] == pytest.approx(one.scales["transitions"], rel=1e-3)
+    assert Correction.fit(_pairs([])) is None
+    rng = np.random.default_rng(0)
+    truth = {"config:batch": 1.5, "config:col": 0.6, "transitions": 1.0}
+    rows = []
+    for _ in range(12):
+        f = {k: float(rng.uniform(0.01, 0.1)) for k in truth}
+        rows.append((f, sum(truth[k] * v for k, v in f.items()) + 0.005))
+    fit = Correction.fit(_pairs(rows))
+    before = max(abs(sum(f.values()) / m - 1) for f, m in rows)
+    after = max(abs(fit.predict(f) / m - 1) for f, m in rows)
+    assert before > 0.15 and after < 0.05, (before, after)
+    assert fit.scales["config:batch"] > fit.scales["config:col"]
