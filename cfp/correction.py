@@ -28,11 +28,14 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from cfp.profile.store import StoreWarning, store_dir
 
 RIDGE = 0.05  # weight of each (d_f)^2 and (o / mean measured)^2 against the squared relative errors
 KEY = ["fingerprint", "mesh", "backend", "device_kind"]
@@ -69,7 +72,7 @@ class Correction:
         return {"pairs": self.pairs, "scale": self.scale, "scales": self.scales, "overhead_s": self.overhead_s}
 
     @classmethod
-    def fit(cls, rows: pd.DataFrame, ridge: float = RIDGE) -> "Correction | None":
+    def fit(cls, rows: pd.DataFrame, ridge: float = RIDGE) -> Correction | None:
         """Least squares on the stored (features, measured) pairs; None without pairs."""
         if rows.empty:
             return None
@@ -128,8 +131,6 @@ class ValidationStore:
     """The measured (predicted, measured) pairs beside the profiles: ``<store>/validations/part-*.parquet``."""
 
     def __init__(self, path: str | Path | None = None):
-        from cfp.profile.store import store_dir
-
         self.dir = store_dir(path) / "validations"
 
     def rows(self, key: dict) -> pd.DataFrame:
@@ -137,9 +138,10 @@ class ValidationStore:
         frames = []
         for part in parts:
             try:
-                frames.append(pd.read_parquet(part))
-            except Exception:  # a damaged part only loses its pairs; they are re-learnt at the next validation
-                continue
+                frames.append(pd.read_parquet(part, columns=[*KEY, "features", "measured_s"]))
+            except (OSError, ValueError, KeyError) as exc:  # only this part's pairs are lost; later validations add more
+                warnings.warn(f"validation store file {part} cannot be read ({type(exc).__name__}); its pairs are not used",
+                              StoreWarning, stacklevel=2)
         if not frames:
             return pd.DataFrame(columns=[*KEY, "features", "measured_s"])
         df = pd.concat(frames, ignore_index=True)

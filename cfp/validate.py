@@ -206,7 +206,13 @@ def _errors(predicted: list[float], measured: list[float]) -> dict[str, float]:
 
 def learn(spec: ModelSpec, graph, costs, cands: list[Candidate], run: list[Candidate]) -> dict:
     """Store the measured candidates' pairs beside the profiles, refit the correction, report the error before and after."""
-    from cfp.correction import Correction, ValidationStore, features, store_key, uncorrected
+    from cfp.correction import (
+        Correction,
+        ValidationStore,
+        features,
+        store_key,
+        uncorrected,
+    )
 
     raw = uncorrected(costs)
     key = store_key(graph, "real", spec.device)

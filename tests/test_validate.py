@@ -10,12 +10,13 @@ import pytest
 
 import cfp
 from cfp.cli import main
-from cfp.correction import Correction, CorrectedCosts
-from cfp.parallelize import config_indices
-from cfp.solve import evaluate
+from cfp.correction import CorrectedCosts, Correction, ValidationStore
 from cfp.mesh import parse_mesh
+from cfp.parallelize import config_indices
 from cfp.plan import Plan, cost_model, make_plan
 from cfp.profile import analyze_for_profile
+from cfp.profile.store import StoreWarning
+from cfp.solve import evaluate
 from cfp.validate import DEFAULT_K, default_k
 
 SPEC = cfp.ModelSpec("gpt:tiny", device="cpu")
@@ -139,3 +140,15 @@ def test_correction_fit():
     after = max(abs(fit.predict(f) / m - 1) for f, m in rows)
     assert before > 0.15 and after < 0.05, (before, after)
     assert fit.scales["config:batch"] > fit.scales["config:col"]
+
+
+def test_validation_store_keys_and_damaged_parts(tmp_path):
+    store = ValidationStore(tmp_path)
+    key = {"fingerprint": "f1", "mesh": "2", "backend": "real", "device_kind": "cpu"}
+    store.add([{**key, "plan": "cfp-1", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.02}])
+    store.add([{**key, "fingerprint": "f2", "plan": "dp", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.03}])
+    (store.dir / "part-0-0.parquet").write_bytes(b"not parquet")
+    with pytest.warns(StoreWarning, match="cannot be read"):
+        rows = store.rows(key)
+    assert list(rows["measured_s"]) == [0.02]
+    assert Correction.fit(rows).predict({"transitions": 0.01}) == pytest.approx(0.02, rel=1e-6)
