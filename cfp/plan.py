@@ -356,6 +356,8 @@ def make_plan(
     limit = parse_bytes(memory) if memory is not None else (cluster.memory_bytes if cluster is not None else None)
     if validate is None:
         validate = 0 if baseline is not None else default_k(cost, backend, mesh, spec.device if spec else "cpu")
+    if validate < 0:
+        raise CFPError(f"--validate {validate}: give how many of the best plans to measure (0 turns validation off).")
     if validate:
         if baseline is not None:
             raise CFPError("--baseline writes one hand-made layout; there is nothing to validate (leave out --validate).")
