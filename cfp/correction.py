@@ -15,9 +15,9 @@ fixed per-step overhead::
     measured ~= sum_f (g + d_f) * F_f + o
 
 fitted by least squares on relative errors over the stored pairs of this
-model, mesh, backend and device. The per-feature deviations ``d_f`` (and
-``o``) are pulled toward zero (ridge), so one pair gives one common scale
-``g`` and more pairs earn per-config scales. ``CorrectedCosts`` applies it to
+model, mesh, backend and device. The per-feature deviations ``d_f`` are
+pulled toward zero (ridge), so one pair gives one common scale ``g`` and more
+pairs earn per-config scales; ``o`` is held more firmly still. ``CorrectedCosts`` applies it to
 every block (``o`` spread evenly over the blocks) and transition, so the ILP
 plans with the corrected times too.
 """
@@ -37,7 +37,9 @@ import pandas as pd
 
 from cfp.profile.store import StoreWarning, store_dir
 
-RIDGE = 0.05  # weight of each (d_f)^2 and (o / mean measured)^2 against the squared relative errors
+RIDGE = 0.05  # weight of each (d_f)^2 against the squared relative errors
+RIDGE_OVERHEAD = 1.0  # weight of (o / mean measured)^2: all plans of one model take about as long, so o and g are
+# nearly collinear, and a weakly held o soaks up whatever the machine's load did during one validation
 KEY = ["fingerprint", "mesh", "backend", "device_kind"]
 
 
@@ -88,7 +90,7 @@ class Correction:
             a[i, 0], a[i, 1 : k + 1], a[i, k + 1] = row.sum(), row, 1.0 / measured[i]
             b[i] = 1.0
         a[n : n + k, 1 : k + 1] = math.sqrt(ridge) * np.eye(k)
-        a[n + k, k + 1] = math.sqrt(ridge) / measured.mean()
+        a[n + k, k + 1] = math.sqrt(RIDGE_OVERHEAD) / measured.mean()
         x, *_ = np.linalg.lstsq(a, b, rcond=None)
         g, d, o = float(x[0]), x[1 : k + 1], float(x[k + 1])
         return cls(scale=g, scales={f: max(g + float(df), 0.05) for f, df in zip(names, d)}, overhead_s=o, pairs=n)
