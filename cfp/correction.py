@@ -1,8 +1,8 @@
 """Learning from validation: measured step times correct the profiled predictions.
 
 Every plan ``cfp plan --validate`` measures leaves a row in the profile store,
-``<store>/validations/*.parquet``, keyed by model fingerprint, mesh, backend
-and device kind: its measured median step time and its *uncorrected*
+``<store>/validations/*.parquet``, keyed by model fingerprint, mesh, backend,
+device kind and torch version: its measured median step time and its *uncorrected*
 prediction split into features, the predicted time of the blocks under each
 config name (``config:batch``, ``config:col``, ...) and of the transitions.
 
@@ -34,13 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cfp.profile.store import StoreWarning, store_dir
 
 RIDGE = 0.05  # weight of each (d_f)^2 against the squared relative errors
 RIDGE_OVERHEAD = 1.0  # weight of (o / mean measured)^2: all plans of one model take about as long, so o and g are
 # nearly collinear, and a weakly held o soaks up whatever the machine's load did during one validation
-KEY = ["fingerprint", "mesh", "backend", "device_kind"]
+KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version"]
 
 
 def features(graph, costs, choice: list[int]) -> dict[str, float]:
@@ -168,6 +169,7 @@ def store_key(graph, backend: str, device: str) -> dict:
         "mesh": mesh_key(graph.mesh),
         "backend": backend,
         "device_kind": device_kind("cuda" if str(device).startswith("cuda") else "cpu"),
+        "torch_version": torch.__version__,
     }
 
 

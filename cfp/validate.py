@@ -222,8 +222,7 @@ def learn(spec: ModelSpec, graph, costs, cands: list[Candidate], run: list[Candi
     store = ValidationStore()
     store.add([
         {**key, "model": spec.describe(), "plan": c.name, "features": json.dumps(feats[c.name]), "predicted_s": c.raw_predicted_s,
-         "measured_s": c.median_step_s, "iqr_s": c.iqr_step_s, "steps": c.steps, "torch_version": torch.__version__,
-         "measured_at": time.time()}
+         "measured_s": c.median_step_s, "iqr_s": c.iqr_step_s, "steps": c.steps, "measured_at": time.time()}
         for c in run
     ])
     fit = Correction.fit(store.rows(key))

@@ -144,7 +144,7 @@ def test_correction_fit():
 
 def test_validation_store_keys_and_damaged_parts(tmp_path):
     store = ValidationStore(tmp_path)
-    key = {"fingerprint": "f1", "mesh": "2", "backend": "real", "device_kind": "cpu"}
+    key = {"fingerprint": "f1", "mesh": "2", "backend": "real", "device_kind": "cpu", "torch_version": "2.13.0+cpu"}
     store.add([{**key, "plan": "cfp-1", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.02}])
     store.add([{**key, "fingerprint": "f2", "plan": "dp", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.03}])
     (store.dir / "part-0-0.parquet").write_bytes(b"not parquet")
