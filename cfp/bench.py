@@ -41,7 +41,8 @@ from cfp.spec import ModelSpec
 DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "analytic")
 COLUMNS = [
     "plan", "median_step_s", "iqr_step_s", "min_step_s", "max_step_s", "fwd_bwd_s", "optimizer_s",
-    "predicted_step_s", "predicted_optimizer_s", "prediction_error", "raw_predicted_step_s", "raw_prediction_error", "peak_mem_bytes", "ratio_to_cfp", "first_loss", "configs", "steps",
+    "predicted_step_s", "predicted_optimizer_s", "prediction_error", "raw_predicted_step_s", "raw_prediction_error",
+    "peak_mem_bytes", "ratio_to_cfp", "first_loss", "configs", "steps",
 ]
 
 
@@ -124,7 +125,8 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         configs = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)]
         optimizer = sum(profiled.block_phase_s(b.class_id, c, "optimizer") for b, c in zip(graph.blocks, configs))
         raw = evaluate(graph, uncorrected(profiled), choice).total_s
-        made.append(BenchPlan(Path(name).stem if name in files else name, plan, evaluate(graph, profiled, choice).total_s, optimizer, raw))
+        predicted = evaluate(graph, profiled, choice).total_s
+        made.append(BenchPlan(Path(name).stem if name in files else name, plan, predicted, optimizer, raw))
     return made, skipped
 
 

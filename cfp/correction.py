@@ -142,9 +142,16 @@ class ValidationStore:
         for part in parts:
             try:
                 frames.append(pd.read_parquet(part, columns=[*KEY, "features", "measured_s"]))
-            except (OSError, ValueError, KeyError) as exc:  # only this part's pairs are lost; later validations add more
-                warnings.warn(f"validation store file {part} cannot be read ({type(exc).__name__}); its pairs are not used",
-                              StoreWarning, stacklevel=2)
+            except (
+                OSError,
+                ValueError,
+                KeyError,
+            ) as exc:  # only this part's pairs are lost; later validations add more
+                warnings.warn(
+                    f"validation store file {part} cannot be read ({type(exc).__name__}); its pairs are not used",
+                    StoreWarning,
+                    stacklevel=2,
+                )
         if not frames:
             return pd.DataFrame(columns=[*KEY, "features", "measured_s"])
         df = pd.concat(frames, ignore_index=True)

@@ -360,7 +360,7 @@ def make_plan(
         raise CFPError(f"--validate {validate}: give how many of the best plans to measure (0 turns validation off).")
     if validate:
         if baseline is not None:
-            raise CFPError("--baseline writes one hand-made layout; there is nothing to validate (leave out --validate).")
+            raise CFPError("--baseline writes one hand-made layout; there is nothing to validate (drop --validate).")
         check_can_validate(cost, backend, mesh, spec)
     if baseline is not None:
         choice = hand.choose(baseline, graph)
@@ -368,7 +368,8 @@ def make_plan(
             raise CFPError(f"The {baseline} baseline does not apply to this model: {hand.NOT_APPLICABLE[baseline]}.")
         solution = fixed(graph, costs, choice, f"baseline {baseline}", limit)
     else:
-        solutions = best_plans(graph, costs, max(validate, 1), limit, tie_segments, time_limit_s or DEFAULT_TIME_LIMIT_S)
+        time_limit_s = time_limit_s or DEFAULT_TIME_LIMIT_S
+        solutions = best_plans(graph, costs, max(validate, 1), limit, tie_segments, time_limit_s)
         solution = solutions[0]
     baselines = {}
     for name in hand.BASELINES:
@@ -386,7 +387,8 @@ def make_plan(
     if cost == "analytic":
         prov["backend"] = "analytic"
     if validate:
-        checked = validate_plans(spec, graph, costs, solutions, limit, lambda s: build_plan(graph, costs, s, baselines, prov),
+        checked = validate_plans(spec, graph, costs, solutions, limit,
+                                 lambda s: build_plan(graph, costs, s, baselines, prov),
                                  validate_steps or DEFAULT_STEPS, on_step=on_validate_step)
         solution, plan = checked.chosen.solution, checked.chosen.plan
         plan.validation = checked.to_json()

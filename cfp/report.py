@@ -75,8 +75,8 @@ def validation_table(plan: Plan) -> Table | None:
     v = plan.validation
     if not v:
         return None
-    table = Table(title=f"validation: {len(v['candidates'])} candidates, {v['steps']} timed steps each (+{v['warmup']} warm-up), "
-                        f"{v['wall_s']:.1f} s")
+    table = Table(title=f"validation: {len(v['candidates'])} candidates, {v['steps']} timed steps each "
+                        f"(+{v['warmup']} warm-up), {v['wall_s']:.1f} s")
     for col in ("candidate", "predicted", "measured", "IQR", "error", "why"):
         table.add_column(col, justify="left" if col in ("candidate", "why") else "right")
     for c in v["candidates"]:
@@ -104,8 +104,9 @@ def print_validation(plan: Plan, console: Console) -> None:
     if fit:
         before, after = fit["error_before"], fit["error_after"]
         console.print(
-            f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, max {before['max_abs']:.1%} as profiled; "
-            f"mean {after['mean_abs']:.1%}, max {after['max_abs']:.1%} after the correction refitted on {fit['pairs']} stored pairs "
+            f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, "
+            f"max {before['max_abs']:.1%} as profiled; mean {after['mean_abs']:.1%}, max {after['max_abs']:.1%} "
+            f"after the correction refitted on {fit['pairs']} stored pairs "
             f"(scale {fit['scale']:.3f}, overhead {human_time(fit['overhead_s'])} per step)",
             highlight=False,
         )

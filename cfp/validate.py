@@ -58,8 +58,10 @@ def default_k(cost: str, backend: str, mesh: MeshSpec, device: str) -> int:
 def check_can_validate(cost: str, backend: str, mesh: MeshSpec, spec: ModelSpec | None) -> None:
     if cost != "profiled" or backend != "real":
         raise CFPError(
-            f"--validate measures plans on this machine, so it needs costs profiled on it (--cost profiled --backend real); "
-            f"these are {cost} costs{' on the ' + backend + ' backend' if cost == 'profiled' else ''}, a model of another cluster."
+            "--validate measures plans on this machine, so it needs costs profiled on it "
+            "(--cost profiled --backend real); "
+            f"these are {cost} costs{' on the ' + backend + ' backend' if cost == 'profiled' else ''}, "
+            "a model of another cluster."
         )
     if launched_world() > 1:
         raise CFPError("--validate starts its own ranks; run `cfp plan --validate K` outside torchrun.")
@@ -128,7 +130,7 @@ class Validation:
 
 
 def candidates(graph, costs, solutions: list[Solution], memory_limit: int | None) -> list[Candidate]:
-    """The ILP's plans in rank order, then every baseline; a baseline already among them, or too big, is noted, not run."""
+    """The ILP's plans in rank order, then every baseline; one already among them, or too big, is noted, not run."""
     from cfp import baselines
     from cfp.report_util import human_bytes
 
@@ -161,7 +163,7 @@ def validate(
     warmup: int = DEFAULT_WARMUP,
     on_step: Callable | None = None,
 ) -> Validation:
-    """Time every candidate in real training steps; the fastest median is chosen. ``make`` turns a Solution into a Plan."""
+    """Time every candidate in real steps and choose the fastest median; ``make`` turns a Solution into a Plan."""
     from cfp.bench import BenchPlan, measure, step_stats
 
     if steps < 1:
@@ -183,7 +185,9 @@ def validate(
     for c in run:
         if c is best:
             gain = first.median_step_s / best.median_step_s - 1
-            c.why = "fastest measured median" + ("" if c is first else f", {gain:.1%} faster than the ILP's first plan (cfp-1)")
+            c.why = "fastest measured median" + (
+                "" if c is first else f", {gain:.1%} faster than the ILP's first plan (cfp-1)"
+            )
         else:
             inside = " (inside its IQR)" if c.median_step_s - best.median_step_s <= best.iqr_step_s else ""
             c.why = f"{c.median_step_s / best.median_step_s:.2f}x the chosen plan's median{inside}"
@@ -205,7 +209,7 @@ def _errors(predicted: list[float], measured: list[float]) -> dict[str, float]:
 
 
 def learn(spec: ModelSpec, graph, costs, cands: list[Candidate], run: list[Candidate]) -> dict:
-    """Store the measured candidates' pairs beside the profiles, refit the correction, report the error before and after."""
+    """Store the measured candidates' pairs beside the profiles, refit the correction, report the error before/after."""
     from cfp.correction import (
         Correction,
         ValidationStore,
@@ -220,11 +224,22 @@ def learn(spec: ModelSpec, graph, costs, cands: list[Candidate], run: list[Candi
     for c in cands:
         c.raw_predicted_s = sum(feats[c.name].values())
     store = ValidationStore()
-    store.add([
-        {**key, "model": spec.describe(), "plan": c.name, "features": json.dumps(feats[c.name]), "predicted_s": c.raw_predicted_s,
-         "measured_s": c.median_step_s, "iqr_s": c.iqr_step_s, "steps": c.steps, "measured_at": time.time()}
-        for c in run
-    ])
+    store.add(
+        [
+            {
+                **key,
+                "model": spec.describe(),
+                "plan": c.name,
+                "features": json.dumps(feats[c.name]),
+                "predicted_s": c.raw_predicted_s,
+                "measured_s": c.median_step_s,
+                "iqr_s": c.iqr_step_s,
+                "steps": c.steps,
+                "measured_at": time.time(),
+            }
+            for c in run
+        ]
+    )
     fit = Correction.fit(store.rows(key))
     for c in cands:
         c.corrected_s = fit.predict(feats[c.name])

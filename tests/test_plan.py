@@ -110,7 +110,8 @@ def test_plan_every_example_on_two_real_ranks(model, tmp_path, monkeypatch):
     monkeypatch.setenv("CFP_PROFILE_DIR", str(tmp_path / "store"))
     out = tmp_path / "plan.json"
     # --validate 0: the ILP's own plan (tests/test_validate.py covers validation)
-    assert main(["plan", model, "--mesh", "2", "--backend", "real", "--cluster", "cpu-gloo-local", "--validate", "0", "-o", str(out)]) == 0
+    argv = ["plan", model, "--mesh", "2", "--backend", "real", "--cluster", "cpu-gloo-local", "--validate", "0"]
+    assert main([*argv, "-o", str(out)]) == 0
     plan = Plan.load(out)
     assert plan.solve["status"] == "OPTIMAL"
     assert plan.predicted_step_time_s > 0

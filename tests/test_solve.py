@@ -219,7 +219,8 @@ def test_k_best_plans_are_distinct_and_ordered(tiny1):
     readers = list(shared_parameters(tiny1).values())
     totals = []
     for choice in itertools.product(*[range(len(tiny1.block_configs(b))) for b in tiny1.blocks]):
-        if any(len({tuple(placements_str(tiny1.block_configs(tiny1.blocks[b])[choice[b]].input_placements[p])) for b, p in r}) > 1 for r in readers):
+        props = [tiny1.block_configs(b)[c] for b, c in zip(tiny1.blocks, choice)]
+        if any(len({tuple(placements_str(props[b].input_placements[p])) for b, p in r}) > 1 for r in readers):
             continue
         totals.append(evaluate(tiny1, costs, list(choice), mem).total_s)
     totals.sort()

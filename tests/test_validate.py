@@ -56,8 +56,17 @@ def test_validation_picks_the_truly_faster_plan(profiled, tmp_path, monkeypatch)
     graph, table, store = profiled
     monkeypatch.setenv("CFP_PROFILE_DIR", str(store))
     out = tmp_path / "plan.json"
-    plan, _, solution = make_plan(SPEC, "2", cost="profiled", backend="real", graph=graph, costs=Rigged(table),
-                                  validate=1, validate_steps=5, output=out)
+    plan, _, solution = make_plan(
+        SPEC,
+        "2",
+        cost="profiled",
+        backend="real",
+        graph=graph,
+        costs=Rigged(table),
+        validate=1,
+        validate_steps=5,
+        output=out,
+    )
     v = plan.validation
     cands = {c["name"]: c for c in v["candidates"]}
     assert set(cands) >= {"cfp-1", "dp", "megatron"}
@@ -74,7 +83,10 @@ def test_validation_picks_the_truly_faster_plan(profiled, tmp_path, monkeypatch)
     counts = " ".join(f"{c}x{n}" for c, n in written.config_counts().items())
     assert counts == chosen["configs"]
     assert written.validation == v and v["wall_s"] > 0 and v["steps"] == 5
-    assert solution.choice != make_plan(SPEC, "2", cost="profiled", backend="real", graph=graph, costs=Rigged(table), validate=0)[2].choice
+    assert (
+        solution.choice
+        != make_plan(SPEC, "2", cost="profiled", backend="real", graph=graph, costs=Rigged(table), validate=0)[2].choice
+    )
 
 
 def test_cli_validate_default_fields_and_report(profiled, tmp_path, monkeypatch, capsys):
@@ -94,8 +106,18 @@ def test_cli_validate_default_fields_and_report(profiled, tmp_path, monkeypatch,
     predicted = [c["predicted_step_time_s"] for c in v["candidates"][:DEFAULT_K]]
     assert predicted == sorted(predicted)
     for c in v["candidates"]:
-        assert set(c) == {"name", "configs", "predicted_step_time_s", "measured_step_time_s", "iqr_step_time_s", "steps", "chosen", "why",
-                          "raw_predicted_step_time_s", "corrected_step_time_s"}
+        assert set(c) == {
+            "name",
+            "configs",
+            "predicted_step_time_s",
+            "measured_step_time_s",
+            "iqr_step_time_s",
+            "steps",
+            "chosen",
+            "why",
+            "raw_predicted_step_time_s",
+            "corrected_step_time_s",
+        }
         assert c["why"]
         if c["measured_step_time_s"] is not None:
             assert c["measured_step_time_s"] > 0 and c["iqr_step_time_s"] >= 0 and c["steps"] == 3
@@ -115,7 +137,25 @@ def test_cli_validate_default_fields_and_report(profiled, tmp_path, monkeypatch,
     assert evaluate(graph, costs, choice).total_s == pytest.approx(chosen["corrected_step_time_s"], rel=1e-6)
     assert evaluate(graph, costs.raw, choice).total_s == pytest.approx(chosen["raw_predicted_step_time_s"], rel=1e-9)
     # Analytic costs model another cluster: validating them here is refused.
-    assert main(["plan", "gpt:tiny", "--mesh", "2", "--cost", "analytic", "--cluster", "cpu-gloo-local", "--validate", "2", "-o", str(out)]) == 1
+    assert (
+        main(
+            [
+                "plan",
+                "gpt:tiny",
+                "--mesh",
+                "2",
+                "--cost",
+                "analytic",
+                "--cluster",
+                "cpu-gloo-local",
+                "--validate",
+                "2",
+                "-o",
+                str(out),
+            ]
+        )
+        == 1
+    )
     assert "--validate measures plans on this machine" in " ".join(capsys.readouterr().out.split())
 
 
@@ -146,7 +186,9 @@ def test_validation_store_keys_and_damaged_parts(tmp_path):
     store = ValidationStore(tmp_path)
     key = {"fingerprint": "f1", "mesh": "2", "backend": "real", "device_kind": "cpu", "torch_version": "2.13.0+cpu"}
     store.add([{**key, "plan": "cfp-1", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.02}])
-    store.add([{**key, "fingerprint": "f2", "plan": "dp", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.03}])
+    store.add(
+        [{**key, "fingerprint": "f2", "plan": "dp", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.03}]
+    )
     (store.dir / "part-0-0.parquet").write_bytes(b"not parquet")
     with pytest.warns(StoreWarning, match="cannot be read"):
         rows = store.rows(key)

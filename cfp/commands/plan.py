@@ -31,9 +31,11 @@ def register(sub) -> None:
     p.add_argument("--tie-segments", action="store_true", help="give every instance of a repeated block the same config (faster on deep models)")
     p.add_argument("--baseline", choices=["dp", "megatron", "expert"], help="write this hand-made layout instead of solving (data parallel, Megatron tensor parallel, expert parallel), costed the same way")
     p.add_argument("--validate", type=int, metavar="K", default=None,
-                   help="run the K best ILP plans and every baseline that fits for a few real training steps and write the "
-                        "fastest (default: 3 with --cost profiled --backend real on a mesh this machine holds, else 0: off)")
-    p.add_argument("--validate-steps", type=int, default=None, metavar="N", help="timed steps per validated plan (default 6, after 2 warm-up)")
+                   help="run the K best ILP plans and every baseline that fits for a few real training steps and "
+                        "write the fastest (default: 3 with --cost profiled --backend real on a mesh this machine "
+                        "holds, else 0: off)")
+    p.add_argument("--validate-steps", type=int, default=None, metavar="N",
+                   help="timed steps per validated plan (default 6, after 2 warm-up)")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="ILP time limit in seconds (default: 60)")
     p.add_argument("-o", "--output", default="plan.json", metavar="FILE", help="where to write the plan (default: plan.json)")
     add_json_arg(p)
