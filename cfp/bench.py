@@ -5,7 +5,9 @@
    ``analytic`` (the same ILP over the Alpa-style analytic cost model), the
    baselines of ``cfp.baselines``, and plan files given by path.
 2. Every plan's predicted step time is the profiled cost model's, so the
-   plans are predicted, and the prediction checked, by one yardstick.
+   plans are predicted, and the prediction checked, by one yardstick. Where
+   ``cfp plan --validate`` has stored measurements of this model, the
+   prediction is corrected (cfp.correction); the raw one is reported too.
 3. One worker pool (a process per mesh rank) builds the model once per plan
    from the same seed and applies the plan with ``cfp.parallelize``. Training
    steps (forward, backward, AdamW) then run round-robin over the plans, the
@@ -42,8 +44,8 @@ from cfp.spec import ModelSpec
 DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "fsdp", "fsdp+tp", "analytic")
 COLUMNS = [
     "plan", "median_step_s", "iqr_step_s", "min_step_s", "max_step_s", "fwd_bwd_s", "optimizer_s",
-    "predicted_step_s", "predicted_optimizer_s", "prediction_error", "peak_mem_bytes", "predicted_mem_bytes", "mem_error",
-    "ratio_to_cfp", "first_loss", "configs", "layout", "steps",
+    "predicted_step_s", "predicted_optimizer_s", "prediction_error", "raw_predicted_step_s", "raw_prediction_error",
+    "peak_mem_bytes", "predicted_mem_bytes", "mem_error", "ratio_to_cfp", "first_loss", "configs", "layout", "steps",
 ]
 
 
@@ -54,6 +56,7 @@ class BenchPlan:
     predicted_s: float  # under the profiled cost model
     predicted_optimizer_s: float  # the AdamW steps of its blocks, part of predicted_s
     predicted_mem_bytes: int = 0  # per device, as the ILP counts it
+    raw_predicted_s: float = math.nan  # before the correction learnt from validations (cfp.correction)
 
 
 @dataclass
@@ -98,6 +101,7 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
     anything is profiled. ``memory`` (bytes or a size) limits the plans CFP makes.
     """
     from cfp import baselines
+    from cfp.correction import uncorrected
     from cfp.plan import cost_model
     from cfp.profile import analyze_for_profile
     from cfp.solve import evaluate
@@ -117,7 +121,8 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         if name in skipped:
             continue
         if name == "cfp":
-            plan = make_plan(spec, mesh, memory, cost="profiled", backend="real", graph=graph, costs=profiled)[0]
+            # the ILP's own pick: a plan validated in real steps is benched from its file
+            plan = make_plan(spec, mesh, memory, cost="profiled", backend="real", graph=graph, costs=profiled, validate=0)[0]
         elif name == "analytic":
             # make_plan loads a cluster by name, and picks the H100 models when none is named
             local = cluster or ("cpu-gloo-local" if spec.device == "cpu" else None)
@@ -129,8 +134,10 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         choice = choices.get(name) or _choice_of(plan, graph)
         configs = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)]
         optimizer = sum(profiled.block_phase_s(b.class_id, c, "optimizer") for b, c in zip(graph.blocks, configs))
+        raw = evaluate(graph, uncorrected(profiled), choice, None, *layout_of(plan)).total_s
         ev = evaluate(graph, profiled, choice, None, *layout_of(plan))
-        made.append(BenchPlan(Path(name).stem if name in files else name, plan, ev.total_s, optimizer, ev.memory.total))
+        made.append(BenchPlan(Path(name).stem if name in files else name, plan, ev.total_s, optimizer,
+                              predicted_mem_bytes=ev.memory.total, raw_predicted_s=raw))
     return made, skipped
 
 
@@ -217,8 +224,12 @@ def peak_memory(ctx: BenchContext, i: int) -> int:
 
 
 def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int, warmup: int, lr: float = 1e-3,
-            timeout_s: float = 600.0, on_step: Callable | None = None) -> dict[str, dict]:
-    """Interleaved training steps of every plan on one worker pool; raw results per plan."""
+            timeout_s: float = 600.0, on_step: Callable | None = None, memory: bool = True) -> dict[str, dict]:
+    """Interleaved training steps of every plan on one worker pool; raw results per plan.
+
+    ``cfp bench`` and ``cfp plan --validate`` both time plans with this; ``memory``
+    adds the peak-memory step of each plan.
+    """
     from cfp.profile.real import WorkerPool
 
     device_type = "cuda" if str(spec.device).startswith("cuda") else "cpu"
@@ -237,20 +248,26 @@ def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int,
                     raw[plans[i].name]["steps"].append(slowest)
                 if on_step:
                     on_step(r * len(plans) + k + 1, rounds * len(plans))
-        for i, p in enumerate(plans):
+        for i, p in enumerate(plans if memory else ()):
             raw[p.name]["peak_mem_bytes"] = max(pool.run(peak_memory, (i,), f"measuring the memory of the {p.name} plan", timeout_s))
     return raw
+
+
+def step_stats(steps: list[dict]) -> dict[str, float]:
+    """Median and interquartile range of the timed steps of one plan (slowest rank per step)."""
+    times = pd.Series([s["step_s"] for s in steps], dtype="float64")
+    return {"median_step_s": float(times.median()), "iqr_step_s": float(times.quantile(0.75) - times.quantile(0.25))}
 
 
 def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
     rows = []
     for p in plans:
         steps = pd.DataFrame(raw[p.name]["steps"])
-        median = float(steps["step_s"].median())
+        stats = step_stats(raw[p.name]["steps"])
+        median = stats["median_step_s"]
         rows.append({
             "plan": p.name,
-            "median_step_s": median,
-            "iqr_step_s": float(steps["step_s"].quantile(0.75) - steps["step_s"].quantile(0.25)),
+            **stats,
             "min_step_s": float(steps["step_s"].min()),
             "max_step_s": float(steps["step_s"].max()),
             "fwd_bwd_s": float(steps["fwd_bwd_s"].median()),
@@ -258,6 +275,8 @@ def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
             "predicted_step_s": p.predicted_s,
             "predicted_optimizer_s": p.predicted_optimizer_s,
             "prediction_error": p.predicted_s / median - 1 if median > 0 else math.nan,
+            "raw_predicted_step_s": p.raw_predicted_s,
+            "raw_prediction_error": p.raw_predicted_s / median - 1 if median > 0 else math.nan,
             "peak_mem_bytes": raw[p.name]["peak_mem_bytes"],
             "predicted_mem_bytes": p.predicted_mem_bytes,
             "mem_error": p.predicted_mem_bytes / raw[p.name]["peak_mem_bytes"] - 1 if raw[p.name]["peak_mem_bytes"] else math.nan,

@@ -18,6 +18,9 @@ Top-level keys (``schema_version`` 1):
 - ``memory_per_device_bytes``: total, limit and params/grads/optimizer/activations;
 - ``solve``: seconds, status, gap, objective (seconds);
 - ``baselines``: the same cost model's prediction for e.g. data parallel;
+- ``validation`` (plans made with ``--validate``): every candidate measured in
+  real steps, its predicted and measured step time, and why one was chosen
+  (see ``cfp.validate``);
 - ``provenance``: cost model, backend, device, cluster, torch and cfp versions.
 """
 
@@ -53,6 +56,7 @@ class Plan:
     provenance: dict[str, Any]
     baselines: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, dict[str, Any]] = field(default_factory=dict)  # FQN -> {"level", "placements"}
+    validation: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     # -- file -------------------------------------------------------------
@@ -69,6 +73,7 @@ class Plan:
             "memory_per_device_bytes": self.memory_per_device_bytes,
             "solve": self.solve,
             "baselines": self.baselines,
+            "validation": self.validation,
             "provenance": self.provenance,
         }
 
@@ -130,6 +135,7 @@ class Plan:
                 provenance=dict(data["provenance"]),
                 baselines=data.get("baselines", {}),
                 storage=dict(data.get("storage") or {}),
+                validation=data.get("validation", {}),
             )
         except (KeyError, TypeError, ValueError, CFPError) as exc:
             why = str(exc) if isinstance(exc, CFPError) else f"{type(exc).__name__}: {exc}"
@@ -393,7 +399,9 @@ def cost_model(graph, cost: str, cluster=None, backend: str = "emulated", spec=N
         table = run.table
         table.describe = lambda: {"backend": backend, "device": getattr(cluster, "device_kind", "local") if backend == "emulated" else "local",
                                   "cluster": getattr(cluster, "name", None), "profile_store": run.store, "profile_jobs": run.jobs}
-        return table
+        from cfp.correction import corrected
+
+        return corrected(table, graph, backend, (spec if spec is not None else graph.traced.spec).device)
     raise CFPError(f"Unknown cost model {cost!r}; use one of {', '.join(COSTS)}.")
 
 
@@ -413,6 +421,9 @@ def make_plan(
     costs=None,
     storage: bool = True,
     recompute: bool = True,
+    validate: int | None = None,
+    validate_steps: int | None = None,
+    on_validate_step=None,
 ) -> tuple["Plan", Any, Any]:
     """Capture, analyse, cost and solve; returns ``(plan, graph, solution)`` and writes ``output`` if given.
 
@@ -424,14 +435,22 @@ def make_plan(
     ``graph`` and ``costs`` already made are used as they are. ``storage``
     and ``recompute`` let the ILP store parameters ZeRO-sharded and recompute
     activations (cfp.storage).
+
+    ``validate`` K: run the K best ILP plans and the baselines that fit for
+    ``validate_steps`` real training steps and write the fastest (cfp.validate).
+    The default (None) is 3 for profiled costs on the real backend with a mesh
+    this machine holds, else 0 (off); ``on_validate_step(done, total)`` reports
+    its progress.
     """
     from cfp.analyze import analyze
     from cfp.capture import TracedModel, capture
     from cfp.cluster import ClusterModel, load_cluster
     from cfp.mesh import parse_mesh
     from cfp import baselines as hand
-    from cfp.solve import DEFAULT_TIME_LIMIT_S, evaluate, fixed, solve
+    from cfp.solve import DEFAULT_TIME_LIMIT_S, best_plans, evaluate, fixed
     from cfp.spec import ModelSpec, build
+    from cfp.validate import DEFAULT_STEPS, check_can_validate, default_k
+    from cfp.validate import validate as validate_plans
 
     mesh = parse_mesh(mesh)
     if cost not in COSTS:
@@ -455,14 +474,24 @@ def make_plan(
     spec = spec or graph.traced.spec
     costs = costs if costs is not None else cost_model(graph, cost, cluster, backend, spec, progress)
     limit = parse_bytes(memory) if memory is not None else (cluster.memory_bytes if cluster is not None else None)
+    if validate is None:
+        validate = 0 if baseline is not None else default_k(cost, backend, mesh, spec.device if spec else "cpu")
+    if validate < 0:
+        raise CFPError(f"--validate {validate}: give how many of the best plans to measure (0 turns validation off).")
+    if validate:
+        if baseline is not None:
+            raise CFPError("--baseline writes one hand-made layout; there is nothing to validate (drop --validate).")
+        check_can_validate(cost, backend, mesh, spec)
     if baseline is not None:
         choice = hand.choose(baseline, graph)
         if choice is None:
             raise CFPError(f"The {baseline} baseline does not apply to this model: {hand.NOT_APPLICABLE[baseline]}.")
         solution = fixed(graph, costs, choice, f"baseline {baseline}", limit, hand.storage_levels(baseline, graph, choice))
     else:
-        solution = solve(graph, costs, memory_limit=limit, tie_segments=tie_segments, time_limit_s=time_limit_s or DEFAULT_TIME_LIMIT_S,
-                         storage=storage, recompute=recompute)
+        time_limit_s = time_limit_s or DEFAULT_TIME_LIMIT_S
+        solutions = best_plans(graph, costs, max(validate, 1), limit, tie_segments, time_limit_s,
+                               storage=storage, recompute=recompute)
+        solution = solutions[0]
     baselines = {}
     for name in hand.BASELINES:
         choice = hand.choose(name, graph)
@@ -480,7 +509,14 @@ def make_plan(
     prov = {"cluster": getattr(cluster, "name", None), "analysis_seconds": round(graph.seconds, 2)}
     if cost == "analytic":
         prov["backend"] = "analytic"
-    plan = build_plan(graph, costs, solution, baselines, prov)
+    if validate:
+        checked = validate_plans(spec, graph, costs, solutions, limit,
+                                 lambda s: build_plan(graph, costs, s, baselines, prov),
+                                 validate_steps or DEFAULT_STEPS, on_step=on_validate_step)
+        solution, plan = checked.chosen.solution, checked.chosen.plan
+        plan.validation = checked.to_json()
+    else:
+        plan = build_plan(graph, costs, solution, baselines, prov)
     if output is not None and launched_rank() == 0:
         plan.save(output)
     return plan, graph, solution

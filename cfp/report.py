@@ -81,9 +81,52 @@ def tables(plan: Plan) -> list[Table]:
     return [summary, blocks, params]
 
 
+def validation_table(plan: Plan) -> Table | None:
+    """The candidates ``--validate`` measured: predicted and measured step time, and why one was chosen."""
+    v = plan.validation
+    if not v:
+        return None
+    table = Table(title=f"validation: {len(v['candidates'])} candidates, {v['steps']} timed steps each "
+                        f"(+{v['warmup']} warm-up), {v['wall_s']:.1f} s")
+    for col in ("candidate", "predicted", "measured", "IQR", "error", "why"):
+        table.add_column(col, justify="left" if col in ("candidate", "why") else "right")
+    for c in v["candidates"]:
+        measured = c["measured_step_time_s"]
+        error = f"{c['predicted_step_time_s'] / measured - 1:+.1%}" if measured else ""
+        table.add_row(
+            f"[bold]{c['name']}[/]" if c["chosen"] else c["name"],
+            human_time(c["predicted_step_time_s"]),
+            human_time(measured) if measured else "",
+            human_time(c["iqr_step_time_s"]) if measured else "",
+            error,
+            c["why"],
+        )
+    return table
+
+
+def print_validation(plan: Plan, console: Console) -> None:
+    table = validation_table(plan)
+    if table is None:
+        return
+    console.print(table)
+    for c in plan.validation["candidates"]:
+        console.print(f"[dim]{c['name']}: {c['configs']}[/]", highlight=False)
+    fit = plan.validation.get("correction")
+    if fit:
+        before, after = fit["error_before"], fit["error_after"]
+        console.print(
+            f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, "
+            f"max {before['max_abs']:.1%} as profiled; mean {after['mean_abs']:.1%}, max {after['max_abs']:.1%} "
+            f"after the correction refitted on {fit['pairs']} stored pairs "
+            f"(scale {fit['scale']:.3f}, overhead {human_time(fit['overhead_s'])} per step)",
+            highlight=False,
+        )
+
+
 def print_report(plan: Plan, console: Console, parameters: bool = False) -> None:
     summary, blocks, params = tables(plan)
     console.print(summary)
+    print_validation(plan, console)
     console.print(blocks)
     if parameters:
         console.print(params)

@@ -486,6 +486,12 @@ class _Builder:
             recompute.append(bool(r is not None and solver.BooleanValue(r)))
         return levels, recompute
 
+    def exclude(self, choice: list[int]) -> None:
+        """A no-good cut: no later solution may take every decision of ``choice`` again."""
+        chosen = {self.group_of[b]: self.x[self.group_of[b]][c] for b, c in enumerate(choice)}
+        self.model.Add(sum(chosen.values()) <= len(chosen) - 1)
+        self.model.ClearHints()
+
     def hint(self, choice: list[int], storage: list[str] | None = None, recompute: list[bool] | None = None) -> None:
         done = set()
         for block in self.graph.blocks:
@@ -566,6 +572,30 @@ def solve(
     roughly halves the search on deep models. ``storage`` offers ZeRO-1/2/3
     storage of parameters, ``recompute`` activation recomputation (``cfp.storage``).
     """
+    return best_plans(graph, costs, 1, memory_limit, tie_segments, time_limit_s, workers, hint_first, storage, recompute)[0]
+
+
+def best_plans(
+    graph,
+    costs: CostModel,
+    k: int,
+    memory_limit: int | None = None,
+    tie_segments: bool = False,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+    workers: int = 2,
+    hint_first: bool = True,
+    storage: bool = True,
+    recompute: bool = True,
+) -> list[Solution]:
+    """The ``k`` best distinct plans (differing in at least one block's config), best first.
+
+    After each solve the found assignment is excluded by a no-good cut (not all
+    of its decisions again) and the same model is solved again, so the i-th
+    plan is the best one that differs from the i-1 before it. Fewer than ``k``
+    come back when fewer plans exist. ``time_limit_s`` holds for each solve.
+    """
+    if k < 1:
+        raise CFPError(f"Asked for {k} plans; ask for at least one.")
     start = time.perf_counter()
     builder = _Builder(graph, costs, tie_segments, storage, recompute)
     if memory_limit is not None:
@@ -587,22 +617,6 @@ def solve(
     elif all(c in builder.x[builder.group_of[b]] for b, c in enumerate(hint)):
         builder.hint(hint)
     built = time.perf_counter()
-    solver = _solver(time_limit_s, workers)
-    status = solver.Solve(builder.model)
-    cp = builder.cp_model
-    if status == cp.INFEASIBLE:
-        _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage, recompute)
-    if status not in (cp.OPTIMAL, cp.FEASIBLE) and tied is not None:
-        tied.status, tied.stats["untied"] = f"{tied.status} (segments tied: untied search found no plan in time)", solver.StatusName(status)
-        return tied
-    if status not in (cp.OPTIMAL, cp.FEASIBLE):
-        raise CFPError(
-            f"The ILP found no plan within {time_limit_s:.0f} s (solver status {solver.StatusName(status)}). "
-            f"Allow more time, or pass --tie-segments to shrink the problem."
-        )
-    choice = builder.choice(solver)
-    levels, recomputed = builder.storage_choice(solver, choice)
-    seconds = time.perf_counter() - start
     stats = {
         "build_seconds": round(built - start, 3),
         "variables": sum(len(v) for v in builder.x.values()) + builder.n_transition_vars,
@@ -612,19 +626,45 @@ def solve(
         "storage_choices": storage,
         "recompute_choices": recompute,
     }
-    return Solution(
-        choice=choice,
-        evaluation=evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage),
-        status=solver.StatusName(status),
-        objective_s=solver.ObjectiveValue() * TIME_UNIT_S,
-        best_bound_s=solver.BestObjectiveBound() * TIME_UNIT_S,
-        seconds=seconds,
-        tie_segments=tie_segments,
-        memory_limit=memory_limit,
-        stats=stats,
-        storage=levels,
-        recompute=recomputed,
-    )
+    solver = _solver(time_limit_s, workers)
+    cp = builder.cp_model
+    found: list[Solution] = []
+    while len(found) < k:
+        status = solver.Solve(builder.model)
+        if status not in (cp.OPTIMAL, cp.FEASIBLE):
+            if found:  # no further distinct plan (or none within the time limit)
+                break
+            if status == cp.INFEASIBLE:
+                _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage, recompute)
+            if tied is not None:
+                tied.status, tied.stats["untied"] = (
+                    f"{tied.status} (segments tied: untied search found no plan in time)", solver.StatusName(status))
+                return [tied]
+            raise CFPError(
+                f"The ILP found no plan within {time_limit_s:.0f} s (solver status {solver.StatusName(status)}). "
+                f"Allow more time, or pass --tie-segments to shrink the problem."
+            )
+        choice = builder.choice(solver)
+        levels, recomputed = builder.storage_choice(solver, choice)
+        found.append(
+            Solution(
+                choice=choice,
+                evaluation=evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage),
+                status=solver.StatusName(status),
+                objective_s=solver.ObjectiveValue() * TIME_UNIT_S,
+                best_bound_s=solver.BestObjectiveBound() * TIME_UNIT_S,
+                seconds=time.perf_counter() - start,
+                tie_segments=tie_segments,
+                memory_limit=memory_limit,
+                stats=dict(stats),
+                storage=levels,
+                recompute=recomputed,
+            )
+        )
+        builder.exclude(choice)
+        start = time.perf_counter()
+    # A solve cut short by the time limit may come back worse than a later one.
+    return sorted(found, key=lambda s: s.objective_s)
 
 
 def fixed(graph, costs: CostModel, choice: list[int], status: str, memory_limit: int | None = None,

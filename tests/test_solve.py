@@ -10,11 +10,11 @@ import cfp
 from cfp.analytic import AnalyticCosts, redistribute_collectives
 from cfp.analyze import analyze
 from cfp.cluster import AlphaBeta, ClusterModel
-from cfp.costs import TransitionKey, edge_transitions
+from cfp.costs import TransitionKey, edge_transitions, shared_parameters
 from cfp.mesh import parse_mesh
 from cfp.propagate import placements_str
 from cfp.baselines import dp as dp_choice
-from cfp.solve import MemoryTable, evaluate, min_memory, solve
+from cfp.solve import MemoryTable, best_plans, evaluate, min_memory, solve
 
 GiB = 2**30
 
@@ -213,3 +213,23 @@ def test_long_sequence_big_hidden_tight_memory_is_tensor_parallel():
     sol = solve(graph, costs, memory_limit=least.total + (free.evaluation.memory.total - least.total) // 10)
     names = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, sol.choice)]
     assert sum(n in ("col", "row") for n in names) >= 3, names
+
+
+def test_k_best_plans_are_distinct_and_ordered(tiny1):
+    """The k best plans are the k best of all plans (by enumeration), distinct, best first."""
+    costs = HashCosts(7)
+    mem = MemoryTable(tiny1)
+    readers = list(shared_parameters(tiny1).values())
+    totals = []
+    for choice in itertools.product(*[range(len(tiny1.block_configs(b))) for b in tiny1.blocks]):
+        props = [tiny1.block_configs(b)[c] for b, c in zip(tiny1.blocks, choice)]
+        if any(len({tuple(placements_str(props[b].input_placements[p])) for b, p in r}) > 1 for r in readers):
+            continue
+        totals.append(evaluate(tiny1, costs, list(choice), mem).total_s)
+    totals.sort()
+    plans = best_plans(tiny1, costs, 4)
+    assert len(plans) == 4
+    assert len({tuple(p.choice) for p in plans}) == 4
+    assert [p.evaluation.total_s for p in plans] == pytest.approx(totals[:4], rel=1e-6)
+    with pytest.raises(cfp.CFPError, match="at least one"):
+        best_plans(tiny1, costs, 0)

@@ -64,6 +64,13 @@ def run(args: argparse.Namespace) -> None:
                            "wall_s": round(result.wall_s, 2), "skipped": result.skipped, "plans": result.table.to_dict("records")})
 
 
+def raw_error(row: dict) -> str:
+    """The uncorrected prediction's error, where a correction learnt by `cfp plan --validate` changed it."""
+    if abs(row["raw_predicted_step_s"] - row["predicted_step_s"]) <= 1e-12:
+        return ""
+    return f" (raw {row['raw_prediction_error'] * 100:+.1f}%)"
+
+
 def print_table(result) -> None:
     mesh = "x".join(map(str, result.mesh.shape))
     table = Table(title=f"{result.model} on mesh {mesh} ({result.device}), median of {result.steps} interleaved steps per plan")
@@ -74,7 +81,7 @@ def print_table(result) -> None:
         table.add_row(
             row["plan"], human_time(row["median_step_s"]), human_time(row["iqr_step_s"]), human_time(row["fwd_bwd_s"]),
             human_time(row["optimizer_s"]), f"{human_time(row['predicted_step_s'])} (opt {human_time(row['predicted_optimizer_s'])})",
-            f"{row['prediction_error'] * 100:+.1f}%",
+            f"{row['prediction_error'] * 100:+.1f}%" + raw_error(row),
             human_bytes(row["peak_mem_bytes"]), f"{human_bytes(row['predicted_mem_bytes'])} ({row['mem_error'] * 100:+.0f}%)",
             f"{row['ratio_to_cfp']:.2f}x", f"{row['first_loss']:.4f}",
         )
@@ -86,5 +93,7 @@ def print_table(result) -> None:
         console.print(f"[dim]{name}: not run, {why}[/]")
     console.print(
         "[dim]step time: the slowest rank, barrier to end of the optimizer step; predicted: the profiled cost model for every plan; "
-        "(opt: its AdamW part); error: predicted / measured - 1; predicted mem: the ILP's per-device count (in brackets: vs the measured peak); vs cfp: step time / cfp's. Equal first losses show every plan computes the same model.[/]"
+        "(opt: its AdamW part), corrected by earlier validations where they exist (raw: uncorrected); "
+        "error: predicted / measured - 1; predicted mem: the ILP's per-device count (in brackets: vs the measured peak); "
+        "vs cfp: step time / cfp's. Equal first losses show every plan computes the same model.[/]"
     )

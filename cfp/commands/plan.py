@@ -8,7 +8,7 @@ import time
 from rich.table import Table
 
 from cfp.commands.common import add_json_arg, add_model_args, console, model_spec
-from cfp.report import human_time
+from cfp.report import human_time, print_validation
 from cfp.report_util import human_bytes, write_json
 
 
@@ -35,6 +35,12 @@ def register(sub) -> None:
     p.add_argument("--no-storage-sharding", action="store_true",
                    help="store every parameter where it computes (no ZeRO-1/2/3 choices in the ILP)")
     p.add_argument("--no-recompute", action="store_true", help="save every block's activations (no activation recomputation)")
+    p.add_argument("--validate", type=int, metavar="K", default=None,
+                   help="run the K best ILP plans and every baseline that fits for a few real training steps and "
+                        "write the fastest (default: 3 with --cost profiled --backend real on a mesh this machine "
+                        "holds, else 0: off)")
+    p.add_argument("--validate-steps", type=int, default=None, metavar="N",
+                   help="timed steps per validated plan (default 6, after 2 warm-up)")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="ILP time limit in seconds (default: 60)")
     p.add_argument("-o", "--output", default="plan.json", metavar="FILE", help="where to write the plan (default: plan.json)")
     add_json_arg(p)
@@ -48,6 +54,9 @@ def run(args: argparse.Namespace) -> None:
     with console.status(f"Planning {args.model} on mesh {args.mesh} ({args.cost} costs)...") as status:
         def progress(done, cached, total, job):
             status.update(f"Profiling {args.model}: {done}/{total} jobs ({cached} reused)...")
+
+        def on_validate_step(done, total):
+            status.update(f"Validating the best plans in real training steps: {done}/{total}...")
 
         plan, graph, solution = make_plan(
             model_spec(args),
@@ -63,6 +72,9 @@ def run(args: argparse.Namespace) -> None:
             baseline=args.baseline,
             storage=not args.no_storage_sharding,
             recompute=not args.no_recompute,
+            validate=args.validate,
+            validate_steps=args.validate_steps,
+            on_validate_step=on_validate_step,
         )
     elapsed = time.perf_counter() - start
     print_summary(plan, graph)
@@ -134,3 +146,4 @@ def print_summary(plan, graph) -> None:
     summary.add_row("solve", f"{s['status']}, gap {s['gap'] * 100:.2f}%, {s['seconds']:.2f} s ({s.get('variables', '?')} variables{', segments tied' if s.get('tie_segments') else ''})")
     summary.add_row("cost model", f"{plan.provenance.get('cost_model')} ({plan.provenance.get('backend')}, cluster {plan.provenance.get('cluster')})")
     console.print(summary)
+    print_validation(plan, console)

@@ -1,0 +1,186 @@
+"""Learning from validation: measured step times correct the profiled predictions.
+
+Every plan ``cfp plan --validate`` measures leaves a row in the profile store,
+``<store>/validations/*.parquet``, keyed by model fingerprint, mesh, backend,
+device kind and torch version: its measured median step time and its *uncorrected*
+prediction split into features, the predicted time of the blocks under each
+config name (``config:batch``, ``config:col``, ...) and of the transitions.
+
+Blocks profiled one at a time miss what a whole step adds or hides (the
+dispatch between blocks, overlap, cache effects), and not uniformly: the same
+model's data-parallel plan can be over-predicted while its tensor-parallel
+plan is under-predicted. So the correction is a scale per feature plus a
+fixed per-step overhead::
+
+    measured ~= sum_f (g + d_f) * F_f + o
+
+fitted by least squares on relative errors over the stored pairs of this
+model, mesh, backend and device. The per-feature deviations ``d_f`` are
+pulled toward zero (ridge), so one pair gives one common scale ``g`` and more
+pairs earn per-config scales; ``o`` is held more firmly still. ``CorrectedCosts`` applies it to
+every block (``o`` spread evenly over the blocks) and transition, so the ILP
+plans with the corrected times too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cfp.profile.store import StoreWarning, store_dir
+
+RIDGE = 0.05  # weight of each (d_f)^2 against the squared relative errors
+RIDGE_OVERHEAD = 1.0  # weight of (o / mean measured)^2: all plans of one model take about as long, so o and g are
+# nearly collinear, and a weakly held o soaks up whatever the machine's load did during one validation
+KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version"]
+
+
+def features(graph, costs, choice: list[int]) -> dict[str, float]:
+    """A plan's predicted seconds by config name of its blocks, and its transitions (``costs`` uncorrected)."""
+    from cfp.solve import evaluate
+
+    ev = evaluate(graph, costs, choice)
+    out: dict[str, float] = {"transitions": ev.transitions_total_s}
+    for block, c, t in zip(graph.blocks, choice, ev.block_s):
+        name = f"config:{graph.block_configs(block)[c].config.name}"
+        out[name] = out.get(name, 0.0) + t
+    return out
+
+
+@dataclass
+class Correction:
+    """``measured ~= sum_f scale_f * F_f + overhead_s``; features never fitted take ``scale``."""
+
+    scale: float = 1.0  # g
+    scales: dict[str, float] = field(default_factory=dict)  # g + d_f per fitted feature
+    overhead_s: float = 0.0  # o, per step
+    pairs: int = 0
+
+    def scale_of(self, feature: str) -> float:
+        return self.scales.get(feature, self.scale)
+
+    def predict(self, feats: dict[str, float]) -> float:
+        return sum(self.scale_of(f) * v for f, v in feats.items()) + self.overhead_s
+
+    def to_json(self) -> dict:
+        return {"pairs": self.pairs, "scale": self.scale, "scales": self.scales, "overhead_s": self.overhead_s}
+
+    @classmethod
+    def fit(cls, rows: pd.DataFrame, ridge: float = RIDGE) -> Correction | None:
+        """Least squares on the stored (features, measured) pairs; None without pairs."""
+        if rows.empty:
+            return None
+        feats = [json.loads(f) for f in rows["features"]]
+        names = sorted({f for fs in feats for f in fs})
+        measured = rows["measured_s"].to_numpy(dtype=float)
+        n, k = len(feats), len(names)
+        # unknowns: g, d_1..d_k, o; each pair's row divided by its measured time (relative error)
+        a = np.zeros((n + k + 1, k + 2))
+        b = np.zeros(n + k + 1)
+        for i, fs in enumerate(feats):
+            row = np.array([fs.get(f, 0.0) for f in names]) / measured[i]
+            a[i, 0], a[i, 1 : k + 1], a[i, k + 1] = row.sum(), row, 1.0 / measured[i]
+            b[i] = 1.0
+        a[n : n + k, 1 : k + 1] = math.sqrt(ridge) * np.eye(k)
+        a[n + k, k + 1] = math.sqrt(RIDGE_OVERHEAD) / measured.mean()
+        x, *_ = np.linalg.lstsq(a, b, rcond=None)
+        g, d, o = float(x[0]), x[1 : k + 1], float(x[k + 1])
+        return cls(scale=g, scales={f: max(g + float(df), 0.05) for f, df in zip(names, d)}, overhead_s=o, pairs=n)
+
+
+class CorrectedCosts:
+    """A profiled cost model with a Correction applied; everything else is the table's."""
+
+    def __init__(self, table, correction: Correction, n_blocks: int):
+        self.raw = table
+        self.correction = correction
+        self.per_block_s = correction.overhead_s / max(n_blocks, 1)
+
+    def __getattr__(self, name):  # rows, block_phase_s, block_memory, name, ...
+        return getattr(self.raw, name)
+
+    def block_time(self, class_id: str, config: str) -> float:
+        t = self.raw.block_time(class_id, config)
+        return t * self.correction.scale_of(f"config:{config}") + self.per_block_s if math.isfinite(t) else t
+
+    def block_cost(self, class_id: str, config: str):
+        from cfp.costs import BlockCost
+
+        bc = self.raw.block_cost(class_id, config)
+        s = self.correction.scale_of(f"config:{config}")
+        return BlockCost(bc.compute_s * s + self.per_block_s, bc.communication_s * s)
+
+    def transition_time(self, key) -> float:
+        return self.raw.transition_time(key) * self.correction.scale_of("transitions")
+
+    def describe(self) -> dict:
+        return {**self.raw.describe(), "correction": self.correction.to_json()}
+
+
+def uncorrected(costs):
+    return costs.raw if isinstance(costs, CorrectedCosts) else costs
+
+
+class ValidationStore:
+    """The measured (predicted, measured) pairs beside the profiles: ``<store>/validations/part-*.parquet``."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.dir = store_dir(path) / "validations"
+
+    def rows(self, key: dict) -> pd.DataFrame:
+        parts = sorted(self.dir.glob("part-*.parquet")) if self.dir.is_dir() else []
+        frames = []
+        for part in parts:
+            try:
+                frames.append(pd.read_parquet(part, columns=[*KEY, "features", "measured_s"]))
+            except (
+                OSError,
+                ValueError,
+                KeyError,
+            ) as exc:  # only this part's pairs are lost; later validations add more
+                warnings.warn(
+                    f"validation store file {part} cannot be read ({type(exc).__name__}); its pairs are not used",
+                    StoreWarning,
+                    stacklevel=2,
+                )
+        if not frames:
+            return pd.DataFrame(columns=[*KEY, "features", "measured_s"])
+        df = pd.concat(frames, ignore_index=True)
+        mask = np.ones(len(df), dtype=bool)
+        for col in KEY:
+            mask &= df[col].to_numpy() == key[col]
+        return df[mask].reset_index(drop=True)
+
+    def add(self, rows: list[dict]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"part-{time.time_ns()}-{os.getpid()}.parquet"
+        tmp = self.dir / f".{name}.tmp"
+        pd.DataFrame(rows).to_parquet(tmp, index=False)
+        os.replace(tmp, self.dir / name)
+
+
+def store_key(graph, backend: str, device: str) -> dict:
+    from cfp.profile.runner import device_kind, mesh_key
+
+    return {
+        "fingerprint": graph.traced.fingerprint(),
+        "mesh": mesh_key(graph.mesh),
+        "backend": backend,
+        "device_kind": device_kind("cuda" if str(device).startswith("cuda") else "cpu"),
+        "torch_version": torch.__version__,
+    }
+
+
+def corrected(table, graph, backend: str, device: str, store: str | Path | None = None):
+    """``table`` with the correction fitted on this model's stored pairs, or ``table`` itself when there are none."""
+    correction = Correction.fit(ValidationStore(store).rows(store_key(graph, backend, device)))
+    return table if correction is None else CorrectedCosts(table, correction, len(graph.blocks))
