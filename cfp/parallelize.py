@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
 from cfp.errors import CFPError
+from cfp.lower import LoweredForward
 from cfp.plan import Plan, spec_json, block_entry, parameter_placements
 from cfp.program import BlockRun, Placements, _call, grad_placements
 from cfp.propagate import parse_placement
@@ -152,7 +153,7 @@ class _GradPlacedLikeValue(torch.autograd.Function):
 class ParallelModule(nn.Module):
     """The model's exported training step on DTensors, per a CFP plan (made by ``parallelize``)."""
 
-    def __init__(self, traced: TracedModel, plan: Plan, mesh: DeviceMesh, model: nn.Module):
+    def __init__(self, traced: TracedModel, plan: Plan, mesh: DeviceMesh, model: nn.Module, lowered: bool = True, compile: bool = False):
         super().__init__()
         self.mesh = mesh
         self.plan = plan
@@ -218,6 +219,10 @@ class ParallelModule(nn.Module):
             if param.requires_grad:
                 param.register_post_accumulate_grad_hook(self._reduce_grad)
 
+        if compile and not lowered:
+            raise CFPError("compile=True compiles the lowered programs; it needs lowered=True.")
+        self._lowered = LoweredForward(self, compile) if lowered else None
+
     def _reduce_grad(self, param: nn.Parameter) -> None:
         grad = param.grad
         if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(param.placements):
@@ -228,13 +233,13 @@ class ParallelModule(nn.Module):
         """Ops of the last forward that DTensor had no rule for and that ran replicated."""
         return list(self._fallbacks)
 
-    def _enter(self, value, placements: Placements | None):
+    def _enter(self, value, placements: Placements | None, is_param: bool):
         """``value`` with the placements a block's config gives it."""
         if placements is None or not isinstance(value, torch.Tensor):
             return value
         placements = _target(placements)
         if isinstance(value, DTensor):
-            is_param = isinstance(value, nn.Parameter)  # its gradient is reduced as it accumulates
+            # A parameter's gradient is brought to its placements once, where all its uses have summed it.
             if tuple(value.placements) != placements:
                 value = value.redistribute(self.mesh, placements)
             return _GradPlacedLikeValue.apply(value) if value.requires_grad and not is_param else value
@@ -244,21 +249,23 @@ class ParallelModule(nn.Module):
     def forward(self, *inputs):
         if len(inputs) != len(self._user_inputs):
             raise TypeError(f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), got {len(inputs)}")
+        if self._lowered is not None:
+            return self._lowered(*inputs)
+        values = {name: param for name, param in self._param_of.items()}
+        values.update({name: getattr(self, attr) for name, attr in self._buffer_of.items()})
+        values.update(zip(self._user_inputs, inputs))
+        return self.interpret(values)
+
+    def interpret(self, values: Mapping[str, Any]):
+        """Run the exported graph on DTensors, from ``values`` of its placeholders (parameters,
+        buffers, user inputs; a placeholder left out is one the graph does not read)."""
         env: dict[str, Any] = {}
-        user = dict(zip(self._user_inputs, inputs))
         entered: dict[tuple[int, str], Any] = {}  # (block, value) -> the value as that block reads it
         run = BlockRun(values=env, input_placements={})
         output = None
         for node in self._graph.nodes:
             if node.op == "placeholder":
-                if node.name in self._param_of:
-                    env[node.name] = self._param_of[node.name]
-                elif node.name in self._buffer_of:
-                    env[node.name] = getattr(self, self._buffer_of[node.name])
-                elif node.name in user:
-                    env[node.name] = user[node.name]
-                else:
-                    env[node.name] = None  # a placeholder the graph does not read (e.g. a tied alias)
+                env[node.name] = values.get(node.name)
                 continue
             if node.op == "output":
                 output = node.args[0]
@@ -270,7 +277,8 @@ class ParallelModule(nn.Module):
                     return env[arg.name]
                 key = (block, arg.name)
                 if key not in entered:
-                    entered[key] = self._enter(env[arg.name], self._entry[block].get(arg.name))
+                    is_param = arg.name in self._param_of
+                    entered[key] = self._enter(env[arg.name], self._entry[block].get(arg.name), is_param)
                 return entered[key]
 
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), read)
@@ -300,6 +308,8 @@ def parallelize(
     mesh: DeviceMesh | None = None,
     example_inputs: tuple | None = None,
     traced: TracedModel | None = None,
+    lowered: bool = True,
+    compile: bool = False,
 ) -> ParallelModule:
     """The model as a module whose forward runs the plan with DTensor (see the module docstring).
 
@@ -328,4 +338,4 @@ def parallelize(
         traced = capture(Workload(spec=spec or ModelSpec("<model>"), model=model, inputs=example_inputs))
     plan.check_matches(traced)
     mesh = _mesh_for(plan, mesh, device_type)
-    return ParallelModule(traced, plan, mesh, model)
+    return ParallelModule(traced, plan, mesh, model, lowered=lowered, compile=compile)
