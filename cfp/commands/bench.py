@@ -21,14 +21,19 @@ def register(sub) -> None:
             "profiles; analytic: the ILP over FLOPs + alpha-beta; dp, megatron, expert: hand-made layouts; or plan files), "
             "then run training steps (forward, backward, AdamW) of every plan round-robin on one process group, so that "
             "machine noise hits all alike. Reports each plan's median step time, spread, peak memory per rank, predicted "
-            "time (profiled costs), prediction error and ratio to CFP's plan."
+            "time (profiled costs), prediction error, ratio to CFP's plan and speedup over the plain model run in one "
+            "process with all the ranks' threads (the single row)."
         ),
     )
     add_model_args(p, device="cpu")
     p.add_argument("--mesh", required=True, help="device mesh, e.g. 2 or 2x2")
     p.add_argument("--plans", default=None, metavar="LIST",
-                   help="comma-separated: cfp, analytic, dp, megatron, expert, or plan files (.json) "
+                   help="comma-separated: cfp, analytic, dp, megatron, expert, or plan files (.json), each optionally with "
+                        "+interpreted (run on the DTensor interpreter) or +compiled (lowered programs compiled by inductor) "
                         "(default: cfp,dp,megatron,expert,analytic, leaving out baselines that do not apply)")
+    p.add_argument("--interpreted", action="store_true", help="also run every plan on the DTensor interpreter (NAME+interpreted)")
+    p.add_argument("--compile", action="store_true", help="also run every plan's lowered programs compiled by inductor (NAME+compiled)")
+    p.add_argument("--no-single", dest="single", action="store_false", help="leave out the plain, unparallelised model")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per plan (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per plan first (default 3)")
     p.add_argument("--cluster", metavar="NAME|FILE", help="cluster model for the analytic plan (default: cpu-gloo-local on CPU)")
@@ -42,7 +47,13 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     from cfp.bench import bench
 
+    from cfp.bench import DEFAULT_PLANS
+
     plans = [p.strip() for p in args.plans.split(",") if p.strip()] if args.plans else None
+    variants = [v for v, on in (("interpreted", args.interpreted), ("compiled", args.compile)) if on]
+    if variants:
+        names = plans or list(DEFAULT_PLANS)
+        plans = names + [f"{n}+{v}" for v in variants for n in names if "+" not in n]
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("profiling (real)", total=None)
@@ -54,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
             bar.update(task, total=total, completed=done, description="training steps, plans interleaved")
 
         result = bench(model_spec(args), args.mesh, plans, steps=args.steps, warmup=args.warmup, cluster=args.cluster,
-                       lr=args.lr, timeout_s=args.timeout, progress=on_profile, on_step=on_step)
+                       lr=args.lr, timeout_s=args.timeout, progress=on_profile, on_step=on_step, single=args.single)
     print_table(result)
     if args.csv:
         result.to_csv(args.csv)
@@ -66,21 +77,30 @@ def run(args: argparse.Namespace) -> None:
 def print_table(result) -> None:
     mesh = "x".join(map(str, result.mesh.shape))
     table = Table(title=f"{result.model} on mesh {mesh} ({result.device}), median of {result.steps} interleaved steps per plan")
-    for col in ("plan", "step time", "spread (IQR)", "fwd+bwd", "optimizer", "predicted", "error", "peak mem/rank", "vs cfp", "first loss"):
+    speedup = f"speedup (ideal {result.ideal_speedup}x)"
+    for col in ("plan", "step time", "spread (IQR)", "fwd+bwd", "optimizer", "predicted", "error", "peak mem/rank", "vs cfp", speedup,
+                "first loss"):
         table.add_column(col, justify="left" if col == "plan" else "right")
     for row in result.table.to_dict("records"):
+        predicted = row["predicted_step_s"] == row["predicted_step_s"]  # NaN for the single row
         table.add_row(
             row["plan"], human_time(row["median_step_s"]), human_time(row["iqr_step_s"]), human_time(row["fwd_bwd_s"]),
-            human_time(row["optimizer_s"]), f"{human_time(row['predicted_step_s'])} (opt {human_time(row['predicted_optimizer_s'])})",
-            f"{row['prediction_error'] * 100:+.1f}%",
-            human_bytes(row["peak_mem_bytes"]), f"{row['ratio_to_cfp']:.2f}x", f"{row['first_loss']:.4f}",
+            human_time(row["optimizer_s"]),
+            f"{human_time(row['predicted_step_s'])} (opt {human_time(row['predicted_optimizer_s'])})" if predicted else "-",
+            f"{row['prediction_error'] * 100:+.1f}%" if predicted else "-",
+            human_bytes(row["peak_mem_bytes"]), f"{row['ratio_to_cfp']:.2f}x",
+            f"{row['speedup']:.2f}x" if row["speedup"] == row["speedup"] else "-", f"{row['first_loss']:.4f}",
         )
     console.print(table)
     for row in result.table.to_dict("records"):
-        console.print(f"[dim]{row['plan']}: {row['configs']}[/]", highlight=False)
+        if row["configs"]:
+            console.print(f"[dim]{row['plan']}: {row['configs']}[/]", highlight=False)
     for name, why in result.skipped.items():
         console.print(f"[dim]{name}: not run, {why}[/]")
     console.print(
         "[dim]step time: the slowest rank, barrier to end of the optimizer step; predicted: the profiled cost model for every plan; "
-        "(opt: its AdamW part); error: predicted / measured - 1; vs cfp: step time / cfp's. Equal first losses show every plan computes the same model.[/]"
+        "(opt: its AdamW part); error: predicted / measured - 1; vs cfp: step time / cfp's; speedup: single's step time / the plan's, "
+        "single being the plain model in one process with all the ranks' threads (one GPU), ideally the number of ranks; "
+        "+interpreted: run on the DTensor interpreter, +compiled: lowered programs compiled by inductor. "
+        "Equal first losses show every plan computes the same model.[/]"
     )
