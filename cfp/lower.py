@@ -70,12 +70,14 @@ def _signature(value) -> tuple:
     return ("value", value)
 
 
-def _compilers(compile: bool) -> dict[str, Callable]:
+def _compilers(compile: bool) -> dict[str, Any]:
+    """AOTAutograd's compilers: the traced GraphModules themselves, or inductor's (with its decompositions)."""
     if compile:
         from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.decomposition import select_decomp_table
 
-        return {"fw_compiler": compile_fx_inner, "bw_compiler": compile_fx_inner}
-    from functorch.compile import nop  # the traced GraphModule itself, run by fx
+        return {"fw_compiler": compile_fx_inner, "bw_compiler": compile_fx_inner, "decompositions": select_decomp_table()}
+    from functorch.compile import nop
 
     return {"fw_compiler": nop, "bw_compiler": nop}
 
@@ -118,6 +120,15 @@ class LoweredForward:
             values.update(zip(module._user_inputs, inputs))
             return module.interpret(values)
 
-        compilers = _compilers(self.compile)
-        keep = lambda kind: (lambda gm, example: (self.graphs.__setitem__(kind, gm), compilers[kind](gm, example))[1])
-        return aot_function(step, fw_compiler=keep("fw_compiler"), bw_compiler=keep("bw_compiler"))
+        options = _compilers(self.compile)
+
+        def keeping(kind: str, compiler: Callable) -> Callable:
+            def compile_and_keep(gm: torch.fx.GraphModule, example_inputs):
+                self.graphs[kind] = gm
+                return compiler(gm, example_inputs)
+
+            return compile_and_keep
+
+        options["fw_compiler"] = keeping("forward", options["fw_compiler"])
+        options["bw_compiler"] = keeping("backward", options["bw_compiler"])
+        return aot_function(step, **options)
