@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def _strided_shard_offsets_outside_trace():
+def strided_shard_offsets_outside_trace():
     """Compute ``_StridedShard``'s shard offsets eagerly while tracing.
 
     Redistributing a ``_StridedShard`` (what DTensor's view rules make of a
@@ -70,16 +70,17 @@ def _signature(value) -> tuple:
     return ("value", value)
 
 
-def _compilers(compile: bool) -> dict[str, Any]:
+def aot_options(compile: bool) -> dict[str, Any]:
     """AOTAutograd's compilers: the traced GraphModules themselves, or inductor's (with its decompositions)."""
     if compile:
         from torch._inductor.compile_fx import compile_fx_inner
         from torch._inductor.decomposition import select_decomp_table
 
         return {"fw_compiler": compile_fx_inner, "bw_compiler": compile_fx_inner, "decompositions": select_decomp_table()}
-    from functorch.compile import nop
-
-    return {"fw_compiler": nop, "bw_compiler": nop}
+    # The traced GraphModule's own forward, called as a function: no nn.Module call machinery each step
+    # (and no module hooks, which CommDebugMode's module tracker would trip over).
+    run_traced = lambda gm, example_inputs: gm.forward
+    return {"fw_compiler": run_traced, "bw_compiler": run_traced}
 
 
 class LoweredForward:
@@ -100,7 +101,7 @@ class LoweredForward:
         program = self.programs.get(key)
         if program is None:
             program = self.programs[key] = self._trace(names)
-            with _strided_shard_offsets_outside_trace():  # the first call traces
+            with strided_shard_offsets_outside_trace():  # the first call traces
                 return program(params, buffers, list(inputs))
         return program(params, buffers, list(inputs))
 
@@ -120,7 +121,7 @@ class LoweredForward:
             values.update(zip(module._user_inputs, inputs))
             return module.interpret(values)
 
-        options = _compilers(self.compile)
+        options = aot_options(self.compile)
 
         def keeping(kind: str, compiler: Callable) -> Callable:
             def compile_and_keep(gm: torch.fx.GraphModule, example_inputs):

@@ -8,7 +8,9 @@ there are many.
 
 A row is keyed by ``KEY`` (block class hash or ``transition``, config,
 shape key, mesh, device kind, backend, cluster model for emulated rows,
-dtype, torch version, store schema). Rows from another torch version or
+runtime (lowered, compiled or interpreted programs; rows from before the
+runtime was recorded are ``interpreted``), dtype, torch version, store
+schema). Rows from another torch version or
 schema are never reused (a warning says how many were skipped); a file that
 cannot be read is reported, renamed to ``*.corrupt`` and its rows
 re-measured.
@@ -33,7 +35,7 @@ from cfp.errors import CFPError
 SCHEMA = 6  # 2: optimizer_s in total_s, comm_s measured on the real backend; 3: total_s is the slowest rank's whole iteration;
 # 4: the upstream gradients are made outside the timed backward, an optimizer call's fixed cost is taken off;
 # 5, 6: gradients sent to producing blocks are placed like the inputs (in backward)
-KEY = ["kind", "class_id", "config", "shape_key", "mesh", "device_kind", "backend", "cluster", "dtype", "torch_version", "schema"]
+KEY = ["kind", "class_id", "config", "shape_key", "mesh", "device_kind", "backend", "cluster", "runtime", "dtype", "torch_version", "schema"]
 VALUES = [
     "status", "error", "forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s",
     "total_iqr_s", "iters", "memory_bytes", "memory_source", "collectives", "comm_bytes", "measured_at",
@@ -74,6 +76,8 @@ class ProfileStore:
         for part in parts:
             try:
                 df = pd.read_parquet(part)
+                if "runtime" not in df.columns:  # rows from before lowering timed the DTensor interpreter
+                    df["runtime"] = "interpreted"
                 missing = [c for c in KEY + VALUES if c not in df.columns]
                 if missing:
                     raise ValueError(f"missing columns {missing[:4]}")
@@ -152,7 +156,7 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
         df[col] = df[col].astype("float64")
     for col in ("iters", "memory_bytes", "collectives", "comm_bytes"):
         df[col] = df[col].fillna(0).astype("int64")
-    for col in ("error", "memory_source", "cluster"):
+    for col in ("error", "memory_source", "cluster", "runtime"):
         df[col] = df[col].fillna("").astype(str)
     df["schema"] = df["schema"].astype("int64")
     return df
