@@ -79,8 +79,11 @@ def aot_options(compile: bool) -> dict[str, Any]:
         return {"fw_compiler": compile_fx_inner, "bw_compiler": compile_fx_inner, "decompositions": select_decomp_table()}
     # The traced GraphModule's own forward, called as a function: no nn.Module call machinery each step
     # (and no module hooks, which CommDebugMode's module tracker would trip over).
+    from functorch.compile import make_boxed_func
+
     run_traced = lambda gm, example_inputs: gm.forward
-    return {"fw_compiler": run_traced, "bw_compiler": run_traced}
+    # AOTAutograd calls the backward with one list of arguments (boxed), the forward unpacked.
+    return {"fw_compiler": run_traced, "bw_compiler": lambda gm, example_inputs: make_boxed_func(gm.forward)}
 
 
 class LoweredForward:
