@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -333,9 +333,9 @@ def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
 
 def bench(model: str | ModelSpec, mesh: str | MeshSpec, plans: list[str] | None = None, steps: int = 20, warmup: int = 3,
           cluster=None, lr: float = 1e-3, timeout_s: float = 600.0, progress=None, on_step=None,
-          single: bool = True) -> BenchResult:
+          single: bool = True, variants: Sequence[str] = ()) -> BenchResult:
     """``cfp.bench("gpt:small", "2")``: every plan in real interleaved training steps (see the module doc);
-    with ``single``, the plain model beside them."""
+    with ``single``, the plain model beside them; ``variants`` are more plans to run (``"cfp+interpreted"``)."""
     start = time.perf_counter()
     spec = model if isinstance(model, ModelSpec) else ModelSpec(str(model), device="cpu")
     if spec.device == "meta":
@@ -343,7 +343,8 @@ def bench(model: str | ModelSpec, mesh: str | MeshSpec, plans: list[str] | None 
     mesh = parse_mesh(mesh)
     if steps < 1:
         raise CFPError("cfp bench needs at least one timed step per plan (--steps).")
-    made, skipped = make_plans(spec, mesh, list(plans or DEFAULT_PLANS), cluster, progress, strict=plans is not None)
+    names = list(dict.fromkeys([*(plans or DEFAULT_PLANS), *variants]))
+    made, skipped = make_plans(spec, mesh, names, cluster, progress, strict=plans is not None)
     if not made:
         raise CFPError("No plan to bench.")
     raw = measure(spec, mesh, made, steps, warmup, lr, timeout_s, on_step, single)
