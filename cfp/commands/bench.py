@@ -47,9 +47,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from cfp.bench import bench
-
-    from cfp.bench import DEFAULT_PLANS
+    from cfp.bench import DEFAULT_PLANS, bench
 
     plans = [p.strip() for p in args.plans.split(",") if p.strip()] if args.plans else None
     first = (plans or DEFAULT_PLANS)[0]

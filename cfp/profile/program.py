@@ -219,9 +219,10 @@ class BlockProgram(_Timed):
         ``input_values``/``reduce_gradients`` do for the interpreted block
         and as the lowered training step does.
         """
+        from torch._functorch.aot_autograd import aot_function
+
         from cfp.lower import aot_options, strided_shard_offsets_outside_trace
         from cfp.parallelize import _GradPlacedLikeValue
-        from torch._functorch.aot_autograd import aot_function
 
         run = run_block(self.nodes, self.mesh, self.fixed, self.make_input)
         sent_back = {i.name for i in self.block.inputs if i.producer is not None or i.name in self.traced.params}
