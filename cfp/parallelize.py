@@ -25,6 +25,11 @@ interprets the exported graph in order:
 Every rank passes the same global inputs; plain tensors are distributed per
 the plan without communication (each rank keeps its own shard), and DTensor
 inputs are redistributed.
+
+That is ``ParallelModule.interpret``, the definition of a step. By default
+it runs lowered: ``cfp.lower`` traces it once with AOTAutograd into a
+forward and a backward program of local ops and functional collectives,
+and each step runs those (see there).
 """
 
 from __future__ import annotations
@@ -319,6 +324,11 @@ def parallelize(
     inputs to capture with; by default the plan's model spec is built on
     ``meta`` for them (same shapes). A plan made for another model (graph
     structure, shapes or parameter names differ) is refused.
+
+    ``lowered`` (default) runs each step as the local programs AOTAutograd
+    traces from the DTensor interpreter (``cfp.lower``); ``lowered=False``
+    runs the interpreter itself, for debugging and comparison. ``compile``
+    compiles the lowered programs with inductor.
     """
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
