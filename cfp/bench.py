@@ -4,6 +4,9 @@
    are reused), and each plan is made: ``cfp`` (the ILP over those profiles),
    ``analytic`` (the same ILP over the Alpa-style analytic cost model), the
    baselines of ``cfp.baselines``, and plan files given by path.
+   A plan name may carry a runtime variant: ``cfp+interpreted`` runs CFP's
+   plan on the DTensor interpreter instead of the lowered programs,
+   ``cfp+compiled`` its lowered programs compiled by inductor.
 2. Every plan's predicted step time is the profiled cost model's, so the
    plans are predicted, and the prediction checked, by one yardstick. Where
    ``cfp plan --validate`` has stored measurements of this model, the
@@ -14,7 +17,12 @@
    order rotating each round, so machine noise hits every plan alike. A step's
    time is the slowest rank's, from a barrier to the end of the optimizer
    step; the first ``warmup`` rounds are not counted.
-4. Peak memory per rank comes from one more step per plan: CUDA's allocator
+4. The ``single`` row is the plain model, not parallelised, in this process
+   on the same global batch with as many threads as all ranks together (on
+   GPUs: one GPU); its steps take their turn in the same rotation. Each
+   plan's ``speedup`` is single's step time over the plan's; the ideal is the
+   number of ranks.
+5. Peak memory per rank comes from one more step per plan: CUDA's allocator
    peak on GPUs, ``MemTracker`` (every live tensor's storage) on CPU. It is
    shown beside the plan's predicted per-device memory (parameters,
    gradients, optimizer state, activations, as the ILP counts them for the
@@ -31,7 +39,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -42,10 +50,13 @@ from cfp.plan import Plan, make_plan
 from cfp.spec import ModelSpec
 
 DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "fsdp", "fsdp+tp", "analytic")
+SINGLE = "single"
+VARIANTS = {"interpreted": {"lowered": False}, "compiled": {"compile": True}}  # plan name suffixes: cfp+interpreted
 COLUMNS = [
     "plan", "median_step_s", "iqr_step_s", "min_step_s", "max_step_s", "fwd_bwd_s", "optimizer_s",
     "predicted_step_s", "predicted_optimizer_s", "prediction_error", "raw_predicted_step_s", "raw_prediction_error",
-    "peak_mem_bytes", "predicted_mem_bytes", "mem_error", "ratio_to_cfp", "first_loss", "configs", "layout", "steps",
+    "peak_mem_bytes", "predicted_mem_bytes", "mem_error", "ratio_to_cfp", "speedup", "first_loss", "configs", "layout",
+    "steps",
 ]
 
 
@@ -57,6 +68,16 @@ class BenchPlan:
     predicted_optimizer_s: float  # the AdamW steps of its blocks, part of predicted_s
     predicted_mem_bytes: int = 0  # per device, as the ILP counts it
     raw_predicted_s: float = math.nan  # before the correction learnt from validations (cfp.correction)
+    lowered: bool = True  # run as lowered local programs (False: the DTensor interpreter)
+    compile: bool = False  # the lowered programs compiled by inductor
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """``"cfp+interpreted"`` -> ``("cfp", {"lowered": False})``; a name without a variant -> ``(name, {})``."""
+    base, plus, variant = name.rpartition("+")
+    if plus and base and variant in VARIANTS:
+        return base, VARIANTS[variant]
+    return name, {}  # "fsdp+tp" is a baseline's own name
 
 
 @dataclass
@@ -68,6 +89,7 @@ class BenchResult:
     steps: int
     wall_s: float
     skipped: dict[str, str] = field(default_factory=dict)  # plan -> why it was not run
+    ideal_speedup: int = 1  # the number of ranks
 
     def to_csv(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +128,8 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
     from cfp.profile import analyze_for_profile
     from cfp.solve import evaluate
 
+    variants = {name: split_variant(name) for name in names}
+    names = list(dict.fromkeys(base for base, _ in variants.values()))
     for name in names:
         if name not in ("cfp", "analytic", *baselines.BASELINES) and not name.endswith(".json"):
             raise CFPError(f"Unknown plan {name!r}: use cfp, analytic, {', '.join(baselines.BASELINES)} or a plan file (.json).")
@@ -116,7 +140,7 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         raise CFPError("; ".join(f"The {n} baseline does not apply to this model: {why}" for n, why in skipped.items()) + ".")
     choices = {name: _choice_of(plan, graph) for name, plan in files.items()}  # refuses a plan for another model
     profiled = cost_model(graph, "profiled", None, "real", spec, progress)
-    made = []
+    made = {}
     for name in names:
         if name in skipped:
             continue
@@ -136,9 +160,14 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         optimizer = sum(profiled.block_phase_s(b.class_id, c, "optimizer") for b, c in zip(graph.blocks, configs))
         raw = evaluate(graph, uncorrected(profiled), choice, None, *layout_of(plan)).total_s
         ev = evaluate(graph, profiled, choice, None, *layout_of(plan))
-        made.append(BenchPlan(Path(name).stem if name in files else name, plan, ev.total_s, optimizer,
-                              predicted_mem_bytes=ev.memory.total, raw_predicted_s=raw))
-    return made, skipped
+        made[name] = BenchPlan(Path(name).stem if name in files else name, plan, ev.total_s, optimizer,
+                               predicted_mem_bytes=ev.memory.total, raw_predicted_s=raw)
+    runs = []
+    for full, (base, variant) in variants.items():
+        if base in made:
+            name = made[base].name + full[len(base):]
+            runs.append(dataclasses.replace(made[base], name=name, **variant))
+    return runs, skipped
 
 
 # --------------------------------------------------------------------------
@@ -164,14 +193,15 @@ def bench_rank_init(rank: int, world: int, spec: ModelSpec, device_type: str):
     return BenchContext(dataclasses.replace(spec, device=device), device), {"rank": rank}
 
 
-def setup_plans(ctx: BenchContext, plans: list[dict], lr: float) -> int:
-    """Build the model once per plan (same seed, same weights) and parallelize it."""
+def setup_plans(ctx: BenchContext, plans: list[tuple[dict, bool, bool]], lr: float) -> int:
+    """Build the model once per plan (same seed, same weights) and parallelize it (lowered, compiled as asked)."""
     from cfp.parallelize import parallelize
     from cfp.spec import build
 
-    for data in plans:
+    for data, lowered, compile in plans:
         workload = build(ctx.spec)
-        model = parallelize(workload.model, Plan.from_json(data), mesh=ctx.mesh, example_inputs=workload.inputs)
+        model = parallelize(workload.model, Plan.from_json(data), mesh=ctx.mesh, example_inputs=workload.inputs,
+                            lowered=lowered, compile=compile)
         ctx.models.append(model)
         ctx.optimizers.append(torch.optim.AdamW(model.parameters(), lr=lr))
         ctx.inputs = tuple(t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in workload.inputs)
@@ -189,7 +219,8 @@ def train_step(ctx: BenchContext, i: int) -> dict:
 
     model, opt = ctx.models[i], ctx.optimizers[i]
     _sync(ctx)
-    dist.barrier()
+    if ctx.mesh is not None:  # the single-process model has no group to wait for
+        dist.barrier()
     start = time.perf_counter()
     loss = model(*ctx.inputs)
     loss.backward()
@@ -224,8 +255,10 @@ def peak_memory(ctx: BenchContext, i: int) -> int:
 
 
 def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int, warmup: int, lr: float = 1e-3,
-            timeout_s: float = 600.0, on_step: Callable | None = None, memory: bool = True) -> dict[str, dict]:
-    """Interleaved training steps of every plan on one worker pool; raw results per plan.
+            timeout_s: float = 600.0, on_step: Callable | None = None, memory: bool = True,
+            single: bool = True) -> dict[str, dict]:
+    """Interleaved training steps of every plan on one worker pool (and of the plain model in this
+    process, with ``single``); raw results per plan.
 
     ``cfp bench`` and ``cfp plan --validate`` both time plans with this; ``memory``
     adds the peak-memory step of each plan.
@@ -233,23 +266,31 @@ def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int,
     from cfp.profile.real import WorkerPool
 
     device_type = "cuda" if str(spec.device).startswith("cuda") else "cpu"
-    raw = {p.name: {"steps": [], "peak_mem_bytes": 0} for p in plans}
+    names = [p.name for p in plans] + ([SINGLE] if single else [])
+    raw = {name: {"steps": [], "peak_mem_bytes": 0} for name in names}
     with WorkerPool(mesh, bench_rank_init, (spec, device_type), device_type, start_timeout_s=timeout_s) as pool:
-        pool.run(setup_plans, ([p.plan.to_json() for p in plans], lr), "building the model under every plan", timeout_s)
+        setup = [(p.plan.to_json(), p.lowered, p.compile) for p in plans]
+        pool.run(setup_plans, (setup, lr), "building the model under every plan", timeout_s)
+        alone = _single_context(spec, lr, pool.threads * pool.world) if single else None
         rounds = warmup + steps
         for r in range(rounds):
-            for k in range(len(plans)):
-                i = (r + k) % len(plans)  # rotate who goes first
-                ranks = pool.run(train_step, (i,), f"a training step of the {plans[i].name} plan", timeout_s)
+            for k in range(len(names)):
+                i = (r + k) % len(names)  # rotate who goes first
+                if names[i] == SINGLE:
+                    ranks = [_with_threads(alone.threads, train_step, alone, 0)]
+                else:
+                    ranks = pool.run(train_step, (i,), f"a training step of the {names[i]} plan", timeout_s)
                 slowest = max(ranks, key=lambda x: x["step_s"])
                 if r == 0:
-                    raw[plans[i].name]["first_loss"] = ranks[0]["loss"]
+                    raw[names[i]]["first_loss"] = ranks[0]["loss"]
                 if r >= warmup:
-                    raw[plans[i].name]["steps"].append(slowest)
+                    raw[names[i]]["steps"].append(slowest)
                 if on_step:
-                    on_step(r * len(plans) + k + 1, rounds * len(plans))
+                    on_step(r * len(names) + k + 1, rounds * len(names))
         for i, p in enumerate(plans if memory else ()):
             raw[p.name]["peak_mem_bytes"] = max(pool.run(peak_memory, (i,), f"measuring the memory of the {p.name} plan", timeout_s))
+        if single:
+            raw[SINGLE]["peak_mem_bytes"] = _with_threads(alone.threads, peak_memory, alone, 0)
     return raw
 
 
@@ -259,41 +300,78 @@ def step_stats(steps: list[dict]) -> dict[str, float]:
     return {"median_step_s": float(times.median()), "iqr_step_s": float(times.quantile(0.75) - times.quantile(0.25))}
 
 
+@dataclass
+class _Single(BenchContext):
+    threads: int = 1
+
+
+def _single_context(spec: ModelSpec, lr: float, threads: int) -> _Single:
+    """The plain model and its AdamW in this process, on the first GPU or the CPU."""
+    from cfp.spec import build
+
+    device = "cuda:0" if str(spec.device).startswith("cuda") else "cpu"
+    ctx = _Single(dataclasses.replace(spec, device=device), device, threads=threads)
+    workload = build(ctx.spec)
+    ctx.models.append(workload.model)
+    ctx.optimizers.append(torch.optim.AdamW(workload.model.parameters(), lr=lr))
+    ctx.inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in workload.inputs)
+    return ctx
+
+
+def _with_threads(threads: int, fn: Callable, *args):
+    """``fn(*args)`` with ``threads`` intra-op threads (the ranks' together), then this process's own again."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
 def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
     rows = []
-    for p in plans:
-        steps = pd.DataFrame(raw[p.name]["steps"])
-        stats = step_stats(raw[p.name]["steps"])
+    for p in plans + ([None] if SINGLE in raw else []):
+        name = p.name if p is not None else SINGLE
+        steps = pd.DataFrame(raw[name]["steps"])
+        stats = step_stats(raw[name]["steps"])
         median = stats["median_step_s"]
+        predicted = p.predicted_s if p is not None else math.nan  # the cost model predicts parallel plans only
+        raw_predicted = p.raw_predicted_s if p is not None else math.nan
+        peak = raw[name]["peak_mem_bytes"]
+        predicted_mem = p.predicted_mem_bytes if p is not None else 0
         rows.append({
-            "plan": p.name,
+            "plan": name,
             **stats,
             "min_step_s": float(steps["step_s"].min()),
             "max_step_s": float(steps["step_s"].max()),
             "fwd_bwd_s": float(steps["fwd_bwd_s"].median()),
             "optimizer_s": float(steps["optimizer_s"].median()),
-            "predicted_step_s": p.predicted_s,
-            "predicted_optimizer_s": p.predicted_optimizer_s,
-            "prediction_error": p.predicted_s / median - 1 if median > 0 else math.nan,
-            "raw_predicted_step_s": p.raw_predicted_s,
-            "raw_prediction_error": p.raw_predicted_s / median - 1 if median > 0 else math.nan,
-            "peak_mem_bytes": raw[p.name]["peak_mem_bytes"],
-            "predicted_mem_bytes": p.predicted_mem_bytes,
-            "mem_error": p.predicted_mem_bytes / raw[p.name]["peak_mem_bytes"] - 1 if raw[p.name]["peak_mem_bytes"] else math.nan,
-            "first_loss": raw[p.name]["first_loss"],
-            "configs": " ".join(f"{c}x{n}" for c, n in p.plan.config_counts().items()),
-            "layout": " ".join(f"{c}x{n}" for c, n in p.plan.layout_counts().items()),
+            "predicted_step_s": predicted,
+            "predicted_optimizer_s": p.predicted_optimizer_s if p is not None else math.nan,
+            "prediction_error": predicted / median - 1 if median > 0 else math.nan,
+            "raw_predicted_step_s": raw_predicted,
+            "raw_prediction_error": raw_predicted / median - 1 if median > 0 else math.nan,
+            "peak_mem_bytes": peak,
+            "predicted_mem_bytes": predicted_mem,
+            "mem_error": predicted_mem / peak - 1 if peak and predicted_mem else math.nan,
+            "first_loss": raw[name]["first_loss"],
+            "configs": " ".join(f"{c}x{n}" for c, n in p.plan.config_counts().items()) if p is not None else "",
+            "layout": " ".join(f"{c}x{n}" for c, n in p.plan.layout_counts().items()) if p is not None else "",
             "steps": len(steps),
         })
     table = pd.DataFrame(rows)
     base = table.loc[table["plan"] == "cfp", "median_step_s"]
     table["ratio_to_cfp"] = table["median_step_s"] / float(base.iloc[0]) if len(base) else math.nan
+    single = table.loc[table["plan"] == SINGLE, "median_step_s"]
+    table["speedup"] = float(single.iloc[0]) / table["median_step_s"] if len(single) else math.nan
     return table[COLUMNS]
 
 
 def bench(model: str | ModelSpec, mesh: str | MeshSpec, plans: list[str] | None = None, steps: int = 20, warmup: int = 3,
-          cluster=None, lr: float = 1e-3, timeout_s: float = 600.0, progress=None, on_step=None, memory=None) -> BenchResult:
-    """``cfp.bench("gpt:small", "2")``: every plan in real interleaved training steps (see the module doc)."""
+          cluster=None, lr: float = 1e-3, timeout_s: float = 600.0, progress=None, on_step=None, memory=None,
+          single: bool = True, variants: Sequence[str] = ()) -> BenchResult:
+    """``cfp.bench("gpt:small", "2")``: every plan in real interleaved training steps (see the module doc);
+    with ``single``, the plain model beside them; ``variants`` are more plans to run (``"cfp+interpreted"``)."""
     start = time.perf_counter()
     spec = model if isinstance(model, ModelSpec) else ModelSpec(str(model), device="cpu")
     if spec.device == "meta":
@@ -301,9 +379,11 @@ def bench(model: str | ModelSpec, mesh: str | MeshSpec, plans: list[str] | None 
     mesh = parse_mesh(mesh)
     if steps < 1:
         raise CFPError("cfp bench needs at least one timed step per plan (--steps).")
-    made, skipped = make_plans(spec, mesh, list(plans or DEFAULT_PLANS), cluster, progress, strict=plans is not None, memory=memory)
+    names = list(dict.fromkeys([*(plans or DEFAULT_PLANS), *variants]))
+    made, skipped = make_plans(spec, mesh, names, cluster, progress, strict=plans is not None, memory=memory)
     if not made:
         raise CFPError("No plan to bench.")
-    raw = measure(spec, mesh, made, steps, warmup, lr, timeout_s, on_step)
+    raw = measure(spec, mesh, made, steps, warmup, lr, timeout_s, on_step, single=single)
     device = torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else "cpu"
-    return BenchResult(summarize(made, raw), spec.describe(), mesh, device, steps, time.perf_counter() - start, skipped)
+    return BenchResult(summarize(made, raw), spec.describe(), mesh, device, steps, time.perf_counter() - start, skipped,
+                       ideal_speedup=mesh.size)

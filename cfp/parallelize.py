@@ -44,6 +44,11 @@ The plan's ``storage`` and per-block ``recompute`` are applied too
   per contiguous run of its ops), its gathers included;
 - values are freed after their last use, as ``torch.fx.Interpreter`` does,
   so what stays alive is what autograd saves.
+
+That is ``ParallelModule.interpret``, the definition of a step. By default
+it runs lowered: ``cfp.lower`` traces it once with AOTAutograd into a
+forward and a backward program of local ops and functional collectives,
+and each step runs those (see there).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
 from cfp.errors import CFPError
+from cfp.lower import LoweredForward
 from cfp.plan import Plan, spec_json, block_entry, parameter_placements
 from cfp.program import BlockRun, Placements, _call, grad_placements
 from cfp.propagate import parse_placement
@@ -185,7 +191,7 @@ class _GradPlacedLikeValue(torch.autograd.Function):
 class ParallelModule(nn.Module):
     """The model's exported training step on DTensors, per a CFP plan (made by ``parallelize``)."""
 
-    def __init__(self, traced: TracedModel, plan: Plan, mesh: DeviceMesh, model: nn.Module):
+    def __init__(self, traced: TracedModel, plan: Plan, mesh: DeviceMesh, model: nn.Module, lowered: bool = True, compile: bool = False):
         super().__init__()
         self.mesh = mesh
         self.plan = plan
@@ -263,6 +269,10 @@ class ParallelModule(nn.Module):
             if param.requires_grad:
                 param.register_post_accumulate_grad_hook(self._reduce_grad)
 
+        if compile and not lowered:
+            raise CFPError("compile=True compiles the lowered programs; it needs lowered=True.")
+        self._lowered = LoweredForward(self, compile) if lowered else None
+
     def _reduce_grad(self, param: nn.Parameter) -> None:
         grad = param.grad
         if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(param.placements):
@@ -289,9 +299,10 @@ class ParallelModule(nn.Module):
                 self._regather.register(gathered, value, compute)
             return gathered
         if isinstance(value, DTensor):
-            is_param = isinstance(value, nn.Parameter)  # its gradient is reduced as it accumulates
+            # A parameter's gradient is brought to its placements once, where all its uses have summed it.
             if tuple(value.placements) != placements:
                 value = value.redistribute(self.mesh, placements)
+            is_param = name in self._param_of
             return _GradPlacedLikeValue.apply(value) if value.requires_grad and not is_param else value
         # A plain tensor is the same on every rank: each keeps its shard, no communication.
         return distribute_tensor(value, self.mesh, placements, src_data_rank=None)
@@ -308,20 +319,22 @@ class ParallelModule(nn.Module):
     def forward(self, *inputs):
         if len(inputs) != len(self._user_inputs):
             raise TypeError(f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), got {len(inputs)}")
+        if self._lowered is not None:
+            return self._lowered(*inputs)
+        values = {name: param for name, param in self._param_of.items()}
+        values.update({name: getattr(self, attr) for name, attr in self._buffer_of.items()})
+        values.update(zip(self._user_inputs, inputs))
+        return self.interpret(values)
+
+    def interpret(self, values: Mapping[str, Any]):
+        """Run the exported graph on DTensors, from ``values`` of its placeholders (parameters,
+        buffers, user inputs; a placeholder left out is one the graph does not read)."""
         env: dict[str, Any] = {}
-        user = dict(zip(self._user_inputs, inputs))
         entered: dict[tuple[int, str], Any] = {}  # (block, value) -> the value as that block reads it
         buffer_versions: dict[tuple[int, str], tuple] = {}  # (block, buffer) -> (its copy, version counter on entry)
         run = BlockRun(values=env, input_placements={})
         for node in self._schedule.placeholders:
-            if node.name in self._param_of:
-                env[node.name] = self._param_of[node.name]
-            elif node.name in self._buffer_of:
-                env[node.name] = getattr(self, self._buffer_of[node.name])
-            elif node.name in user:
-                env[node.name] = user[node.name]
-            else:
-                env[node.name] = None  # a placeholder the graph does not read (e.g. a tied alias)
+            env[node.name] = values.get(node.name)
         with self._regather.hooks():
             for step in self._schedule.steps:
                 if step.recompute:
@@ -393,6 +406,8 @@ def parallelize(
     mesh: DeviceMesh | None = None,
     example_inputs: tuple | None = None,
     traced: TracedModel | None = None,
+    lowered: bool = True,
+    compile: bool = False,
 ) -> ParallelModule:
     """The model as a module whose forward runs the plan with DTensor (see the module docstring).
 
@@ -402,6 +417,11 @@ def parallelize(
     inputs to capture with; by default the plan's model spec is built on
     ``meta`` for them (same shapes). A plan made for another model (graph
     structure, shapes or parameter names differ) is refused.
+
+    ``lowered`` (default) runs each step as the local programs AOTAutograd
+    traces from the DTensor interpreter (``cfp.lower``); ``lowered=False``
+    runs the interpreter itself, for debugging and comparison. ``compile``
+    compiles the lowered programs with inductor.
     """
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
@@ -421,4 +441,4 @@ def parallelize(
         traced = capture(Workload(spec=spec or ModelSpec("<model>"), model=model, inputs=example_inputs))
     plan.check_matches(traced)
     mesh = _mesh_for(plan, mesh, device_type)
-    return ParallelModule(traced, plan, mesh, model)
+    return ParallelModule(traced, plan, mesh, model, lowered=lowered, compile=compile)

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     ap.add_argument("--period", type=int, default=16, help="period of the synthetic token pattern")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="rank 0 writes the loss curve here")
+    ap.add_argument("--interpreted", action="store_true", help="run the plan on the DTensor interpreter, not lowered")
+    ap.add_argument("--compile", action="store_true", help="compile the lowered programs with inductor")
     return ap.parse_args(argv)
 
 
@@ -104,7 +106,7 @@ def train(args) -> int:
     dist.init_process_group("nccl" if cuda else "gloo")
 
     workload = cfp.build(spec_of(plan, device=device))  # every rank builds the same (seeded) weights
-    model = parallelize(workload.model, plan, example_inputs=workload.inputs)
+    model = parallelize(workload.model, plan, example_inputs=workload.inputs, lowered=not args.interpreted, compile=args.compile)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)  # the same global batch on every rank
     if rank == 0:

@@ -25,10 +25,13 @@ def test_summary_columns_ratios_and_errors():
     raw = {
         "cfp": {"steps": steps([0.010, 0.012, 0.009]), "peak_mem_bytes": 100, "first_loss": 5.5},
         "dp": {"steps": steps([0.020, 0.022, 0.040]), "peak_mem_bytes": 200, "first_loss": 5.5},
+        "single": {"steps": steps([0.015, 0.016, 0.014]), "peak_mem_bytes": 300, "first_loss": 5.5},
     }
     table = summarize(plans, raw)
     assert list(table.columns) == COLUMNS
-    cfp_row, dp_row = table.iloc[0], table.iloc[1]
+    cfp_row, dp_row, single_row = table.iloc[0], table.iloc[1], table.iloc[2]
+    assert single_row["plan"] == "single" and math.isnan(single_row["predicted_step_s"])
+    assert cfp_row["speedup"] == pytest.approx(1.5) and single_row["speedup"] == 1.0
     assert cfp_row["median_step_s"] == pytest.approx(0.010)
     assert cfp_row["prediction_error"] == pytest.approx(0.1)
     assert dp_row["ratio_to_cfp"] == pytest.approx(2.2)
@@ -39,25 +42,29 @@ def test_summary_columns_ratios_and_errors():
 
 
 def test_bench_runs_every_plan(tmp_path, monkeypatch):
-    """Real profiles, real steps: one CSV row per plan, equal first losses (same weights, same batch, same model),
-    also without warm-up steps."""
+    """Real profiles, real steps: one CSV row per plan, CFP's also on the DTensor interpreter, and the plain model's;
+    equal first losses (same weights, same batch, same model), also without warm-up steps."""
     monkeypatch.setenv("CFP_PROFILE_DIR", str(tmp_path / "store"))
     plan_file = tmp_path / "megatron.json"
     assert main(["plan", "gpt:tiny", "--mesh", "2", "--cost", "analytic", "--cluster", "cpu-gloo-local", "--baseline", "megatron", "-o", str(plan_file)]) == 0
     csv = tmp_path / "bench.csv"
-    args = ["bench", "gpt:tiny", "--mesh", "2", "--plans", f"cfp,dp,fsdp,analytic,{plan_file}", "--steps", "3", "--warmup", "0", "--csv", str(csv)]
+    args = ["bench", "gpt:tiny", "--mesh", "2", "--plans", f"cfp,dp,fsdp,analytic,{plan_file},cfp+interpreted", "--steps", "3",
+            "--warmup", "0", "--csv", str(csv)]
     assert main(args) == 0
     table = pd.read_csv(csv)
-    assert list(table["plan"]) == ["cfp", "dp", "fsdp", "analytic", "megatron"]
-    for col in ("plan", "median_step_s", "predicted_step_s", "peak_mem_bytes", "predicted_mem_bytes", "mem_error"):
+    assert list(table["plan"]) == ["cfp", "dp", "fsdp", "analytic", "megatron", "cfp+interpreted", "single"]
+    for col in ("plan", "median_step_s", "predicted_step_s", "peak_mem_bytes", "predicted_mem_bytes", "mem_error", "speedup"):
         assert col in table.columns
-    assert (table["median_step_s"] > 0).all() and (table["predicted_step_s"] > 0).all() and (table["peak_mem_bytes"] > 0).all()
-    assert (table["predicted_mem_bytes"] > 0).all()
+    assert (table["median_step_s"] > 0).all() and (table["peak_mem_bytes"] > 0).all()
+    assert (table["predicted_step_s"][:-1] > 0).all() and math.isnan(table["predicted_step_s"].iloc[-1])
+    assert (table["predicted_mem_bytes"][:-1] > 0).all()
     assert table.loc[2, "layout"].startswith("zero3x")  # fsdp stores parameters sharded
     assert (table["steps"] == 3).all()
     assert table.loc[0, "ratio_to_cfp"] == 1.0
     assert table["first_loss"].max() - table["first_loss"].min() < 1e-4
-    assert all(math.isfinite(e) for e in table["prediction_error"])
+    plans = table[table["plan"] != "single"]
+    assert all(math.isfinite(e) for e in plans["prediction_error"])
+    assert (table["speedup"] > 0).all() and table.loc[6, "speedup"] == 1.0
 
 
 def test_bench_refuses_a_baseline_that_does_not_apply(tmp_path, monkeypatch):
@@ -66,3 +73,5 @@ def test_bench_refuses_a_baseline_that_does_not_apply(tmp_path, monkeypatch):
         cfp.bench("gpt:tiny", "2", plans=["expert"], steps=1)
     with pytest.raises(cfp.CFPError, match="Unknown plan"):
         cfp.bench("gpt:tiny", "2", plans=["fastest"], steps=1)
+    with pytest.raises(cfp.CFPError, match="Unknown plan variant"):
+        cfp.bench("gpt:tiny", "2", plans=["cfp+fast"], steps=1)

@@ -1,8 +1,9 @@
 """cfp.parallelize: a plan applied with DTensor computes the single-device model's loss,
-gradients and optimizer step, on a real 2-rank gloo group.
+gradients and optimizer step, on a real 2-rank gloo group, both lowered to local programs
+(the default) and interpreted on DTensors.
 
 Plans are made in this process (analysis runs over the fake process group);
-one spawn of two ranks then checks every (model, plan) pair.
+one spawn of two ranks then checks every (model, plan, path) triple.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cfp
 from cfp.analyze import analyze
@@ -104,15 +107,28 @@ def _reference(model_spec):
     return ref
 
 
-def _check(model, plan_name, plan_file, ref, opt_name) -> tuple[list[str], dict]:
+class DTensorOps(TorchDispatchMode):
+    """The ops dispatched with a DTensor operand."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _check(model, plan_name, plan_file, ref, opt_name, lowered) -> tuple[list[str], dict]:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     errors, stats = [], {"loss_diff": 0.0, "grad_diff": 0.0, "param_diff": 0.0}
     w = cfp.build(spec(model))
     if plan_name == "random":  # example inputs from the plan's model spec
-        pm = parallelize(w.model, plan_file)
+        pm = parallelize(w.model, plan_file, lowered=lowered)
     else:
-        pm = parallelize(w.model, plan_file, example_inputs=w.inputs)
+        pm = parallelize(w.model, plan_file, example_inputs=w.inputs, lowered=lowered)
     stats["configs"] = cfp.Plan.load(plan_file).config_counts()
     stats["stored_sharded"] = sum(1 for p in pm.parameters() if any(s.is_shard() for s in p.placements))
     stats["checkpoint_regions"] = sum(step.recompute for step in pm._schedule.steps)
@@ -147,6 +163,14 @@ def _check(model, plan_name, plan_file, ref, opt_name) -> tuple[list[str], dict]
         stats["param_diff"] = max(stats["param_diff"], diff)
         if not ok:
             errors.append(f"{fqn}: after a {opt_name} step the parameter differs by {diff:.3g}")
+    if lowered:  # a second step runs the lowered programs: no DTensor op is dispatched in it
+        opt.zero_grad(set_to_none=True)
+        with DTensorOps() as seen:
+            pm(*inputs).backward()
+        # ... but autograd's AccumulateGrad, which detaches each parameter's gradient as it stores it
+        ops = [op for op in seen.ops if op != "aten.detach.default"]
+        if ops or len(seen.ops) > len(params):
+            errors.append(f"the lowered step dispatched {len(seen.ops)} DTensor ops: {sorted(set(seen.ops))[:5]}")
     return errors, stats
 
 
@@ -163,14 +187,15 @@ def _worker(rank: int, world: int, port: int, plans: dict, out_dir: str) -> None
         for model, files in plans.items():
             ref = _reference(spec(model))
             for i, (name, plan_file) in enumerate(sorted(files.items())):
-                opt_name = "adam" if i % 2 else "sgd"
-                start = time.perf_counter()
-                try:
-                    errors, stats = _check(model, name, plan_file, ref, opt_name)
-                except Exception as exc:  # reported, not hung: the other rank fails at the same op
-                    errors, stats = [f"{type(exc).__name__}: {exc}"], {}
-                stats.update(seconds=round(time.perf_counter() - start, 2), optimizer=opt_name)
-                results[f"{model} {name}"] = {"errors": errors, "stats": stats}
+                for lowered in (True, False):
+                    opt_name = "adam" if (i + lowered) % 2 else "sgd"  # each plan steps both, one per path
+                    start = time.perf_counter()
+                    try:
+                        errors, stats = _check(model, name, plan_file, ref, opt_name, lowered)
+                    except Exception as exc:  # reported, not hung: the other rank fails at the same op
+                        errors, stats = [f"{type(exc).__name__}: {exc}"], {}
+                    stats.update(seconds=round(time.perf_counter() - start, 2), optimizer=opt_name)
+                    results[f"{model} {name} {'lowered' if lowered else 'interpreted'}"] = {"errors": errors, "stats": stats}
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f, indent=1)
@@ -196,10 +221,10 @@ def test_plans_match_single_device(plans, tmp_path):
     problems = []
     for r in range(world):
         results = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert len(results) == sum(len(f) for f in plans.values())
+        assert len(results) == 2 * sum(len(f) for f in plans.values())
         for key, res in results.items():
             print(f"rank {r} {key}: {res['stats']}")
-            if key.endswith("random") and "configs" in res["stats"]:
+            if " random " in key and "configs" in res["stats"]:
                 assert len(res["stats"]["configs"]) >= 2, f"{key} is not a mixed plan: {res['stats']['configs']}"
             if key.split()[1] in ("zero1", "zero2", "zero3", "fsdp") and not res["errors"]:
                 assert res["stats"]["stored_sharded"] > 0, f"{key} stores no parameter sharded"

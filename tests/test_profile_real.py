@@ -39,17 +39,19 @@ def graph():
 
 
 def test_block_programs_match_single_device(graph):
-    """Forward exits and reduced parameter gradients equal the one-device computation, every config."""
+    """Forward exits and reduced parameter gradients equal the one-device computation, every config,
+    for the lowered block programs (what profiling times) and the DTensor-interpreted ones."""
     qkv, proj, fc = (graph.blocks[graph.classes[c][0]] for c in list(graph.classes)[2:5])
     pairs = [(b.class_id, p.config.name) for b in (qkv, proj, fc) for p in graph.configs[b.class_id]]
     assert {"rep", "batch", "col", "row"} <= {c for _, c in pairs}
     with WorkerPool(MESH, profile_rank_init, (SPEC, MESH, "cpu")) as pool:
-        results = pool.run(compare_with_reference, (pairs,), "comparing with one device", 300)
+        results = {rt: pool.run(compare_with_reference, (pairs, 0, rt), "comparing with one device", 300) for rt in ("lowered", "interpreted")}
         pids = pool.pids
     _assert_no_workers(pids)
-    for rank_result in results:
-        for pair, diff in rank_result.items():
-            assert diff < 1e-4, (pair, diff)
+    for runtime, ranks in results.items():
+        for rank_result in ranks:
+            for pair, diff in rank_result.items():
+                assert diff < 1e-4, (runtime, pair, diff)
 
 
 @pytest.mark.parametrize("fn, timeout, match", [(debug_crash, 60, "died"), (debug_hang, 3, "did not finish")])
@@ -66,6 +68,6 @@ def test_real_profile_then_cached(graph, tmp_path, capfd):
     first = profile(graph, SPEC, "real", None, tmp_path, warmup=1, iters=2)
     assert first.measured == first.jobs and (first.table.rows["status"] == "ok").all()
     assert "does not support alltoall" not in capfd.readouterr().err  # DTensor's per-rank warning, said in the README
-    assert set(first.table.rows["backend"]) == {"real"}
+    assert set(first.table.rows["backend"]) == {"real"} and set(first.table.rows["runtime"]) == {"lowered"}
     again = profile(graph, SPEC, "real", None, tmp_path, warmup=1, iters=2)
     assert again.measured == 0 and again.cached == first.jobs

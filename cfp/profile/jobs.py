@@ -24,6 +24,7 @@ class Job:
     class_id: str = ""
     config: str = ""
     transition: TransitionKey | None = None
+    runtime: str = "lowered"  # how the program runs (cfp.profile.program.RUNTIMES)
 
     def describe(self) -> str:
         if self.kind == "block":
@@ -63,9 +64,9 @@ def execute(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int = 0) 
             graph = ctx.graph
             block = graph.blocks[graph.classes[job.class_id][0]]
             prop = next(p for p in graph.configs[job.class_id] if p.config.name == job.config)
-            program = BlockProgram(graph, block, prop, ctx.mesh, ctx.device, seed)
+            program = BlockProgram(graph, block, prop, ctx.mesh, ctx.device, seed, job.runtime)
         else:
-            program = TransitionProgram(job.transition, ctx.mesh, ctx.device, seed)
+            program = TransitionProgram(job.transition, ctx.mesh, ctx.device, seed, job.runtime)
         times, collectives = program.measure(warmup, iters, sync, barrier)
         if cuda:
             memory, source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
@@ -131,7 +132,7 @@ def combine(results: list[dict], comm_priced: dict[str, float] | None = None) ->
     }
 
 
-def compare_with_reference(ctx: RankContext, pairs: list[tuple[str, str]], seed: int = 0) -> dict:
+def compare_with_reference(ctx: RankContext, pairs: list[tuple[str, str]], seed: int = 0, runtime: str = "lowered") -> dict:
     """For tests and self-checks: run each (class id, config) once on the mesh and compare its
     exit values and reduced parameter gradients with the same ops on one device.
 
@@ -146,7 +147,7 @@ def compare_with_reference(ctx: RankContext, pairs: list[tuple[str, str]], seed:
     for class_id, config in pairs:
         block = graph.blocks[graph.classes[class_id][0]]
         prop = next(p for p in graph.configs[class_id] if p.config.name == config)
-        program = BlockProgram(graph, block, prop, ctx.mesh, ctx.device, seed)
+        program = BlockProgram(graph, block, prop, ctx.mesh, ctx.device, seed, runtime)
         _, _, got = program.iterate()
         want_values, want_grads = reference(program)
         full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t

@@ -6,6 +6,13 @@ DTensors with the config's placements, its ops by DTensor, backward from an
 upstream gradient placed like the exits, then every parameter's gradient
 reduced to the parameter's own placement.
 
+It runs as ``cfp.parallelize`` trains (``RUNTIMES``): ``lowered`` (the
+default) traces the block once with AOTAutograd, as ``cfp.lower`` traces a
+whole step, into a forward and a backward program on local shards, the
+gradient reductions inside the backward program (the ``reduce`` phase is
+then empty); ``compiled`` compiles those programs with inductor;
+``interpreted`` dispatches every op through DTensor.
+
 The same program runs under a real process group (one process per rank) or
 the fake one (``emulated``: collectives move no data). Data is seeded random:
 
@@ -70,6 +77,7 @@ def _wait(value) -> None:
 
 
 PHASES = ("forward", "backward", "reduce", "optimizer")
+RUNTIMES = ("lowered", "compiled", "interpreted")
 
 
 @dataclass
@@ -105,8 +113,11 @@ class _Timed:
 class BlockProgram(_Timed):
     """One (block, config) as a runnable, timeable program on ``mesh``."""
 
-    def __init__(self, graph: BlockGraph, block: Block, prop: Propagation, mesh: DeviceMesh, device: str | torch.device = "cpu", seed: int = 0):
+    def __init__(self, graph: BlockGraph, block: Block, prop: Propagation, mesh: DeviceMesh, device: str | torch.device = "cpu", seed: int = 0,
+                 runtime: str = "lowered"):
         self.graph, self.block, self.prop, self.mesh = graph, block, prop, mesh
+        self.runtime = runtime
+        self._lowered = None  # the AOTAutograd-traced block, made on the first iteration
         self.traced = graph.traced
         self.device = torch.device(device)
         self.seed = seed
@@ -165,18 +176,20 @@ class BlockProgram(_Timed):
             leaf.grad = None
         recs = {p: CommRecorder(self.mesh, p, sync) for p in ("forward", "backward", "grad")} if record else {}
         ctx = lambda p: recs[p] if record else contextlib.nullcontext()
+        if self.runtime != "interpreted" and self._lowered is None:
+            self._lower()
         sync()
         t0 = time.perf_counter()
         with ctx("forward"):
-            run = run_block(self.nodes, self.mesh, self.fixed, self.make_input, recorder=recs.get("forward"))
+            values = self._forward(recs.get("forward"))
             for name in self.block.outputs:
-                _wait(run.values.get(name))
+                _wait(values.get(name))
         sync()
         t1 = time.perf_counter()
-        self._values = run.values
-        self.params = [run.values[i.name] for i in self.block.inputs if i.name in self.traced.params]
-        inputs = input_values(self.block, run.values)
-        outs, grads = exit_gradients(self.block, run.values, self.mesh, self.exit_grad)
+        self._values = values
+        self.params = [values[i.name] for i in self.block.inputs if i.name in self.traced.params]
+        inputs = input_values(self.block, values)
+        outs, grads = exit_gradients(self.block, values, self.mesh, self.exit_grad)
         sync()
         t1b = time.perf_counter()  # the upstream gradients are given, not computed, in a training step
         with ctx("backward"):
@@ -196,7 +209,48 @@ class BlockProgram(_Timed):
         t3 = time.perf_counter()
         optimizer_s = self.step(reduced, sync) if optimize and self.params else 0.0
         collectives = [c for r in recs.values() for c in r.collectives]
-        return (t1 - t0, t2 - t1b, t3 - t2, optimizer_s), collectives, {"values": run.values, "grads": reduced}
+        return (t1 - t0, t2 - t1b, t3 - t2, optimizer_s), collectives, {"values": values, "grads": reduced}
+
+    def _forward(self, recorder: CommRecorder | None) -> dict[str, object]:
+        """The block's values by name: its inputs (the cached leaves) and what its ops made."""
+        if self._lowered is None:
+            return run_block(self.nodes, self.mesh, self.fixed, self.make_input, recorder=recorder).values
+        outs = self._lowered(*self.leaves.values())
+        return {**self.leaves, **dict(zip(self._lowered_outputs, outs))}
+
+    def _lower(self) -> None:
+        """Trace the block, from its leaves to its tensor exits, into AOTAutograd's programs.
+
+        One DTensor run first makes the leaves (with the placements DTensor's
+        rules give them). In the traced function each input made by another
+        block and each parameter passes through ``_GradPlacedLikeValue``, so
+        the backward program brings their gradients to their placements, as
+        ``input_values``/``reduce_gradients`` do for the interpreted block
+        and as the lowered training step does.
+        """
+        from torch._functorch.aot_autograd import aot_function
+
+        from cfp.lower import aot_options, strided_shard_offsets_outside_trace
+        from cfp.parallelize import _GradPlacedLikeValue
+
+        run = run_block(self.nodes, self.mesh, self.fixed, self.make_input)
+        sent_back = {i.name for i in self.block.inputs if i.producer is not None or i.name in self.traced.params}
+        names = list(self.leaves)
+        self._lowered_outputs = [n for n in self.block.outputs if isinstance(run.values.get(n), torch.Tensor)]
+        # AOTAutograd regenerates an output that is a view of an input with as_strided, which DTensor
+        # does not support: such exits (slices of a buffer, in practice) leave the program as copies.
+        storage = lambda t: t.to_local().untyped_storage().data_ptr() if isinstance(t, DTensor) else None
+        inputs = {storage(leaf) for leaf in self.leaves.values()}
+        views = {n for n in self._lowered_outputs if storage(run.values[n]) in inputs}
+
+        def block(*leaves):
+            given = {n: _GradPlacedLikeValue.apply(v) if n in sent_back and v.requires_grad else v for n, v in zip(names, leaves)}
+            values = run_block(self.nodes, self.mesh, self.fixed, lambda node, placements: given[node.name]).values
+            return tuple(values[n].clone() if n in views else values[n] for n in self._lowered_outputs)
+
+        self._lowered = aot_function(block, **aot_options(self.runtime == "compiled"))
+        with strided_shard_offsets_outside_trace():
+            self._lowered(*self.leaves.values())  # traces (the grads it leaves are cleared by the next iteration)
 
     def step(self, grads: list, sync) -> float:
         """Seconds an AdamW step (as examples/train.py takes) adds for this block's parameters.
@@ -256,7 +310,7 @@ def reference(program: BlockProgram) -> tuple[dict[str, torch.Tensor], dict[str,
 class TransitionProgram(_Timed):
     """``DTensor.redistribute`` of one value from ``src`` to ``dst`` placements, forward and backward."""
 
-    def __init__(self, key: TransitionKey, mesh: DeviceMesh, device="cpu", seed: int = 0):
+    def __init__(self, key: TransitionKey, mesh: DeviceMesh, device="cpu", seed: int = 0, runtime: str = "lowered"):
         self.key, self.mesh, self.device = key, mesh, torch.device(device)
         self.src = tuple(parse_placement(p) for p in key.src)
         self.dst = tuple(parse_placement(p) for p in key.dst)
@@ -268,6 +322,15 @@ class TransitionProgram(_Timed):
         if self.differentiable:
             self.x = self.x.detach().requires_grad_(True)
             self.grad = make_dtensor(seeded(key.shape, dtype, "transition-grad", seed, self.device), mesh, grad_placements(self.dst), requires_grad=False)
+        self.redistribute = lambda x: x.redistribute(self.mesh, self.dst)
+        if runtime != "interpreted":  # the collectives as a lowered step runs them
+            from torch._functorch.aot_autograd import aot_function
+
+            from cfp.lower import aot_options, strided_shard_offsets_outside_trace
+
+            self.redistribute = aot_function(self.redistribute, **aot_options(runtime == "compiled"))
+            with strided_shard_offsets_outside_trace():
+                self.redistribute(self.x)  # traces
 
     def iterate(self, sync=lambda: None, record: bool = False, optimize: bool = False):
         self.x.grad = None
@@ -276,7 +339,7 @@ class TransitionProgram(_Timed):
         sync()
         t0 = time.perf_counter()
         with ctx("forward"):
-            y = self.x.redistribute(self.mesh, self.dst)
+            y = self.redistribute(self.x)
             _wait(y)
         sync()
         t1 = time.perf_counter()

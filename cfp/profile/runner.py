@@ -40,6 +40,7 @@ from cfp.costs import unique_transitions
 from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, device_mesh, fake_mesh, launched_rank, launched_world
 from cfp.profile.jobs import Job, RankContext, combine, execute
+from cfp.profile.program import RUNTIMES
 from cfp.profile.real import WorkerPool, cpu_cores, quiet_gloo_alltoall, rank_device
 from cfp.profile.store import (
     NOISY_SPREAD,
@@ -70,16 +71,16 @@ def cluster_key(cluster: ClusterModel | None) -> str:
     return f"{cluster.name}@{digest}"
 
 
-def block_jobs(graph: BlockGraph) -> list[Job]:
-    return [Job("block", class_id, p.config.name) for class_id in graph.classes for p in graph.configs[class_id]]
+def block_jobs(graph: BlockGraph, runtime: str = "lowered") -> list[Job]:
+    return [Job("block", class_id, p.config.name, runtime=runtime) for class_id in graph.classes for p in graph.configs[class_id]]
 
 
-def transition_jobs(graph: BlockGraph) -> list[Job]:
+def transition_jobs(graph: BlockGraph, runtime: str = "lowered") -> list[Job]:
     from cfp.storage import StorageTable  # parameters stored sharded are gathered and reduce-scattered
 
     keys = unique_transitions(graph) | StorageTable(graph).transition_keys()
     keys = sorted(keys, key=lambda k: (k.shape, k.dtype, k.src, k.dst))
-    return [Job("transition", transition=k) for k in keys]
+    return [Job("transition", transition=k, runtime=runtime) for k in keys]
 
 
 def job_key(job: Job, graph: BlockGraph, mesh: MeshSpec, backend: str, device: str, cluster: ClusterModel | None) -> dict:
@@ -89,6 +90,7 @@ def job_key(job: Job, graph: BlockGraph, mesh: MeshSpec, backend: str, device: s
         "device_kind": device,
         "backend": backend,
         "cluster": cluster_key(cluster) if backend == "emulated" else "",
+        "runtime": job.runtime,
         "torch_version": torch.__version__,
         "schema": SCHEMA,
     }
@@ -283,19 +285,29 @@ def profile(
     transitions: bool = True,
     seed: int = 0,
     on_progress=None,
+    runtime: str = "lowered",
 ) -> ProfileRun:
     """Profile every (block class, config) and unique transition of ``graph``; reuse stored rows.
 
-    ``on_progress(done, cached, total, job)`` is called after each job.
+    ``runtime`` is how the programs run, as ``cfp.parallelize`` trains:
+    ``lowered`` (default), ``compiled`` or ``interpreted`` (always, on the
+    emulated backend); it is part of every row's key. ``on_progress(done, cached, total, job)`` is called
+    after each job.
     """
     if backend not in BACKENDS:
         raise CFPError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+    if runtime not in RUNTIMES:
+        raise CFPError(f"Unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}.")
     start = time.perf_counter()
     store = store if isinstance(store, ProfileStore) else ProfileStore(store)
     mesh = graph.mesh
     device_type = "cuda" if str(spec.device).startswith("cuda") else "cpu"
     dev = device_kind(device_type)
-    jobs = block_jobs(graph) + (transition_jobs(graph) if transitions else [])
+    if backend == "emulated":
+        # Lowering over the fake process group fails in AOTAutograd's partitioner for some blocks
+        # (a tangent classified as a forward output), so the emulated backend times the interpreter.
+        runtime = "interpreted"
+    jobs = block_jobs(graph, runtime) + (transition_jobs(graph, runtime) if transitions else [])
     keys = [job_key(job, graph, mesh, backend, dev, cluster) for job in jobs]
     spmd = backend == "real" and launched_world() > 1
     writes = not spmd or launched_rank() == 0

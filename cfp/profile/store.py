@@ -8,7 +8,9 @@ there are many.
 
 A row is keyed by ``KEY`` (block class hash or ``transition``, config,
 shape key, mesh, device kind, backend, cluster model for emulated rows,
-dtype, torch version, store schema). Rows from another torch version or
+runtime (lowered, compiled or interpreted programs; rows from before the
+runtime was recorded are ``interpreted``), dtype, torch version, store
+schema). Rows from another torch version or
 schema are never reused (a warning says how many were skipped); a file that
 cannot be read is reported, renamed to ``*.corrupt`` and its rows
 re-measured; a row marked ok whose timings are not finite and non-negative
@@ -42,8 +44,9 @@ from cfp.cluster import CLUSTERS_DIR
 from cfp.costs import BlockCost, TransitionKey
 from cfp.errors import CFPError, CFPWarning
 
-SCHEMA = 6  # bump when what a row measures changes (rows of another schema are re-measured); the history is in git
-KEY = ["kind", "class_id", "config", "shape_key", "mesh", "device_kind", "backend", "cluster", "dtype", "torch_version", "schema"]
+SCHEMA = 7  # bump when what a row measures changes (rows of another schema are re-measured); the history is in git
+KEY = ["kind", "class_id", "config", "shape_key", "mesh", "device_kind", "backend", "cluster", "runtime", "dtype", "torch_version",
+       "schema"]
 VALUES = [
     "status", "error", "forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s",
     "total_iqr_s", "iters", "memory_bytes", "memory_source", "collectives", "comm_bytes", "measured_at",
@@ -177,6 +180,8 @@ class ProfileStore:
         """One part's rows; None for a part compacted away meanwhile or an unreadable one (set aside and warned about)."""
         try:
             df = pd.read_parquet(part)
+            if "runtime" not in df.columns:  # rows from before lowering timed the DTensor interpreter
+                df["runtime"] = "interpreted"
             missing = [c for c in KEY + VALUES if c not in df.columns]
             if missing:
                 raise ValueError(f"missing columns {missing[:4]}")
@@ -268,7 +273,7 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
         df[col] = df[col].astype("float64")
     for col in ("iters", "memory_bytes", "collectives", "comm_bytes"):
         df[col] = df[col].fillna(0).astype("int64")
-    for col in ("error", "memory_source", "cluster"):
+    for col in ("error", "memory_source", "cluster", "runtime"):
         df[col] = df[col].fillna("").astype(str)
     df["schema"] = df["schema"].astype("int64")
     return df

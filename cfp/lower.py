@@ -1,0 +1,139 @@
+"""Lowering a parallel module's step to local programs.
+
+``ParallelModule.interpret`` runs the exported graph on DTensors: every op of
+every step goes through DTensor's sharding propagation in Python. Lowering
+traces that interpreter once with AOTAutograd, which flattens each DTensor
+into its local tensor and desugars every redistribution into
+``_c10d_functional`` collectives, and splits the joint graph into a forward
+and a backward program of plain aten ops on local shards. Each step then runs
+those two programs; no DTensor op is dispatched inside them.
+
+DTensor stays the interface: the parameters are DTensor ``nn.Parameter``s
+with the plan's placements, AOTAutograd's runtime wrappers unwrap them on the
+way in and wrap each parameter's gradient (a local tensor in the backward
+program) back into a DTensor with the placements traced for it. Those are the
+parameter's own placements, because the traced function passes every
+parameter through ``_GradPlacedLikeValue``: its backward redistributes the
+summed gradient of all of the parameter's uses to the parameter's placements
+(data parallelism's all-reduce, for a replicated weight on batch-sharded
+data), which the trace turns into a collective inside the backward program.
+
+A program is traced per input signature (shapes, dtypes, DTensor placements)
+and grad mode, on the first call that has it. With ``compile`` the two
+programs are compiled by inductor instead of run as traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import _StridedShard
+from torch.utils._python_dispatch import _disable_current_modes
+
+if TYPE_CHECKING:
+    from cfp.parallelize import ParallelModule
+
+
+@contextlib.contextmanager
+def strided_shard_offsets_outside_trace():
+    """Compute ``_StridedShard``'s shard offsets eagerly while tracing.
+
+    Redistributing a ``_StridedShard`` (what DTensor's view rules make of a
+    reshape of a sharded dimension) computes the offsets of a rank's rows
+    from an ``arange`` and ``.tolist()``; under AOTAutograd's fake mode that
+    is a data-dependent output and tracing fails. The inputs are sizes, so the
+    offsets are computed on real tensors with every dispatch mode off.
+    """
+    original = _StridedShard.local_shard_size_and_offset
+
+    @functools.wraps(original)
+    def eager(self, *args, **kwargs):
+        with _disable_current_modes():
+            return original(self, *args, **kwargs)
+
+    _StridedShard.local_shard_size_and_offset = eager
+    try:
+        yield
+    finally:
+        _StridedShard.local_shard_size_and_offset = original
+
+
+def _signature(value) -> tuple:
+    if isinstance(value, DTensor):
+        return ("dtensor", tuple(value.shape), value.dtype, tuple(value.placements), value.requires_grad)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
+    return ("value", value)
+
+
+def aot_options(compile: bool) -> dict[str, Any]:
+    """AOTAutograd's compilers: the traced GraphModules themselves, or inductor's (with its decompositions)."""
+    if compile:
+        from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.decomposition import select_decomp_table
+
+        return {"fw_compiler": compile_fx_inner, "bw_compiler": compile_fx_inner, "decompositions": select_decomp_table()}
+    # The traced GraphModule's own forward, called as a function: no nn.Module call machinery each step
+    # (and no module hooks, which CommDebugMode's module tracker would trip over).
+    from functorch.compile import make_boxed_func
+
+    run_traced = lambda gm, example_inputs: gm.forward
+    # AOTAutograd calls the backward with one list of arguments (boxed), the forward unpacked.
+    return {"fw_compiler": run_traced, "bw_compiler": lambda gm, example_inputs: make_boxed_func(gm.forward)}
+
+
+class LoweredForward:
+    """``module``'s forward as AOTAutograd-lowered local programs, traced per input signature."""
+
+    def __init__(self, module: ParallelModule, compile: bool = False):
+        self.module = module
+        self.compile = compile
+        self.programs: dict[tuple, Callable] = {}
+        self.graphs: dict[str, torch.fx.GraphModule] = {}  # "forward"/"backward" -> the last traced program
+
+    def __call__(self, *inputs):
+        module = self.module
+        names = list(module._param_of)
+        params = [module._param_of[n] for n in names]
+        buffers = [getattr(module, attr) for attr in module._buffer_of.values()]
+        key = (torch.is_grad_enabled(), tuple(_signature(x) for x in inputs), tuple(p.requires_grad for p in params))
+        program = self.programs.get(key)
+        if program is None:
+            program = self.programs[key] = self._trace(names)
+            with strided_shard_offsets_outside_trace():  # the first call traces
+                return program(params, buffers, list(inputs))
+        return program(params, buffers, list(inputs))
+
+    def _trace(self, param_names: list[str]) -> Callable:
+        from torch._functorch.aot_autograd import aot_function
+
+        from cfp.parallelize import _GradPlacedLikeValue
+
+        module = self.module
+        buffer_names = list(module._buffer_of)
+
+        def step(params: list, buffers: list, inputs: list):
+            values: dict[str, Any] = {}
+            for name, param in zip(param_names, params):
+                values[name] = _GradPlacedLikeValue.apply(param) if param.requires_grad else param
+            values.update(zip(buffer_names, buffers))
+            values.update(zip(module._user_inputs, inputs))
+            return module.interpret(values)
+
+        options = aot_options(self.compile)
+
+        def keeping(kind: str, compiler: Callable) -> Callable:
+            def compile_and_keep(gm: torch.fx.GraphModule, example_inputs):
+                self.graphs[kind] = gm
+                return compiler(gm, example_inputs)
+
+            return compile_and_keep
+
+        options["fw_compiler"] = keeping("forward", options["fw_compiler"])
+        options["bw_compiler"] = keeping("backward", options["bw_compiler"])
+        return aot_function(step, **options)
