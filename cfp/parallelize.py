@@ -53,6 +53,7 @@ and each step runs those (see there).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -63,7 +64,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
-from cfp.errors import CFPError
+from cfp.errors import CFPError, CFPWarning
 from cfp.lower import LoweredForward
 from cfp.plan import Plan, spec_json, block_entry, parameter_placements
 from cfp.program import BlockRun, Placements, _call, grad_placements
@@ -271,7 +272,19 @@ class ParallelModule(nn.Module):
 
         if compile and not lowered:
             raise CFPError("compile=True compiles the lowered programs; it needs lowered=True.")
+        if lowered and any(level == "zero3" for level, _ in self._stored.values()):
+            # Regather's saved-tensor hooks, which keep a gathered ZeRO-3 parameter out of what backward saves,
+            # read storage addresses that AOTAutograd's fake tensors do not have: run the interpreter, which keeps
+            # the memory the plan was made for, rather than a lowered program that would keep every gathered copy.
+            warnings.warn("The plan stores parameters ZeRO-3-sharded, whose re-gather in backward the lowered runtime "
+                          "cannot express yet; this module runs on the DTensor interpreter.", CFPWarning, stacklevel=3)
+            lowered = compile = False
         self._lowered = LoweredForward(self, compile) if lowered else None
+
+    @property
+    def lowered(self) -> bool:
+        """Whether each step runs as lowered local programs (else on the DTensor interpreter)."""
+        return self._lowered is not None
 
     def _reduce_grad(self, param: nn.Parameter) -> None:
         grad = param.grad
