@@ -15,4 +15,19 @@ from cfp.bench import bench  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["CFPError", "ModelSpec", "Plan", "analyze", "bench", "plan", "parallelize", "profile", "solve", "TracedModel", "Workload", "build", "capture", "__version__"]
+__all__ = [
+    "CFPError",
+    "ModelSpec",
+    "Plan",
+    "analyze",
+    "bench",
+    "plan",
+    "parallelize",
+    "profile",
+    "solve",
+    "TracedModel",
+    "Workload",
+    "build",
+    "capture",
+    "__version__",
+]

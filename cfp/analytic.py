@@ -34,7 +34,13 @@ from cfp.mesh import MeshSpec
 from cfp.propagate import Propagation
 
 aten = torch.ops.aten
-NO_TRAFFIC = set(VIEWS) | {operator.getitem, aten.unbind.int, aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default}
+NO_TRAFFIC = set(VIEWS) | {
+    operator.getitem,
+    aten.unbind.int,
+    aten.split.Tensor,
+    aten.chunk.default,
+    aten.split_with_sizes.default,
+}
 
 
 def _parse(p: str) -> tuple[str, int | None]:
@@ -223,14 +229,23 @@ class AnalyticCosts:
             return 0.0
         if key not in self._transitions:
             self._transitions[key] = sum(
-                self.cluster.collective_time(kind, nbytes, self.mesh, dim) for kind, dim, nbytes, _ in redistribute_collectives(key, self.mesh)
+                self.cluster.collective_time(kind, nbytes, self.mesh, dim)
+                for kind, dim, nbytes, _ in redistribute_collectives(key, self.mesh)
             )
         return self._transitions[key]
 
     def transition_phase_s(self, key: TransitionKey, phase: str) -> float:
         """The ``forward`` or ``backward`` collectives of a transition, priced."""
-        return sum(self.cluster.collective_time(kind, nbytes, self.mesh, dim)
-                   for kind, dim, nbytes, ph in redistribute_collectives(key, self.mesh) if ph == phase)
+        return sum(
+            self.cluster.collective_time(kind, nbytes, self.mesh, dim)
+            for kind, dim, nbytes, ph in redistribute_collectives(key, self.mesh)
+            if ph == phase
+        )
 
     def describe(self) -> dict:
-        return {"name": self.name, "cluster": self.cluster.name, "device": self.cluster.device_kind, "backend": "analytic"}
+        return {
+            "name": self.name,
+            "cluster": self.cluster.name,
+            "device": self.cluster.device_kind,
+            "backend": "analytic",
+        }

@@ -137,7 +137,15 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
             )
     warn_unshardable(configs, mesh)
     return BlockGraph(
-        traced, mesh, blocks, classes, segments, configs, rejected, time.perf_counter() - start, len(representatives) - len(todo),
+        traced,
+        mesh,
+        blocks,
+        classes,
+        segments,
+        configs,
+        rejected,
+        time.perf_counter() - start,
+        len(representatives) - len(todo),
         prologue=prologue(traced),
     )
 
@@ -224,10 +232,14 @@ def _worker_init(parent_pid: int) -> None:
 
 def _worker_run(block: Block) -> list[Propagation]:
     ticks = _WORKER_STATE["ticks"]
-    return _propagate_class(block, _WORKER_STATE["traced"], _WORKER_STATE["mesh"], _WORKER_STATE["device_mesh"], lambda: ticks.put(1))
+    return _propagate_class(
+        block, _WORKER_STATE["traced"], _WORKER_STATE["mesh"], _WORKER_STATE["device_mesh"], lambda: ticks.put(1)
+    )
 
 
-def _propagate_in_workers(blocks: list[Block], traced: TracedModel, mesh: MeshSpec, workers: int, progress) -> list[list[Propagation]]:
+def _propagate_in_workers(
+    blocks: list[Block], traced: TracedModel, mesh: MeshSpec, workers: int, progress
+) -> list[list[Propagation]]:
     ctx = multiprocessing.get_context("fork")
     ticks = ctx.SimpleQueue()  # one item per propagated config, for progress
     _WORKER_STATE.update(traced=traced, mesh=mesh, ticks=ticks)

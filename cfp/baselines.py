@@ -44,7 +44,10 @@ COLUMN = re.compile(
     r"|query_key_value|query|key|value|dense_h_to_4h|fc1|fc_in|linear1|in_proj)" + _SUFFIX,
     re.IGNORECASE,
 )
-ROW = re.compile(r"(^|\.)(c_proj|wo|w2|w_out|o_proj|out_proj|down_proj|dense_4h_to_h|dense|fc2|fc_out|linear2)" + _SUFFIX, re.IGNORECASE)
+ROW = re.compile(
+    r"(^|\.)(c_proj|wo|w2|w_out|o_proj|out_proj|down_proj|dense_4h_to_h|dense|fc2|fc_out|linear2)" + _SUFFIX,
+    re.IGNORECASE,
+)
 HEAD = re.compile(r"(^|\.)(lm_head|output)(\.weight)?$")
 
 
@@ -87,7 +90,9 @@ def megatron(graph) -> list[int] | None:
 
 
 def expert(graph) -> list[int] | None:
-    has_experts = {b.id for b in graph.blocks if any("expert" in p.config.name.split("/") for p in graph.block_configs(b))}
+    has_experts = {
+        b.id for b in graph.blocks if any("expert" in p.config.name.split("/") for p in graph.block_configs(b))
+    }
     if not has_experts:
         return None
     dp_dims = ["batch"] * (graph.mesh.ndim - 1)

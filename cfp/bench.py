@@ -53,9 +53,26 @@ DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "fsdp", "fsdp+tp", "analytic
 SINGLE = "single"
 VARIANTS = {"interpreted": {"lowered": False}, "compiled": {"compile": True}}  # plan name suffixes: cfp+interpreted
 COLUMNS = [
-    "plan", "median_step_s", "iqr_step_s", "min_step_s", "max_step_s", "fwd_bwd_s", "optimizer_s",
-    "predicted_step_s", "predicted_optimizer_s", "prediction_error", "raw_predicted_step_s", "raw_prediction_error",
-    "peak_mem_bytes", "predicted_mem_bytes", "mem_error", "ratio_to_cfp", "speedup", "first_loss", "configs", "layout",
+    "plan",
+    "median_step_s",
+    "iqr_step_s",
+    "min_step_s",
+    "max_step_s",
+    "fwd_bwd_s",
+    "optimizer_s",
+    "predicted_step_s",
+    "predicted_optimizer_s",
+    "prediction_error",
+    "raw_predicted_step_s",
+    "raw_prediction_error",
+    "peak_mem_bytes",
+    "predicted_mem_bytes",
+    "mem_error",
+    "ratio_to_cfp",
+    "speedup",
+    "first_loss",
+    "configs",
+    "layout",
     "steps",
 ]
 
@@ -114,8 +131,9 @@ def layout_of(plan: Plan) -> tuple[list[str], list[bool]]:
     return [b.get("storage", "replicate") for b in plan.blocks], [bool(b.get("recompute")) for b in plan.blocks]
 
 
-def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, progress=None, strict: bool = True,
-               memory=None) -> tuple[list[BenchPlan], dict[str, str]]:
+def make_plans(
+    spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, progress=None, strict: bool = True, memory=None
+) -> tuple[list[BenchPlan], dict[str, str]]:
     """The plans to bench, each with its profiled prediction; and the baselines left out (with why).
 
     A baseline that does not apply to the model is an error when ``strict``
@@ -132,12 +150,18 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
     names = list(dict.fromkeys(base for base, _ in variants.values()))
     for name in names:
         if name not in ("cfp", "analytic", *baselines.BASELINES) and not name.endswith(".json"):
-            raise CFPError(f"Unknown plan {name!r}: use cfp, analytic, {', '.join(baselines.BASELINES)} or a plan file (.json).")
+            raise CFPError(
+                f"Unknown plan {name!r}: use cfp, analytic, {', '.join(baselines.BASELINES)} or a plan file (.json)."
+            )
     files = {name: Plan.load(name) for name in names if name.endswith(".json")}
     graph = analyze_for_profile(spec, mesh)
-    skipped = {n: baselines.NOT_APPLICABLE[n] for n in names if n in baselines.BASELINES and baselines.choose(n, graph) is None}
+    skipped = {
+        n: baselines.NOT_APPLICABLE[n] for n in names if n in baselines.BASELINES and baselines.choose(n, graph) is None
+    }
     if strict and skipped:
-        raise CFPError("; ".join(f"The {n} baseline does not apply to this model: {why}" for n, why in skipped.items()) + ".")
+        raise CFPError(
+            "; ".join(f"The {n} baseline does not apply to this model: {why}" for n, why in skipped.items()) + "."
+        )
     choices = {name: _choice_of(plan, graph) for name, plan in files.items()}  # refuses a plan for another model
     profiled = cost_model(graph, "profiled", None, "real", spec, progress)
     made = {}
@@ -146,7 +170,9 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
             continue
         if name == "cfp":
             # the ILP's own pick: a plan validated in real steps is benched from its file
-            plan = make_plan(spec, mesh, memory, cost="profiled", backend="real", graph=graph, costs=profiled, validate=0)[0]
+            plan = make_plan(
+                spec, mesh, memory, cost="profiled", backend="real", graph=graph, costs=profiled, validate=0
+            )[0]
         elif name == "analytic":
             # make_plan loads a cluster by name, and picks the H100 models when none is named
             local = cluster or ("cpu-gloo-local" if spec.device == "cpu" else None)
@@ -160,12 +186,18 @@ def make_plans(spec: ModelSpec, mesh: MeshSpec, names: list[str], cluster=None, 
         optimizer = sum(profiled.block_phase_s(b.class_id, c, "optimizer") for b, c in zip(graph.blocks, configs))
         raw = evaluate(graph, uncorrected(profiled), choice, None, *layout_of(plan)).total_s
         ev = evaluate(graph, profiled, choice, None, *layout_of(plan))
-        made[name] = BenchPlan(Path(name).stem if name in files else name, plan, ev.total_s, optimizer,
-                               predicted_mem_bytes=ev.memory.total, raw_predicted_s=raw)
+        made[name] = BenchPlan(
+            Path(name).stem if name in files else name,
+            plan,
+            ev.total_s,
+            optimizer,
+            predicted_mem_bytes=ev.memory.total,
+            raw_predicted_s=raw,
+        )
     runs = []
     for full, (base, variant) in variants.items():
         if base in made:
-            name = made[base].name + full[len(base):]
+            name = made[base].name + full[len(base) :]
             runs.append(dataclasses.replace(made[base], name=name, **variant))
     return runs, skipped
 
@@ -200,8 +232,14 @@ def setup_plans(ctx: BenchContext, plans: list[tuple[dict, bool, bool]], lr: flo
 
     for data, lowered, compile in plans:
         workload = build(ctx.spec)
-        model = parallelize(workload.model, Plan.from_json(data), mesh=ctx.mesh, example_inputs=workload.inputs,
-                            lowered=lowered, compile=compile)
+        model = parallelize(
+            workload.model,
+            Plan.from_json(data),
+            mesh=ctx.mesh,
+            example_inputs=workload.inputs,
+            lowered=lowered,
+            compile=compile,
+        )
         ctx.models.append(model)
         ctx.optimizers.append(torch.optim.AdamW(model.parameters(), lr=lr))
         ctx.inputs = tuple(t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in workload.inputs)
@@ -230,7 +268,12 @@ def train_step(ctx: BenchContext, i: int) -> dict:
     opt.zero_grad(set_to_none=True)
     _sync(ctx)
     end = time.perf_counter()
-    return {"step_s": end - start, "fwd_bwd_s": backward_done - start, "optimizer_s": end - backward_done, "loss": loss.item()}
+    return {
+        "step_s": end - start,
+        "fwd_bwd_s": backward_done - start,
+        "optimizer_s": end - backward_done,
+        "loss": loss.item(),
+    }
 
 
 def peak_memory(ctx: BenchContext, i: int) -> int:
@@ -254,9 +297,18 @@ def peak_memory(ctx: BenchContext, i: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int, warmup: int, lr: float = 1e-3,
-            timeout_s: float = 600.0, on_step: Callable | None = None, memory: bool = True,
-            single: bool = True) -> dict[str, dict]:
+def measure(
+    spec: ModelSpec,
+    mesh: MeshSpec,
+    plans: list[BenchPlan],
+    steps: int,
+    warmup: int,
+    lr: float = 1e-3,
+    timeout_s: float = 600.0,
+    on_step: Callable | None = None,
+    memory: bool = True,
+    single: bool = True,
+) -> dict[str, dict]:
     """Interleaved training steps of every plan on one worker pool (and of the plain model in this
     process, with ``single``); raw results per plan.
 
@@ -288,7 +340,9 @@ def measure(spec: ModelSpec, mesh: MeshSpec, plans: list[BenchPlan], steps: int,
                 if on_step:
                     on_step(r * len(names) + k + 1, rounds * len(names))
         for i, p in enumerate(plans if memory else ()):
-            raw[p.name]["peak_mem_bytes"] = max(pool.run(peak_memory, (i,), f"measuring the memory of the {p.name} plan", timeout_s))
+            raw[p.name]["peak_mem_bytes"] = max(
+                pool.run(peak_memory, (i,), f"measuring the memory of the {p.name} plan", timeout_s)
+            )
         if single:
             raw[SINGLE]["peak_mem_bytes"] = _with_threads(alone.threads, peak_memory, alone, 0)
     return raw
@@ -339,26 +393,28 @@ def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
         raw_predicted = p.raw_predicted_s if p is not None else math.nan
         peak = raw[name]["peak_mem_bytes"]
         predicted_mem = p.predicted_mem_bytes if p is not None else 0
-        rows.append({
-            "plan": name,
-            **stats,
-            "min_step_s": float(steps["step_s"].min()),
-            "max_step_s": float(steps["step_s"].max()),
-            "fwd_bwd_s": float(steps["fwd_bwd_s"].median()),
-            "optimizer_s": float(steps["optimizer_s"].median()),
-            "predicted_step_s": predicted,
-            "predicted_optimizer_s": p.predicted_optimizer_s if p is not None else math.nan,
-            "prediction_error": predicted / median - 1 if median > 0 else math.nan,
-            "raw_predicted_step_s": raw_predicted,
-            "raw_prediction_error": raw_predicted / median - 1 if median > 0 else math.nan,
-            "peak_mem_bytes": peak,
-            "predicted_mem_bytes": predicted_mem,
-            "mem_error": predicted_mem / peak - 1 if peak and predicted_mem else math.nan,
-            "first_loss": raw[name]["first_loss"],
-            "configs": " ".join(f"{c}x{n}" for c, n in p.plan.config_counts().items()) if p is not None else "",
-            "layout": " ".join(f"{c}x{n}" for c, n in p.plan.layout_counts().items()) if p is not None else "",
-            "steps": len(steps),
-        })
+        rows.append(
+            {
+                "plan": name,
+                **stats,
+                "min_step_s": float(steps["step_s"].min()),
+                "max_step_s": float(steps["step_s"].max()),
+                "fwd_bwd_s": float(steps["fwd_bwd_s"].median()),
+                "optimizer_s": float(steps["optimizer_s"].median()),
+                "predicted_step_s": predicted,
+                "predicted_optimizer_s": p.predicted_optimizer_s if p is not None else math.nan,
+                "prediction_error": predicted / median - 1 if median > 0 else math.nan,
+                "raw_predicted_step_s": raw_predicted,
+                "raw_prediction_error": raw_predicted / median - 1 if median > 0 else math.nan,
+                "peak_mem_bytes": peak,
+                "predicted_mem_bytes": predicted_mem,
+                "mem_error": predicted_mem / peak - 1 if peak and predicted_mem else math.nan,
+                "first_loss": raw[name]["first_loss"],
+                "configs": " ".join(f"{c}x{n}" for c, n in p.plan.config_counts().items()) if p is not None else "",
+                "layout": " ".join(f"{c}x{n}" for c, n in p.plan.layout_counts().items()) if p is not None else "",
+                "steps": len(steps),
+            }
+        )
     table = pd.DataFrame(rows)
     base = table.loc[table["plan"] == "cfp", "median_step_s"]
     table["ratio_to_cfp"] = table["median_step_s"] / float(base.iloc[0]) if len(base) else math.nan
@@ -367,9 +423,21 @@ def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
     return table[COLUMNS]
 
 
-def bench(model: str | ModelSpec, mesh: str | MeshSpec, plans: list[str] | None = None, steps: int = 20, warmup: int = 3,
-          cluster=None, lr: float = 1e-3, timeout_s: float = 600.0, progress=None, on_step=None, memory=None,
-          single: bool = True, variants: Sequence[str] = ()) -> BenchResult:
+def bench(
+    model: str | ModelSpec,
+    mesh: str | MeshSpec,
+    plans: list[str] | None = None,
+    steps: int = 20,
+    warmup: int = 3,
+    cluster=None,
+    lr: float = 1e-3,
+    timeout_s: float = 600.0,
+    progress=None,
+    on_step=None,
+    memory=None,
+    single: bool = True,
+    variants: Sequence[str] = (),
+) -> BenchResult:
     """``cfp.bench("gpt:small", "2")``: every plan in real interleaved training steps (see the module doc);
     with ``single``, the plain model beside them; ``variants`` are more plans to run (``"cfp+interpreted"``)."""
     start = time.perf_counter()
@@ -385,5 +453,13 @@ def bench(model: str | ModelSpec, mesh: str | MeshSpec, plans: list[str] | None 
         raise CFPError("No plan to bench.")
     raw = measure(spec, mesh, made, steps, warmup, lr, timeout_s, on_step, single=single)
     device = torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else "cpu"
-    return BenchResult(summarize(made, raw), spec.describe(), mesh, device, steps, time.perf_counter() - start, skipped,
-                       ideal_speedup=mesh.size)
+    return BenchResult(
+        summarize(made, raw),
+        spec.describe(),
+        mesh,
+        device,
+        steps,
+        time.perf_counter() - start,
+        skipped,
+        ideal_speedup=mesh.size,
+    )

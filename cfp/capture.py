@@ -77,7 +77,9 @@ class TracedModel:
             shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
             dtype = str(val.dtype) if isinstance(val, torch.Tensor) else None
             # The device a graph was captured on (meta to plan, cpu or cuda to train) is not its structure.
-            args = [a.name if isinstance(a, Node) else "device" if isinstance(a, torch.device) else repr(a) for a in n.args]
+            args = [
+                a.name if isinstance(a, Node) else "device" if isinstance(a, torch.device) else repr(a) for a in n.args
+            ]
             h.update(repr((n.op, op_name(n), shape, dtype, args)).encode())
         h.update(repr(sorted(self.params.items())).encode())
         return h.hexdigest()[:16]
@@ -114,9 +116,7 @@ def count_flops(graph: torch.fx.Graph) -> dict[str, int]:
         for node in graph.nodes:
             if node.op != "call_function" or node.target is operator.getitem:
                 continue
-            args, kwargs = torch.fx.node.map_arg(
-                (node.args, node.kwargs), lambda n: as_meta(n.meta.get("val"))
-            )
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: as_meta(n.meta.get("val")))
             before = counter.get_total_flops()
             try:
                 node.target(*args, **kwargs)

@@ -19,7 +19,10 @@ COMMANDS = ["inspect", "analyze", "profile", "calibrate", "plan", "report", "ben
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cfp", description="Find fast tensor-parallel plans for PyTorch models by profiling real parallel programs.")
+    p = argparse.ArgumentParser(
+        prog="cfp",
+        description="Find fast tensor-parallel plans for PyTorch models by profiling real parallel programs.",
+    )
     p.add_argument("--version", action="version", version=f"cfp {cfp.__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

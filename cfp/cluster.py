@@ -112,7 +112,10 @@ def load_cluster(name_or_path: str | Path) -> ClusterModel:
     try:
         data = json.loads(path.read_text())
         device = data["device"]
-        tiers = {t: {k: AlphaBeta(v["alpha"], v["beta"]) for k, v in data.get(t, {}).items()} for t in ("intra_node", "inter_node")}
+        tiers = {
+            t: {k: AlphaBeta(v["alpha"], v["beta"]) for k, v in data.get(t, {}).items()}
+            for t in ("intra_node", "inter_node")
+        }
         return ClusterModel(
             name=data["name"],
             device_kind=device["kind"],

@@ -122,8 +122,8 @@ def signature(block: Block, traced: TracedModel) -> AnchorSignature:
         a, b = anchor.args[0], anchor.args[1]
         a_shape, b_shape = _shape(a), _shape(b)
         lead = batch[: max(len(a_shape), len(b_shape)) - 2]
-        a_letters = lead[len(lead) - (len(a_shape) - 2):] + "MK"
-        b_letters = lead[len(lead) - (len(b_shape) - 2):] + "KN" if len(b_shape) > 1 else "K"
+        a_letters = lead[len(lead) - (len(a_shape) - 2) :] + "MK"
+        b_letters = lead[len(lead) - (len(b_shape) - 2) :] + "KN" if len(b_shape) > 1 else "K"
         out = lead + "MN"
         if param_root(b, traced) is not None:
             act, params = a_letters, {param_of(b): b_letters}

@@ -80,7 +80,9 @@ class ValueEdge:
     value: torch.Tensor  # the traced value (shape and dtype)
 
     def key(self, src: tuple[str, ...], dst: tuple[str, ...]) -> TransitionKey:
-        return TransitionKey(tuple(self.value.shape), str(self.value.dtype).removeprefix("torch."), tuple(src), tuple(dst))
+        return TransitionKey(
+            tuple(self.value.shape), str(self.value.dtype).removeprefix("torch."), tuple(src), tuple(dst)
+        )
 
 
 def value_edges(graph: "BlockGraph") -> Iterator[ValueEdge]:
@@ -106,7 +108,9 @@ def edge_transitions(graph: "BlockGraph") -> Iterator[EdgeTransition]:
                 if src is None or dst is None:
                     continue
                 key = edge.key(placements_str(src), placements_str(dst))
-                yield EdgeTransition(edge.producer.id, edge.consumer.id, edge.producer.outputs[edge.exit_pos], a, b, key)
+                yield EdgeTransition(
+                    edge.producer.id, edge.consumer.id, edge.producer.outputs[edge.exit_pos], a, b, key
+                )
 
 
 def unique_transitions(graph: "BlockGraph") -> set[TransitionKey]:

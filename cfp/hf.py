@@ -53,13 +53,19 @@ def load_config(target: str, overrides: dict):
     if path.suffix == ".json" or path.is_dir() or "/" in target:
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
-            raise CFPError(f"Model spec hf:{target}: {file} does not exist (give a config.json or a directory holding one).")
+            raise CFPError(
+                f"Model spec hf:{target}: {file} does not exist (give a config.json or a directory holding one)."
+            )
         try:
             fields = json.loads(file.read_text())
             model_type = fields.pop("model_type")
-            return transformers.AutoConfig.for_model(model_type, **_rederived(transformers, model_type, fields, overrides))
+            return transformers.AutoConfig.for_model(
+                model_type, **_rederived(transformers, model_type, fields, overrides)
+            )
         except Exception as exc:
-            raise CFPError(f"Model spec hf:{target}: {file} is not a transformers config: {type(exc).__name__}: {exc}") from exc
+            raise CFPError(
+                f"Model spec hf:{target}: {file} is not a transformers config: {type(exc).__name__}: {exc}"
+            ) from exc
     try:
         return transformers.AutoConfig.for_model(target, **overrides)
     except ValueError as exc:
@@ -96,7 +102,9 @@ def build(
     known = type(config)()  # transformers keeps unknown keyword arguments as attributes: check a default one
     unknown = [key for key in overrides if not hasattr(known, key)]
     if unknown:
-        raise CFPError(f"Model spec hf:{target}: its config ({type(config).__name__}) has no field {', '.join(unknown)}.")
+        raise CFPError(
+            f"Model spec hf:{target}: its config ({type(config).__name__}) has no field {', '.join(unknown)}."
+        )
     config.use_cache = False
     torch.manual_seed(0)
     try:
@@ -105,7 +113,9 @@ def build(
                 config, attn_implementation=ATTN_IMPLEMENTATION, dtype=getattr(torch, dtype)
             )
     except ValueError as exc:
-        raise CFPError(f"Model spec hf:{target}: transformers cannot build a causal LM from this config: {exc}") from exc
+        raise CFPError(
+            f"Model spec hf:{target}: transformers cannot build a causal LM from this config: {exc}"
+        ) from exc
     lm.train()
     vocab = lm.get_input_embeddings().num_embeddings
     input_ids = torch.randint(vocab, (batch, seq), device=device)

@@ -77,7 +77,11 @@ def aot_options(compile: bool) -> dict[str, Any]:
         from torch._inductor.compile_fx import compile_fx_inner
         from torch._inductor.decomposition import select_decomp_table
 
-        return {"fw_compiler": compile_fx_inner, "bw_compiler": compile_fx_inner, "decompositions": select_decomp_table()}
+        return {
+            "fw_compiler": compile_fx_inner,
+            "bw_compiler": compile_fx_inner,
+            "decompositions": select_decomp_table(),
+        }
     # The traced GraphModule's own forward, called as a function: no nn.Module call machinery each step
     # (and no module hooks, which CommDebugMode's module tracker would trip over).
     from functorch.compile import make_boxed_func

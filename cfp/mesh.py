@@ -93,7 +93,9 @@ def fake_mesh(spec: MeshSpec) -> Iterator[DeviceMesh]:
 
     if dist.is_initialized():
         if dist.get_backend() != "fake":
-            raise CFPError("Analysis needs its own fake process group, but a real one is already initialised in this process.")
+            raise CFPError(
+                "Analysis needs its own fake process group, but a real one is already initialised in this process."
+            )
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=spec.size)
     # DTensor warns on every multi-dimension reduction; analysis sees thousands.

@@ -110,21 +110,30 @@ def plan_from_choice(graph, choice: Mapping[int, str] | Sequence[str] | Callable
     return plan_from_indices(graph, config_indices(graph, choice))
 
 
-def plan_from_indices(graph, indices: Sequence[int], storage: Sequence[str] | None = None,
-                      recompute: Sequence[bool] | None = None) -> Plan:
+def plan_from_indices(
+    graph, indices: Sequence[int], storage: Sequence[str] | None = None, recompute: Sequence[bool] | None = None
+) -> Plan:
     """A Plan from one config index per block (e.g. ``cfp.baselines.dp(graph)``), with a storage level
     per block (``cfp.storage.LEVELS``; a block with nothing to shard stays ``replicate``) and whether it recomputes."""
     from cfp.storage import StorageTable
 
     traced = graph.traced
     table = StorageTable(graph)
-    storage = [lv if lv in table.levels(b.id, c) else "replicate"
-               for b, c, lv in zip(graph.blocks, indices, storage or ["replicate"] * len(graph.blocks))]
+    storage = [
+        lv if lv in table.levels(b.id, c) else "replicate"
+        for b, c, lv in zip(graph.blocks, indices, storage or ["replicate"] * len(graph.blocks))
+    ]
     recompute = list(recompute or [False] * len(graph.blocks))
-    blocks = [{**block_entry(graph, block, graph.block_configs(block)[c]), "storage": lv, "recompute": bool(r)}
-              for block, c, lv, r in zip(graph.blocks, indices, storage, recompute)]
+    blocks = [
+        {**block_entry(graph, block, graph.block_configs(block)[c]), "storage": lv, "recompute": bool(r)}
+        for block, c, lv, r in zip(graph.blocks, indices, storage, recompute)
+    ]
     return Plan(
-        model={"spec": spec_json(traced.spec), "fingerprint": traced.fingerprint(), "parameters": traced.num_parameters()},
+        model={
+            "spec": spec_json(traced.spec),
+            "fingerprint": traced.fingerprint(),
+            "parameters": traced.num_parameters(),
+        },
         mesh=graph.mesh.to_json(),
         parameters=parameter_placements(graph, list(indices)),
         storage=table.parameter_storage(list(indices), storage),
@@ -192,7 +201,15 @@ class _GradPlacedLikeValue(torch.autograd.Function):
 class ParallelModule(nn.Module):
     """The model's exported training step on DTensors, per a CFP plan (made by ``parallelize``)."""
 
-    def __init__(self, traced: TracedModel, plan: Plan, mesh: DeviceMesh, model: nn.Module, lowered: bool = True, compile: bool = False):
+    def __init__(
+        self,
+        traced: TracedModel,
+        plan: Plan,
+        mesh: DeviceMesh,
+        model: nn.Module,
+        lowered: bool = True,
+        compile: bool = False,
+    ):
         super().__init__()
         self.mesh = mesh
         self.plan = plan
@@ -200,7 +217,11 @@ class ParallelModule(nn.Module):
         self._user_inputs = list(traced.user_inputs)
         self._fallbacks: list[str] = []
         ndim = mesh.ndim
-        device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
+        device = (
+            torch.device(mesh.device_type, torch.cuda.current_device())
+            if mesh.device_type == "cuda"
+            else torch.device(mesh.device_type)
+        )
 
         # Parameters: DTensors with the plan's placements, same FQNs, tied ones shared.
         model_params = dict(model.named_parameters(remove_duplicate=False))
@@ -217,12 +238,16 @@ class ParallelModule(nn.Module):
             stored = plan.storage.get(fqn)
             if stored is not None:
                 if stored.get("level") not in LEVELS[1:] or len(stored.get("placements", ())) != ndim:
-                    raise CFPError(f"The plan's storage of {fqn} ({stored}) is not a ZeRO level "
-                                   f"with one placement per mesh dimension; re-run `cfp plan`.")
+                    raise CFPError(
+                        f"The plan's storage of {fqn} ({stored}) is not a ZeRO level "
+                        f"with one placement per mesh dimension; re-run `cfp plan`."
+                    )
                 self._stored[name] = (stored["level"], placements)
                 placements = parse_placements(stored["placements"])
             tensor = model_params[fqn].detach().to(device)
-            param = nn.Parameter(distribute_tensor(tensor, mesh, placements), requires_grad=model_params[fqn].requires_grad)
+            param = nn.Parameter(
+                distribute_tensor(tensor, mesh, placements), requires_grad=model_params[fqn].requires_grad
+            )
             by_fqn[fqn] = param
             self._param_of[name] = param
             _set_path(self, fqn, param, "param")
@@ -251,12 +276,16 @@ class ParallelModule(nn.Module):
         # Blocks: which block runs each op, and the placements each block's external inputs take.
         blocks = partition(traced)
         if len(blocks) != len(plan.blocks):
-            raise CFPError(f"The plan has {len(plan.blocks)} blocks but the model cuts into {len(blocks)}; re-run `cfp plan` for this model.")
+            raise CFPError(
+                f"The plan has {len(plan.blocks)} blocks but the model cuts into {len(blocks)}; re-run `cfp plan` for this model."
+            )
         self._owner: dict[str, int] = {}
         self._entry: list[dict[str, Placements | None]] = []
         for block, entry in zip(blocks, plan.blocks):
             if entry.get("anchor") != block.anchor:
-                raise CFPError(f"Plan block {entry.get('id')} is anchored at {entry.get('anchor')}, the model's at {block.anchor}; re-run `cfp plan`.")
+                raise CFPError(
+                    f"Plan block {entry.get('id')} is anchored at {entry.get('anchor')}, the model's at {block.anchor}; re-run `cfp plan`."
+                )
             for n in block.nodes:
                 self._owner[n] = block.id
             self._entry.append({i["name"]: parse_placements(i.get("placements")) for i in entry["inputs"]})
@@ -276,8 +305,12 @@ class ParallelModule(nn.Module):
             # Regather's saved-tensor hooks, which keep a gathered ZeRO-3 parameter out of what backward saves,
             # read storage addresses that AOTAutograd's fake tensors do not have: run the interpreter, which keeps
             # the memory the plan was made for, rather than a lowered program that would keep every gathered copy.
-            warnings.warn("The plan stores parameters ZeRO-3-sharded, whose re-gather in backward the lowered runtime "
-                          "cannot express yet; this module runs on the DTensor interpreter.", CFPWarning, stacklevel=3)
+            warnings.warn(
+                "The plan stores parameters ZeRO-3-sharded, whose re-gather in backward the lowered runtime "
+                "cannot express yet; this module runs on the DTensor interpreter.",
+                CFPWarning,
+                stacklevel=3,
+            )
             lowered = compile = False
         self._lowered = LoweredForward(self, compile) if lowered else None
 
@@ -331,7 +364,9 @@ class ParallelModule(nn.Module):
 
     def forward(self, *inputs):
         if len(inputs) != len(self._user_inputs):
-            raise TypeError(f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), got {len(inputs)}")
+            raise TypeError(
+                f"expected {len(self._user_inputs)} inputs ({', '.join(self._user_inputs)}), got {len(inputs)}"
+            )
         if self._lowered is not None:
             return self._lowered(*inputs)
         values = {name: param for name, param in self._param_of.items()}
@@ -353,7 +388,9 @@ class ParallelModule(nn.Module):
                 if step.recompute:
                     # Only the first run (forward) writes updated buffers back, not the recomputation in backward.
                     once = [buffer_versions]
-                    fn = lambda *values, step=step, once=once: self._run_region(step, values, run, once.pop() if once else None)
+                    fn = lambda *values, step=step, once=once: self._run_region(
+                        step, values, run, once.pop() if once else None
+                    )
                     outs = torch.utils.checkpoint.checkpoint(fn, *(env[n] for n in step.inputs), use_reentrant=False)
                     env.update(zip(step.outputs, outs))
                 else:
@@ -408,7 +445,9 @@ def _mesh_for(plan: Plan, mesh, device_type: str) -> DeviceMesh:
         return device_mesh(MeshSpec(shape, tuple(plan.mesh["names"])), device_type)
     if isinstance(mesh, DeviceMesh):
         if tuple(mesh.shape) != shape:
-            raise CFPError(f"The plan is for a mesh of shape {shape}, the device mesh given has shape {tuple(mesh.shape)}.")
+            raise CFPError(
+                f"The plan is for a mesh of shape {shape}, the device mesh given has shape {tuple(mesh.shape)}."
+            )
         return mesh
     raise CFPError(f"mesh must be a DeviceMesh or None, not {type(mesh).__name__}.")
 
@@ -447,7 +486,8 @@ def parallelize(
             meta_inputs = build(spec).inputs
             device = first.device if first is not None else torch.device("cpu")
             example_inputs = tuple(
-                torch.zeros(t.shape, dtype=t.dtype, device=device) if isinstance(t, torch.Tensor) else t for t in meta_inputs
+                torch.zeros(t.shape, dtype=t.dtype, device=device) if isinstance(t, torch.Tensor) else t
+                for t in meta_inputs
             )
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         example_inputs = tuple(t.full_tensor() if isinstance(t, DTensor) else t for t in example_inputs)

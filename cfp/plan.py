@@ -40,7 +40,17 @@ from cfp.mesh import launched_rank
 from cfp.propagate import parse_placement, placements_str
 
 SCHEMA_VERSION = 1
-REQUIRED = ("schema_version", "model", "mesh", "parameters", "blocks", "predicted_step_time_s", "memory_per_device_bytes", "solve", "provenance")
+REQUIRED = (
+    "schema_version",
+    "model",
+    "mesh",
+    "parameters",
+    "blocks",
+    "predicted_step_time_s",
+    "memory_per_device_bytes",
+    "solve",
+    "provenance",
+)
 
 
 @dataclass
@@ -109,7 +119,9 @@ class Plan:
         if missing:
             raise CFPError(f"{source} is damaged: it lacks {', '.join(missing)}. Re-create the plan with `cfp plan`.")
         try:
-            if not isinstance(data["parameters"], dict) or not all(isinstance(v, list) for v in data["parameters"].values()):
+            if not isinstance(data["parameters"], dict) or not all(
+                isinstance(v, list) for v in data["parameters"].values()
+            ):
                 raise TypeError("parameters must map names to lists of placements")
             if not isinstance(data["blocks"], list):
                 raise TypeError("blocks must be a list")
@@ -149,7 +161,9 @@ class Plan:
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CFPError(f"Plan file {path} is damaged (not valid JSON: {exc}). Re-create it with `cfp plan`.") from exc
+            raise CFPError(
+                f"Plan file {path} is damaged (not valid JSON: {exc}). Re-create it with `cfp plan`."
+            ) from exc
         return cls.from_json(data, f"Plan file {path}")
 
     # -- use --------------------------------------------------------------
@@ -177,7 +191,9 @@ class Plan:
         for fqn, shape in shapes.items():
             texts = self.parameters.get(fqn)
             if texts is None:
-                raise CFPError(f"The plan gives no placements for parameter {fqn}; was the file edited? Re-run `cfp plan`.")
+                raise CFPError(
+                    f"The plan gives no placements for parameter {fqn}; was the file edited? Re-run `cfp plan`."
+                )
             for mesh_dim, text in enumerate(texts):
                 placement = parse_placement(text)
                 if isinstance(placement, Shard) and placement.dim >= len(shape):
@@ -187,7 +203,9 @@ class Plan:
                     )
         unknown = sorted(set(self.parameters) - set(shapes) - set(traced.aliases))
         if unknown:
-            raise CFPError(f"The plan gives placements for {', '.join(unknown[:3])}, which the model does not have. Re-run `cfp plan`.")
+            raise CFPError(
+                f"The plan gives placements for {', '.join(unknown[:3])}, which the model does not have. Re-run `cfp plan`."
+            )
 
     def _check_configs(self, traced) -> None:
         """Every block's config is one the model's block offers (by name), so what trains is what was planned."""
@@ -196,7 +214,9 @@ class Plan:
 
         blocks = partition(traced)
         if len(blocks) != len(self.blocks):
-            raise CFPError(f"The plan has {len(self.blocks)} blocks but the model cuts into {len(blocks)}; re-run `cfp plan` for this model.")
+            raise CFPError(
+                f"The plan has {len(self.blocks)} blocks but the model cuts into {len(blocks)}; re-run `cfp plan` for this model."
+            )
         shape = tuple(self.mesh["shape"])
         for block, entry in zip(blocks, self.blocks):
             names = [c.name for c in candidates(block, traced, shape)]
@@ -238,7 +258,11 @@ def non_finite(value: Any, path: str = "") -> list[str]:
 
 def check_mesh(mesh: Any) -> None:
     shape, names = mesh["shape"], mesh["names"]
-    if not (isinstance(shape, list) and shape and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+    if not (
+        isinstance(shape, list)
+        and shape
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    ):
         raise ValueError(f"mesh shape {shape!r} is not a list of positive integers")
     if not isinstance(names, list) or len(names) != len(shape):
         raise ValueError(f"mesh names {names!r} do not match its shape {shape}")
@@ -252,7 +276,9 @@ def check_placements(texts: Any, what: str) -> None:
         try:
             placement = parse_placement(text)
         except (CFPError, ValueError) as exc:
-            raise ValueError(f"{what} has placement {text!r}, which is not Shard(d), Replicate() or Partial(op)") from exc
+            raise ValueError(
+                f"{what} has placement {text!r}, which is not Shard(d), Replicate() or Partial(op)"
+            ) from exc
         if isinstance(placement, Shard) and placement.dim < 0:
             raise ValueError(f"{what} has placement {text!r}: a shard dimension cannot be negative")
 
@@ -284,7 +310,13 @@ def parameter_placements(graph, choice: list[int]) -> dict[str, list[str]]:
 def spec_json(spec) -> dict:
     if spec is None:
         return {}
-    return {"spec": spec.spec, "batch": spec.batch, "seq": spec.seq, "args": dict(spec.args), "describe": spec.describe()}
+    return {
+        "spec": spec.spec,
+        "batch": spec.batch,
+        "seq": spec.seq,
+        "args": dict(spec.args),
+        "describe": spec.describe(),
+    }
 
 
 def block_entry(graph, block, prop) -> dict[str, Any]:
@@ -303,7 +335,9 @@ def block_entry(graph, block, prop) -> dict[str, Any]:
     }
 
 
-def build_plan(graph, costs, solution, baselines: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> "Plan":
+def build_plan(
+    graph, costs, solution, baselines: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None
+) -> "Plan":
     """A Plan from a BlockGraph, the cost model used and the ILP's Solution."""
     import cfp
 
@@ -343,7 +377,11 @@ def build_plan(graph, costs, solution, baselines: dict[str, Any] | None = None, 
         prov.update({k: v for k, v in costs.describe().items() if k != "name"})
     prov.update(provenance or {})
     return Plan(
-        model={"spec": spec_json(traced.spec), "fingerprint": traced.fingerprint(), "parameters": traced.num_parameters()},
+        model={
+            "spec": spec_json(traced.spec),
+            "fingerprint": traced.fingerprint(),
+            "parameters": traced.num_parameters(),
+        },
         mesh=graph.mesh.to_json(),
         parameters=parameter_placements(graph, solution.choice),
         storage=StorageTable(graph).parameter_storage(solution.choice, levels),
@@ -362,7 +400,18 @@ def build_plan(graph, costs, solution, baselines: dict[str, Any] | None = None, 
 # --------------------------------------------------------------------------
 
 COSTS = ("profiled", "analytic")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str | int | float | None) -> int | None:
@@ -394,11 +443,24 @@ def cost_model(graph, cost: str, cluster=None, backend: str = "emulated", spec=N
         try:
             from cfp.profile import profile
         except ImportError as exc:
-            raise CFPError(f"Profiled costs are not available in this installation ({exc}); use --cost analytic.") from exc
-        run = profile(graph, spec if spec is not None else graph.traced.spec, backend=backend, cluster=cluster, on_progress=progress)
+            raise CFPError(
+                f"Profiled costs are not available in this installation ({exc}); use --cost analytic."
+            ) from exc
+        run = profile(
+            graph,
+            spec if spec is not None else graph.traced.spec,
+            backend=backend,
+            cluster=cluster,
+            on_progress=progress,
+        )
         table = run.table
-        table.describe = lambda: {"backend": backend, "device": getattr(cluster, "device_kind", "local") if backend == "emulated" else "local",
-                                  "cluster": getattr(cluster, "name", None), "profile_store": run.store, "profile_jobs": run.jobs}
+        table.describe = lambda: {
+            "backend": backend,
+            "device": getattr(cluster, "device_kind", "local") if backend == "emulated" else "local",
+            "cluster": getattr(cluster, "name", None),
+            "profile_store": run.store,
+            "profile_jobs": run.jobs,
+        }
         from cfp.correction import corrected
 
         return corrected(table, graph, backend, (spec if spec is not None else graph.traced.spec).device)
@@ -456,7 +518,11 @@ def make_plan(
     if cost not in COSTS:
         raise CFPError(f"Unknown cost model {cost!r}; use one of {', '.join(COSTS)}.")
     if not isinstance(cluster, ClusterModel):
-        cluster = load_cluster(cluster or default_cluster(mesh)) if (cluster or cost == "analytic" or backend == "emulated") else None
+        cluster = (
+            load_cluster(cluster or default_cluster(mesh))
+            if (cluster or cost == "analytic" or backend == "emulated")
+            else None
+        )
     spec = None
     if graph is None:
         if isinstance(model, TracedModel):
@@ -486,11 +552,14 @@ def make_plan(
         choice = hand.choose(baseline, graph)
         if choice is None:
             raise CFPError(f"The {baseline} baseline does not apply to this model: {hand.NOT_APPLICABLE[baseline]}.")
-        solution = fixed(graph, costs, choice, f"baseline {baseline}", limit, hand.storage_levels(baseline, graph, choice))
+        solution = fixed(
+            graph, costs, choice, f"baseline {baseline}", limit, hand.storage_levels(baseline, graph, choice)
+        )
     else:
         time_limit_s = time_limit_s or DEFAULT_TIME_LIMIT_S
-        solutions = best_plans(graph, costs, max(validate, 1), limit, tie_segments, time_limit_s,
-                               storage=storage, recompute=recompute)
+        solutions = best_plans(
+            graph, costs, max(validate, 1), limit, tie_segments, time_limit_s, storage=storage, recompute=recompute
+        )
         solution = solutions[0]
     baselines = {}
     for name in hand.BASELINES:
@@ -510,9 +579,16 @@ def make_plan(
     if cost == "analytic":
         prov["backend"] = "analytic"
     if validate:
-        checked = validate_plans(spec, graph, costs, solutions, limit,
-                                 lambda s: build_plan(graph, costs, s, baselines, prov),
-                                 validate_steps or DEFAULT_STEPS, on_step=on_validate_step)
+        checked = validate_plans(
+            spec,
+            graph,
+            costs,
+            solutions,
+            limit,
+            lambda s: build_plan(graph, costs, s, baselines, prov),
+            validate_steps or DEFAULT_STEPS,
+            on_step=on_validate_step,
+        )
         solution, plan = checked.chosen.solution, checked.chosen.plan
         plan.validation = checked.to_json()
     else:

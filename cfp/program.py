@@ -71,7 +71,11 @@ class CommRecorder(CommDebugMode):
         self.collectives: list[Collective] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        timed = self.sync is not None and (func._overloadpacket in self.comm_registry or func._overloadpacket in c10d_collective_ops or func is WAIT_TENSOR)
+        timed = self.sync is not None and (
+            func._overloadpacket in self.comm_registry
+            or func._overloadpacket in c10d_collective_ops
+            or func is WAIT_TENSOR
+        )
         if timed:
             self.sync()
             start = time.perf_counter()
@@ -237,7 +241,9 @@ def _mean_loss_over_shards(node: Node, args, kwargs, mesh: DeviceMesh):
     """
     bound = _loss_args(node, args, kwargs)
     replicate = (Replicate(),) * mesh.ndim
-    whole = lambda t: t.redistribute(mesh, replicate) if isinstance(t, DTensor) else DTensor.from_local(t, mesh, replicate)
+    whole = lambda t: (
+        t.redistribute(mesh, replicate) if isinstance(t, DTensor) else DTensor.from_local(t, mesh, replicate)
+    )
     with implicit_replication():
         total = node.target(*({**bound, "reduction": 2}.values()))  # Reduction.SUM: Partial(sum)
         count = (bound["target"] != bound["ignore_index"]).sum()
@@ -263,7 +269,9 @@ def _call(node: Node, args, kwargs, mesh: DeviceMesh, run: BlockRun):
             # split on another dim): reshape computes the same values, copying where it must.
             with implicit_replication():
                 return torch.ops.aten.reshape.default(*args, **kwargs)
-        no_rule = isinstance(exc, NotImplementedError) and ("sharding strateg" in str(exc) or "sharding propagation" in str(exc))
+        no_rule = isinstance(exc, NotImplementedError) and (
+            "sharding strateg" in str(exc) or "sharding propagation" in str(exc)
+        )
         if not no_rule and not (_on_meta(args, kwargs) and fake_kernel_fails(node)):
             raise
     # DTensor has no rule for this op, or its fake kernel fails: run it replicated, which is always correct.
@@ -292,7 +300,11 @@ def fake_kernel_fails(node: Node) -> bool:
         node.meta["cfp_fake_kernel_fails"] = not _runs(node, lambda v: as_meta(v))
         if not node.meta["cfp_fake_kernel_fails"]:
             with FakeTensorMode() as fake:
-                cpu = lambda v: fake.from_tensor(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype)) if isinstance(v, torch.Tensor) else v
+                cpu = lambda v: (
+                    fake.from_tensor(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype))
+                    if isinstance(v, torch.Tensor)
+                    else v
+                )
                 node.meta["cfp_fake_kernel_fails"] = not _runs(node, cpu)
     return node.meta["cfp_fake_kernel_fails"]
 

@@ -204,7 +204,9 @@ def reduce_gradients(params: list[DTensor], mesh: DeviceMesh, recorder: CommReco
     return reduced
 
 
-def _backward(block: Block, values: dict, params: list[DTensor], inputs: list[DTensor], mesh: DeviceMesh) -> list[Collective]:
+def _backward(
+    block: Block, values: dict, params: list[DTensor], inputs: list[DTensor], mesh: DeviceMesh
+) -> list[Collective]:
     """Backward from gradients placed like the exits (input gradients placed like the inputs), then the gradient reduction."""
     outs, grads = exit_gradients(block, values, mesh)
     backward = CommRecorder(mesh, "backward")

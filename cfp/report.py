@@ -30,16 +30,23 @@ def tables(plan: Plan) -> list[Table]:
     """Summary, per-block and parameter-placement tables."""
     mem = plan.memory_per_device_bytes
     limit = mem.get("limit")
-    summary = Table(show_header=False, title=f"plan for {plan.model.get('spec', {}).get('describe', plan.model.get('spec'))}")
+    summary = Table(
+        show_header=False, title=f"plan for {plan.model.get('spec', {}).get('describe', plan.model.get('spec'))}"
+    )
     summary.add_row("mesh", " x ".join(f"{n}={s}" for n, s in zip(plan.mesh["names"], plan.mesh["shape"])))
     summary.add_row("fingerprint", plan.fingerprint)
     summary.add_row("predicted step time", human_time(plan.predicted_step_time_s))
     for k, v in plan.time_breakdown_s.items():
         summary.add_row(f"  {k}", human_time(v))
     for name, base in plan.baselines.items():
-        summary.add_row(f"{name} baseline", f"{human_time(base['predicted_step_time_s'])}, {human_bytes(base['memory_per_device_bytes'])}{'' if base.get('fits', True) else ' (does not fit)'}")
+        summary.add_row(
+            f"{name} baseline",
+            f"{human_time(base['predicted_step_time_s'])}, {human_bytes(base['memory_per_device_bytes'])}{'' if base.get('fits', True) else ' (does not fit)'}",
+        )
     used = f" ({100 * mem['total'] / limit:.1f}% of the limit)" if limit else ""
-    summary.add_row("memory per device", f"{human_bytes(mem['total'])} / {human_bytes(limit) if limit else 'no limit'}{used}")
+    summary.add_row(
+        "memory per device", f"{human_bytes(mem['total'])} / {human_bytes(limit) if limit else 'no limit'}{used}"
+    )
     if "transient" in mem:
         summary.add_row("", "at the step's peak: params + optimizer + transient + the larger of grads and activations")
     for k in ("params", "grads", "optimizer", "activations", "transient"):
@@ -55,8 +62,17 @@ def tables(plan: Plan) -> list[Table]:
     scale, unit = (1e3, "ms") if plan.predicted_step_time_s >= 1e-3 else (1e6, "us")
     t = lambda v: f"{v * scale:.3g}" if v else ""
     blocks = Table(title=f"blocks along the model (times in {unit})")
-    for col, just in (("id", "right"), ("op", "left"), ("config", "left"), ("storage", "left"), ("time", "right"), ("comm", "right"),
-                      ("trans in", "right"), ("entry", "left"), ("params", "right")):
+    for col, just in (
+        ("id", "right"),
+        ("op", "left"),
+        ("config", "left"),
+        ("storage", "left"),
+        ("time", "right"),
+        ("comm", "right"),
+        ("trans in", "right"),
+        ("entry", "left"),
+        ("params", "right"),
+    ):
         blocks.add_column(col, justify=just)
     for b in plan.blocks:
         act = next((i for i in b["inputs"] if i["role"] == "activation"), None)
@@ -64,7 +80,10 @@ def tables(plan: Plan) -> list[Table]:
             str(b["id"]),
             b["op"].removeprefix("aten."),
             b["config"],
-            " ".join([b["storage"]] * (b.get("storage", "replicate") != "replicate") + ["recompute"] * bool(b.get("recompute"))),
+            " ".join(
+                [b["storage"]] * (b.get("storage", "replicate") != "replicate")
+                + ["recompute"] * bool(b.get("recompute"))
+            ),
             t(b["time_s"]),
             t(b.get("communication_s")),
             t(b["transition_in_s"]),
@@ -86,8 +105,10 @@ def validation_table(plan: Plan) -> Table | None:
     v = plan.validation
     if not v:
         return None
-    table = Table(title=f"validation: {len(v['candidates'])} candidates, {v['steps']} timed steps each "
-                        f"(+{v['warmup']} warm-up), {v['wall_s']:.1f} s")
+    table = Table(
+        title=f"validation: {len(v['candidates'])} candidates, {v['steps']} timed steps each "
+        f"(+{v['warmup']} warm-up), {v['wall_s']:.1f} s"
+    )
     for col in ("candidate", "predicted", "measured", "IQR", "error", "why"):
         table.add_column(col, justify="left" if col in ("candidate", "why") else "right")
     for c in v["candidates"]:
@@ -177,19 +198,37 @@ def figure(plan: Plan, path: str | Path) -> Path:
     ax_cfg.set_xlabel("block (along the model)")
     ax_cfg.set_title("chosen config per block", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[c]) for c in configs]
-    ax_cfg.legend(handles, configs, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=min(len(configs), 8), fontsize=8, frameon=False)
+    ax_cfg.legend(
+        handles,
+        configs,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.45),
+        ncol=min(len(configs), 8),
+        fontsize=8,
+        frameon=False,
+    )
     ax_cfg.set_xlim(-0.5, len(blocks) - 0.5)
     if len(blocks) <= 40:
         ax_cfg.set_xticks(ids)
-        ax_cfg.set_xticklabels([f"{b['id']} {b['op'].removeprefix('aten.')}" for b in blocks], fontsize=7, rotation=60, ha="right")
+        ax_cfg.set_xticklabels(
+            [f"{b['id']} {b['op'].removeprefix('aten.')}" for b in blocks], fontsize=7, rotation=60, ha="right"
+        )
 
     mem = plan.memory_per_device_bytes
     limit = mem.get("limit")
     top = max(mem["total"], limit or 0) if limit and mem["total"] > 0.05 * limit else mem["total"]
-    unit, div = next(((u, d) for u, d in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= d), ("B", 1))
+    unit, div = next(
+        ((u, d) for u, d in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= d), ("B", 1)
+    )
     # The step's peak holds the gradients (end of backward) or the saved activations (end of forward), not both.
     larger = "grads" if mem["grads"] >= mem["activations"] and "transient" in mem else "activations"
-    parts = [("params", "#4C72B0"), ("grads", "#55A868"), ("optimizer", "#8172B2"), ("activations", "#DD8452"), ("transient", "#937860")]
+    parts = [
+        ("params", "#4C72B0"),
+        ("grads", "#55A868"),
+        ("optimizer", "#8172B2"),
+        ("activations", "#DD8452"),
+        ("transient", "#937860"),
+    ]
     y = 0.0
     for key, color in parts:
         if key not in mem or ("transient" in mem and key in ("grads", "activations") and key != larger):
@@ -200,12 +239,16 @@ def figure(plan: Plan, path: str | Path) -> Path:
         ax_mem.axhline(limit / div, color="black", linestyle="--", label=f"limit {human_bytes(limit)}")
         ax_mem.set_ylim(0, max(y, limit / div) * 1.1)
     elif limit:
-        ax_mem.plot([], [], " ", label=f"limit {human_bytes(limit)} (off scale: {100 * mem['total'] / limit:.2g}% used)")
+        ax_mem.plot(
+            [], [], " ", label=f"limit {human_bytes(limit)} (off scale: {100 * mem['total'] / limit:.2g}% used)"
+        )
     ax_mem.set_xticks([])
     ax_mem.set_ylabel(f"{unit} per device")
     ax_mem.set_title(f"memory {human_bytes(mem['total'])}", fontsize=10)
     ax_mem.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=8, frameon=False)
-    fig.suptitle(f"{plan.model.get('spec', {}).get('spec', '')} on mesh {'x'.join(map(str, plan.mesh['shape']))} ({plan.provenance.get('cost_model')} costs)")
+    fig.suptitle(
+        f"{plan.model.get('spec', {}).get('spec', '')} on mesh {'x'.join(map(str, plan.mesh['shape']))} ({plan.provenance.get('cost_model')} costs)"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -79,7 +79,9 @@ def classify(blocks: list[Block], traced: TracedModel) -> dict[str, list[int]]:
     for block in blocks:
         with warnings.catch_warnings():  # networkx notes that directed hashes changed in 3.5
             warnings.simplefilter("ignore", UserWarning)
-            wl = nx.weisfeiler_lehman_graph_hash(block_digraph(block, traced), node_attr="label", edge_attr="label", iterations=3)
+            wl = nx.weisfeiler_lehman_graph_hash(
+                block_digraph(block, traced), node_attr="label", edge_attr="label", iterations=3
+            )
         key = structure_key(block, traced)
         class_id, n = wl[:12], 0
         while class_id in keys and keys[class_id] != key:  # a WL collision: keep the classes apart

@@ -88,8 +88,16 @@ class Regather:
         if entry is None or entry[0]() is None:
             return t
         _, stored, compute = entry
-        return _Token(stored, compute, tuple(t.placements), t.shape, t.stride(),
-                      local.size(), local.stride(), local.storage_offset())
+        return _Token(
+            stored,
+            compute,
+            tuple(t.placements),
+            t.shape,
+            t.stride(),
+            local.size(),
+            local.stride(),
+            local.storage_offset(),
+        )
 
     def _unpack(self, saved):
         if not isinstance(saved, _Token):
@@ -97,8 +105,9 @@ class Regather:
         with torch.no_grad():
             full = saved.stored.redistribute(self.mesh, saved.compute).to_local()
         local = full.as_strided(saved.local_size, saved.local_stride, saved.local_offset)
-        return DTensor.from_local(local, self.mesh, saved.placements, run_check=False,
-                                  shape=saved.shape, stride=saved.stride)
+        return DTensor.from_local(
+            local, self.mesh, saved.placements, run_check=False, shape=saved.shape, stride=saved.stride
+        )
 
 
 # --------------------------------------------------------------------------
@@ -151,8 +160,9 @@ def schedule(graph: torch.fx.Graph, owner: dict[str, int], recompute: set[int]) 
                 if step.recompute and arg.name not in inside and arg.name not in step.inputs:
                     step.inputs.append(arg.name)
         if step.recompute:
-            step.outputs = [n.name for n in step.nodes
-                            if any(u.op == "output" or step_of.get(u.name) != i for u in n.users)]
+            step.outputs = [
+                n.name for n in step.nodes if any(u.op == "output" or step_of.get(u.name) != i for u in n.users)
+            ]
     kept = {n.name for n in output.all_input_nodes}
     for name, i in last_use.items():
         if i >= 0 and name not in kept:

@@ -73,11 +73,22 @@ class Memory:
         return self.params + self.optimizer + max(self.grads, self.activations) + self.transient
 
     def to_json(self) -> dict:
-        return {"total": self.total, "params": self.params, "grads": self.grads, "optimizer": self.optimizer,
-                "activations": self.activations, "transient": self.transient}
+        return {
+            "total": self.total,
+            "params": self.params,
+            "grads": self.grads,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "transient": self.transient,
+        }
 
     def dominant(self) -> str:
-        parts = {"parameters": self.params, "gradients": self.grads, "optimizer state": self.optimizer, "activations": self.activations}
+        parts = {
+            "parameters": self.params,
+            "gradients": self.grads,
+            "optimizer state": self.optimizer,
+            "activations": self.activations,
+        }
         return max(parts, key=parts.get)
 
 
@@ -151,12 +162,20 @@ class MemoryTable:
         return total
 
 
-def evaluate(graph, costs: CostModel, choice: list[int], memory: MemoryTable | None = None,
-             storage: list[str] | None = None, recompute: list[bool] | None = None,
-             table: StorageTable | None = None) -> Evaluation:
+def evaluate(
+    graph,
+    costs: CostModel,
+    choice: list[int],
+    memory: MemoryTable | None = None,
+    storage: list[str] | None = None,
+    recompute: list[bool] | None = None,
+    table: StorageTable | None = None,
+) -> Evaluation:
     """Block times, transition times and memory of a choice (config index per block), with each block's
     storage level and recomputation (default: replicated, activations saved)."""
-    block_s = [costs.block_time(b.class_id, graph.block_configs(b)[c].config.name) for b, c in zip(graph.blocks, choice)]
+    block_s = [
+        costs.block_time(b.class_id, graph.block_configs(b)[c].config.name) for b, c in zip(graph.blocks, choice)
+    ]
     memory = memory or MemoryTable(graph)
     mem = memory.of(choice)
     if storage is not None or recompute is not None:
@@ -238,7 +257,10 @@ def _groups(graph, tie_segments: bool) -> list[tuple]:
 def _no_config_runs(graph, block, costs) -> str:
     ops = sorted({op_name(graph.traced.nodes[n]) for n in block.nodes})
     failure = getattr(costs, "block_failure", lambda c, n: "")
-    reasons = [f"{p.config.name}: {failure(block.class_id, p.config.name) or 'infinite cost'}" for p in graph.block_configs(block)]
+    reasons = [
+        f"{p.config.name}: {failure(block.class_id, p.config.name) or 'infinite cost'}"
+        for p in graph.block_configs(block)
+    ]
     return (
         f"No config of block {block.id} ({block.anchor}; ops {', '.join(ops)}) can run under the {costs.name} "
         f"cost model: {'; '.join(reasons)}."
@@ -334,17 +356,32 @@ class _Builder:
                             self.keep[g][c], self.r[g][c] = made["keep"], made["recompute"]
                         else:
                             target.update(made)
-                    chosen = self.s[g].get(c, {}) if target is not None else {"keep": self.keep[g].get(c), "recompute": self.r[g].get(c)}
-                    if any(chosen.get(name) is None for name in options):  # a group's members share its first block's options
+                    chosen = (
+                        self.s[g].get(c, {})
+                        if target is not None
+                        else {"keep": self.keep[g].get(c), "recompute": self.r[g].get(c)}
+                    )
+                    if any(
+                        chosen.get(name) is None for name in options
+                    ):  # a group's members share its first block's options
                         continue
                     units = {name: self._units(d.time_s) for name, d in options.items()}
                     base_units = min(units.values())
                     self.block_cost[g][c] += base_units
-                    for part, terms in (("always", self.mem_terms), ("grads", self.grad_terms), ("activations", self.act_terms)):
-                        mem = {name: d.params + d.optimizer if part == "always" else getattr(d, part) for name, d in options.items()}
+                    for part, terms in (
+                        ("always", self.mem_terms),
+                        ("grads", self.grad_terms),
+                        ("activations", self.act_terms),
+                    ):
+                        mem = {
+                            name: d.params + d.optimizer if part == "always" else getattr(d, part)
+                            for name, d in options.items()
+                        }
                         base = min(mem.values())
                         terms[g][c] += base
-                        self.extra_mem[part] += [(chosen[name], mem[name] - base) for name in options if mem[name] > base]
+                        self.extra_mem[part] += [
+                            (chosen[name], mem[name] - base) for name in options if mem[name] > base
+                        ]
                     for name, d in options.items():
                         if units[name] > base_units:
                             self.objective_terms.append((chosen[name], units[name] - base_units))
@@ -358,8 +395,9 @@ class _Builder:
             self.model.Add(self.transient >= sum(v * b for v, b in terms))
 
     def _part(self, terms, part: str):
-        return (sum(v * terms[g][c] for g, xs in self.x.items() for c, v in xs.items() if terms[g][c])
-                + sum(v * b for v, b in self.extra_mem[part]))
+        return sum(v * terms[g][c] for g, xs in self.x.items() for c, v in xs.items() if terms[g][c]) + sum(
+            v * b for v, b in self.extra_mem[part]
+        )
 
     def memory_exprs(self) -> list:
         """The step's peak is at most each of: the end of forward (activations) and of backward (gradients)."""
@@ -372,7 +410,12 @@ class _Builder:
 
     def minimize_memory(self) -> None:
         exprs = self.memory_exprs()
-        bound = sum(max(0, b) for terms in (self.mem_terms, self.grad_terms, self.act_terms) for row in terms.values() for b in row.values())
+        bound = sum(
+            max(0, b)
+            for terms in (self.mem_terms, self.grad_terms, self.act_terms)
+            for row in terms.values()
+            for b in row.values()
+        )
         bound += sum(b for part in self.extra_mem.values() for _, b in part) + self.transient_bound
         peak = self.model.NewIntVar(0, int(bound), "peak")
         for expr in exprs:
@@ -387,9 +430,15 @@ class _Builder:
         if key not in cache:
             props = self.graph.block_configs(block)
             if which == "exit":
-                cache[key] = tuple(None if p.exit_placements[pos] is None else tuple(placements_str(p.exit_placements[pos])) for p in props)
+                cache[key] = tuple(
+                    None if p.exit_placements[pos] is None else tuple(placements_str(p.exit_placements[pos]))
+                    for p in props
+                )
             else:
-                cache[key] = tuple(None if p.input_placements[pos] is None else tuple(placements_str(p.input_placements[pos])) for p in props)
+                cache[key] = tuple(
+                    None if p.input_placements[pos] is None else tuple(placements_str(p.input_placements[pos]))
+                    for p in props
+                )
         return cache[key]
 
     def _transitions(self) -> None:
@@ -457,15 +506,20 @@ class _Builder:
         for param, rs in self.tied.items():
             b0, p0 = rs[0]
             g0 = self.group_of[b0]
-            first = {c: tuple(placements_str(graph.block_configs(b0)[c].input_placements[p0]) or ()) for c in self.x[g0]}
+            first = {
+                c: tuple(placements_str(graph.block_configs(b0)[c].input_placements[p0]) or ()) for c in self.x[g0]
+            }
             for b1, p1 in rs[1:]:
                 g1 = self.group_of[b1]
                 if g1 == g0 and p1 == p0:
                     continue
-                other = {c: tuple(placements_str(graph.block_configs(b1)[c].input_placements[p1]) or ()) for c in self.x[g1]}
+                other = {
+                    c: tuple(placements_str(graph.block_configs(b1)[c].input_placements[p1]) or ()) for c in self.x[g1]
+                }
                 for label in set(first.values()) | set(other.values()):
                     self.model.Add(
-                        sum(self.x[g0][c] for c, l in first.items() if l == label) == sum(self.x[g1][c] for c, l in other.items() if l == label)
+                        sum(self.x[g0][c] for c, l in first.items() if l == label)
+                        == sum(self.x[g1][c] for c, l in other.items() if l == label)
                     )
 
     def choice(self, solver) -> list[int]:
@@ -517,7 +571,10 @@ class _Builder:
             for k, v in y.items():
                 self.model.AddHint(v, int(k == chosen))
         if not isinstance(self.transient, int):
-            on = {b.id: (storage[b.id] if storage else "replicate", bool(recompute and recompute[b.id])) for b in self.graph.blocks}
+            on = {
+                b.id: (storage[b.id] if storage else "replicate", bool(recompute and recompute[b.id]))
+                for b in self.graph.blocks
+            }
             value = 0
             for g, terms in self.transient_terms.items():
                 block = next(b for b in self.graph.blocks if self.group_of[b.id] == g)
@@ -540,15 +597,24 @@ def _solver(time_limit_s: float, workers: int):
     return solver
 
 
-def min_memory(graph, costs: CostModel, tie_segments: bool = False, time_limit_s: float = 30.0, workers: int = 2,
-               storage: bool = True, recompute: bool = True) -> tuple[Memory, list[int]]:
+def min_memory(
+    graph,
+    costs: CostModel,
+    tie_segments: bool = False,
+    time_limit_s: float = 30.0,
+    workers: int = 2,
+    storage: bool = True,
+    recompute: bool = True,
+) -> tuple[Memory, list[int]]:
     """The least per-device memory any plan needs (tied parameters agreeing), and that plan."""
     builder = _Builder(graph, costs, tie_segments, storage, recompute)
     builder.minimize_memory()
     solver = _solver(time_limit_s, workers)
     status = solver.Solve(builder.model)
     if status not in (builder.cp_model.OPTIMAL, builder.cp_model.FEASIBLE):
-        raise CFPError(f"No plan satisfies the model's constraints (tied parameters cannot agree on a placement); solver status {solver.StatusName(status)}.")
+        raise CFPError(
+            f"No plan satisfies the model's constraints (tied parameters cannot agree on a placement); solver status {solver.StatusName(status)}."
+        )
     choice = builder.choice(solver)
     levels, recomputed = builder.storage_choice(solver, choice)
     return evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage).memory, choice
@@ -572,7 +638,9 @@ def solve(
     roughly halves the search on deep models. ``storage`` offers ZeRO-1/2/3
     storage of parameters, ``recompute`` activation recomputation (``cfp.storage``).
     """
-    return best_plans(graph, costs, 1, memory_limit, tie_segments, time_limit_s, workers, hint_first, storage, recompute)[0]
+    return best_plans(
+        graph, costs, 1, memory_limit, tie_segments, time_limit_s, workers, hint_first, storage, recompute
+    )[0]
 
 
 def best_plans(
@@ -605,7 +673,9 @@ def best_plans(
     hint, hint_from, tied = None, None, None
     if not tie_segments and graph.segments and hint_first:
         try:
-            tied = solve(graph, costs, memory_limit, True, min(10.0, time_limit_s / 4), workers, False, storage, recompute)
+            tied = solve(
+                graph, costs, memory_limit, True, min(10.0, time_limit_s / 4), workers, False, storage, recompute
+            )
             hint, hint_from = tied, "tie_segments"
         except CFPError:
             hint, tied = None, None
@@ -638,7 +708,9 @@ def best_plans(
                 _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage, recompute)
             if tied is not None:
                 tied.status, tied.stats["untied"] = (
-                    f"{tied.status} (segments tied: untied search found no plan in time)", solver.StatusName(status))
+                    f"{tied.status} (segments tied: untied search found no plan in time)",
+                    solver.StatusName(status),
+                )
                 return [tied]
             raise CFPError(
                 f"The ILP found no plan within {time_limit_s:.0f} s (solver status {solver.StatusName(status)}). "
@@ -667,14 +739,30 @@ def best_plans(
     return sorted(found, key=lambda s: s.objective_s)
 
 
-def fixed(graph, costs: CostModel, choice: list[int], status: str, memory_limit: int | None = None,
-          storage: list[str] | None = None, recompute: list[bool] | None = None) -> Solution:
+def fixed(
+    graph,
+    costs: CostModel,
+    choice: list[int],
+    status: str,
+    memory_limit: int | None = None,
+    storage: list[str] | None = None,
+    recompute: list[bool] | None = None,
+) -> Solution:
     """A Solution that was not searched for (a baseline, a plan chosen by hand), evaluated under ``costs``."""
     ev = evaluate(graph, costs, choice, storage=storage, recompute=recompute)
     if memory_limit is not None and ev.memory.total > memory_limit:
         status += " (over the memory limit)"
-    return Solution(choice=list(choice), evaluation=ev, status=status, objective_s=ev.total_s, best_bound_s=ev.total_s, seconds=0.0,
-                    memory_limit=memory_limit, storage=storage, recompute=recompute)
+    return Solution(
+        choice=list(choice),
+        evaluation=ev,
+        status=status,
+        objective_s=ev.total_s,
+        best_bound_s=ev.total_s,
+        seconds=0.0,
+        memory_limit=memory_limit,
+        storage=storage,
+        recompute=recompute,
+    )
 
 
 def _without(storage: bool, recompute: bool) -> str:
@@ -682,11 +770,15 @@ def _without(storage: bool, recompute: bool) -> str:
     return f" with {' and '.join(off)} turned off" if off else ""
 
 
-def _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage=True, recompute=True) -> None:
+def _explain_infeasible(
+    graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage=True, recompute=True
+) -> None:
     from cfp.report_util import human_bytes
 
     if memory_limit is None:
-        raise CFPError("No plan satisfies the model's constraints: tied parameters cannot agree on one placement under any config.")
+        raise CFPError(
+            "No plan satisfies the model's constraints: tied parameters cannot agree on one placement under any config."
+        )
     least, _ = min_memory(graph, costs, tie_segments, time_limit_s, workers, storage, recompute)
     raise CFPError(
         f"No plan fits in {human_bytes(memory_limit)} per device on mesh {graph.mesh}. The least memory any plan needs is "

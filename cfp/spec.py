@@ -98,9 +98,7 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(f"examples.{target}")
         presets = getattr(module, "PRESETS")
         if name not in presets:
-            raise CFPError(
-                f"Example {target!r} has no preset {name!r}; presets: {', '.join(presets)}."
-            )
+            raise CFPError(f"Example {target!r} has no preset {name!r}; presets: {', '.join(presets)}.")
         return lambda **kw: module.build(preset=name, **kw)
     module = _import_target(spec, target)
     factory = getattr(module, name, None)
@@ -182,7 +180,9 @@ def check_kwargs(spec: ModelSpec) -> None:
 
 def check_sizes(spec: ModelSpec, model: nn.Module, inputs: tuple) -> None:
     """Refuse a built model with an empty input or parameter: nothing would be computed, and DTensor hangs on it."""
-    named = [(f"input {i}", t) for i, t in enumerate(inputs)] + [(f"parameter {n}", p) for n, p in model.named_parameters()]
+    named = [(f"input {i}", t) for i, t in enumerate(inputs)] + [
+        (f"parameter {n}", p) for n, p in model.named_parameters()
+    ]
     for what, t in named:
         if isinstance(t, torch.Tensor) and 0 in t.shape:
             raise CFPError(

@@ -174,8 +174,11 @@ class StorageTable:
         self.blocks: list[BlockStorage] = []
         cache: dict[tuple, BlockStorage] = {}
         for block in graph.blocks:
-            owned = tuple(pos for pos, inp in enumerate(block.inputs)
-                          if owner.get(inp.name) == block.id and inp.name not in shared)
+            owned = tuple(
+                pos
+                for pos, inp in enumerate(block.inputs)
+                if owner.get(inp.name) == block.id and inp.name not in shared
+            )
             key = (block.class_id, owned)
             if key not in cache:
                 cache[key] = self._block(block, owned, mesh_shape)
@@ -221,10 +224,19 @@ class StorageTable:
         # zero1/zero2 keep the gathered parameter until backward and the shard besides it.
         return {
             "zero1": Variant(gather - optimizer, params=shard_bytes, optimizer=-opt_saved),
-            "zero2": Variant(gather + scatter - reduce - optimizer, params=shard_bytes, grads=shard_bytes - full_bytes,
-                             optimizer=-opt_saved),
-            "zero3": Variant(2 * gather + scatter - reduce - optimizer, params=shard_bytes - full_bytes,
-                             grads=shard_bytes - full_bytes, optimizer=-opt_saved, transient=full_bytes),
+            "zero2": Variant(
+                gather + scatter - reduce - optimizer,
+                params=shard_bytes,
+                grads=shard_bytes - full_bytes,
+                optimizer=-opt_saved,
+            ),
+            "zero3": Variant(
+                2 * gather + scatter - reduce - optimizer,
+                params=shard_bytes - full_bytes,
+                grads=shard_bytes - full_bytes,
+                optimizer=-opt_saved,
+                transient=full_bytes,
+            ),
         }
 
     def _param_values(self, block, prop):
@@ -236,8 +248,11 @@ class StorageTable:
     def _recompute(self, block, prop, mesh_shape) -> Variant | None:
         """Checkpointing keeps the block's inputs instead of what its ops save; backward brings those back."""
         traced = self.graph.traced
-        kept = sum(_bytes(traced.nodes[i.name].meta.get("val"), pl, mesh_shape)
-                   for i, pl in zip(block.inputs, prop.input_placements) if i.name not in traced.params)
+        kept = sum(
+            _bytes(traced.nodes[i.name].meta.get("val"), pl, mesh_shape)
+            for i, pl in zip(block.inputs, prop.input_placements)
+            if i.name not in traced.params
+        )
         dropped = int(prop.saved_bytes) - kept
         if dropped <= 0:
             return None

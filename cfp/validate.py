@@ -136,8 +136,11 @@ def candidates(graph, costs, solutions: list[Solution], memory_limit: int | None
 
     def layout(solution: Solution) -> tuple:
         n = len(solution.choice)
-        return (tuple(solution.choice), tuple(solution.storage or ["replicate"] * n),
-                tuple(solution.recompute or [False] * n))
+        return (
+            tuple(solution.choice),
+            tuple(solution.storage or ["replicate"] * n),
+            tuple(solution.recompute or [False] * n),
+        )
 
     out = [Candidate(f"cfp-{i}", s) for i, s in enumerate(solutions, start=1)]
     seen = {layout(c.solution): c.name for c in out}

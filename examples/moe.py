@@ -66,13 +66,26 @@ PRESETS: dict[str, MoEConfig] = {
     ),
     # GPT-2-small body, every MLP an 8-expert MoE (Switch-base-like width).
     "moe-8e": MoEConfig(
-        vocab_size=32000, n_layer=12, n_head=12, n_embd=768, block_size=1024, seq_len=1024,
-        n_expert=8, expert_hidden=3072,
+        vocab_size=32000,
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        block_size=1024,
+        seq_len=1024,
+        n_expert=8,
+        expert_hidden=3072,
     ),
     # GPT-medium body, 64 experts in every other layer (GShard's layout).
     "moe-64e": MoEConfig(
-        vocab_size=32000, n_layer=24, n_head=16, n_embd=1024, block_size=1024, seq_len=1024,
-        n_expert=64, expert_hidden=4096, moe_every=2,
+        vocab_size=32000,
+        n_layer=24,
+        n_head=16,
+        n_embd=1024,
+        block_size=1024,
+        seq_len=1024,
+        n_expert=64,
+        expert_hidden=4096,
+        moe_every=2,
     ),
 }
 

@@ -36,7 +36,11 @@ def parse_args(argv=None):
     ap.add_argument("--model", help="model spec, without --plan (e.g. gpt:tiny)")
     ap.add_argument("--batch", type=int, default=None, help="with --model: batch size")
     ap.add_argument("--mesh", default=None, help="with --model: mesh, e.g. 2 (default: the world size)")
-    ap.add_argument("--config-all", default="batch", help="with --model: the config every block takes where it has it (else its first)")
+    ap.add_argument(
+        "--config-all",
+        default="batch",
+        help="with --model: the config every block takes where it has it (else its first)",
+    )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--period", type=int, default=16, help="period of the synthetic token pattern")
@@ -64,7 +68,9 @@ def synthetic_batch(inputs, period: int, gen: torch.Generator):
         b, s = idx.shape[0], idx.shape[-1]
         start = torch.randint(0, period, (b, 1), generator=gen)
         tokens = (start + torch.arange(s + 1)) % period
-        return tokens[:, :s].reshape(idx.shape).contiguous().to(idx), tokens[:, 1:].reshape(inputs[1].shape).contiguous().to(inputs[1])
+        return tokens[:, :s].reshape(idx.shape).contiguous().to(idx), tokens[:, 1:].reshape(
+            inputs[1].shape
+        ).contiguous().to(inputs[1])
     return inputs  # unknown inputs: learn the fixed example batch
 
 
@@ -106,15 +112,23 @@ def train(args) -> int:
     dist.init_process_group("nccl" if cuda else "gloo")
 
     workload = cfp.build(spec_of(plan, device=device))  # every rank builds the same (seeded) weights
-    model = parallelize(workload.model, plan, example_inputs=workload.inputs, lowered=not args.interpreted, compile=args.compile)
+    model = parallelize(
+        workload.model, plan, example_inputs=workload.inputs, lowered=not args.interpreted, compile=args.compile
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)  # the same global batch on every rank
     if rank == 0:
         counts = ", ".join(f"{k} x{v}" for k, v in plan.config_counts().items())
-        print(f"{plan.model['spec'].get('describe', '')} on mesh {plan.mesh['shape']} ({'nccl' if cuda else 'gloo'}); configs: {counts}", flush=True)
+        print(
+            f"{plan.model['spec'].get('describe', '')} on mesh {plan.mesh['shape']} ({'nccl' if cuda else 'gloo'}); configs: {counts}",
+            flush=True,
+        )
     curve = []
     for step in range(args.steps):
-        inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in synthetic_batch(workload.inputs, args.period, gen))
+        inputs = tuple(
+            t.to(device) if isinstance(t, torch.Tensor) else t
+            for t in synthetic_batch(workload.inputs, args.period, gen)
+        )
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()

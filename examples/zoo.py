@@ -31,8 +31,16 @@ class EncoderClassifier(nn.Module):
         return F.cross_entropy(self.head(x.mean(dim=1)), labels)
 
 
-def encoder(batch: int = 2, seq: int = 16, device: str = "cpu", vocab: int = 128, d_model: int = 32,
-            nhead: int = 4, layers: int = 2, classes: int = 4):
+def encoder(
+    batch: int = 2,
+    seq: int = 16,
+    device: str = "cpu",
+    vocab: int = 128,
+    d_model: int = 32,
+    nhead: int = 4,
+    layers: int = 2,
+    classes: int = 4,
+):
     torch.manual_seed(0)
     with torch.device(device):
         model = EncoderClassifier(vocab, seq, d_model, nhead, layers, classes)

@@ -68,6 +68,7 @@ def build(batch: int = 4, width: int = 8, fault: str = "none", rank: int = 1, to
 
 # -- running the command and finding what it left behind -------------------------------------------------------------
 
+
 def survivors(marker: str) -> list[int]:
     """Pids of live processes whose environment holds ``CFP_TEST_MARKER=<marker>`` (a run's descendants inherit it)."""
     found = []
@@ -112,7 +113,12 @@ def read_only(path):
             for p, mode in modes.items():
                 p.chmod(mode)
         return
-    if subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True, check=False).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot make a read-only directory here (root without mount)")
     try:
         yield

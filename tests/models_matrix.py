@@ -32,15 +32,31 @@ MATRIX: dict[str, cfp.ModelSpec] = {
     # Qwen2: GQA with biased q/k/v projections.
     "qwen2": hf("qwen2", **SMALL, num_key_value_heads=2),
     # Qwen2-MoE: MoE with a gated shared expert.
-    "qwen2_moe": hf("qwen2_moe", **SMALL, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                    moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    "qwen2_moe": hf(
+        "qwen2_moe",
+        **SMALL,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    ),
     # GPT-NeoX: parallel attention and MLP, fused query_key_value, partial rotary, LayerNorm.
     "gpt_neox": hf("gpt_neox", **SMALL),
     # Gemma: tied head, RMSNorm with (1 + weight), GeGLU, scaled embeddings.
     "gemma": hf("gemma", **SMALL, num_key_value_heads=1, head_dim=8),
     # OPT: learned positions with an offset, LayerNorm, ReLU MLP (fc1/fc2), tied head.
-    "opt": hf("opt", num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4, vocab_size=128,
-              word_embed_proj_dim=32, max_position_embeddings=32, **NO_DROPOUT["opt"]),
+    "opt": hf(
+        "opt",
+        num_hidden_layers=2,
+        hidden_size=32,
+        ffn_dim=64,
+        num_attention_heads=4,
+        vocab_size=128,
+        word_embed_proj_dim=32,
+        max_position_embeddings=32,
+        **NO_DROPOUT["opt"],
+    ),
     # Phi: parallel attention and MLP, partial rotary, dense / fc1 / fc2, untied head with a bias.
     "phi": hf("phi", **SMALL),
     # torch.nn.TransformerEncoder sequence classifier.

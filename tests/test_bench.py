@@ -15,12 +15,24 @@ from cfp.plan import Plan
 
 def _plan(configs: list[str]) -> Plan:
     blocks = [{"config": c} for c in configs]
-    return Plan(model={}, mesh={"shape": [2], "names": ["d0"]}, parameters={}, blocks=blocks, predicted_step_time_s=0.0,
-                time_breakdown_s={}, memory_per_device_bytes={}, solve={}, provenance={})
+    return Plan(
+        model={},
+        mesh={"shape": [2], "names": ["d0"]},
+        parameters={},
+        blocks=blocks,
+        predicted_step_time_s=0.0,
+        time_breakdown_s={},
+        memory_per_device_bytes={},
+        solve={},
+        provenance={},
+    )
 
 
 def test_summary_columns_ratios_and_errors():
-    plans = [BenchPlan("cfp", _plan(["rep", "col"]), 0.011, 0.001, 110), BenchPlan("dp", _plan(["batch", "batch"]), 0.03, 0.002, 150)]
+    plans = [
+        BenchPlan("cfp", _plan(["rep", "col"]), 0.011, 0.001, 110),
+        BenchPlan("dp", _plan(["batch", "batch"]), 0.03, 0.002, 150),
+    ]
     steps = lambda xs: [{"step_s": x, "fwd_bwd_s": x * 0.8, "optimizer_s": x * 0.2, "loss": 1.0} for x in xs]
     raw = {
         "cfp": {"steps": steps([0.010, 0.012, 0.009]), "peak_mem_bytes": 100, "first_loss": 5.5},
@@ -46,14 +58,52 @@ def test_bench_runs_every_plan(tmp_path, monkeypatch):
     equal first losses (same weights, same batch, same model), also without warm-up steps."""
     monkeypatch.setenv("CFP_PROFILE_DIR", str(tmp_path / "store"))
     plan_file = tmp_path / "megatron.json"
-    assert main(["plan", "gpt:tiny", "--mesh", "2", "--cost", "analytic", "--cluster", "cpu-gloo-local", "--baseline", "megatron", "-o", str(plan_file)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "gpt:tiny",
+                "--mesh",
+                "2",
+                "--cost",
+                "analytic",
+                "--cluster",
+                "cpu-gloo-local",
+                "--baseline",
+                "megatron",
+                "-o",
+                str(plan_file),
+            ]
+        )
+        == 0
+    )
     csv = tmp_path / "bench.csv"
-    args = ["bench", "gpt:tiny", "--mesh", "2", "--plans", f"cfp,dp,fsdp,analytic,{plan_file},cfp+interpreted", "--steps", "3",
-            "--warmup", "0", "--csv", str(csv)]
+    args = [
+        "bench",
+        "gpt:tiny",
+        "--mesh",
+        "2",
+        "--plans",
+        f"cfp,dp,fsdp,analytic,{plan_file},cfp+interpreted",
+        "--steps",
+        "3",
+        "--warmup",
+        "0",
+        "--csv",
+        str(csv),
+    ]
     assert main(args) == 0
     table = pd.read_csv(csv)
     assert list(table["plan"]) == ["cfp", "dp", "fsdp", "analytic", "megatron", "cfp+interpreted", "single"]
-    for col in ("plan", "median_step_s", "predicted_step_s", "peak_mem_bytes", "predicted_mem_bytes", "mem_error", "speedup"):
+    for col in (
+        "plan",
+        "median_step_s",
+        "predicted_step_s",
+        "peak_mem_bytes",
+        "predicted_mem_bytes",
+        "mem_error",
+        "speedup",
+    ):
         assert col in table.columns
     assert (table["median_step_s"] > 0).all() and (table["peak_mem_bytes"] > 0).all()
     assert (table["predicted_step_s"][:-1] > 0).all() and math.isnan(table["predicted_step_s"].iloc[-1])

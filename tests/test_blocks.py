@@ -78,7 +78,9 @@ def test_gpt_megatron_row_parallel_projection_has_one_reduction(gpt):
     proj = layer_blocks(gpt, 0)[1]
     row = config(gpt, proj, "row")
     assert placements_str(row.config.activation) == [S2]
-    assert placements_str(dict(row.config.params)[next(i.name for i in proj.inputs if i.role == "param" and "weight" in i.name)]) == [S1]
+    assert placements_str(
+        dict(row.config.params)[next(i.name for i in proj.inputs if i.role == "param" and "weight" in i.name)]
+    ) == [S1]
     # The linear's output is Partial; its reduction is the block's one collective.
     assert node_placement(gpt, proj, row, "linear") == [P]
     forward = [c for c in row.collectives if c.phase == "forward"]
@@ -104,7 +106,11 @@ def test_llama_attention_and_swiglu_megatron_configs():
         assert config(graph, by_param[proj], "col").comm_free, proj
     # The attention core joins the last of the q/k/v blocks it reads; column-parallel
     # projections make it head-sharded.
-    core = next(by_param[p] for p in ("wq", "wk", "wv") if any("softmax" in str(graph.traced.nodes[n].target) for n in by_param[p].nodes))
+    core = next(
+        by_param[p]
+        for p in ("wq", "wk", "wv")
+        if any("softmax" in str(graph.traced.nodes[n].target) for n in by_param[p].nodes)
+    )
     assert node_placement(graph, core, config(graph, core, "col"), "softmax") == [S1]
     for proj in ("wo", "w2"):
         row = config(graph, by_param[proj], "row")
@@ -235,6 +241,7 @@ def test_analysis_cache_reuses_and_recovers(tmp_path, monkeypatch):
     entries[0].write_bytes(b"not a pickle")
     again = analyze(traced, parse_mesh("2"), workers=1)
     assert again.cached_classes == len(again.classes) - 1
+
     # A deeper model has no block class a 2-layer one lacks, so it is all cached.
     def layers(n):
         return cfp.capture(cfp.build(ModelSpec("gpt:tiny", device="meta", args={"n_layer": n})))

@@ -39,7 +39,9 @@ def test_capture_on_meta_matches_cpu(example):
     assert meta.forward_flops() == cpu.forward_flops()
 
 
-@pytest.mark.parametrize("spec,params", [("gpt:gpt3-175b", 175e9), ("llama:llama-70b", 69e9), ("llama:llama-7b", 6.7e9)])
+@pytest.mark.parametrize(
+    "spec,params", [("gpt:gpt3-175b", 175e9), ("llama:llama-70b", 69e9), ("llama:llama-7b", 6.7e9)]
+)
 def test_large_presets_build_on_meta(spec, params):
     workload = cfp.build(ModelSpec(spec, device="meta"))
     count = sum(p.numel() for p in workload.model.parameters())

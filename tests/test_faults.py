@@ -37,12 +37,19 @@ FAULTY = "tests/faults.py:build"
 def run_cfp(*args, timeout=180, **env):
     """``cfp ARGS`` in a fresh process; (result, marker)."""
     marker = uuid.uuid4().hex
-    out = subprocess.run([sys.executable, "-m", "cfp.cli", *map(str, args)], capture_output=True, text=True,
-                         env=cfp_env(marker, **env), timeout=timeout, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "cfp.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cfp_env(marker, **env),
+        timeout=timeout,
+        check=False,
+    )
     return out, marker
 
 
 # -- 1: the error printer ------------------------------------------------------------------------------------------
+
 
 def test_brackets_in_an_error_are_printed_literally(capsys):
     assert main(["inspect", FAULTY, "--arg", "foo=[/bar]"]) == 1
@@ -53,8 +60,23 @@ def test_brackets_in_an_error_are_printed_literally(capsys):
 
 def test_the_rank_that_died_is_named(tmp_path):
     """Rank 1 exits in the model's op; rank 0's connection error (with '[/...]' in it) often arrives first."""
-    out, marker = run_cfp("profile", FAULTY, "--mesh", "2", "--store", tmp_path, "--arg", "fault=exit",
-                          "--timeout", "60", "--no-transitions", "--warmup", "0", "--iters", "1")
+    out, marker = run_cfp(
+        "profile",
+        FAULTY,
+        "--mesh",
+        "2",
+        "--store",
+        tmp_path,
+        "--arg",
+        "fault=exit",
+        "--timeout",
+        "60",
+        "--no-transitions",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     assert "error: Rank 1 died (exit code 1) while profiling block class" in out.stdout, out.stdout
     assert "Traceback" not in out.stdout + out.stderr
@@ -65,11 +87,15 @@ def test_the_rank_that_died_is_named(tmp_path):
 
 # -- 2: sizes are validated before any work -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model, args, says", [
-    ("gpt:tiny", ["--batch", "0"], "--batch 0 is not a size"),
-    ("gpt:tiny", ["--arg", "n_layer=-3"], "--arg n_layer=-3 is negative"),
-    (FAULTY, ["--arg", "width=0"], "input 0 has shape (4, 0), with a zero-size dimension"),
-])
+
+@pytest.mark.parametrize(
+    "model, args, says",
+    [
+        ("gpt:tiny", ["--batch", "0"], "--batch 0 is not a size"),
+        ("gpt:tiny", ["--arg", "n_layer=-3"], "--arg n_layer=-3 is negative"),
+        (FAULTY, ["--arg", "width=0"], "input 0 has shape (4, 0), with a zero-size dimension"),
+    ],
+)
 def test_bad_sizes_are_refused_before_any_work(model, args, says, capsys):
     for command in (["inspect"], ["analyze", "--mesh", "2"]):
         assert main([command[0], model, *command[1:], *args]) == 1
@@ -78,6 +104,7 @@ def test_bad_sizes_are_refused_before_any_work(model, args, says, capsys):
 
 
 # -- 7: plans are validated against the model when loaded --------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def plan_file(tmp_path_factory):
@@ -102,12 +129,18 @@ def rename_config(data):
     data["blocks"][3]["config"] = "expert"
 
 
-@pytest.mark.parametrize("edit, says", [
-    (shard_seven, "shards parameter transformer.h.0.mlp.c_fc.weight (shape (256, 64)) on dimension 7"),
-    (rename_config, "has config 'expert', which this block does not offer"),
-    (lambda d: d.update(schema_version="1"), "schema_version '1' (str); it must be the integer 1"),
-    (lambda d: d["parameters"].update({"lm_head.weight": ["Shard(-1)"]}), "parameter lm_head.weight has placement 'Shard(-1)'"),
-])
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (shard_seven, "shards parameter transformer.h.0.mlp.c_fc.weight (shape (256, 64)) on dimension 7"),
+        (rename_config, "has config 'expert', which this block does not offer"),
+        (lambda d: d.update(schema_version="1"), "schema_version '1' (str); it must be the integer 1"),
+        (
+            lambda d: d["parameters"].update({"lm_head.weight": ["Shard(-1)"]}),
+            "parameter lm_head.weight has placement 'Shard(-1)'",
+        ),
+    ],
+)
 def test_edited_plans_are_refused_naming_what_is_wrong(plan_file, tmp_path, capsys, edit, says):
     path = edited(plan_file, tmp_path, edit)
     assert main(["report", str(path)]) == 1
@@ -153,13 +186,45 @@ def test_two_runs_on_one_store_take_turns(tmp_path):
     # Many parts from another mesh, so that a run compacts them while the other reads.
     filler = ProfileStore(store, flush_every_s=0)
     for i in range(40):
-        filler.add({"kind": "block", "class_id": f"other{i}", "config": "rep", "shape_key": "[]", "mesh": "9", "device_kind": "cpu",
-                    "backend": "emulated", "cluster": "", "dtype": "float32", "torch_version": torch.__version__, "schema": SCHEMA,
-                    "status": "ok", "total_s": 1e-3})
+        filler.add(
+            {
+                "kind": "block",
+                "class_id": f"other{i}",
+                "config": "rep",
+                "shape_key": "[]",
+                "mesh": "9",
+                "device_kind": "cpu",
+                "backend": "emulated",
+                "cluster": "",
+                "dtype": "float32",
+                "torch_version": torch.__version__,
+                "schema": SCHEMA,
+                "status": "ok",
+                "total_s": 1e-3,
+            }
+        )
     marker = uuid.uuid4().hex
-    runs = [subprocess.Popen([sys.executable, "-m", "cfp.cli", "profile", FAULTY, *EMULATED, "--store", str(store),
-                              "--json", str(tmp_path / f"run{i}.json")],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cfp_env(marker)) for i in range(2)]
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cfp.cli",
+                "profile",
+                FAULTY,
+                *EMULATED,
+                "--store",
+                str(store),
+                "--json",
+                str(tmp_path / f"run{i}.json"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=cfp_env(marker),
+        )
+        for i in range(2)
+    ]
     outs = [r.communicate(timeout=240)[0] for r in runs]
     assert [r.returncode for r in runs] == [0, 0], outs
     results = [json.loads((tmp_path / f"run{i}.json").read_text()) for i in range(2)]
@@ -189,25 +254,48 @@ def test_a_store_that_cannot_keep_rows_is_refused_before_measuring(tmp_path, cap
 
 # -- 4: no process of a run survives it -------------------------------------------------------------------------------
 
+
 def start_cfp(*args, **env):
     marker = uuid.uuid4().hex
-    proc = subprocess.Popen([sys.executable, "-m", "cfp.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=cfp_env(marker, **env))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cfp.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cfp_env(marker, **env),
+    )
     return proc, marker
 
 
 def wait_for(path, proc, within_s=120):
     deadline = time.monotonic() + within_s
     while not path.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() is not None else "timed out"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            proc.communicate()[0] if proc.poll() is not None else "timed out"
+        )
         time.sleep(0.2)
 
 
 def test_workers_die_with_a_killed_parent(tmp_path):
     """kill -9 of the parent while rank 1 sleeps in the model's op and rank 0 waits for it in a collective."""
     reached = tmp_path / "reached"
-    proc, marker = start_cfp("profile", FAULTY, "--mesh", "2", "--store", tmp_path, "--arg", "fault=sleep",
-                             "--arg", f"touch={reached}", "--no-transitions", "--warmup", "0", "--iters", "1")
+    proc, marker = start_cfp(
+        "profile",
+        FAULTY,
+        "--mesh",
+        "2",
+        "--store",
+        tmp_path,
+        "--arg",
+        "fault=sleep",
+        "--arg",
+        f"touch={reached}",
+        "--no-transitions",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+    )
     wait_for(reached, proc)
     pg_dirs = list(Path(tempfile.gettempdir()).glob(f"cfp-pg-{proc.pid}-*"))
     assert pg_dirs
@@ -221,16 +309,22 @@ def test_workers_die_with_a_killed_parent(tmp_path):
 
 def test_timeout_covers_worker_start_up(tmp_path):
     start = time.monotonic()
-    out, marker = run_cfp("profile", FAULTY, "--mesh", "2", "--store", tmp_path, "--arg", "fault=startup", "--timeout", "15")
+    out, marker = run_cfp(
+        "profile", FAULTY, "--mesh", "2", "--store", tmp_path, "--arg", "fault=startup", "--timeout", "15"
+    )
     assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
     assert time.monotonic() - start < 150  # not the fixed 600 s start-up limit
     # Rank 1 hangs in its own start-up; rank 0 waits for it to join (when a loaded host lets it get that far in 15 s).
-    assert re.search(r"Rank\(s\) \[(0, )?1\] did not finish starting the worker pool within 15 s", out.stdout), out.stdout
+    assert re.search(r"Rank\(s\) \[(0, )?1\] did not finish starting the worker pool within 15 s", out.stdout), (
+        out.stdout
+    )
     assert not wait_for_no_survivors(marker)
 
 
 def test_sigterm_stops_analysis_workers(tmp_path):
-    proc, marker = start_cfp("analyze", "gpt:tiny", "--mesh", "2x2", CFP_CACHE_DIR=str(tmp_path))  # empty cache: workers
+    proc, marker = start_cfp(
+        "analyze", "gpt:tiny", "--mesh", "2x2", CFP_CACHE_DIR=str(tmp_path)
+    )  # empty cache: workers
     deadline = time.monotonic() + 120
     while len(survivors(marker)) < 2:  # the command and at least one forked analysis worker
         assert proc.poll() is None and time.monotonic() < deadline
@@ -241,6 +335,7 @@ def test_sigterm_stops_analysis_workers(tmp_path):
 
 
 # -- 6: oversubscription is said, and noisy rows flagged -------------------------------------------------------------
+
 
 def test_more_ranks_than_cores_is_warned_about(monkeypatch):
     real = sys.modules["cfp.profile.real"]  # cfp.profile is also the name of a function
@@ -267,6 +362,7 @@ def test_noisy_rows_are_flagged(tmp_path, capsys):
 
 # -- 8: errors without noise ------------------------------------------------------------------------------------------
 
+
 def test_an_untraceable_model_gets_one_paragraph(capfd):
     assert main(["inspect", "tests/faults.py:build_untraceable"]) == 1
     out, err = capfd.readouterr()
@@ -277,8 +373,14 @@ def test_an_untraceable_model_gets_one_paragraph(capfd):
 def test_train_py_says_a_bad_plan_once(plan_file, tmp_path):
     path = edited(plan_file, tmp_path, shard_seven)
     marker = uuid.uuid4().hex
-    out = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", "examples/train.py", "--plan", str(path), "--steps", "1"],
-                         capture_output=True, text=True, env=cfp_env(marker), timeout=180, check=False)
+    out = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node", "2", "examples/train.py", "--plan", str(path), "--steps", "1"],
+        capture_output=True,
+        text=True,
+        env=cfp_env(marker),
+        timeout=180,
+        check=False,
+    )
     text = out.stdout + out.stderr
     assert out.returncode != 0
     assert text.count("shards parameter transformer.h.0.mlp.c_fc.weight") == 1, text
@@ -292,7 +394,9 @@ def test_analysis_progress_counts_configs(tmp_path, monkeypatch):
     traced = cfp.capture(cfp.build(cfp.ModelSpec(FAULTY, device="meta")))
     for workers in (1, 2):
         calls = []
-        graph = cfp.analyze(traced, "2", progress=lambda done, total, calls=calls: calls.append((done, total)), workers=workers)
+        graph = cfp.analyze(
+            traced, "2", progress=lambda done, total, calls=calls: calls.append((done, total)), workers=workers
+        )
         total = sum(len(graph.configs[c]) + len(graph.rejected[c]) for c in graph.classes)
         assert calls[0] == (0, total) and calls[-1] == (total, total)
         assert len(calls) == total + 1 > len(graph.classes) + 1

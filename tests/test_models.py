@@ -127,8 +127,14 @@ def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str, st
 
     torch.set_num_threads(1)
     # As torchrun launches it: profiling then runs on this process group (cfp.profile.runner.TorchrunBackend).
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     results = {}
     try:
@@ -149,7 +155,10 @@ def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str, st
                 try:
                     errors, stats = _check(spec, plan, graph.traced, ref)
                 except Exception as exc:  # reported, not hung: the other rank fails at the same op
-                    errors, stats = [f"{type(exc).__name__}: {str(exc)[:300]}"], {"traceback": traceback.format_exc(limit=-4)}
+                    errors, stats = (
+                        [f"{type(exc).__name__}: {str(exc)[:300]}"],
+                        {"traceback": traceback.format_exc(limit=-4)},
+                    )
                 stats["seconds"] = round(time.perf_counter() - start, 2)
                 results[name][plan_name] = {"errors": errors, "stats": stats}
     finally:
@@ -233,5 +242,8 @@ def test_configs_that_failed_profiling_are_avoided_then_named():
     best = solve(graph, costs).choice[block.id]
     failed = {(block.class_id, names[best])}
     assert solve(graph, _Failing(costs, failed)).choice[block.id] != best
-    with pytest.raises(cfp.CFPError, match=rf"block {block.id} \({block.anchor}; ops .*embedding.*\) can run .*rep: failed: RuntimeError"):
+    with pytest.raises(
+        cfp.CFPError,
+        match=rf"block {block.id} \({block.anchor}; ops .*embedding.*\) can run .*rep: failed: RuntimeError",
+    ):
         solve(graph, _Failing(costs, {(block.class_id, n) for n in names}))

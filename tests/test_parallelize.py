@@ -38,6 +38,7 @@ LR = 1e-2
 ADAM_EPS = 1e-4
 TIMEOUT_S = 600
 
+
 def random_choice(seed):
     rng = random.Random(seed)
     return lambda block, names: rng.choice(names)
@@ -51,7 +52,9 @@ def storage_plans(graph, rng) -> dict:
     out = {level: plan_from_indices(graph, dp, [level] * n) for level in LEVELS[1:]}
     out["recompute"] = plan_from_indices(graph, dp, recompute=[True] * n)
     mixed = [rng.randrange(len(graph.block_configs(b))) for b in graph.blocks]
-    out["mixed-storage"] = plan_from_indices(graph, mixed, [rng.choice(LEVELS) for _ in range(n)], [rng.random() < 0.5 for _ in range(n)])
+    out["mixed-storage"] = plan_from_indices(
+        graph, mixed, [rng.choice(LEVELS) for _ in range(n)], [rng.random() < 0.5 for _ in range(n)]
+    )
     return out
 
 
@@ -70,7 +73,9 @@ def plans(tmp_path_factory):
         made = {"random": plan_from_choice(graph, random_choice(1234 + i))}
         for name in [None, *BASELINES]:
             if name is None or baselines.choose(name, graph) is not None:
-                made[name or "cfp"] = make_plan(traced, "2", cost="analytic", cluster="cpu-gloo-local", graph=graph, baseline=name)[0]
+                made[name or "cfp"] = make_plan(
+                    traced, "2", cost="analytic", cluster="cpu-gloo-local", graph=graph, baseline=name
+                )[0]
         made.update(storage_plans(graph, random.Random(99 + i)))
         out[model] = {}
         for name, plan in made.items():
@@ -100,7 +105,11 @@ def _reference(model_spec):
         loss.backward()
         params = dict(w.model.named_parameters(remove_duplicate=False))
         grads = {k: p.grad.detach().clone() for k, p in params.items()}
-        opt = torch.optim.SGD(w.model.parameters(), lr=LR) if opt_name == "sgd" else torch.optim.Adam(w.model.parameters(), lr=LR, eps=ADAM_EPS)
+        opt = (
+            torch.optim.SGD(w.model.parameters(), lr=LR)
+            if opt_name == "sgd"
+            else torch.optim.Adam(w.model.parameters(), lr=LR, eps=ADAM_EPS)
+        )
         opt.step()
         ref[opt_name] = {k: p.detach().clone() for k, p in params.items()}
         ref["loss"], ref["grads"] = loss.detach(), grads
@@ -156,7 +165,11 @@ def _check(model, plan_name, plan_file, ref, opt_name, lowered) -> tuple[list[st
         stats["grad_diff"] = max(stats["grad_diff"], diff)
         if not ok:
             errors.append(f"{fqn}: gradient differs by {diff:.3g}")
-    opt = torch.optim.SGD(pm.parameters(), lr=LR) if opt_name == "sgd" else torch.optim.Adam(pm.parameters(), lr=LR, eps=ADAM_EPS)
+    opt = (
+        torch.optim.SGD(pm.parameters(), lr=LR)
+        if opt_name == "sgd"
+        else torch.optim.Adam(pm.parameters(), lr=LR, eps=ADAM_EPS)
+    )
     opt.step()
     for fqn, p in params.items():
         ok, diff = _close(p.detach().full_tensor(), ref[opt_name][fqn])
@@ -198,7 +211,10 @@ def _worker(rank: int, world: int, port: int, plans: dict, out_dir: str) -> None
                     except Exception as exc:  # reported, not hung: the other rank fails at the same op
                         errors, stats = [f"{type(exc).__name__}: {exc}"], {}
                     stats.update(seconds=round(time.perf_counter() - start, 2), optimizer=opt_name)
-                    results[f"{model} {name} {'lowered' if lowered else 'interpreted'}"] = {"errors": errors, "stats": stats}
+                    results[f"{model} {name} {'lowered' if lowered else 'interpreted'}"] = {
+                        "errors": errors,
+                        "stats": stats,
+                    }
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f, indent=1)

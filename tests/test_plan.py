@@ -13,8 +13,13 @@ GiB = 2**30
 
 
 def h100():
-    intra = {k: AlphaBeta(10e-6, 1 / 360e9) for k in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")}
-    return ClusterModel("test-h100", "H100", {"float32": 60e12, "bfloat16": 990e12}, 3.35e12, 80 * GiB, 8, intra, dict(intra))
+    intra = {
+        k: AlphaBeta(10e-6, 1 / 360e9)
+        for k in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+    }
+    return ClusterModel(
+        "test-h100", "H100", {"float32": 60e12, "bfloat16": 990e12}, 3.35e12, 80 * GiB, 8, intra, dict(intra)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,17 @@ def planned(tmp_path_factory):
 def test_plan_contents(planned):
     plan, graph, path = planned
     data = json.loads(path.read_text())
-    for key in ("schema_version", "model", "mesh", "parameters", "blocks", "predicted_step_time_s", "memory_per_device_bytes", "solve", "provenance"):
+    for key in (
+        "schema_version",
+        "model",
+        "mesh",
+        "parameters",
+        "blocks",
+        "predicted_step_time_s",
+        "memory_per_device_bytes",
+        "solve",
+        "provenance",
+    ):
         assert key in data
     assert data["mesh"] == {"shape": [2], "names": ["tp"]}
     traced = graph.traced
@@ -47,7 +62,10 @@ def test_plan_contents(planned):
     assert mem["total"] == peak <= mem["limit"] == GiB
     assert data["solve"]["status"] == "OPTIMAL" and data["solve"]["gap"] == 0
     assert data["provenance"]["cost_model"] == "analytic" and data["provenance"]["cluster"] == "test-h100"
-    assert "dp" in data["baselines"] and data["baselines"]["dp"]["predicted_step_time_s"] >= data["predicted_step_time_s"] - 1e-12
+    assert (
+        "dp" in data["baselines"]
+        and data["baselines"]["dp"]["predicted_step_time_s"] >= data["predicted_step_time_s"] - 1e-12
+    )
 
 
 def test_roundtrip_and_fingerprint(planned, tmp_path):
@@ -92,7 +110,23 @@ def test_cli_plan_and_report(tmp_path, capsys):
     cluster = tmp_path / "c.json"
     h100().save(cluster)
     out, js, png = tmp_path / "p.json", tmp_path / "r.json", tmp_path / "p.png"
-    argv = ["plan", "gpt:tiny", "--arg", "n_layer=1", "--mesh", "2", "--cost", "analytic", "--cluster", str(cluster), "--tie-segments", "-o", str(out), "--json", str(js)]
+    argv = [
+        "plan",
+        "gpt:tiny",
+        "--arg",
+        "n_layer=1",
+        "--mesh",
+        "2",
+        "--cost",
+        "analytic",
+        "--cluster",
+        str(cluster),
+        "--tie-segments",
+        "-o",
+        str(out),
+        "--json",
+        str(js),
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "dp baseline" in text and "OPTIMAL" in text

@@ -121,12 +121,36 @@ def test_cluster_files_load():
     for name in ("h100-nvlink-8", "h100-ib-2x8"):
         c = load_cluster(name)
         assert c.sources and c.peak_flops["bfloat16"] == 989e12 and c.devices_per_node == 8
-    assert load_cluster("h100-ib-2x8").inter_node["all_reduce"].beta > load_cluster("h100-nvlink-8").intra_node["all_reduce"].beta
+    assert (
+        load_cluster("h100-ib-2x8").inter_node["all_reduce"].beta
+        > load_cluster("h100-nvlink-8").intra_node["all_reduce"].beta
+    )
 
 
 def test_cli_profile_json(tmp_path):
     out = tmp_path / "p.json"
-    args = ["profile", "gpt:tiny", "--batch", "2", "--seq", "16", "--mesh", "2", "--backend", "emulated", "--cluster", "h100-nvlink-8", "--store", str(tmp_path / "s"), "--warmup", "1", "--iters", "2", "--json", str(out)]
+    args = [
+        "profile",
+        "gpt:tiny",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--mesh",
+        "2",
+        "--backend",
+        "emulated",
+        "--cluster",
+        "h100-nvlink-8",
+        "--store",
+        str(tmp_path / "s"),
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--json",
+        str(out),
+    ]
     assert main(args) == 0
     data = json.loads(out.read_text())
     assert data["jobs"] == data["measured"] > 0 and data["cached"] == 0 and data["wall_s"] > 0

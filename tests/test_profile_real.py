@@ -45,7 +45,10 @@ def test_block_programs_match_single_device(graph):
     pairs = [(b.class_id, p.config.name) for b in (qkv, proj, fc) for p in graph.configs[b.class_id]]
     assert {"rep", "batch", "col", "row"} <= {c for _, c in pairs}
     with WorkerPool(MESH, profile_rank_init, (SPEC, MESH, "cpu")) as pool:
-        results = {rt: pool.run(compare_with_reference, (pairs, 0, rt), "comparing with one device", 300) for rt in ("lowered", "interpreted")}
+        results = {
+            rt: pool.run(compare_with_reference, (pairs, 0, rt), "comparing with one device", 300)
+            for rt in ("lowered", "interpreted")
+        }
         pids = pool.pids
     _assert_no_workers(pids)
     for runtime, ranks in results.items():

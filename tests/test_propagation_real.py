@@ -56,7 +56,11 @@ def _run_real(graph, mesh):
             with forward:
                 run = run_block(nodes, mesh, fixed, make_input, recorder=forward)
             outs = [run.values[o] for o in block.outputs]
-            grads = [make_dtensor(torch.randn(o.shape), mesh, grad_placements(o.placements), False) for o in outs if o.requires_grad]
+            grads = [
+                make_dtensor(torch.randn(o.shape), mesh, grad_placements(o.placements), False)
+                for o in outs
+                if o.requires_grad
+            ]
             backward = CommRecorder(mesh, "backward")
             with backward:
                 torch.autograd.backward([o for o in outs if o.requires_grad], grads)

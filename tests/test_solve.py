@@ -21,7 +21,10 @@ GiB = 2**30
 
 def h100(memory=80 * GiB, alpha=10e-6):
     """An H100-like cluster: NVLink within 8-GPU nodes, InfiniBand across."""
-    intra = {k: AlphaBeta(alpha, 1 / 360e9) for k in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")}
+    intra = {
+        k: AlphaBeta(alpha, 1 / 360e9)
+        for k in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+    }
     inter = {k: AlphaBeta(2 * alpha, 1 / 45e9) for k in intra}
     return ClusterModel("test-h100", "H100", {"float32": 60e12, "bfloat16": 990e12}, 3.35e12, memory, 8, intra, inter)
 
@@ -79,7 +82,10 @@ def brute_force(graph, costs, memory_limit=None):
     mem = MemoryTable(graph)
     best, best_choice = math.inf, None
     for choice in itertools.product(*[range(len(c)) for c in block_cost]):
-        if any(len({tuple(placements_str(graph.block_configs(b)[choice[b]].input_placements[p])) for b, p in r}) > 1 for r in tied):
+        if any(
+            len({tuple(placements_str(graph.block_configs(b)[choice[b]].input_placements[p])) for b, p in r}) > 1
+            for r in tied
+        ):
             continue
         if memory_limit is not None and mem.of(list(choice)).total > memory_limit:
             continue
@@ -136,7 +142,10 @@ def test_tied_embedding_and_head_agree(tiny1):
 
 
 def test_replicated_memory_counts_each_parameter_once(tiny1):
-    rep = [next(i for i, p in enumerate(tiny1.block_configs(b)) if set(p.config.name.split("/")) == {"rep"}) for b in tiny1.blocks]
+    rep = [
+        next(i for i, p in enumerate(tiny1.block_configs(b)) if set(p.config.name.split("/")) == {"rep"})
+        for b in tiny1.blocks
+    ]
     m = MemoryTable(tiny1).of(rep)
     n = tiny1.traced.num_parameters()  # the tied embedding/head counted once
     assert m.params == m.grads == 4 * n
@@ -154,7 +163,9 @@ def test_memory_limit_forces_sharding_and_impossible_limit_explained(tiny2):
     assert tight.evaluation.memory.total <= limit
     params = cfp.plan.__globals__["parameter_placements"](tiny2, tight.choice)
     assert any(any(p.startswith("Shard") for p in pl) for pl in params.values())
-    with pytest.raises(cfp.CFPError, match=r"least memory any plan needs is .*parameters .*gradients .*optimizer state .*activations"):
+    with pytest.raises(
+        cfp.CFPError, match=r"least memory any plan needs is .*parameters .*gradients .*optimizer state .*activations"
+    ):
         solve(tiny2, costs, memory_limit=least.total - 1)
 
 
@@ -183,7 +194,10 @@ def test_dp_choice_is_batch(tiny2):
 def test_redistribute_collectives():
     mesh = parse_mesh("2x4")
     key = TransitionKey((8, 16), "float32", ("Replicate()", "Shard(1)"), ("Replicate()", "Replicate()"))
-    assert redistribute_collectives(key, mesh) == [("all_gather", 1, 8 * 4 * 4, "forward"), ("reduce_scatter", 1, 8 * 16 * 4, "backward")]
+    assert redistribute_collectives(key, mesh) == [
+        ("all_gather", 1, 8 * 4 * 4, "forward"),
+        ("reduce_scatter", 1, 8 * 16 * 4, "backward"),
+    ]
     key = TransitionKey((8, 16), "float32", ("Partial(sum)", "Replicate()"), ("Replicate()", "Replicate()"))
     assert redistribute_collectives(key, mesh) == [("all_reduce", 0, 8 * 16 * 4, "forward")]
     key = TransitionKey((8, 16), "float32", ("Replicate()", "Replicate()"), ("Shard(0)", "Replicate()"))
@@ -198,7 +212,9 @@ def test_small_model_large_memory_is_data_parallel():
     graph = graph_of("gpt:small", "4", n_layer=1, batch=256)
     sol = solve(graph, AnalyticCosts(graph, h100()), memory_limit=80 * GiB)
     names = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, sol.choice)]
-    linear = [n for b, n in zip(graph.blocks, names) if graph.traced.nodes[b.anchor].target.__name__.startswith("linear")]
+    linear = [
+        n for b, n in zip(graph.blocks, names) if graph.traced.nodes[b.anchor].target.__name__.startswith("linear")
+    ]
     # Data parallel: tokens split (batch, or equally cheap here, sequence), every weight replicated.
     assert set(linear) <= {"batch", "seq"}, names
     params = cfp.plan.__globals__["parameter_placements"](graph, sol.choice)

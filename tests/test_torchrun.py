@@ -23,9 +23,29 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 
 def test_train_with_a_plan_file_lowers_the_loss(tmp_path):
     plan = tmp_path / "plan.json"
-    assert main(["plan", "gpt:tiny", "--mesh", "2", "--cost", "analytic", "--cluster", "cpu-gloo-local", "--baseline", "megatron", "-o", str(plan)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "gpt:tiny",
+                "--mesh",
+                "2",
+                "--cost",
+                "analytic",
+                "--cluster",
+                "cpu-gloo-local",
+                "--baseline",
+                "megatron",
+                "-o",
+                str(plan),
+            ]
+        )
+        == 0
+    )
     curve_file = tmp_path / "curve.json"
-    out = torchrun(2, str(ROOT / "examples" / "train.py"), "--plan", str(plan), "--steps", "20", "--json", str(curve_file))
+    out = torchrun(
+        2, str(ROOT / "examples" / "train.py"), "--plan", str(plan), "--steps", "20", "--json", str(curve_file)
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     curve = json.loads(curve_file.read_text())
     losses = [c["loss"] for c in curve]
@@ -36,7 +56,10 @@ def test_train_with_a_plan_file_lowers_the_loss(tmp_path):
 
 def test_train_refuses_a_plan_for_another_world_size(tmp_path):
     plan = tmp_path / "plan.json"
-    assert main(["plan", "gpt:tiny", "--mesh", "2", "--cost", "analytic", "--cluster", "cpu-gloo-local", "-o", str(plan)]) == 0
+    assert (
+        main(["plan", "gpt:tiny", "--mesh", "2", "--cost", "analytic", "--cluster", "cpu-gloo-local", "-o", str(plan)])
+        == 0
+    )
     out = torchrun(1, str(ROOT / "examples" / "train.py"), "--plan", str(plan), "--steps", "1")
     assert out.returncode != 0
     assert "needs 2 ranks; this run has 1" in out.stderr
@@ -49,7 +72,9 @@ def test_profile_under_torchrun(tmp_path):
     from cfp.spec import ModelSpec
 
     store, summary = tmp_path / "store", tmp_path / "profile.json"
-    out = torchrun(2, "-m", "cfp.cli", "profile", "gpt:tiny", "--mesh", "2", "--store", str(store), "--json", str(summary))
+    out = torchrun(
+        2, "-m", "cfp.cli", "profile", "gpt:tiny", "--mesh", "2", "--store", str(store), "--json", str(summary)
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     data = json.loads(summary.read_text())
     assert data["jobs"] == data["measured"] > 0 and data["cached"] == 0

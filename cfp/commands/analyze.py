@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> None:
     graph = analyze_with_progress(traced, mesh)
     summary = summarize(graph)
     print_summary(graph, summary, args.model, show_rejected=args.rejected)
-    console.print("exits: S<d> = Shard(d), R = Replicate, P = Partial; collectives: AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all", style="dim")
+    console.print(
+        "exits: S<d> = Shard(d), R = Replicate, P = Partial; collectives: AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all",
+        style="dim",
+    )
     write_json(args.json, summary)
 
 
@@ -106,7 +109,14 @@ SHORT_PHASE = {"forward": "fwd", "backward": "bwd", "grad": "grad"}
 
 def short(placements: list[str]) -> str:
     """["Shard(2)", "Replicate()"] -> "S2,R"."""
-    return ",".join(p.replace("Shard(", "S").replace(")", "").replace("Replicate(", "R").replace("Partial(sum", "P").replace("Partial(avg", "Pavg") for p in placements)
+    return ",".join(
+        p.replace("Shard(", "S")
+        .replace(")", "")
+        .replace("Replicate(", "R")
+        .replace("Partial(sum", "P")
+        .replace("Partial(avg", "Pavg")
+        for p in placements
+    )
 
 
 def print_summary(graph: BlockGraph, summary: dict, model: str, show_rejected: bool = False) -> None:
@@ -135,15 +145,27 @@ def print_summary(graph: BlockGraph, summary: dict, model: str, show_rejected: b
             t.add_column(col)
         for cfg in cls["configs"]:
             exits = " ".join(short(p) for p in cfg["exit_placements"] if p)
-            comms = " ".join(
-                f"{SHORT_PHASE[k.split(':')[0]]}:{SHORT_KIND.get(k.split(':')[1], k)}x{v}" for k, v in cfg["collectives"].items()
-            ) or "-"
-            t.add_row(cfg["name"], exits, comms, "yes" if cfg["communication_free"] else "no",
-                      human_bytes(cfg["param_bytes_per_device"]), human_bytes(cfg["activation_bytes_per_device"]))
+            comms = (
+                " ".join(
+                    f"{SHORT_PHASE[k.split(':')[0]]}:{SHORT_KIND.get(k.split(':')[1], k)}x{v}"
+                    for k, v in cfg["collectives"].items()
+                )
+                or "-"
+            )
+            t.add_row(
+                cfg["name"],
+                exits,
+                comms,
+                "yes" if cfg["communication_free"] else "no",
+                human_bytes(cfg["param_bytes_per_device"]),
+                human_bytes(cfg["activation_bytes_per_device"]),
+            )
         console.print(t)
         fallbacks = sorted({f for cfg in cls["configs"] for f in cfg["replicated_fallbacks"]})
         if fallbacks:
-            console.print(f"  [yellow]run replicated (no DTensor rule, or its fake kernel fails): {', '.join(fallbacks)}[/]")
+            console.print(
+                f"  [yellow]run replicated (no DTensor rule, or its fake kernel fails): {', '.join(fallbacks)}[/]"
+            )
         if show_rejected and cls["rejected"]:
             for name, reason in cls["rejected"].items():
                 console.print(f"  [dim]rejected {name}: {reason}[/]")

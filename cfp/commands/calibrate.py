@@ -25,8 +25,15 @@ def register(sub) -> None:
             "collective, and write a cluster JSON for `cfp profile --backend emulated --cluster`."
         ),
     )
-    p.add_argument("--mesh", default="2", help="ranks to measure on, e.g. 2 (default) or 8; the product of a mesh shape")
-    p.add_argument("-o", "--output", metavar="FILE", help=f"cluster JSON to write (default: {CLUSTERS_DIR}/cpu-gloo-local.json, or cuda-nccl-local.json)")
+    p.add_argument(
+        "--mesh", default="2", help="ranks to measure on, e.g. 2 (default) or 8; the product of a mesh shape"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help=f"cluster JSON to write (default: {CLUSTERS_DIR}/cpu-gloo-local.json, or cuda-nccl-local.json)",
+    )
     p.add_argument("--name", help="cluster model name (default: the output file's stem)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="measure on CPU (gloo) or CUDA (NCCL)")
     p.add_argument("--max-bytes", type=int, default=2**24, help="largest message, bytes per rank (default 16 MiB)")
@@ -58,10 +65,19 @@ def run(args: argparse.Namespace) -> None:
         table.add_column(col, justify="left" if col == "collective" else "right")
     for kind in COLLECTIVES:
         f = data["fits"][kind]
-        table.add_row(kind, f"{f['alpha'] * 1e6:.1f}", f"{f['bus_bandwidth'] / 1e9:.2f} GB/s", f"{f['median_rel_error']:.1%}", f"{f['max_rel_error']:.1%}", str(len(data["points"][kind])))
+        table.add_row(
+            kind,
+            f"{f['alpha'] * 1e6:.1f}",
+            f"{f['bus_bandwidth'] / 1e9:.2f} GB/s",
+            f"{f['median_rel_error']:.1%}",
+            f"{f['max_rel_error']:.1%}",
+            str(len(data["points"][kind])),
+        )
     console.print(table)
     console.print(f"all_to_all measured as: {data['how']['all_to_all']}")
-    console.print(f"device: {data['device']['gemm_flops'] / 1e9:.1f} GFLOP/s float32 GEMM, {data['device']['copy_bandwidth'] / 1e9:.1f} GB/s copy, per rank")
+    console.print(
+        f"device: {data['device']['gemm_flops'] / 1e9:.1f} GFLOP/s float32 GEMM, {data['device']['copy_bandwidth'] / 1e9:.1f} GB/s copy, per rank"
+    )
     if args.plot:
         plot(data, args.plot)
         console.print(f"plot: {args.plot}")

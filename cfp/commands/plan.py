@@ -24,25 +24,64 @@ def register(sub) -> None:
     )
     add_model_args(p)
     p.add_argument("--mesh", required=True, help="device mesh: 8, 2x4 or dp=2,tp=4")
-    p.add_argument("--memory", metavar="SIZE", help="per-device memory limit, e.g. 40GiB (default: the cluster device's memory)")
-    p.add_argument("--cost", choices=["profiled", "analytic"], default="profiled", help="cost model (default: profiled)")
-    p.add_argument("--backend", choices=["real", "emulated"], default="emulated", help="profiling backend for --cost profiled (default: emulated)")
-    p.add_argument("--cluster", metavar="NAME|FILE", help="cluster model (profiles/clusters/NAME.json or a file); default h100-nvlink-8 (h100-ib-2x8 above 8 devices)")
-    p.add_argument("--tie-segments", action="store_true", help="give every instance of a repeated block the same config (faster on deep models)")
-    p.add_argument("--baseline", choices=["dp", "megatron", "expert", "fsdp", "fsdp+tp"],
-                   help="write this hand-made layout instead of solving (data parallel, Megatron tensor parallel, expert parallel, "
-                        "FSDP/ZeRO-3, FSDP with Megatron on the last mesh dimension), costed the same way")
-    p.add_argument("--no-storage-sharding", action="store_true",
-                   help="store every parameter where it computes (no ZeRO-1/2/3 choices in the ILP)")
-    p.add_argument("--no-recompute", action="store_true", help="save every block's activations (no activation recomputation)")
-    p.add_argument("--validate", type=int, metavar="K", default=None,
-                   help="run the K best ILP plans and every baseline that fits for a few real training steps and "
-                        "write the fastest (default: 3 with --cost profiled --backend real on a mesh this machine "
-                        "holds, else 0: off)")
-    p.add_argument("--validate-steps", type=int, default=None, metavar="N",
-                   help="timed steps per validated plan (default 6, after 2 warm-up)")
-    p.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="ILP time limit in seconds (default: 60)")
-    p.add_argument("-o", "--output", default="plan.json", metavar="FILE", help="where to write the plan (default: plan.json)")
+    p.add_argument(
+        "--memory", metavar="SIZE", help="per-device memory limit, e.g. 40GiB (default: the cluster device's memory)"
+    )
+    p.add_argument(
+        "--cost", choices=["profiled", "analytic"], default="profiled", help="cost model (default: profiled)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["real", "emulated"],
+        default="emulated",
+        help="profiling backend for --cost profiled (default: emulated)",
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="NAME|FILE",
+        help="cluster model (profiles/clusters/NAME.json or a file); default h100-nvlink-8 (h100-ib-2x8 above 8 devices)",
+    )
+    p.add_argument(
+        "--tie-segments",
+        action="store_true",
+        help="give every instance of a repeated block the same config (faster on deep models)",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=["dp", "megatron", "expert", "fsdp", "fsdp+tp"],
+        help="write this hand-made layout instead of solving (data parallel, Megatron tensor parallel, expert parallel, "
+        "FSDP/ZeRO-3, FSDP with Megatron on the last mesh dimension), costed the same way",
+    )
+    p.add_argument(
+        "--no-storage-sharding",
+        action="store_true",
+        help="store every parameter where it computes (no ZeRO-1/2/3 choices in the ILP)",
+    )
+    p.add_argument(
+        "--no-recompute", action="store_true", help="save every block's activations (no activation recomputation)"
+    )
+    p.add_argument(
+        "--validate",
+        type=int,
+        metavar="K",
+        default=None,
+        help="run the K best ILP plans and every baseline that fits for a few real training steps and "
+        "write the fastest (default: 3 with --cost profiled --backend real on a mesh this machine "
+        "holds, else 0: off)",
+    )
+    p.add_argument(
+        "--validate-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="timed steps per validated plan (default 6, after 2 warm-up)",
+    )
+    p.add_argument(
+        "--time-limit", type=float, default=60.0, metavar="S", help="ILP time limit in seconds (default: 60)"
+    )
+    p.add_argument(
+        "-o", "--output", default="plan.json", metavar="FILE", help="where to write the plan (default: plan.json)"
+    )
     add_json_arg(p)
     p.set_defaults(run=run)
 
@@ -52,6 +91,7 @@ def run(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     with console.status(f"Planning {args.model} on mesh {args.mesh} ({args.cost} costs)...") as status:
+
         def progress(done, cached, total, job):
             status.update(f"Profiling {args.model}: {done}/{total} jobs ({cached} reused)...")
 
@@ -78,10 +118,16 @@ def run(args: argparse.Namespace) -> None:
         )
     elapsed = time.perf_counter() - start
     print_summary(plan, graph)
-    replicated = sorted({op for b, entry in zip(graph.blocks, plan.blocks) for op in _fallbacks(graph, b, entry["config"])})
+    replicated = sorted(
+        {op for b, entry in zip(graph.blocks, plan.blocks) for op in _fallbacks(graph, b, entry["config"])}
+    )
     if replicated:
-        console.print(f"[yellow]Run replicated under this plan (no DTensor rule, or its fake kernel fails): {', '.join(replicated)}[/]")
-    console.print(f"Plan written to [bold]{args.output}[/] ({elapsed:.1f} s in all). See it with `cfp report {args.output}`.")
+        console.print(
+            f"[yellow]Run replicated under this plan (no DTensor rule, or its fake kernel fails): {', '.join(replicated)}[/]"
+        )
+    console.print(
+        f"Plan written to [bold]{args.output}[/] ({elapsed:.1f} s in all). See it with `cfp report {args.output}`."
+    )
     write_json(args.json, {**plan.to_json(), "output": args.output, "wall_s": round(elapsed, 2)})
 
 
@@ -108,7 +154,14 @@ def segment_rows(plan, graph) -> list[tuple[str, str, str, str]]:
             for i in ids:
                 counts[label(plan.blocks[i])] = counts.get(label(plan.blocks[i]), 0) + 1
             configs = ", ".join(f"{c}" if n == len(ids) else f"{c} x{n}" for c, n in counts.items())
-            rows.append((f"segment {graph.segments.index(seg)} pos {k}", f"{len(ids)} (from {ids[0]})", plan.blocks[ids[0]]["op"], configs))
+            rows.append(
+                (
+                    f"segment {graph.segments.index(seg)} pos {k}",
+                    f"{len(ids)} (from {ids[0]})",
+                    plan.blocks[ids[0]]["op"],
+                    configs,
+                )
+            )
     for b in plan.blocks:
         if b["id"] not in in_segment:
             rows.append(("block", str(b["id"]), b["op"], label(b)))
@@ -125,13 +178,19 @@ def print_summary(plan, graph) -> None:
     console.print(table)
     summary = Table(show_header=False, title="plan")
     t = plan.predicted_step_time_s
-    summary.add_row("predicted step time", f"{human_time(t)} (blocks {human_time(plan.time_breakdown_s['blocks'])}, transitions {human_time(plan.time_breakdown_s['transitions'])})")
+    summary.add_row(
+        "predicted step time",
+        f"{human_time(t)} (blocks {human_time(plan.time_breakdown_s['blocks'])}, transitions {human_time(plan.time_breakdown_s['transitions'])})",
+    )
     for name, base in plan.baselines.items():
         if plan.solve["status"] == f"baseline {name}":
             continue  # this plan is that baseline
         speedup = base["predicted_step_time_s"] / t if t > 0 else float("inf")
         fits = "" if base["fits"] else ", does not fit in memory"
-        summary.add_row(f"{name} baseline", f"{human_time(base['predicted_step_time_s'])} ({speedup:.2f}x slower than the plan{fits})")
+        summary.add_row(
+            f"{name} baseline",
+            f"{human_time(base['predicted_step_time_s'])} ({speedup:.2f}x slower than the plan{fits})",
+        )
     mem = plan.memory_per_device_bytes
     limit = mem.get("limit")
     summary.add_row(
@@ -143,7 +202,13 @@ def print_summary(plan, graph) -> None:
     if layout:
         summary.add_row("storage and recomputation", ", ".join(f"{k} x{n} blocks" for k, n in layout.items()))
     s = plan.solve
-    summary.add_row("solve", f"{s['status']}, gap {s['gap'] * 100:.2f}%, {s['seconds']:.2f} s ({s.get('variables', '?')} variables{', segments tied' if s.get('tie_segments') else ''})")
-    summary.add_row("cost model", f"{plan.provenance.get('cost_model')} ({plan.provenance.get('backend')}, cluster {plan.provenance.get('cluster')})")
+    summary.add_row(
+        "solve",
+        f"{s['status']}, gap {s['gap'] * 100:.2f}%, {s['seconds']:.2f} s ({s.get('variables', '?')} variables{', segments tied' if s.get('tie_segments') else ''})",
+    )
+    summary.add_row(
+        "cost model",
+        f"{plan.provenance.get('cost_model')} ({plan.provenance.get('backend')}, cluster {plan.provenance.get('cluster')})",
+    )
     console.print(summary)
     print_validation(plan, console)

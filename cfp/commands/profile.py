@@ -26,12 +26,24 @@ def register(sub) -> None:
     )
     add_model_args(p, device="cpu")
     p.add_argument("--mesh", required=True, help="device mesh, e.g. 2, 2x4 or dp=2,tp=4")
-    p.add_argument("--backend", choices=["real", "emulated"], default="real", help="real process group (default) or emulated (fake PG + cluster model)")
-    p.add_argument("--cluster", help="cluster model NAME (profiles/clusters/NAME.json) or FILE; needed by --backend emulated")
+    p.add_argument(
+        "--backend",
+        choices=["real", "emulated"],
+        default="real",
+        help="real process group (default) or emulated (fake PG + cluster model)",
+    )
+    p.add_argument(
+        "--cluster", help="cluster model NAME (profiles/clusters/NAME.json) or FILE; needed by --backend emulated"
+    )
     p.add_argument("--store", metavar="DIR", help="profile store directory (default: $CFP_PROFILE_DIR or profiles/)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up iterations per job (default 2)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per job (default 5)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a job may take before its ranks count as hung (default 300)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds a job may take before its ranks count as hung (default 300)",
+    )
     p.add_argument("--no-transitions", action="store_true", help="profile blocks only")
     add_json_arg(p)
     p.set_defaults(run=run)
@@ -57,7 +69,9 @@ def run(args: argparse.Namespace) -> None:
     if args.backend == "emulated" and cluster is None:
         from cfp.errors import CFPError
 
-        raise CFPError("--backend emulated needs --cluster NAME|FILE to price communication (e.g. --cluster cpu-gloo-local).")
+        raise CFPError(
+            "--backend emulated needs --cluster NAME|FILE to price communication (e.g. --cluster cpu-gloo-local)."
+        )
     with analysis_progress(f"analysing {args.model} on mesh {mesh}") as progress:
         graph = analyze_for_profile(spec, mesh, progress)
     with warnings.catch_warnings(record=True) as caught:
@@ -65,14 +79,41 @@ def run(args: argparse.Namespace) -> None:
         store = ProfileStore(args.store)
     for w in caught:
         console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("cached {task.fields[cached]}"), TextColumn("left {task.fields[left]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("cached {task.fields[cached]}"),
+        TextColumn("left {task.fields[left]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(f"profiling ({args.backend})", total=None, cached=0, left="?")
 
         def on_progress(done, cached, total, job):
-            bar.update(task, total=total, completed=done, cached=cached, left=total - done, description=f"profiling ({args.backend})" if job is None else f"{args.backend}: {job.describe()[:48]}")
+            bar.update(
+                task,
+                total=total,
+                completed=done,
+                cached=cached,
+                left=total - done,
+                description=f"profiling ({args.backend})" if job is None else f"{args.backend}: {job.describe()[:48]}",
+            )
 
-        result = profile(graph, spec, args.backend, cluster, store, warmup=args.warmup, iters=args.iters, timeout_s=args.timeout, transitions=not args.no_transitions, on_progress=on_progress)
+        result = profile(
+            graph,
+            spec,
+            args.backend,
+            cluster,
+            store,
+            warmup=args.warmup,
+            iters=args.iters,
+            timeout_s=args.timeout,
+            transitions=not args.no_transitions,
+            on_progress=on_progress,
+        )
     rows = result.table.rows
     blocks = rows[rows["kind"] == "block"]
     for class_id, members in graph.classes.items():
@@ -81,7 +122,18 @@ def run(args: argparse.Namespace) -> None:
             continue
         anchor = graph.blocks[members[0]].anchor
         table = Table(title=f"class {class_id} ({anchor}, x{len(members)})", title_justify="left")
-        for col in ("config", "fwd ms", "bwd ms", "grad-reduce ms", "optimizer ms", "comm ms", "total ms", "spread (IQR) ms", "memory", "status"):
+        for col in (
+            "config",
+            "fwd ms",
+            "bwd ms",
+            "grad-reduce ms",
+            "optimizer ms",
+            "comm ms",
+            "total ms",
+            "spread (IQR) ms",
+            "memory",
+            "status",
+        ):
             table.add_column(col, justify="left" if col in ("config", "status") else "right")
         ok = sub[sub["status"] == "ok"]
         best = ok.loc[ok["total_s"].idxmin(), "config"] if not ok.empty else None
@@ -90,18 +142,35 @@ def run(args: argparse.Namespace) -> None:
         for row in sub.to_dict("records"):
             status = f"{row['status']} (noisy)" if row["config"] in noisy else row["status"]
             mark = " [bold green]*fastest[/]" if row["config"] == best else ""
-            table.add_row(f"{row['config']}{mark}", _ms(row.get("forward_s")), _ms(row.get("backward_s")), _ms(row.get("reduce_s")), _ms(row.get("optimizer_s")), _ms(row.get("comm_s")), _ms(row["total_s"]), _ms(row.get("total_iqr_s")), human_bytes(row.get("memory_bytes") or 0), status)
+            table.add_row(
+                f"{row['config']}{mark}",
+                _ms(row.get("forward_s")),
+                _ms(row.get("backward_s")),
+                _ms(row.get("reduce_s")),
+                _ms(row.get("optimizer_s")),
+                _ms(row.get("comm_s")),
+                _ms(row["total_s"]),
+                _ms(row.get("total_iqr_s")),
+                human_bytes(row.get("memory_bytes") or 0),
+                status,
+            )
         console.print(table)
     trans = rows[rows["kind"] == "transition"]
     console.print(
         f"{result.jobs} jobs: {result.measured} measured, {result.cached} reused from {result.store}; "
         f"{len(trans)} transitions; backend {args.backend}"
-        + (f" (communication priced by cluster model {cluster.name}; an emulation, not a measurement)" if args.backend == "emulated" else "")
+        + (
+            f" (communication priced by cluster model {cluster.name}; an emulation, not a measurement)"
+            if args.backend == "emulated"
+            else ""
+        )
         + f"; {time.perf_counter() - start:.1f} s"
     )
     if args.backend == "real":
-        console.print("[dim]real backend: comm is the time collectives took (issue to result, waiting for other ranks included), measured in one more "
-                      "iteration after the timed ones; it is part of fwd, bwd and grad-reduce, and total minus comm is compute.[/]")
+        console.print(
+            "[dim]real backend: comm is the time collectives took (issue to result, waiting for other ranks included), measured in one more "
+            "iteration after the timed ones; it is part of fwd, bwd and grad-reduce, and total minus comm is compute.[/]"
+        )
     write_json(
         args.json,
         {

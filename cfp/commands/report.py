@@ -17,7 +17,9 @@ def register(sub) -> None:
         description="Show a plan written by `cfp plan`: time and config per block, placements along the model, memory against the limit.",
     )
     p.add_argument("plan", metavar="PLAN", help="plan JSON written by `cfp plan`")
-    p.add_argument("--png", metavar="FILE", help="also draw time per block, config along the model and memory vs limit to FILE")
+    p.add_argument(
+        "--png", metavar="FILE", help="also draw time per block, config along the model and memory vs limit to FILE"
+    )
     p.add_argument("--parameters", action="store_true", help="also list every parameter's placements")
     add_json_arg(p)
     p.set_defaults(run=run)
@@ -46,6 +48,8 @@ def check_against_model(plan) -> None:
     try:
         traced = capture(build(spec_of(plan, device="meta")))
     except CFPError as exc:
-        console.print(Text.assemble(("warning: ", "yellow"), f"the plan could not be checked against its model ({exc})"))
+        console.print(
+            Text.assemble(("warning: ", "yellow"), f"the plan could not be checked against its model ({exc})")
+        )
         return
     plan.check_matches(traced)

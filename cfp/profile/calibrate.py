@@ -122,7 +122,9 @@ def fit(kind: str, world: int, points: list[tuple[int, float]]) -> tuple[AlphaBe
     return AlphaBeta(float(alpha), float(beta)), float(np.median(rel)), float(rel.max())
 
 
-def calibrate(pool, name: str, sizes=None, kinds=None, warmup: int = 3, iters: int = 10, timeout_s: float = 600.0) -> tuple[ClusterModel, dict]:
+def calibrate(
+    pool, name: str, sizes=None, kinds=None, warmup: int = 3, iters: int = 10, timeout_s: float = 600.0
+) -> tuple[ClusterModel, dict]:
     """Measure on ``pool`` (a started WorkerPool, no model) and fit; returns the cluster model and the raw data."""
     sizes = sizes or DEFAULT_SIZES
     kinds = kinds or list(COLLECTIVES)
@@ -141,7 +143,11 @@ def calibrate(pool, name: str, sizes=None, kinds=None, warmup: int = 3, iters: i
         f"({'nccl' if device_type == 'cuda' else 'gloo'}), {pool.threads} thread(s) per rank, torch {torch.__version__}. "
         f"all_to_all measured as: {how['all_to_all']}."
     )
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // world if device_type == "cpu" else torch.cuda.get_device_properties(0).total_memory
+    mem = (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // world
+        if device_type == "cpu"
+        else torch.cuda.get_device_properties(0).total_memory
+    )
     cluster = ClusterModel(
         name=name,
         device_kind="cpu" if device_type == "cpu" else torch.cuda.get_device_name(0),
@@ -158,7 +164,16 @@ def calibrate(pool, name: str, sizes=None, kinds=None, warmup: int = 3, iters: i
         "world": world,
         "how": how,
         "points": {k: [[b, t] for b, t in v] for k, v in points.items()},
-        "fits": {k: {"alpha": f[0].alpha, "beta": f[0].beta, "bus_bandwidth": 1 / f[0].beta, "median_rel_error": f[1], "max_rel_error": f[2]} for k, f in fits.items()},
+        "fits": {
+            k: {
+                "alpha": f[0].alpha,
+                "beta": f[0].beta,
+                "bus_bandwidth": 1 / f[0].beta,
+                "median_rel_error": f[1],
+                "max_rel_error": f[2],
+            }
+            for k, f in fits.items()
+        },
         "device": device[0],
     }
     return cluster, data
@@ -178,7 +193,13 @@ def plot(data: dict, path: str) -> None:
         f = data["fits"][kind]
         line = ax.loglog(b, t * 1e6, "o", label=f"{kind} (measured)")[0]
         xs = np.geomspace(b.min(), b.max(), 50)
-        ax.loglog(xs, (f["alpha"] + f["beta"] * traffic_factor(kind, world) * xs) * 1e6, "-", color=line.get_color(), alpha=0.6)
+        ax.loglog(
+            xs,
+            (f["alpha"] + f["beta"] * traffic_factor(kind, world) * xs) * 1e6,
+            "-",
+            color=line.get_color(),
+            alpha=0.6,
+        )
     ax.set_xlabel("input bytes per rank")
     ax.set_ylabel("time (µs)")
     ax.set_title(f"collectives on {world} ranks: measured (dots) and alpha-beta fit (lines)")

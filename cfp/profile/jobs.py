@@ -44,7 +44,9 @@ class RankContext:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() or isinstance(exc, MemoryError)
+    return (
+        isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() or isinstance(exc, MemoryError)
+    )
 
 
 def execute(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int = 0) -> dict:
@@ -132,7 +134,9 @@ def combine(results: list[dict], comm_priced: dict[str, float] | None = None) ->
     }
 
 
-def compare_with_reference(ctx: RankContext, pairs: list[tuple[str, str]], seed: int = 0, runtime: str = "lowered") -> dict:
+def compare_with_reference(
+    ctx: RankContext, pairs: list[tuple[str, str]], seed: int = 0, runtime: str = "lowered"
+) -> dict:
     """For tests and self-checks: run each (class id, config) once on the mesh and compare its
     exit values and reduced parameter gradients with the same ops on one device.
 

@@ -96,7 +96,9 @@ class _Timed:
     state; its phase times are not used (recording perturbs them).
     """
 
-    def measure(self, warmup: int, iters: int, sync=lambda: None, barrier=lambda: None) -> tuple[PhaseTimes, list[Collective]]:
+    def measure(
+        self, warmup: int, iters: int, sync=lambda: None, barrier=lambda: None
+    ) -> tuple[PhaseTimes, list[Collective]]:
         for _ in range(max(warmup, 1)):
             self.iterate(sync, optimize=True)
         times = PhaseTimes()
@@ -113,8 +115,16 @@ class _Timed:
 class BlockProgram(_Timed):
     """One (block, config) as a runnable, timeable program on ``mesh``."""
 
-    def __init__(self, graph: BlockGraph, block: Block, prop: Propagation, mesh: DeviceMesh, device: str | torch.device = "cpu", seed: int = 0,
-                 runtime: str = "lowered"):
+    def __init__(
+        self,
+        graph: BlockGraph,
+        block: Block,
+        prop: Propagation,
+        mesh: DeviceMesh,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        runtime: str = "lowered",
+    ):
         self.graph, self.block, self.prop, self.mesh = graph, block, prop, mesh
         self.runtime = runtime
         self._lowered = None  # the AOTAutograd-traced block, made on the first iteration
@@ -157,7 +167,9 @@ class BlockProgram(_Timed):
     def make_input(self, node, placements: Placements) -> DTensor:
         if node.name not in self.leaves:
             grad = needs_grad(self.block, node.name, self.traced)
-            self.leaves[node.name] = make_dtensor(self.global_input(node.name), self.mesh, placements, requires_grad=grad)
+            self.leaves[node.name] = make_dtensor(
+                self.global_input(node.name), self.mesh, placements, requires_grad=grad
+            )
         return self.leaves[node.name]
 
     def exit_grad(self, out: DTensor) -> torch.Tensor:
@@ -168,7 +180,9 @@ class BlockProgram(_Timed):
         return self.globals[key]
 
     # -- one iteration --------------------------------------------------------
-    def iterate(self, sync=lambda: None, record: bool = False, optimize: bool = False) -> tuple[tuple[float, ...], list[Collective], dict]:
+    def iterate(
+        self, sync=lambda: None, record: bool = False, optimize: bool = False
+    ) -> tuple[tuple[float, ...], list[Collective], dict]:
         """Forward, backward, gradient reduction and (with ``optimize``) an AdamW
         step on the block's parameters; returns the seconds of each, the
         collectives seen and timed (only when ``record``) and the values."""
@@ -244,7 +258,10 @@ class BlockProgram(_Timed):
         views = {n for n in self._lowered_outputs if storage(run.values[n]) in inputs}
 
         def block(*leaves):
-            given = {n: _GradPlacedLikeValue.apply(v) if n in sent_back and v.requires_grad else v for n, v in zip(names, leaves)}
+            given = {
+                n: _GradPlacedLikeValue.apply(v) if n in sent_back and v.requires_grad else v
+                for n, v in zip(names, leaves)
+            }
             values = run_block(self.nodes, self.mesh, self.fixed, lambda node, placements: given[node.name]).values
             return tuple(values[n].clone() if n in views else values[n] for n in self._lowered_outputs)
 
@@ -260,7 +277,9 @@ class BlockProgram(_Timed):
         """
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
-            probe = make_dtensor(torch.zeros(1, device=self.device), self.mesh, (Replicate(),) * self.mesh.ndim, requires_grad=True)
+            probe = make_dtensor(
+                torch.zeros(1, device=self.device), self.mesh, (Replicate(),) * self.mesh.ndim, requires_grad=True
+            )
             probe.grad = torch.zeros_like(probe)
             self.probe = torch.optim.AdamW([probe], lr=1e-6)
         for p, g in zip(self.params, grads):
@@ -317,11 +336,18 @@ class TransitionProgram(_Timed):
         dtype = getattr(torch, key.dtype)
         full = seeded(key.shape, dtype, "transition", seed, self.device, high=2)
         base = make_dtensor(full, mesh, self.src, requires_grad=False)
-        self.x = DTensor.from_local(base.to_local(), mesh, self.src, run_check=False, shape=base.shape, stride=base.stride())
+        self.x = DTensor.from_local(
+            base.to_local(), mesh, self.src, run_check=False, shape=base.shape, stride=base.stride()
+        )
         self.differentiable = dtype.is_floating_point
         if self.differentiable:
             self.x = self.x.detach().requires_grad_(True)
-            self.grad = make_dtensor(seeded(key.shape, dtype, "transition-grad", seed, self.device), mesh, grad_placements(self.dst), requires_grad=False)
+            self.grad = make_dtensor(
+                seeded(key.shape, dtype, "transition-grad", seed, self.device),
+                mesh,
+                grad_placements(self.dst),
+                requires_grad=False,
+            )
         self.redistribute = lambda x: x.redistribute(self.mesh, self.dst)
         if runtime != "interpreted":  # the collectives as a lowered step runs them
             from torch._functorch.aot_autograd import aot_function

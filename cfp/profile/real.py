@@ -70,7 +70,9 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _worker_main(rank, world, mesh_spec, device_type, store_path, threads, init, init_args, tasks, results, parent_pid, pg_timeout_s):
+def _worker_main(
+    rank, world, mesh_spec, device_type, store_path, threads, init, init_args, tasks, results, parent_pid, pg_timeout_s
+):
     die_with_parent(parent_pid)
     quiet_gloo_alltoall()
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -82,7 +84,9 @@ def _worker_main(rank, world, mesh_spec, device_type, store_path, threads, init,
         results.put(("joining", rank, None, None))  # from here on it waits for the others
         store = dist.FileStore(store_path, world)
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout_s))
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout_s)
+        )
         if ctx is not None:
             ctx.mesh = device_mesh(mesh_spec, device_type)
             ctx.rank = rank
@@ -122,7 +126,7 @@ PG_DIR_PREFIX = "cfp-pg-"
 
 def remove_stale_dirs() -> None:
     for path in Path(tempfile.gettempdir()).glob(f"{PG_DIR_PREFIX}*-*"):
-        owner = path.name[len(PG_DIR_PREFIX):].split("-", 1)[0]
+        owner = path.name[len(PG_DIR_PREFIX) :].split("-", 1)[0]
         if owner.isdigit() and not _alive(int(owner)):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -149,7 +153,15 @@ def _close_live_pools() -> None:
 class WorkerPool:
     """``world`` persistent rank processes forming one process group."""
 
-    def __init__(self, mesh: MeshSpec, init: Callable, init_args: tuple = (), device_type: str = "cpu", start_timeout_s: float = 300.0, pg_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        mesh: MeshSpec,
+        init: Callable,
+        init_args: tuple = (),
+        device_type: str = "cpu",
+        start_timeout_s: float = 300.0,
+        pg_timeout_s: float = 600.0,
+    ):
         self.mesh, self.world = mesh, mesh.size
         self.init, self.init_args = init, init_args
         self.device_type = device_type
@@ -171,8 +183,20 @@ class WorkerPool:
         for rank in range(self.world):
             p = ctx.Process(
                 target=_worker_main,
-                args=(rank, self.world, self.mesh, self.device_type, os.path.join(self.tmp, "store"), self.threads,
-                      self.init, self.init_args, self.tasks[rank], self.results, os.getpid(), self.pg_timeout_s),
+                args=(
+                    rank,
+                    self.world,
+                    self.mesh,
+                    self.device_type,
+                    os.path.join(self.tmp, "store"),
+                    self.threads,
+                    self.init,
+                    self.init_args,
+                    self.tasks[rank],
+                    self.results,
+                    os.getpid(),
+                    self.pg_timeout_s,
+                ),
                 daemon=False,  # model factories and torch.export may start helper processes
                 name=f"cfp-rank{rank}",
             )
@@ -215,7 +239,9 @@ class WorkerPool:
                 dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive() and r not in replies]
                 if dead:
                     r, code = dead[0]
-                    raise WorkerFailure(f"Rank {r} died (exit code {code}) while {what}; all {self.world} worker processes were stopped.")
+                    raise WorkerFailure(
+                        f"Rank {r} died (exit code {code}) while {what}; all {self.world} worker processes were stopped."
+                    )
                 if time.monotonic() > deadline:
                     missing = set(range(self.world)) - set(replies)
                     waiting = sorted(missing - joining) or sorted(missing)  # not those waiting for the others to join
@@ -246,7 +272,9 @@ class WorkerPool:
             dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if r != rank and p.exitcode is not None]
             if dead:
                 r, code = dead[0]
-                return WorkerFailure(f"Rank {r} died (exit code {code}) while {what}; rank {rank} then failed ({first}); {stopped}.")
+                return WorkerFailure(
+                    f"Rank {r} died (exit code {code}) while {what}; rank {rank} then failed ({first}); {stopped}."
+                )
             if time.monotonic() > deadline:
                 debug = f"\n{payload}" if os.environ.get("CFP_DEBUG") else ""
                 return WorkerFailure(f"Rank {rank} failed while {what}: {first}; {stopped}.{debug}")
@@ -289,6 +317,7 @@ class WorkerPool:
 
 
 # -- functions workers run (module level, so spawn can pickle them) -------------
+
 
 def no_context(rank: int, world: int, device_type: str = "cpu"):
     """Init for pools that need no model (calibration, tests)."""

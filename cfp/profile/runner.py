@@ -72,7 +72,11 @@ def cluster_key(cluster: ClusterModel | None) -> str:
 
 
 def block_jobs(graph: BlockGraph, runtime: str = "lowered") -> list[Job]:
-    return [Job("block", class_id, p.config.name, runtime=runtime) for class_id in graph.classes for p in graph.configs[class_id]]
+    return [
+        Job("block", class_id, p.config.name, runtime=runtime)
+        for class_id in graph.classes
+        for p in graph.configs[class_id]
+    ]
 
 
 def transition_jobs(graph: BlockGraph, runtime: str = "lowered") -> list[Job]:
@@ -83,7 +87,9 @@ def transition_jobs(graph: BlockGraph, runtime: str = "lowered") -> list[Job]:
     return [Job("transition", transition=k, runtime=runtime) for k in keys]
 
 
-def job_key(job: Job, graph: BlockGraph, mesh: MeshSpec, backend: str, device: str, cluster: ClusterModel | None) -> dict:
+def job_key(
+    job: Job, graph: BlockGraph, mesh: MeshSpec, backend: str, device: str, cluster: ClusterModel | None
+) -> dict:
     common = {
         "kind": job.kind,
         "mesh": mesh_key(mesh),
@@ -99,21 +105,39 @@ def job_key(job: Job, graph: BlockGraph, mesh: MeshSpec, backend: str, device: s
         shapes = []
         for i in block.inputs:
             val = graph.traced.nodes[i.name].meta.get("val")
-            shapes.append([list(val.shape), str(val.dtype).removeprefix("torch.")] if isinstance(val, torch.Tensor) else None)
+            shapes.append(
+                [list(val.shape), str(val.dtype).removeprefix("torch.")] if isinstance(val, torch.Tensor) else None
+            )
         dtype = str(graph.traced.nodes[block.anchor].meta["val"].dtype).removeprefix("torch.")
-        return {**common, "class_id": job.class_id, "config": job.config, "shape_key": json.dumps(shapes), "dtype": dtype}
+        return {
+            **common,
+            "class_id": job.class_id,
+            "config": job.config,
+            "shape_key": json.dumps(shapes),
+            "dtype": dtype,
+        }
     k = job.transition
-    return {**common, "class_id": "transition", "config": transition_config(k), "shape_key": json.dumps(list(k.shape)), "dtype": k.dtype}
+    return {
+        **common,
+        "class_id": "transition",
+        "config": transition_config(k),
+        "shape_key": json.dumps(list(k.shape)),
+        "dtype": k.dtype,
+    }
 
 
 # -- rank side -----------------------------------------------------------------
+
 
 def profile_rank_init(rank: int, world: int, spec: ModelSpec, mesh: MeshSpec, device_type: str):
     """Rebuild the model on this rank's device, capture and analyse it (before the real PG exists)."""
     device = rank_device(device_type)
     traced = capture(build(dataclasses.replace(spec, device=device)))
     graph = analyze(traced, mesh)
-    info = {"fingerprint": traced.fingerprint(), "configs": {c: [p.config.name for p in ps] for c, ps in graph.configs.items()}}
+    info = {
+        "fingerprint": traced.fingerprint(),
+        "configs": {c: [p.config.name for p in ps] for c, ps in graph.configs.items()},
+    }
     return RankContext(graph=graph, mesh=None, device=device), info
 
 
@@ -123,12 +147,17 @@ def run_job(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int) -> d
 
 # -- backends ------------------------------------------------------------------
 
+
 class EmulatedBackend:
     name = "emulated"
 
-    def __init__(self, graph: BlockGraph, mesh: MeshSpec, cluster: ClusterModel, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self, graph: BlockGraph, mesh: MeshSpec, cluster: ClusterModel, device: str = "cpu", threads: int | None = None
+    ):
         if cluster is None:
-            raise CFPError("The emulated backend needs a cluster model (--cluster NAME or FILE) to price communication.")
+            raise CFPError(
+                "The emulated backend needs a cluster model (--cluster NAME or FILE) to price communication."
+            )
         self.graph, self.mesh, self.cluster, self.device = graph, mesh, cluster, device
         # One rank's share of the host, as the real backend gives each rank.
         self.threads = threads or max(1, cpu_cores() // min(mesh.size, cpu_cores()))
@@ -156,7 +185,9 @@ class EmulatedBackend:
         except CFPError:
             raise
         except Exception as exc:
-            raise CFPError(f"Profiling {job.describe()} failed (emulated): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise CFPError(
+                f"Profiling {job.describe()} failed (emulated): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
         priced = self.price(result.get("collectives", [])) if result["status"] == "ok" else None
         return combine([result], priced)
 
@@ -164,19 +195,34 @@ class EmulatedBackend:
 class RealBackend:
     name = "real"
 
-    def __init__(self, spec: ModelSpec, graph: BlockGraph, mesh: MeshSpec, device_type: str = "cpu", start_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        graph: BlockGraph,
+        mesh: MeshSpec,
+        device_type: str = "cpu",
+        start_timeout_s: float = 600.0,
+    ):
         self.spec, self.graph, self.mesh, self.device_type = spec, graph, mesh, device_type
         self.start_timeout_s = start_timeout_s
         self.pool: WorkerPool | None = None
 
     def _start(self) -> None:
-        self.pool = WorkerPool(self.mesh, profile_rank_init, (self.spec, self.mesh, self.device_type), self.device_type, self.start_timeout_s).start()
+        self.pool = WorkerPool(
+            self.mesh,
+            profile_rank_init,
+            (self.spec, self.mesh, self.device_type),
+            self.device_type,
+            self.start_timeout_s,
+        ).start()
         want = self.graph.traced.fingerprint()
         configs = {c: [p.config.name for p in ps] for c, ps in self.graph.configs.items()}
         for rank, info in enumerate(self.pool.infos):
             if info["fingerprint"] != want or info["configs"] != configs:
                 self.pool.close()
-                raise CFPError(f"Rank {rank} rebuilt a different model or analysis than the parent (fingerprint {info['fingerprint']} vs {want}); is the model factory deterministic?")
+                raise CFPError(
+                    f"Rank {rank} rebuilt a different model or analysis than the parent (fingerprint {info['fingerprint']} vs {want}); is the model factory deterministic?"
+                )
 
     def __enter__(self):
         self._start()
@@ -205,7 +251,9 @@ class TorchrunBackend:
     def __init__(self, graph: BlockGraph, mesh: MeshSpec, device_type: str = "cpu", pg_timeout_s: float = 600.0):
         world = launched_world()
         if world != mesh.size:
-            raise CFPError(f"Mesh {mesh} needs {mesh.size} ranks; this torchrun job has {world}. Pass --nproc-per-node and --nnodes that multiply to {mesh.size}.")
+            raise CFPError(
+                f"Mesh {mesh} needs {mesh.size} ranks; this torchrun job has {world}. Pass --nproc-per-node and --nnodes that multiply to {mesh.size}."
+            )
         self.graph, self.mesh, self.device_type, self.pg_timeout_s = graph, mesh, device_type, pg_timeout_s
         self.own_group = False
 
@@ -217,12 +265,21 @@ class TorchrunBackend:
         else:
             torch.set_num_threads(max(1, cpu_cores() // local_world))
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device_type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=self.pg_timeout_s))
+            dist.init_process_group(
+                "nccl" if self.device_type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=self.pg_timeout_s)
+            )
             self.own_group = True
-        self.ctx = RankContext(graph=self.graph, mesh=device_mesh(self.mesh, self.device_type), device=rank_device(self.device_type), rank=dist.get_rank())
+        self.ctx = RankContext(
+            graph=self.graph,
+            mesh=device_mesh(self.mesh, self.device_type),
+            device=rank_device(self.device_type),
+            rank=dist.get_rank(),
+        )
         prints = self.gather(self.graph.traced.fingerprint())
         if len(set(prints)) > 1:
-            raise CFPError(f"The ranks built different models (fingerprints {sorted(set(prints))}); is the model factory deterministic, and the same code on every host?")
+            raise CFPError(
+                f"The ranks built different models (fingerprints {sorted(set(prints))}); is the model factory deterministic, and the same code on every host?"
+            )
         return self
 
     def __exit__(self, *exc):
@@ -243,11 +300,16 @@ class TorchrunBackend:
         try:
             result = execute(self.ctx, job, warmup, iters, seed)
         except Exception as exc:  # every rank learns of it below and stops alike
-            result = {"status": "error", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            result = {
+                "status": "error",
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            }
         try:
             results = self.gather(result)
         except Exception as exc:
-            raise CFPError(f"The ranks lost each other while profiling {job.describe()} ({type(exc).__name__}: {exc}); a rank crashed or hung.") from exc
+            raise CFPError(
+                f"The ranks lost each other while profiling {job.describe()} ({type(exc).__name__}: {exc}); a rank crashed or hung."
+            ) from exc
         failed = [(r, res["error"]) for r, res in enumerate(results) if res["status"] == "error"]
         if failed:
             raise CFPError(f"Rank {failed[0][0]} failed while profiling {job.describe()}: {failed[0][1]}")
@@ -255,6 +317,7 @@ class TorchrunBackend:
 
 
 # -- the run -------------------------------------------------------------------
+
 
 class NoisyProfileWarning(CFPWarning):
     """Profile rows whose spread is too large for their median to be trusted."""
@@ -312,7 +375,7 @@ def profile(
     spmd = backend == "real" and launched_world() > 1
     writes = not spmd or launched_rank() == 0
     measuring = contextlib.ExitStack()
-    with (TorchrunBackend(graph, mesh, device_type, timeout_s) if spmd else contextlib.nullcontext()) as group, measuring:
+    with TorchrunBackend(graph, mesh, device_type, timeout_s) if spmd else contextlib.nullcontext() as group, measuring:
         stored = [store.lookup(key) for key in keys] if writes else None
         if writes and any(row is None for row in stored):
             # One run measures into a store at a time; it rereads the store once it holds the lock.
@@ -333,7 +396,7 @@ def profile(
             else:
                 runner = RealBackend(spec, graph, mesh, device_type, start_timeout_s=timeout_s)
             try:
-                with (contextlib.nullcontext() if spmd else runner):
+                with contextlib.nullcontext() if spmd else runner:
                     for done, (job, key) in enumerate(todo, start=1):
                         row = {**key, **runner.run(job, warmup, iters, seed, timeout_s)}
                         if writes:

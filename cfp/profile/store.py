@@ -45,13 +45,50 @@ from cfp.costs import BlockCost, TransitionKey
 from cfp.errors import CFPError, CFPWarning
 
 SCHEMA = 7  # bump when what a row measures changes (rows of another schema are re-measured); the history is in git
-KEY = ["kind", "class_id", "config", "shape_key", "mesh", "device_kind", "backend", "cluster", "runtime", "dtype", "torch_version",
-       "schema"]
-VALUES = [
-    "status", "error", "forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s",
-    "total_iqr_s", "iters", "memory_bytes", "memory_source", "collectives", "comm_bytes", "measured_at",
+KEY = [
+    "kind",
+    "class_id",
+    "config",
+    "shape_key",
+    "mesh",
+    "device_kind",
+    "backend",
+    "cluster",
+    "runtime",
+    "dtype",
+    "torch_version",
+    "schema",
 ]
-TIMES = ["forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s", "total_iqr_s"]
+VALUES = [
+    "status",
+    "error",
+    "forward_s",
+    "backward_s",
+    "reduce_s",
+    "optimizer_s",
+    "comm_s",
+    "total_s",
+    "total_min_s",
+    "total_max_s",
+    "total_iqr_s",
+    "iters",
+    "memory_bytes",
+    "memory_source",
+    "collectives",
+    "comm_bytes",
+    "measured_at",
+]
+TIMES = [
+    "forward_s",
+    "backward_s",
+    "reduce_s",
+    "optimizer_s",
+    "comm_s",
+    "total_s",
+    "total_min_s",
+    "total_max_s",
+    "total_iqr_s",
+]
 NOISY_SPREAD = 0.5  # a row whose IQR exceeds this fraction of its median total is too noisy to trust
 DEFAULT_DIR = CLUSTERS_DIR.parent
 COMPACT_AFTER = 32
@@ -115,7 +152,11 @@ class ProfileStore:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                warnings.warn(f"another run is measuring into profile store {self.dir}; waiting for it to finish", StoreWarning, stacklevel=3)
+                warnings.warn(
+                    f"another run is measuring into profile store {self.dir}; waiting for it to finish",
+                    StoreWarning,
+                    stacklevel=3,
+                )
                 fcntl.flock(fd, fcntl.LOCK_EX)
             with warnings.catch_warnings():  # said at the first read
                 warnings.simplefilter("ignore", StoreWarning)
@@ -133,7 +174,9 @@ class ProfileStore:
         advice = "Pass --store DIR (or set CFP_PROFILE_DIR) to a writable directory."
         for path in (self.root, self.dir):
             if path.exists() and not path.is_dir():
-                raise CFPError(f"Profile store {path} is a file, not a directory; {jobs} profiling job(s) need measuring and their rows could not be kept. {advice}")
+                raise CFPError(
+                    f"Profile store {path} is a file, not a directory; {jobs} profiling job(s) need measuring and their rows could not be kept. {advice}"
+                )
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".probe-"):
@@ -250,7 +293,9 @@ class ProfileStore:
             df.to_parquet(tmp, index=False)
             os.replace(tmp, self.dir / name)
         except OSError as exc:
-            raise CFPError(f"Could not write {len(df)} profile row(s) to {self.dir} ({exc.strerror or exc}); they are lost.") from exc
+            raise CFPError(
+                f"Could not write {len(df)} profile row(s) to {self.dir} ({exc.strerror or exc}); they are lost."
+            ) from exc
 
 
 def _valid_timings(df: pd.DataFrame) -> pd.Series:
@@ -269,7 +314,18 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = None
     df = df[KEY + VALUES]
-    for col in ("forward_s", "backward_s", "reduce_s", "optimizer_s", "comm_s", "total_s", "total_min_s", "total_max_s", "total_iqr_s", "measured_at"):
+    for col in (
+        "forward_s",
+        "backward_s",
+        "reduce_s",
+        "optimizer_s",
+        "comm_s",
+        "total_s",
+        "total_min_s",
+        "total_max_s",
+        "total_iqr_s",
+        "measured_at",
+    ):
         df[col] = df[col].astype("float64")
     for col in ("iters", "memory_bytes", "collectives", "comm_bytes"):
         df[col] = df[col].fillna(0).astype("int64")
