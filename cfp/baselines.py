@@ -32,7 +32,7 @@ baseline does not apply (no linear is recognised, no block has experts).
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from cfp.costs import shared_parameters
 from cfp.errors import CFPError

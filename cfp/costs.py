@@ -9,8 +9,9 @@ producer leaves it in and those its consumer needs, forward and backward.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -73,8 +74,8 @@ class CostModel(Protocol):
 class ValueEdge:
     """A tensor one block produces and another reads: where a transition can happen."""
 
-    producer: "Block"
-    consumer: "Block"
+    producer: Block
+    consumer: Block
     input_pos: int  # index into consumer.inputs
     exit_pos: int  # index into producer.outputs
     value: torch.Tensor  # the traced value (shape and dtype)
@@ -85,7 +86,7 @@ class ValueEdge:
         )
 
 
-def value_edges(graph: "BlockGraph") -> Iterator[ValueEdge]:
+def value_edges(graph: BlockGraph) -> Iterator[ValueEdge]:
     """Every tensor that crosses from one block to another, residual edges included."""
     for block in graph.blocks:
         for pos, value in enumerate(block.inputs):
@@ -98,7 +99,7 @@ def value_edges(graph: "BlockGraph") -> Iterator[ValueEdge]:
             yield ValueEdge(producer, block, pos, producer.outputs.index(value.name), val)
 
 
-def edge_transitions(graph: "BlockGraph") -> Iterator[EdgeTransition]:
+def edge_transitions(graph: BlockGraph) -> Iterator[EdgeTransition]:
     """Every (edge, producer config, consumer config) and the transition it implies."""
     for edge in value_edges(graph):
         for a, prop_a in enumerate(graph.block_configs(edge.producer)):
@@ -113,12 +114,12 @@ def edge_transitions(graph: "BlockGraph") -> Iterator[EdgeTransition]:
                 )
 
 
-def unique_transitions(graph: "BlockGraph") -> set[TransitionKey]:
+def unique_transitions(graph: BlockGraph) -> set[TransitionKey]:
     """The distinct non-trivial transitions a plan of this graph can need."""
     return {t.key for t in edge_transitions(graph) if not t.key.is_noop}
 
 
-def shared_parameters(graph: "BlockGraph") -> dict[str, list[tuple[int, int]]]:
+def shared_parameters(graph: BlockGraph) -> dict[str, list[tuple[int, int]]]:
     """Parameters read by more than one block (tied weights) -> (block id, input position) of each read."""
     readers: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for block in graph.blocks:

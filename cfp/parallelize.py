@@ -54,8 +54,9 @@ and each step runs those (see there).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
 from cfp.errors import CFPError, CFPWarning
 from cfp.lower import LoweredForward
-from cfp.plan import Plan, spec_json, block_entry, parameter_placements
+from cfp.plan import Plan, block_entry, parameter_placements, spec_json
 from cfp.program import BlockRun, Placements, _call, grad_placements
 from cfp.propagate import parse_placement
 from cfp.sharded import Regather, Schedule, gather, schedule

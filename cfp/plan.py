@@ -101,7 +101,7 @@ class Plan:
         path.write_text(text + "\n")
 
     @classmethod
-    def from_json(cls, data: Any, source: str = "plan") -> "Plan":
+    def from_json(cls, data: Any, source: str = "plan") -> Plan:
         if not isinstance(data, dict):
             raise CFPError(f"{source} is not a CFP plan: expected a JSON object, found {type(data).__name__}.")
         version = data.get("schema_version")
@@ -154,7 +154,7 @@ class Plan:
             raise CFPError(f"{source} is damaged: {why}. Re-create the plan with `cfp plan`.") from exc
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         if not path.is_file():
             raise CFPError(f"Plan file {path} does not exist.")
@@ -337,10 +337,9 @@ def block_entry(graph, block, prop) -> dict[str, Any]:
 
 def build_plan(
     graph, costs, solution, baselines: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None
-) -> "Plan":
+) -> Plan:
     """A Plan from a BlockGraph, the cost model used and the ILP's Solution."""
     import cfp
-
     from cfp.storage import StorageTable
 
     traced = graph.traced
@@ -486,7 +485,7 @@ def make_plan(
     validate: int | None = None,
     validate_steps: int | None = None,
     on_validate_step=None,
-) -> tuple["Plan", Any, Any]:
+) -> tuple[Plan, Any, Any]:
     """Capture, analyse, cost and solve; returns ``(plan, graph, solution)`` and writes ``output`` if given.
 
     ``model`` is a spec string, a ModelSpec or a TracedModel; ``mesh`` a string
@@ -504,11 +503,11 @@ def make_plan(
     this machine holds, else 0 (off); ``on_validate_step(done, total)`` reports
     its progress.
     """
+    from cfp import baselines as hand
     from cfp.analyze import analyze
     from cfp.capture import TracedModel, capture
     from cfp.cluster import ClusterModel, load_cluster
     from cfp.mesh import parse_mesh
-    from cfp import baselines as hand
     from cfp.solve import DEFAULT_TIME_LIMIT_S, best_plans, evaluate, fixed
     from cfp.spec import ModelSpec, build
     from cfp.validate import DEFAULT_STEPS, check_can_validate, default_k
@@ -598,6 +597,6 @@ def make_plan(
     return plan, graph, solution
 
 
-def plan(model, mesh, **kwargs) -> "Plan":
+def plan(model, mesh, **kwargs) -> Plan:
     """``cfp.plan("gpt:small", "2x2", memory="40GiB", cost="analytic")``: the Plan (see make_plan for the options)."""
     return make_plan(model, mesh, **kwargs)[0]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import operator
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode

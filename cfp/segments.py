@@ -9,9 +9,8 @@ classes (the layers of a transformer) are *segments*.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import networkx as nx
 import torch

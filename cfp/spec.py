@@ -21,9 +21,10 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,7 +97,7 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
         )
     if target in EXAMPLES:
         module = importlib.import_module(f"examples.{target}")
-        presets = getattr(module, "PRESETS")
+        presets = module.PRESETS
         if name not in presets:
             raise CFPError(f"Example {target!r} has no preset {name!r}; presets: {', '.join(presets)}.")
         return lambda **kw: module.build(preset=name, **kw)

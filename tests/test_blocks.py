@@ -10,8 +10,8 @@ from cfp.analyze import analyze
 from cfp.costs import edge_transitions
 from cfp.mesh import parse_mesh
 from cfp.propagate import placements_str
-from cfp.spec import ModelSpec
 from cfp.segments import find_segments
+from cfp.spec import ModelSpec
 
 R, S0, S1, S2, P = "Replicate()", "Shard(0)", "Shard(1)", "Shard(2)", "Partial(sum)"
 

@@ -26,6 +26,8 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 
+from models_matrix import MATRIX
+
 import cfp
 from cfp import baselines
 from cfp.analyze import analyze
@@ -33,7 +35,6 @@ from cfp.mesh import parse_mesh
 from cfp.parallelize import parallelize, plan_from_choice, plan_from_indices
 from cfp.plan import make_plan
 from cfp.profile import analyze_for_profile, profile
-from models_matrix import MATRIX
 
 MESH = "2"
 ATOL, RTOL = 1e-5, 1e-4
@@ -122,8 +123,9 @@ def _plans(spec: cfp.ModelSpec, store: str, seed: int) -> tuple[dict, object]:
 
 
 def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str, store: str) -> None:
-    import torch.distributed as dist
     from datetime import timedelta
+
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     # As torchrun launches it: profiling then runs on this process group (cfp.profile.runner.TorchrunBackend).

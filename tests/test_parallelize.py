@@ -21,10 +21,10 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cfp
-from cfp.analyze import analyze
-from cfp.mesh import parse_mesh
 from cfp import baselines
+from cfp.analyze import analyze
 from cfp.baselines import BASELINES
+from cfp.mesh import parse_mesh
 from cfp.parallelize import parallelize, plan_from_choice, plan_from_indices
 from cfp.plan import make_plan
 from cfp.storage import LEVELS

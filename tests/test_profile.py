@@ -11,11 +11,11 @@ import cfp
 from cfp.cli import main
 from cfp.cluster import load_cluster
 from cfp.costs import unique_transitions
-from cfp.storage import StorageTable
 from cfp.mesh import parse_mesh
 from cfp.profile import ProfileStore, analyze_for_profile, profile
 from cfp.profile.calibrate import fit
 from cfp.profile.store import StoreWarning
+from cfp.storage import StorageTable
 
 SPEC = cfp.ModelSpec("gpt:tiny", device="cpu", batch=2, seq=16)
 FAST = dict(warmup=1, iters=2)

@@ -9,11 +9,11 @@ import pytest
 import cfp
 from cfp.analytic import AnalyticCosts, redistribute_collectives
 from cfp.analyze import analyze
+from cfp.baselines import dp as dp_choice
 from cfp.cluster import AlphaBeta, ClusterModel
 from cfp.costs import TransitionKey, edge_transitions, shared_parameters
 from cfp.mesh import parse_mesh
 from cfp.propagate import placements_str
-from cfp.baselines import dp as dp_choice
 from cfp.solve import MemoryTable, best_plans, evaluate, min_memory, solve
 
 GiB = 2**30

@@ -67,8 +67,8 @@ def test_train_refuses_a_plan_for_another_world_size(tmp_path):
 
 def test_profile_under_torchrun(tmp_path):
     """Every rank runs `cfp profile`; rank 0 reports and stores, and the rows serve the pool backend too."""
-    from cfp.profile import ProfileStore, analyze_for_profile, profile
     from cfp.mesh import parse_mesh
+    from cfp.profile import ProfileStore, analyze_for_profile, profile
     from cfp.spec import ModelSpec
 
     store, summary = tmp_path / "store", tmp_path / "profile.json"

@@ -27,8 +27,9 @@ import time
 import traceback
 import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -141,7 +142,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_LIVE: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 
 @atexit.register
@@ -171,7 +172,7 @@ class WorkerPool:
         self.infos: list = []
         self._next = 0
 
-    def start(self) -> "WorkerPool":
+    def start(self) -> WorkerPool:
         if self.device_type == "cuda" and torch.cuda.device_count() < self.world:
             raise CFPError(f"Mesh {self.mesh} needs {self.world} GPUs; {torch.cuda.device_count()} are visible.")
         check_oversubscription(self.mesh, self.device_type)
@@ -309,7 +310,7 @@ class WorkerPool:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self.start()
 
     def __exit__(self, *exc) -> None:
