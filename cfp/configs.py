@@ -136,7 +136,7 @@ def signature(block: Block, traced: TracedModel) -> AnchorSignature:
         params = {param_of(w): "O" + "C" + spatial.lower()}
         out = "B" + "O" + spatial
     sizes: dict[str, int] = {}
-    for letters_, node_name in [(act, act_input.name)] + [(l, p) for p, l in params.items()]:
+    for letters_, node_name in [(act, act_input.name)] + [(param_letters, p) for p, param_letters in params.items()]:
         for letter, size in zip(letters_, _shape(traced.nodes[node_name])):
             sizes[letter] = size
     for letter, size in zip(out, out_shape):
@@ -160,14 +160,16 @@ def candidates(block: Block, traced: TracedModel, mesh_shape: tuple[int, ...]) -
         for letter, size in zip(choice, mesh_shape):
             if letter is not None:
                 split[letter] = split.get(letter, 1) * size
-        if any(sig.sizes[l] % s for l, s in split.items()):
+        if any(sig.sizes[letter] % s for letter, s in split.items()):
             continue
-        name = "/".join("rep" if l is None else sig.role(l) for l in choice)
+        name = "/".join("rep" if letter is None else sig.role(letter) for letter in choice)
         activation = _placements(sig.activation, choice)
-        params = tuple((p, _placements(l, choice)) for p, l in sig.params.items())
+        params = tuple((p, _placements(param_letters, choice)) for p, param_letters in sig.params.items())
         configs.append(BlockConfig(name, activation, params))
     return configs
 
 
 def _placements(letters: str, choice: tuple[str | None, ...]) -> tuple[Placement, ...]:
-    return tuple(Shard(letters.index(l)) if l is not None and l in letters else Replicate() for l in choice)
+    return tuple(
+        Shard(letters.index(letter)) if letter is not None and letter in letters else Replicate() for letter in choice
+    )

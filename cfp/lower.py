@@ -86,7 +86,9 @@ def aot_options(compile: bool) -> dict[str, Any]:
     # (and no module hooks, which CommDebugMode's module tracker would trip over).
     from functorch.compile import make_boxed_func
 
-    run_traced = lambda gm, example_inputs: gm.forward
+    def run_traced(gm, example_inputs):
+        return gm.forward
+
     # AOTAutograd calls the backward with one list of arguments (boxed), the forward unpacked.
     return {"fw_compiler": run_traced, "bw_compiler": lambda gm, example_inputs: make_boxed_func(gm.forward)}
 

@@ -358,7 +358,7 @@ class ParallelModule(nn.Module):
     def _write_back_buffers(self, versions: dict) -> None:
         """Buffers a block updated in place (BatchNorm's running statistics) were updated on the
         copy placed for that block: bring the new values back to the module's buffer."""
-        for (block, name), (value, version) in versions.items():
+        for (_block, name), (value, version) in versions.items():
             if value._local_tensor._version != version:
                 buffer = getattr(self, self._buffer_of[name])
                 buffer.copy_(value.full_tensor())
@@ -389,9 +389,10 @@ class ParallelModule(nn.Module):
                 if step.recompute:
                     # Only the first run (forward) writes updated buffers back, not the recomputation in backward.
                     once = [buffer_versions]
-                    fn = lambda *values, step=step, once=once: self._run_region(
-                        step, values, run, once.pop() if once else None
-                    )
+
+                    def fn(*values, step=step, once=once):
+                        return self._run_region(step, values, run, once.pop() if once else None)
+
                     outs = torch.utils.checkpoint.checkpoint(fn, *(env[n] for n in step.inputs), use_reentrant=False)
                     env.update(zip(step.outputs, outs))
                 else:

@@ -208,7 +208,10 @@ def _reduce_partial_sums(node: Node, args: tuple, mesh: DeviceMesh) -> tuple:
     partial = [any(isinstance(p, Partial) for p in t.placements) for t in tensors]
     if len(tensors) < 2 or all(partial) or not any(partial):
         return args
-    whole = lambda a: a.redistribute(mesh, grad_placements(a.placements)) if isinstance(a, DTensor) else a
+
+    def whole(a):
+        return a.redistribute(mesh, grad_placements(a.placements)) if isinstance(a, DTensor) else a
+
     return tuple(whole(a) for a in args)
 
 
@@ -241,9 +244,10 @@ def _mean_loss_over_shards(node: Node, args, kwargs, mesh: DeviceMesh):
     """
     bound = _loss_args(node, args, kwargs)
     replicate = (Replicate(),) * mesh.ndim
-    whole = lambda t: (
-        t.redistribute(mesh, replicate) if isinstance(t, DTensor) else DTensor.from_local(t, mesh, replicate)
-    )
+
+    def whole(t):
+        return t.redistribute(mesh, replicate) if isinstance(t, DTensor) else DTensor.from_local(t, mesh, replicate)
+
     with implicit_replication():
         total = node.target(*({**bound, "reduction": 2}.values()))  # Reduction.SUM: Partial(sum)
         count = (bound["target"] != bound["ignore_index"]).sum()
@@ -300,11 +304,12 @@ def fake_kernel_fails(node: Node) -> bool:
         node.meta["cfp_fake_kernel_fails"] = not _runs(node, lambda v: as_meta(v))
         if not node.meta["cfp_fake_kernel_fails"]:
             with FakeTensorMode() as fake:
-                cpu = lambda v: (
-                    fake.from_tensor(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype))
-                    if isinstance(v, torch.Tensor)
-                    else v
-                )
+
+                def cpu(v):
+                    if isinstance(v, torch.Tensor):
+                        return fake.from_tensor(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype))
+                    return v
+
                 node.meta["cfp_fake_kernel_fails"] = not _runs(node, cpu)
     return node.meta["cfp_fake_kernel_fails"]
 
@@ -325,13 +330,19 @@ def _call_replicated(node: Node, args, kwargs, mesh: DeviceMesh):
     takes the output shapes export recorded in ``node.meta["val"]``.
     """
     replicate = (Replicate(),) * mesh.ndim
-    to_local = lambda a: a.redistribute(mesh, replicate).to_local() if isinstance(a, DTensor) else a
+
+    def to_local(a):
+        return a.redistribute(mesh, replicate).to_local() if isinstance(a, DTensor) else a
+
     args, kwargs = torch.utils._pytree.tree_map(to_local, (args, kwargs))
     if _on_meta(args, kwargs) and not _runs(node, as_meta):
         out = as_meta(node.meta["val"])
     else:
         out = node.target(*args, **kwargs)
-    wrap = lambda t: DTensor.from_local(t, mesh, replicate, run_check=False) if isinstance(t, torch.Tensor) else t
+
+    def wrap(t):
+        return DTensor.from_local(t, mesh, replicate, run_check=False) if isinstance(t, torch.Tensor) else t
+
     return torch.utils._pytree.tree_map(wrap, out)
 
 

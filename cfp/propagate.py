@@ -93,7 +93,10 @@ def _local_bytes(value) -> int:
 
 def _saved_bytes(saved: list[torch.Tensor], params: list) -> int:
     """Bytes of the distinct storages autograd saved, parameters (counted as parameters) left out."""
-    local = lambda t: t._local_tensor if isinstance(t, DTensor) else t
+
+    def local(t):
+        return t._local_tensor if isinstance(t, DTensor) else t
+
     seen = {local(p).untyped_storage()._cdata for p in params if isinstance(p, torch.Tensor)}
     total = 0
     for t in saved:

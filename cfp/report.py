@@ -60,7 +60,10 @@ def tables(plan: Plan) -> list[Table]:
     summary.add_row("provenance", ", ".join(f"{k}={v}" for k, v in plan.provenance.items()))
 
     scale, unit = (1e3, "ms") if plan.predicted_step_time_s >= 1e-3 else (1e6, "us")
-    t = lambda v: f"{v * scale:.3g}" if v else ""
+
+    def t(v):
+        return f"{v * scale:.3g}" if v else ""
+
     blocks = Table(title=f"blocks along the model (times in {unit})")
     for col, just in (
         ("id", "right"),

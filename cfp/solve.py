@@ -503,7 +503,7 @@ class _Builder:
         """A parameter read by several blocks takes one placement."""
         graph = self.graph
         self.tied = shared_parameters(graph)
-        for param, rs in self.tied.items():
+        for _param, rs in self.tied.items():
             b0, p0 = rs[0]
             g0 = self.group_of[b0]
             first = {
@@ -518,8 +518,8 @@ class _Builder:
                 }
                 for label in set(first.values()) | set(other.values()):
                     self.model.Add(
-                        sum(self.x[g0][c] for c, l in first.items() if l == label)
-                        == sum(self.x[g1][c] for c, l in other.items() if l == label)
+                        sum(self.x[g0][c] for c, lab in first.items() if lab == label)
+                        == sum(self.x[g1][c] for c, lab in other.items() if lab == label)
                     )
 
     def choice(self, solver) -> list[int]:

@@ -33,7 +33,10 @@ def test_summary_columns_ratios_and_errors():
         BenchPlan("cfp", _plan(["rep", "col"]), 0.011, 0.001, 110),
         BenchPlan("dp", _plan(["batch", "batch"]), 0.03, 0.002, 150),
     ]
-    steps = lambda xs: [{"step_s": x, "fwd_bwd_s": x * 0.8, "optimizer_s": x * 0.2, "loss": 1.0} for x in xs]
+
+    def steps(xs):
+        return [{"step_s": x, "fwd_bwd_s": x * 0.8, "optimizer_s": x * 0.2, "loss": 1.0} for x in xs]
+
     raw = {
         "cfp": {"steps": steps([0.010, 0.012, 0.009]), "peak_mem_bytes": 100, "first_loss": 5.5},
         "dp": {"steps": steps([0.020, 0.022, 0.040]), "peak_mem_bytes": 200, "first_loss": 5.5},

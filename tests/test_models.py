@@ -117,7 +117,10 @@ def _plans(spec: cfp.ModelSpec, store: str, seed: int) -> tuple[dict, object]:
         if choice is not None:
             plans[name] = plan_from_indices(graph, choice)
     rng = random.Random(seed)  # among the configs that ran while profiled, as the ILP chooses
-    feasible = lambda block, names: [n for n in names if math.isfinite(run.table.block_time(block.class_id, n))]
+
+    def feasible(block, names):
+        return [n for n in names if math.isfinite(run.table.block_time(block.class_id, n))]
+
     plans["random"] = plan_from_choice(graph, lambda block, names: rng.choice(feasible(block, names)))
     return plans, graph
 

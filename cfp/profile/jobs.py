@@ -154,7 +154,10 @@ def compare_with_reference(
         program = BlockProgram(graph, block, prop, ctx.mesh, ctx.device, seed, runtime)
         _, _, got = program.iterate()
         want_values, want_grads = reference(program)
-        full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t
+
+        def full(t):
+            return t.full_tensor() if isinstance(t, DTensor) else t
+
         diff = 0.0
         for name in block.outputs:
             a, b = full(got["values"][name]), want_values[name]

@@ -189,7 +189,10 @@ class BlockProgram(_Timed):
         for leaf in self.leaves.values():
             leaf.grad = None
         recs = {p: CommRecorder(self.mesh, p, sync) for p in ("forward", "backward", "grad")} if record else {}
-        ctx = lambda p: recs[p] if record else contextlib.nullcontext()
+
+        def ctx(p):
+            return recs[p] if record else contextlib.nullcontext()
+
         if self.runtime != "interpreted" and self._lowered is None:
             self._lower()
         sync()
@@ -251,9 +254,12 @@ class BlockProgram(_Timed):
         sent_back = {i.name for i in self.block.inputs if i.producer is not None or i.name in self.traced.params}
         names = list(self.leaves)
         self._lowered_outputs = [n for n in self.block.outputs if isinstance(run.values.get(n), torch.Tensor)]
+
         # AOTAutograd regenerates an output that is a view of an input with as_strided, which DTensor
         # does not support: such exits (slices of a buffer, in practice) leave the program as copies.
-        storage = lambda t: t.to_local().untyped_storage().data_ptr() if isinstance(t, DTensor) else None
+        def storage(t):
+            return t.to_local().untyped_storage().data_ptr() if isinstance(t, DTensor) else None
+
         inputs = {storage(leaf) for leaf in self.leaves.values()}
         views = {n for n in self._lowered_outputs if storage(run.values[n]) in inputs}
 
@@ -361,7 +367,10 @@ class TransitionProgram(_Timed):
     def iterate(self, sync=lambda: None, record: bool = False, optimize: bool = False):
         self.x.grad = None
         recs = {p: CommRecorder(self.mesh, p, sync) for p in ("forward", "backward")} if record else {}
-        ctx = lambda p: recs[p] if record else contextlib.nullcontext()
+
+        def ctx(p):
+            return recs[p] if record else contextlib.nullcontext()
+
         sync()
         t0 = time.perf_counter()
         with ctx("forward"):

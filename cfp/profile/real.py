@@ -242,13 +242,13 @@ class WorkerPool:
                     r, code = dead[0]
                     raise WorkerFailure(
                         f"Rank {r} died (exit code {code}) while {what}; all {self.world} worker processes were stopped."
-                    )
+                    ) from None
                 if time.monotonic() > deadline:
                     missing = set(range(self.world)) - set(replies)
                     waiting = sorted(missing - joining) or sorted(missing)  # not those waiting for the others to join
                     raise WorkerFailure(
                         f"Rank(s) {waiting} did not finish {what} within {timeout_s:.0f} s (hung?); all {self.world} worker processes were stopped."
-                    )
+                    ) from None
                 continue
             if kind in ("failed", "error"):
                 raise self._failure(rank, payload, what)
