@@ -159,10 +159,10 @@ def warn_unshardable(configs: dict[str, list[Propagation]], mesh: MeshSpec) -> N
     for dim, (name, size) in enumerate(zip(mesh.names, mesh.shape)):
         if size > 1 and all(p.config.name.split("/")[dim] == "rep" for props in configs.values() for p in props):
             warnings.warn(
-                f"Nothing in this model can be sharded across mesh dimension {name} ({size} devices): no dimension of any "
-                f"block's activations or parameters divides evenly by {size}. Every plan replicates the model across it, "
-                f"so its devices all compute the same thing (the 'dp' baseline too). Choose a mesh whose sizes divide "
-                f"the batch or the model's widths.",
+                f"Nothing in this model can be sharded across mesh dimension {name} ({size} devices): no dimension of "
+                f"any block's activations or parameters divides evenly by {size}. Every plan replicates the model "
+                f"across it, so its devices all compute the same thing (the 'dp' baseline too). Choose a mesh whose "
+                f"sizes divide the batch or the model's widths.",
                 NothingToShardWarning,
                 stacklevel=3,
             )

@@ -102,7 +102,10 @@ def expert(graph) -> list[int] | None:
 BASELINES: dict[str, Callable] = {"dp": dp, "megatron": megatron, "expert": expert, "fsdp": dp, "fsdp+tp": megatron}
 STORAGE = {"fsdp": "zero3", "fsdp+tp": "zero3"}  # baselines that store parameters sharded, and at which level
 NOT_APPLICABLE = {
-    "megatron": "no linear layer has a parameter named like an attention or MLP projection (c_attn, wq, q_proj, w1, c_proj, ...)",
+    "megatron": (
+        "no linear layer has a parameter named like an attention or MLP projection "
+        "(c_attn, wq, q_proj, w1, c_proj, ...)"
+    ),
     "expert": "no block has an expert dimension to shard",
 }
 NOT_APPLICABLE["fsdp+tp"] = NOT_APPLICABLE["megatron"]

@@ -278,14 +278,16 @@ class ParallelModule(nn.Module):
         blocks = partition(traced)
         if len(blocks) != len(plan.blocks):
             raise CFPError(
-                f"The plan has {len(plan.blocks)} blocks but the model cuts into {len(blocks)}; re-run `cfp plan` for this model."
+                f"The plan has {len(plan.blocks)} blocks but the model cuts into {len(blocks)}; "
+                "re-run `cfp plan` for this model."
             )
         self._owner: dict[str, int] = {}
         self._entry: list[dict[str, Placements | None]] = []
         for block, entry in zip(blocks, plan.blocks):
             if entry.get("anchor") != block.anchor:
                 raise CFPError(
-                    f"Plan block {entry.get('id')} is anchored at {entry.get('anchor')}, the model's at {block.anchor}; re-run `cfp plan`."
+                    f"Plan block {entry.get('id')} is anchored at {entry.get('anchor')}, "
+                    f"the model's at {block.anchor}; re-run `cfp plan`."
                 )
             for n in block.nodes:
                 self._owner[n] = block.id

@@ -112,8 +112,8 @@ class Plan:
             )
         if version != SCHEMA_VERSION:
             raise CFPError(
-                f"{source} has plan schema version {version!r}; this CFP ({__import__('cfp').__version__}) reads version "
-                f"{SCHEMA_VERSION}. Re-create the plan with `cfp plan`."
+                f"{source} has plan schema version {version!r}; this CFP ({__import__('cfp').__version__}) reads "
+                f"version {SCHEMA_VERSION}. Re-create the plan with `cfp plan`."
             )
         missing = [k for k in REQUIRED if k not in data]
         if missing:
@@ -178,9 +178,9 @@ class Plan:
         if actual != self.fingerprint:
             made_for = self.model.get("spec", {})
             raise CFPError(
-                f"This plan was made for a different model: its fingerprint is {self.fingerprint}, the model's is {actual}. "
-                f"The plan was made for {made_for.get('describe', made_for)}; shapes (batch, sequence, sizes), structure or "
-                f"parameter names differ. Re-run `cfp plan` for this model."
+                f"This plan was made for a different model: its fingerprint is {self.fingerprint}, the model's is "
+                f"{actual}. The plan was made for {made_for.get('describe', made_for)}; shapes (batch, sequence, "
+                f"sizes), structure or parameter names differ. Re-run `cfp plan` for this model."
             )
         self._check_parameters(traced)
         self._check_configs(traced)
@@ -199,12 +199,14 @@ class Plan:
                 if isinstance(placement, Shard) and placement.dim >= len(shape):
                     raise CFPError(
                         f"The plan shards parameter {fqn} (shape {tuple(shape)}) on dimension {placement.dim} "
-                        f"({text} on mesh dimension {mesh_dim}); it has only {len(shape)}. Was the file edited? Re-run `cfp plan`."
+                        f"({text} on mesh dimension {mesh_dim}); it has only {len(shape)}. "
+                        "Was the file edited? Re-run `cfp plan`."
                     )
         unknown = sorted(set(self.parameters) - set(shapes) - set(traced.aliases))
         if unknown:
             raise CFPError(
-                f"The plan gives placements for {', '.join(unknown[:3])}, which the model does not have. Re-run `cfp plan`."
+                f"The plan gives placements for {', '.join(unknown[:3])}, which the model does not have. "
+                "Re-run `cfp plan`."
             )
 
     def _check_configs(self, traced) -> None:
@@ -215,15 +217,16 @@ class Plan:
         blocks = partition(traced)
         if len(blocks) != len(self.blocks):
             raise CFPError(
-                f"The plan has {len(self.blocks)} blocks but the model cuts into {len(blocks)}; re-run `cfp plan` for this model."
+                f"The plan has {len(self.blocks)} blocks but the model cuts into {len(blocks)}; "
+                "re-run `cfp plan` for this model."
             )
         shape = tuple(self.mesh["shape"])
         for block, entry in zip(blocks, self.blocks):
             names = [c.name for c in candidates(block, traced, shape)]
             if entry.get("config") not in names:
                 raise CFPError(
-                    f"Plan block {block.id} ({block.anchor}) has config {entry.get('config')!r}, which this block does not "
-                    f"offer on mesh {'x'.join(map(str, shape))} (it offers {', '.join(names)}). "
+                    f"Plan block {block.id} ({block.anchor}) has config {entry.get('config')!r}, which this block does "
+                    f"not offer on mesh {'x'.join(map(str, shape))} (it offers {', '.join(names)}). "
                     f"Was the file edited? Re-run `cfp plan`."
                 )
 

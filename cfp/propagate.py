@@ -210,7 +210,8 @@ def reduce_gradients(params: list[DTensor], mesh: DeviceMesh, recorder: CommReco
 def _backward(
     block: Block, values: dict, params: list[DTensor], inputs: list[DTensor], mesh: DeviceMesh
 ) -> list[Collective]:
-    """Backward from gradients placed like the exits (input gradients placed like the inputs), then the gradient reduction."""
+    """Backward from gradients placed like the exits (input gradients placed like the inputs),
+    then the gradient reduction."""
     outs, grads = exit_gradients(block, values, mesh)
     backward = CommRecorder(mesh, "backward")
     if outs:

@@ -41,7 +41,8 @@ def tables(plan: Plan) -> list[Table]:
     for name, base in plan.baselines.items():
         summary.add_row(
             f"{name} baseline",
-            f"{human_time(base['predicted_step_time_s'])}, {human_bytes(base['memory_per_device_bytes'])}{'' if base.get('fits', True) else ' (does not fit)'}",
+            f"{human_time(base['predicted_step_time_s'])}, {human_bytes(base['memory_per_device_bytes'])}"
+            f"{'' if base.get('fits', True) else ' (does not fit)'}",
         )
     used = f" ({100 * mem['total'] / limit:.1f}% of the limit)" if limit else ""
     summary.add_row(
@@ -250,7 +251,8 @@ def figure(plan: Plan, path: str | Path) -> Path:
     ax_mem.set_title(f"memory {human_bytes(mem['total'])}", fontsize=10)
     ax_mem.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=8, frameon=False)
     fig.suptitle(
-        f"{plan.model.get('spec', {}).get('spec', '')} on mesh {'x'.join(map(str, plan.mesh['shape']))} ({plan.provenance.get('cost_model')} costs)"
+        f"{plan.model.get('spec', {}).get('spec', '')} on mesh {'x'.join(map(str, plan.mesh['shape']))} "
+        f"({plan.provenance.get('cost_model')} costs)"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

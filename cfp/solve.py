@@ -613,7 +613,8 @@ def min_memory(
     status = solver.Solve(builder.model)
     if status not in (builder.cp_model.OPTIMAL, builder.cp_model.FEASIBLE):
         raise CFPError(
-            f"No plan satisfies the model's constraints (tied parameters cannot agree on a placement); solver status {solver.StatusName(status)}."
+            "No plan satisfies the model's constraints (tied parameters cannot agree on a placement); "
+            f"solver status {solver.StatusName(status)}."
         )
     choice = builder.choice(solver)
     levels, recomputed = builder.storage_choice(solver, choice)
@@ -781,10 +782,12 @@ def _explain_infeasible(
         )
     least, _ = min_memory(graph, costs, tie_segments, time_limit_s, workers, storage, recompute)
     raise CFPError(
-        f"No plan fits in {human_bytes(memory_limit)} per device on mesh {graph.mesh}. The least memory any plan needs is "
-        f"{human_bytes(least.total)} per device: parameters {human_bytes(least.params)}, gradients {human_bytes(least.grads)}, "
+        f"No plan fits in {human_bytes(memory_limit)} per device on mesh {graph.mesh}. "
+        f"The least memory any plan needs is {human_bytes(least.total)} per device: "
+        f"parameters {human_bytes(least.params)}, gradients {human_bytes(least.grads)}, "
         f"optimizer state {human_bytes(least.optimizer)}, activations {human_bytes(least.activations)}, "
-        f"transient {human_bytes(least.transient)}; gradients and activations peak at different times, the larger counts "
+        f"transient {human_bytes(least.transient)}; "
+        f"gradients and activations peak at different times, the larger counts "
         f"({least.dominant()} dominate){_without(storage, recompute)}. "
         f"Use a larger mesh, a smaller batch or sequence, or raise --memory."
     )

@@ -120,7 +120,8 @@ def train(args) -> int:
     if rank == 0:
         counts = ", ".join(f"{k} x{v}" for k, v in plan.config_counts().items())
         print(
-            f"{plan.model['spec'].get('describe', '')} on mesh {plan.mesh['shape']} ({'nccl' if cuda else 'gloo'}); configs: {counts}",
+            f"{plan.model['spec'].get('describe', '')} on mesh {plan.mesh['shape']} ({'nccl' if cuda else 'gloo'}); "
+            f"configs: {counts}",
             flush=True,
         )
     curve = []

@@ -102,7 +102,8 @@ def cfp_env(marker: str, **extra) -> dict:
 
 @contextlib.contextmanager
 def read_only(path):
-    """``path`` read-only for this process: by permissions, or (as root, whom permissions do not stop) a read-only bind mount."""
+    """``path`` read-only for this process: by permissions, or (as root, whom permissions do not stop)
+    a read-only bind mount."""
     if os.geteuid() != 0:
         modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
         for p, mode in modes.items():

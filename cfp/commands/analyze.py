@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> None:
     summary = summarize(graph)
     print_summary(graph, summary, args.model, show_rejected=args.rejected)
     console.print(
-        "exits: S<d> = Shard(d), R = Replicate, P = Partial; collectives: AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all",
+        "exits: S<d> = Shard(d), R = Replicate, P = Partial; "
+        "collectives: AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all",
         style="dim",
     )
     write_json(args.json, summary)

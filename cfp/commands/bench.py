@@ -18,11 +18,11 @@ def register(sub) -> None:
         help="run CFP's plan and the baselines side by side in real training steps",
         description=(
             "Profile the model on the real backend (stored profiles are reused), make each plan (cfp: the ILP over the "
-            "profiles; analytic: the ILP over FLOPs + alpha-beta; dp, megatron, expert, fsdp, fsdp+tp: hand-made layouts; or plan files), "
-            "then run training steps (forward, backward, AdamW) of every plan round-robin on one process group, so that "
-            "machine noise hits all alike. Reports each plan's median step time, spread, peak memory per rank, predicted "
-            "time (profiled costs), prediction error, ratio to CFP's plan and speedup over the plain model run in one "
-            "process with all the ranks' threads (the single row)."
+            "profiles; analytic: the ILP over FLOPs + alpha-beta; dp, megatron, expert, fsdp, fsdp+tp: hand-made "
+            "layouts; or plan files), then run training steps (forward, backward, AdamW) of every plan round-robin on "
+            "one process group, so that machine noise hits all alike. Reports each plan's median step time, spread, "
+            "peak memory per rank, predicted time (profiled costs), prediction error, ratio to CFP's plan and speedup "
+            "over the plain model run in one process with all the ranks' threads (the single row)."
         ),
     )
     add_model_args(p, device="cpu")
@@ -31,9 +31,9 @@ def register(sub) -> None:
         "--plans",
         default=None,
         metavar="LIST",
-        help="comma-separated: cfp, analytic, dp, megatron, expert, fsdp, fsdp+tp, or plan files (.json), each optionally with "
-        "+interpreted (run on the DTensor interpreter) or +compiled (lowered programs compiled by inductor) "
-        "(default: cfp,dp,megatron,expert,fsdp,fsdp+tp,analytic, leaving out baselines that do not apply)",
+        help="comma-separated: cfp, analytic, dp, megatron, expert, fsdp, fsdp+tp, or plan files (.json), each "
+        "optionally with +interpreted (run on the DTensor interpreter) or +compiled (lowered programs compiled by "
+        "inductor) (default: cfp,dp,megatron,expert,fsdp,fsdp+tp,analytic, leaving out baselines that do not apply)",
     )
     p.add_argument(
         "--interpreted",
@@ -176,11 +176,14 @@ def print_table(result) -> None:
     for name, why in result.skipped.items():
         console.print(f"[dim]{name}: not run, {why}[/]")
     console.print(
-        "[dim]step time: the slowest rank, barrier to end of the optimizer step; predicted: the profiled cost model for every plan; "
+        "[dim]step time: the slowest rank, barrier to end of the optimizer step; "
+        "predicted: the profiled cost model for every plan; "
         "(opt: its AdamW part), corrected by earlier validations where they exist (raw: uncorrected); "
-        "error: predicted / measured - 1; predicted mem: the ILP's per-device count (in brackets: vs the measured peak); "
+        "error: predicted / measured - 1; "
+        "predicted mem: the ILP's per-device count (in brackets: vs the measured peak); "
         "vs cfp: step time / cfp's; speedup: single's step time / the plan's, "
-        "single being the plain model in one process with all the ranks' threads (one GPU), ideally the number of ranks; "
+        "single being the plain model in one process with all the ranks' threads (one GPU), "
+        "ideally the number of ranks; "
         "+interpreted: run on the DTensor interpreter, +compiled: lowered programs compiled by inductor. "
         "Equal first losses show every plan computes the same model.[/]"
     )

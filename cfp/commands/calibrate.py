@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> None:
     console.print(table)
     console.print(f"all_to_all measured as: {data['how']['all_to_all']}")
     console.print(
-        f"device: {data['device']['gemm_flops'] / 1e9:.1f} GFLOP/s float32 GEMM, {data['device']['copy_bandwidth'] / 1e9:.1f} GB/s copy, per rank"
+        f"device: {data['device']['gemm_flops'] / 1e9:.1f} GFLOP/s float32 GEMM, "
+        f"{data['device']['copy_bandwidth'] / 1e9:.1f} GB/s copy, per rank"
     )
     if args.plot:
         plot(data, args.plot)

@@ -16,7 +16,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "inspect",
         help="capture a model and summarise its graph",
-        description="Capture a model with torch.export and summarise its graph: ops by kind, parameters, FLOPs, activation sizes.",
+        description=(
+            "Capture a model with torch.export and summarise its graph: "
+            "ops by kind, parameters, FLOPs, activation sizes."
+        ),
     )
     add_model_args(p)
     add_json_arg(p)

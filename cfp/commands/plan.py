@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument(
         "--cluster",
         metavar="NAME|FILE",
-        help="cluster model (profiles/clusters/NAME.json or a file); default h100-nvlink-8 (h100-ib-2x8 above 8 devices)",
+        help="cluster model (profiles/clusters/NAME.json or a file); "
+        "default h100-nvlink-8 (h100-ib-2x8 above 8 devices)",
     )
     p.add_argument(
         "--tie-segments",
@@ -49,8 +50,8 @@ def register(sub) -> None:
     p.add_argument(
         "--baseline",
         choices=["dp", "megatron", "expert", "fsdp", "fsdp+tp"],
-        help="write this hand-made layout instead of solving (data parallel, Megatron tensor parallel, expert parallel, "
-        "FSDP/ZeRO-3, FSDP with Megatron on the last mesh dimension), costed the same way",
+        help="write this hand-made layout instead of solving (data parallel, Megatron tensor parallel, "
+        "expert parallel, FSDP/ZeRO-3, FSDP with Megatron on the last mesh dimension), costed the same way",
     )
     p.add_argument(
         "--no-storage-sharding",
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace) -> None:
     )
     if replicated:
         console.print(
-            f"[yellow]Run replicated under this plan (no DTensor rule, or its fake kernel fails): {', '.join(replicated)}[/]"
+            "[yellow]Run replicated under this plan (no DTensor rule, or its fake kernel fails): "
+            f"{', '.join(replicated)}[/]"
         )
     console.print(
         f"Plan written to [bold]{args.output}[/] ({elapsed:.1f} s in all). See it with `cfp report {args.output}`."
@@ -180,7 +182,8 @@ def print_summary(plan, graph) -> None:
     t = plan.predicted_step_time_s
     summary.add_row(
         "predicted step time",
-        f"{human_time(t)} (blocks {human_time(plan.time_breakdown_s['blocks'])}, transitions {human_time(plan.time_breakdown_s['transitions'])})",
+        f"{human_time(t)} (blocks {human_time(plan.time_breakdown_s['blocks'])}, "
+        f"transitions {human_time(plan.time_breakdown_s['transitions'])})",
     )
     for name, base in plan.baselines.items():
         if plan.solve["status"] == f"baseline {name}":
@@ -195,7 +198,8 @@ def print_summary(plan, graph) -> None:
     limit = mem.get("limit")
     summary.add_row(
         "memory per device",
-        f"{human_bytes(mem['total'])} of {human_bytes(limit) if limit else 'no limit'} (params {human_bytes(mem['params'])}, grads {human_bytes(mem['grads'])}, "
+        f"{human_bytes(mem['total'])} of {human_bytes(limit) if limit else 'no limit'} "
+        f"(params {human_bytes(mem['params'])}, grads {human_bytes(mem['grads'])}, "
         f"optimizer {human_bytes(mem['optimizer'])}, activations {human_bytes(mem['activations'])}, "
         f"transient {human_bytes(mem.get('transient', 0))})",
     )
@@ -204,11 +208,13 @@ def print_summary(plan, graph) -> None:
     s = plan.solve
     summary.add_row(
         "solve",
-        f"{s['status']}, gap {s['gap'] * 100:.2f}%, {s['seconds']:.2f} s ({s.get('variables', '?')} variables{', segments tied' if s.get('tie_segments') else ''})",
+        f"{s['status']}, gap {s['gap'] * 100:.2f}%, {s['seconds']:.2f} s "
+        f"({s.get('variables', '?')} variables{', segments tied' if s.get('tie_segments') else ''})",
     )
     summary.add_row(
         "cost model",
-        f"{plan.provenance.get('cost_model')} ({plan.provenance.get('backend')}, cluster {plan.provenance.get('cluster')})",
+        f"{plan.provenance.get('cost_model')} ({plan.provenance.get('backend')}, "
+        f"cluster {plan.provenance.get('cluster')})",
     )
     console.print(summary)
     print_validation(plan, console)

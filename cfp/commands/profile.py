@@ -19,9 +19,10 @@ def register(sub) -> None:
         "profile",
         help="profile each block class under each config, and each transition",
         description=(
-            "Analyse the model, then time each (block class, config) program (forward, backward, gradient reduction, AdamW step) "
-            "and each unique transition, on the real backend (one process per mesh rank) or emulated (one process, "
-            "fake process group, communication priced by a cluster model). Rows are stored as Parquet and reused."
+            "Analyse the model, then time each (block class, config) program (forward, backward, gradient reduction, "
+            "AdamW step) and each unique transition, on the real backend (one process per mesh rank) or emulated (one "
+            "process, fake process group, communication priced by a cluster model). Rows are stored as Parquet and "
+            "reused."
         ),
     )
     add_model_args(p, device="cpu")
@@ -168,8 +169,9 @@ def run(args: argparse.Namespace) -> None:
     )
     if args.backend == "real":
         console.print(
-            "[dim]real backend: comm is the time collectives took (issue to result, waiting for other ranks included), measured in one more "
-            "iteration after the timed ones; it is part of fwd, bwd and grad-reduce, and total minus comm is compute.[/]"
+            "[dim]real backend: comm is the time collectives took (issue to result, waiting for other ranks included), "
+            "measured in one more iteration after the timed ones; it is part of fwd, bwd and grad-reduce, and total "
+            "minus comm is compute.[/]"
         )
     write_json(
         args.json,

@@ -14,7 +14,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "report",
         help="show a plan file as tables (and a PNG figure)",
-        description="Show a plan written by `cfp plan`: time and config per block, placements along the model, memory against the limit.",
+        description=(
+            "Show a plan written by `cfp plan`: time and config per block, placements along the model, "
+            "memory against the limit."
+        ),
     )
     p.add_argument("plan", metavar="PLAN", help="plan JSON written by `cfp plan`")
     p.add_argument(

@@ -140,7 +140,8 @@ def calibrate(
     device_type = "cuda" if pool.device_type == "cuda" else "cpu"
     desc = (
         f"Measured by `cfp calibrate` on {os.uname().nodename}: {world} ranks, {pool.device_type} "
-        f"({'nccl' if device_type == 'cuda' else 'gloo'}), {pool.threads} thread(s) per rank, torch {torch.__version__}. "
+        f"({'nccl' if device_type == 'cuda' else 'gloo'}), {pool.threads} thread(s) per rank, "
+        f"torch {torch.__version__}. "
         f"all_to_all measured as: {how['all_to_all']}."
     )
     mem = (

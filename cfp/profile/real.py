@@ -114,7 +114,8 @@ def _worker_main(
 
 
 def quiet_gloo_alltoall() -> None:
-    """DTensor warns on each rank of each pool that gloo has no all_to_all (it all-gathers instead); README says it once."""
+    """DTensor warns on each rank of each pool that gloo has no all_to_all (it all-gathers instead);
+    README says it once."""
     logging.getLogger("torch.distributed.tensor._collective_utils").addFilter(
         lambda record: "does not support alltoall" not in record.getMessage()
     )
@@ -241,13 +242,15 @@ class WorkerPool:
                 if dead:
                     r, code = dead[0]
                     raise WorkerFailure(
-                        f"Rank {r} died (exit code {code}) while {what}; all {self.world} worker processes were stopped."
+                        f"Rank {r} died (exit code {code}) while {what}; "
+                        f"all {self.world} worker processes were stopped."
                     ) from None
                 if time.monotonic() > deadline:
                     missing = set(range(self.world)) - set(replies)
                     waiting = sorted(missing - joining) or sorted(missing)  # not those waiting for the others to join
                     raise WorkerFailure(
-                        f"Rank(s) {waiting} did not finish {what} within {timeout_s:.0f} s (hung?); all {self.world} worker processes were stopped."
+                        f"Rank(s) {waiting} did not finish {what} within {timeout_s:.0f} s (hung?); "
+                        f"all {self.world} worker processes were stopped."
                     ) from None
                 continue
             if kind in ("failed", "error"):

@@ -186,7 +186,8 @@ class EmulatedBackend:
             raise
         except Exception as exc:
             raise CFPError(
-                f"Profiling {job.describe()} failed (emulated): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"Profiling {job.describe()} failed (emulated): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             ) from exc
         priced = self.price(result.get("collectives", [])) if result["status"] == "ok" else None
         return combine([result], priced)
@@ -221,7 +222,8 @@ class RealBackend:
             if info["fingerprint"] != want or info["configs"] != configs:
                 self.pool.close()
                 raise CFPError(
-                    f"Rank {rank} rebuilt a different model or analysis than the parent (fingerprint {info['fingerprint']} vs {want}); is the model factory deterministic?"
+                    f"Rank {rank} rebuilt a different model or analysis than the parent "
+                    f"(fingerprint {info['fingerprint']} vs {want}); is the model factory deterministic?"
                 )
 
     def __enter__(self):
@@ -252,7 +254,8 @@ class TorchrunBackend:
         world = launched_world()
         if world != mesh.size:
             raise CFPError(
-                f"Mesh {mesh} needs {mesh.size} ranks; this torchrun job has {world}. Pass --nproc-per-node and --nnodes that multiply to {mesh.size}."
+                f"Mesh {mesh} needs {mesh.size} ranks; this torchrun job has {world}. "
+                f"Pass --nproc-per-node and --nnodes that multiply to {mesh.size}."
             )
         self.graph, self.mesh, self.device_type, self.pg_timeout_s = graph, mesh, device_type, pg_timeout_s
         self.own_group = False
@@ -278,7 +281,8 @@ class TorchrunBackend:
         prints = self.gather(self.graph.traced.fingerprint())
         if len(set(prints)) > 1:
             raise CFPError(
-                f"The ranks built different models (fingerprints {sorted(set(prints))}); is the model factory deterministic, and the same code on every host?"
+                f"The ranks built different models (fingerprints {sorted(set(prints))}); "
+                "is the model factory deterministic, and the same code on every host?"
             )
         return self
 
@@ -308,7 +312,8 @@ class TorchrunBackend:
             results = self.gather(result)
         except Exception as exc:
             raise CFPError(
-                f"The ranks lost each other while profiling {job.describe()} ({type(exc).__name__}: {exc}); a rank crashed or hung."
+                f"The ranks lost each other while profiling {job.describe()} ({type(exc).__name__}: {exc}); "
+                "a rank crashed or hung."
             ) from exc
         failed = [(r, res["error"]) for r, res in enumerate(results) if res["status"] == "error"]
         if failed:
@@ -410,9 +415,11 @@ def profile(
     noisy = table.noisy()
     if len(noisy):
         warnings.warn(
-            f"{len(noisy)} of {len(rows)} profile rows are too noisy to trust (spread over {NOISY_SPREAD:.0%} of the median), "
-            f"e.g. {noisy.iloc[0]['kind']} {noisy.iloc[0]['class_id']} config {noisy.iloc[0]['config']!r}; plans built on them may "
-            f"rank configs wrongly. Profile on an idle host, with fewer ranks than cores, or with more --iters.",
+            f"{len(noisy)} of {len(rows)} profile rows are too noisy to trust "
+            f"(spread over {NOISY_SPREAD:.0%} of the median), "
+            f"e.g. {noisy.iloc[0]['kind']} {noisy.iloc[0]['class_id']} config {noisy.iloc[0]['config']!r}; "
+            f"plans built on them may rank configs wrongly. "
+            f"Profile on an idle host, with fewer ranks than cores, or with more --iters.",
             NoisyProfileWarning,
             stacklevel=2,
         )

@@ -175,7 +175,8 @@ class ProfileStore:
         for path in (self.root, self.dir):
             if path.exists() and not path.is_dir():
                 raise CFPError(
-                    f"Profile store {path} is a file, not a directory; {jobs} profiling job(s) need measuring and their rows could not be kept. {advice}"
+                    f"Profile store {path} is a file, not a directory; {jobs} profiling job(s) need measuring "
+                    f"and their rows could not be kept. {advice}"
                 )
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -183,8 +184,8 @@ class ProfileStore:
                 pass
         except OSError as exc:
             raise CFPError(
-                f"Profile store {self.dir} is not writable ({exc.strerror or exc}); {jobs} profiling job(s) need measuring and "
-                f"their rows could not be kept, so nothing was measured. {advice}"
+                f"Profile store {self.dir} is not writable ({exc.strerror or exc}); {jobs} profiling job(s) need "
+                f"measuring and their rows could not be kept, so nothing was measured. {advice}"
             ) from exc
 
     # -- reading ----------------------------------------------------------------
@@ -220,7 +221,8 @@ class ProfileStore:
         return df[current & valid].reset_index(drop=True)
 
     def _read(self, part: Path) -> pd.DataFrame | None:
-        """One part's rows; None for a part compacted away meanwhile or an unreadable one (set aside and warned about)."""
+        """One part's rows; None for a part compacted away meanwhile or an unreadable one
+        (set aside and warned about)."""
         try:
             df = pd.read_parquet(part)
             if "runtime" not in df.columns:  # rows from before lowering timed the DTensor interpreter
@@ -242,7 +244,8 @@ class ProfileStore:
             except OSError as move:
                 where = f"left in place (it cannot be moved: {move.strerror})"
             warnings.warn(
-                f"profile store file {part} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); {where}; its rows will be re-measured",
+                f"profile store file {part} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); {where}; "
+                "its rows will be re-measured",
                 StoreWarning,
                 stacklevel=4,
             )
@@ -356,7 +359,8 @@ class ProfileTable:
                 self._transitions[(row["shape_key"], row["dtype"], row["config"])] = row
 
     def noisy(self) -> pd.DataFrame:
-        """Rows measured ok whose spread (IQR of the total) is over ``NOISY_SPREAD`` of their median: too noisy to trust."""
+        """Rows measured ok whose spread (IQR of the total) is over ``NOISY_SPREAD`` of their median:
+        too noisy to trust."""
         rows = self.rows
         if rows.empty:
             return rows
