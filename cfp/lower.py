@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import _disable_current_modes
+
+from cfp.errors import CFPError, CFPWarning
 
 if TYPE_CHECKING:
     from cfp.parallelize import ParallelModule
@@ -110,9 +113,23 @@ class LoweredForward:
         key = (torch.is_grad_enabled(), tuple(_signature(x) for x in inputs), tuple(p.requires_grad for p in params))
         program = self.programs.get(key)
         if program is None:
-            program = self.programs[key] = self._trace(names)
-            with strided_shard_offsets_outside_trace():  # the first call traces
-                return program(params, buffers, list(inputs))
+            program = self._trace(names)
+            try:
+                with strided_shard_offsets_outside_trace():  # the first call traces
+                    loss = program(params, buffers, list(inputs))
+            except CFPError:
+                raise
+            except Exception as exc:  # AOTAutograd does not trace every graph; the interpreter runs it
+                warnings.warn(
+                    f"The model's step could not be lowered ({type(exc).__name__}: {str(exc)[:160]}); "
+                    "this module runs on the DTensor interpreter.",
+                    CFPWarning,
+                    stacklevel=3,
+                )
+                module._lowered = None
+                return module.forward(*inputs)
+            self.programs[key] = program
+            return loss
         return program(params, buffers, list(inputs))
 
     def _trace(self, param_names: list[str]) -> Callable:

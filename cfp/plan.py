@@ -488,6 +488,7 @@ def make_plan(
     validate: int | None = None,
     validate_steps: int | None = None,
     on_validate_step=None,
+    on_analysis=None,
 ) -> tuple[Plan, Any, Any]:
     """Capture, analyse, cost and solve; returns ``(plan, graph, solution)`` and writes ``output`` if given.
 
@@ -504,7 +505,7 @@ def make_plan(
     ``validate_steps`` real training steps and write the fastest (cfp.validate).
     The default (None) is 3 for profiled costs on the real backend with a mesh
     this machine holds, else 0 (off); ``on_validate_step(done, total)`` reports
-    its progress.
+    its progress; ``on_analysis(done, total)`` that of the analysis (configs propagated).
     """
     from cfp import baselines as hand
     from cfp.analyze import analyze
@@ -534,11 +535,11 @@ def make_plan(
             if cost == "profiled":
                 from cfp.profile import analyze_for_profile
 
-                graph = analyze_for_profile(spec, mesh)
+                graph = analyze_for_profile(spec, mesh, progress=on_analysis)
             else:
                 traced = capture(build(spec))
         if graph is None:
-            graph = analyze(traced, mesh)
+            graph = analyze(traced, mesh, progress=on_analysis)
     spec = spec or graph.traced.spec
     costs = costs if costs is not None else cost_model(graph, cost, cluster, backend, spec, progress)
     limit = parse_bytes(memory) if memory is not None else (cluster.memory_bytes if cluster is not None else None)

@@ -343,6 +343,9 @@ class _Builder:
             for c, xv in self.x[g].items():
                 levels = self.storage.levels(block.id, c) if storage else {}
                 rc = self.storage.recompute(block.id, c) if recompute else None
+                # An option whose collectives or forward could not be profiled (infinite time) is not offered.
+                levels = {name: d for name, d in levels.items() if math.isfinite(d.time_s)}
+                rc = rc if rc is not None and math.isfinite(rc.time_s) else None
                 sets = []
                 if levels:
                     sets.append((self.s[g][c], {"replicate": Variant(), **levels}))

@@ -408,3 +408,11 @@ def test_a_mesh_nothing_divides_is_said(capsys):
     assert "warning: Nothing in this model can be sharded across mesh dimension" in capsys.readouterr().out
     assert main(["analyze", FAULTY, "--mesh", "2"]) == 0
     assert "Nothing in this model" not in capsys.readouterr().out
+
+
+def test_plan_reports_analysis_progress(tmp_path, monkeypatch, capsys):
+    """`cfp plan` passes analysis progress on (a long analysis shows how far it is), through make_plan's on_analysis."""
+    monkeypatch.setenv("CFP_CACHE_DIR", str(tmp_path))
+    calls = []
+    cfp.plan(FAULTY, "2", cost="analytic", on_analysis=lambda done, total: calls.append((done, total)))
+    assert calls and calls[0][0] == 0 and calls[-1][0] == calls[-1][1] > 0

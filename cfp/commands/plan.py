@@ -96,6 +96,13 @@ def run(args: argparse.Namespace) -> None:
         def progress(done, cached, total, job):
             status.update(f"Profiling {args.model}: {done}/{total} jobs ({cached} reused)...")
 
+        analysis_start = time.perf_counter()
+
+        def on_analysis(done, total):
+            elapsed = time.perf_counter() - analysis_start
+            eta = f", about {elapsed / done * (total - done):.0f} s left" if done else ""
+            status.update(f"Analysing {args.model}: {done}/{total} configs propagated{eta}...")
+
         def on_validate_step(done, total):
             status.update(f"Validating the best plans in real training steps: {done}/{total}...")
 
@@ -116,6 +123,7 @@ def run(args: argparse.Namespace) -> None:
             validate=args.validate,
             validate_steps=args.validate_steps,
             on_validate_step=on_validate_step,
+            on_analysis=on_analysis,
         )
     elapsed = time.perf_counter() - start
     print_summary(plan, graph)

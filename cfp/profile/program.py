@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from cfp.analyze import BlockGraph
 from cfp.blocks import Block
 from cfp.costs import TransitionKey
+from cfp.errors import CFPWarning
 from cfp.program import Collective, CommRecorder, Placements, grad_placements, make_dtensor, run_block
 from cfp.propagate import (
     Propagation,
@@ -271,9 +273,20 @@ class BlockProgram(_Timed):
             values = run_block(self.nodes, self.mesh, self.fixed, lambda node, placements: given[node.name]).values
             return tuple(values[n].clone() if n in views else values[n] for n in self._lowered_outputs)
 
-        self._lowered = aot_function(block, **aot_options(self.runtime == "compiled"))
-        with strided_shard_offsets_outside_trace():
-            self._lowered(*self.leaves.values())  # traces (the grads it leaves are cleared by the next iteration)
+        lowered = aot_function(block, **aot_options(self.runtime == "compiled"))
+        try:
+            with strided_shard_offsets_outside_trace():
+                lowered(*self.leaves.values())  # traces (the grads it leaves are cleared by the next iteration)
+        except Exception as exc:  # AOTAutograd does not trace every block; the interpreter runs it
+            warnings.warn(
+                f"Block {self.block.anchor} could not be lowered ({type(exc).__name__}: {str(exc)[:160]}); "
+                "it is timed on the DTensor interpreter.",
+                CFPWarning,
+                stacklevel=2,
+            )
+            self.runtime = "interpreted"
+            return
+        self._lowered = lowered
 
     def step(self, grads: list, sync) -> float:
         """Seconds an AdamW step (as examples/train.py takes) adds for this block's parameters.
@@ -360,9 +373,18 @@ class TransitionProgram(_Timed):
 
             from cfp.lower import aot_options, strided_shard_offsets_outside_trace
 
-            self.redistribute = aot_function(self.redistribute, **aot_options(runtime == "compiled"))
-            with strided_shard_offsets_outside_trace():
-                self.redistribute(self.x)  # traces
+            lowered = aot_function(self.redistribute, **aot_options(runtime == "compiled"))
+            try:
+                with strided_shard_offsets_outside_trace():
+                    lowered(self.x)  # traces
+                self.redistribute = lowered
+            except Exception as exc:  # AOTAutograd does not trace every redistribution; the interpreter runs it
+                warnings.warn(
+                    f"The transition {key.src} -> {key.dst} of {key.shape} could not be lowered "
+                    f"({type(exc).__name__}: {str(exc)[:160]}); it is timed on the DTensor interpreter.",
+                    CFPWarning,
+                    stacklevel=2,
+                )
 
     def iterate(self, sync=lambda: None, record: bool = False, optimize: bool = False):
         self.x.grad = None
