@@ -91,10 +91,14 @@ class BenchPlan:
 
 def split_variant(name: str) -> tuple[str, dict]:
     """``"cfp+interpreted"`` -> ``("cfp", {"lowered": False})``; a name without a variant -> ``(name, {})``."""
+    from cfp.baselines import BASELINES
+
     base, plus, variant = name.rpartition("+")
-    if plus and base and variant in VARIANTS:
-        return base, VARIANTS[variant]
-    return name, {}  # "fsdp+tp" is a baseline's own name
+    if not plus or not base or name in BASELINES or name.endswith(".json"):  # "fsdp+tp" is a baseline's own name
+        return name, {}
+    if variant not in VARIANTS:
+        raise CFPError(f"Unknown plan variant {variant!r} in {name!r}: use {', '.join('+' + v for v in VARIANTS)}.")
+    return base, VARIANTS[variant]
 
 
 @dataclass
