@@ -214,7 +214,11 @@ def _profiled(costs) -> bool:
 
 def _errors(predicted: list[float], measured: list[float]) -> dict[str, float]:
     errs = [p / m - 1 for p, m in zip(predicted, measured)]
-    return {"mean_abs": sum(map(abs, errs)) / len(errs), "max_abs": max(map(abs, errs))}
+    return {
+        "mean_abs": sum(map(abs, errs)) / len(errs),
+        "max_abs": max(map(abs, errs)),
+        "rms": math.sqrt(sum(e * e for e in errs) / len(errs)),  # what the correction's least squares minimises
+    }
 
 
 def learn(spec: ModelSpec, graph, costs, cands: list[Candidate], run: list[Candidate]) -> dict:

@@ -128,7 +128,9 @@ def test_cli_validate_default_fields_and_report(profiled, tmp_path, monkeypatch,
     # The measurements are stored beside the profiles, and the next plan's costs carry the fitted correction.
     fit = v["correction"]
     assert fit["pairs"] == sum(c["measured_step_time_s"] is not None for c in v["candidates"])
-    assert fit["error_after"]["mean_abs"] <= fit["error_before"]["mean_abs"] + 1e-9
+    # Least squares on relative errors, with the uncorrected model (scale 1, no overhead) a point of zero penalty,
+    # cannot raise their root mean square over the pairs it fits (the mean absolute error can move either way).
+    assert fit["error_after"]["rms"] <= fit["error_before"]["rms"] + 1e-9
     assert list((store / "validations").glob("part-*.parquet"))
     costs = cost_model(graph, "profiled", None, "real", SPEC)
     assert isinstance(costs, CorrectedCosts) and costs.correction.pairs == fit["pairs"]
