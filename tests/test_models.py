@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 pytest.importorskip("transformers")
 
 from models_matrix import MATRIX
+from parity import close, gradient_errors
 
 import cfp
 from cfp import baselines
@@ -37,7 +38,6 @@ from cfp.plan import make_plan
 from cfp.profile import analyze_for_profile, profile
 
 MESH = "2"
-ATOL, RTOL = 1e-5, 1e-4
 LR = 1e-2
 TIMEOUT_S = 900
 
@@ -46,12 +46,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
-    a, b = a.detach().float(), b.detach().float()
-    diff = (a - b).abs().max().item() if a.numel() else 0.0
-    return torch.allclose(a, b, atol=ATOL, rtol=RTOL), diff
 
 
 def _reference(spec: cfp.ModelSpec) -> dict:
@@ -73,30 +67,18 @@ def _check(spec: cfp.ModelSpec, plan, traced, ref) -> tuple[list[str], dict]:
     pm = parallelize(w.model, plan, example_inputs=w.inputs, traced=traced)
     loss = pm(*w.inputs)
     stats["fallbacks"] = sorted(set(pm.fallbacks))
-    ok, stats["loss_diff"] = _close(loss, ref["loss"])
+    ok, stats["loss_diff"] = close(loss, ref["loss"])
     if not ok:
         errors.append(f"loss {loss.item()} != {ref['loss'].item()}")
     for fqn, value in pm.model_buffers().items():
-        if fqn in ref["buffers"] and not _close(value, ref["buffers"][fqn])[0]:
-            errors.append(f"buffer {fqn} after the forward differs by {_close(value, ref['buffers'][fqn])[1]:.3g}")
+        if fqn in ref["buffers"] and not close(value, ref["buffers"][fqn])[0]:
+            errors.append(f"buffer {fqn} after the forward differs by {close(value, ref['buffers'][fqn])[1]:.3g}")
     loss.backward()
     params = dict(pm.named_parameters(remove_duplicate=False))
-    if set(params) != set(ref["grads"]):
-        errors.append(f"parameter names differ: {sorted(set(params) ^ set(ref['grads']))[:5]}")
-    stats["grad_diff"] = 0.0
-    for fqn, p in params.items():
-        if p.grad is None:
-            errors.append(f"{fqn}: no gradient")
-            continue
-        if tuple(p.grad.placements) != tuple(p.placements):
-            errors.append(f"{fqn}: gradient placements {p.grad.placements} != parameter placements {p.placements}")
-        ok, diff = _close(p.grad.full_tensor(), ref["grads"][fqn])
-        stats["grad_diff"] = max(stats["grad_diff"], diff)
-        if not ok:
-            errors.append(f"{fqn}: gradient differs by {diff:.3g}")
+    errors += gradient_errors(params, ref["grads"], stats)
     torch.optim.SGD(pm.parameters(), lr=LR).step()
     for fqn, p in params.items():
-        ok, diff = _close(p.detach().full_tensor(), ref["params"][fqn])
+        ok, diff = close(p.detach().full_tensor(), ref["params"][fqn])
         if not ok:
             errors.append(f"{fqn}: after an SGD step the parameter differs by {diff:.3g}")
     return errors, stats

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from parity import close, gradient_errors
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -31,7 +32,6 @@ from cfp.storage import LEVELS
 
 MODELS = ["gpt:tiny", "llama:tiny", "moe:tiny"]
 BATCH = 2
-ATOL, RTOL = 1e-5, 1e-4
 LR = 1e-2
 # Adam's first step is lr * g / (|g| + eps): with the default eps (1e-8) a gradient near zero
 # turns a 1e-8 rounding difference into an lr-sized one. A larger eps keeps the check meaningful.
@@ -91,11 +91,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
-    diff = (a - b).abs().max().item() if a.numel() else 0.0
-    return torch.allclose(a, b, atol=ATOL, rtol=RTOL), diff
-
-
 def _reference(model_spec):
     """Loss, gradients and parameters after one SGD step and after one Adam step, on one device."""
     ref = {}
@@ -148,23 +143,12 @@ def _check(model, plan_name, plan_file, ref, opt_name, lowered) -> tuple[list[st
     stats["fallbacks"] = sorted(set(pm.fallbacks))
     if isinstance(loss, torch.distributed.tensor.DTensor):
         errors.append("the loss is a DTensor, not a plain tensor")
-    ok, stats["loss_diff"] = _close(loss.detach(), ref["loss"])
+    ok, stats["loss_diff"] = close(loss.detach(), ref["loss"])
     if not ok:
         errors.append(f"loss {loss.item()} != {ref['loss'].item()}")
     loss.backward()
     params = dict(pm.named_parameters(remove_duplicate=False))
-    if set(params) != set(ref["grads"]):
-        errors.append(f"parameter names differ: {sorted(set(params) ^ set(ref['grads']))}")
-    for fqn, p in params.items():
-        if p.grad is None:
-            errors.append(f"{fqn}: no gradient")
-            continue
-        if tuple(p.grad.placements) != tuple(p.placements):
-            errors.append(f"{fqn}: gradient placements {p.grad.placements} != parameter placements {p.placements}")
-        ok, diff = _close(p.grad.full_tensor(), ref["grads"][fqn])
-        stats["grad_diff"] = max(stats["grad_diff"], diff)
-        if not ok:
-            errors.append(f"{fqn}: gradient differs by {diff:.3g}")
+    errors += gradient_errors(params, ref["grads"], stats)
     opt = (
         torch.optim.SGD(pm.parameters(), lr=LR)
         if opt_name == "sgd"
@@ -172,7 +156,7 @@ def _check(model, plan_name, plan_file, ref, opt_name, lowered) -> tuple[list[st
     )
     opt.step()
     for fqn, p in params.items():
-        ok, diff = _close(p.detach().full_tensor(), ref[opt_name][fqn])
+        ok, diff = close(p.detach().full_tensor(), ref[opt_name][fqn])
         stats["param_diff"] = max(stats["param_diff"], diff)
         if not ok:
             errors.append(f"{fqn}: after a {opt_name} step the parameter differs by {diff:.3g}")
