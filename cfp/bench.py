@@ -46,6 +46,7 @@ import torch
 
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, parse_mesh
+from cfp.optim import adamw
 from cfp.plan import Plan, make_plan
 from cfp.spec import ModelSpec
 
@@ -245,7 +246,7 @@ def setup_plans(ctx: BenchContext, plans: list[tuple[dict, bool, bool]], lr: flo
             compile=compile,
         )
         ctx.models.append(model)
-        ctx.optimizers.append(torch.optim.AdamW(model.parameters(), lr=lr))
+        ctx.optimizers.append(adamw(model.parameters(), lr=lr))
         ctx.inputs = tuple(t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in workload.inputs)
     return len(ctx.models)
 
@@ -371,7 +372,7 @@ def _single_context(spec: ModelSpec, lr: float, threads: int) -> _Single:
     ctx = _Single(dataclasses.replace(spec, device=device), device, threads=threads)
     workload = build(ctx.spec)
     ctx.models.append(workload.model)
-    ctx.optimizers.append(torch.optim.AdamW(workload.model.parameters(), lr=lr))
+    ctx.optimizers.append(adamw(workload.model.parameters(), lr=lr))
     ctx.inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in workload.inputs)
     return ctx
 

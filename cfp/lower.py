@@ -74,8 +74,37 @@ def _signature(value) -> tuple:
     return ("value", value)
 
 
+def bucket_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Merge a program's independent all-reduces (and reduce-scatters) into one flat collective per bucket, as DDP does.
+
+    Data parallelism reduces every parameter's gradient; issued one by one,
+    each pays the backend's per-call latency (on gpt:small with 2 gloo ranks,
+    50 all-reduces waited 79 ms of a 297 ms step, one bucket 22 ms).
+    Inductor's bucketing passes concatenate the collectives that do not depend
+    on each other (same group, op and dtype), up to ``BUCKET_MB``, and split
+    the result back.
+    """
+    from torch._inductor.fx_passes.bucketing import bucket_all_reduce, bucket_reduce_scatter
+
+    bucket_all_reduce(gm, lambda bucket: BUCKET_MB)
+    bucket_reduce_scatter(gm, lambda bucket: BUCKET_MB)
+    gm.recompile()
+    return gm
+
+
+BUCKET_MB = 25.0  # DDP's default bucket size
+
+
 def aot_options(compile: bool) -> dict[str, Any]:
     """AOTAutograd's compilers: the traced GraphModules themselves, or inductor's (with its decompositions)."""
+    options = _compilers(compile)
+    for kind in ("fw_compiler", "bw_compiler"):
+        compiler = options[kind]
+        options[kind] = lambda gm, example_inputs, compiler=compiler: compiler(bucket_collectives(gm), example_inputs)
+    return options
+
+
+def _compilers(compile: bool) -> dict[str, Any]:
     if compile:
         from torch._inductor.compile_fx import compile_fx_inner
         from torch._inductor.decomposition import select_decomp_table

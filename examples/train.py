@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import cfp
 from cfp.errors import CFPError
+from cfp.optim import adamw
 from cfp.parallelize import parallelize, plan_from_choice, spec_of
 
 
@@ -115,7 +116,7 @@ def train(args) -> int:
     model = parallelize(
         workload.model, plan, example_inputs=workload.inputs, lowered=not args.interpreted, compile=args.compile
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = adamw(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)  # the same global batch on every rank
     if rank == 0:
         counts = ", ".join(f"{k} x{v}" for k, v in plan.config_counts().items())

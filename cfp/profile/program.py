@@ -41,6 +41,7 @@ from cfp.analyze import BlockGraph
 from cfp.blocks import Block
 from cfp.costs import TransitionKey
 from cfp.errors import CFPWarning
+from cfp.optim import adamw
 from cfp.program import Collective, CommRecorder, Placements, grad_placements, make_dtensor, run_block
 from cfp.propagate import (
     Propagation,
@@ -295,12 +296,12 @@ class BlockProgram(_Timed):
         cost of a call, timed on a one-element parameter, is taken off.
         """
         if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
+            self.optimizer = adamw(self.params, lr=1e-6)
             probe = make_dtensor(
                 torch.zeros(1, device=self.device), self.mesh, (Replicate(),) * self.mesh.ndim, requires_grad=True
             )
             probe.grad = torch.zeros_like(probe)
-            self.probe = torch.optim.AdamW([probe], lr=1e-6)
+            self.probe = adamw([probe], lr=1e-6)
         for p, g in zip(self.params, grads):
             p.grad = g
         times = []

@@ -48,5 +48,8 @@ cfp plan llama:llama-7b --mesh 8 --cost analytic --memory 40GiB -o $out/llama-7b
 # 3. gpt:small on 2 gloo ranks, real profiles and real training steps, with a limit that rules out data
 #    parallelism (55 MB), Megatron (36.8 MB) and fsdp+tp (36.7 MB): predicted vs measured peak memory per rank.
 export CFP_PROFILE_DIR=${CFP_PROFILE_DIR:-/tmp/cfp-bench-profiles}
-cfp bench gpt:small --mesh 2 --memory 36MB --plans cfp,dp,megatron,fsdp,fsdp+tp --steps 20 \
+# The validated plan (what `cfp plan` writes by default on this machine) is benched beside the ILP's own pick.
+cfp plan gpt:small --mesh 2 --memory 36MB --backend real --validate 3 -o $out/gpt-small-mesh2-36MB-validated.json \
+  > $out/gpt-small-mesh2-36MB-validated.txt 2>&1
+cfp bench gpt:small --mesh 2 --memory 36MB --plans cfp,$out/gpt-small-mesh2-36MB-validated.json,dp,megatron,fsdp,fsdp+tp --steps 20 \
   --csv $out/gpt-small-mesh2-36MB.csv --json $out/gpt-small-mesh2-36MB.json > $out/gpt-small-mesh2-36MB.txt 2>&1
