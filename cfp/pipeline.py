@@ -128,6 +128,13 @@ def validate_count(options: PlanOptions, mesh: MeshSpec, spec: ModelSpec | None)
     return options.validate
 
 
+def baseline_solution(graph: BlockGraph, costs: CostModel, name: str, limit: int | None) -> Solution:
+    choice = hand.choose(name, graph)
+    if choice is None:
+        raise CFPError(f"The {name} baseline does not apply to this model: {hand.NOT_APPLICABLE[name]}.")
+    return fixed(graph, costs, choice, f"baseline {name}", limit, hand.storage_levels(name, graph, choice))
+
+
 def baseline_predictions(graph: BlockGraph, costs: CostModel, limit: int | None) -> dict[str, Any]:
     """Every applicable baseline's predicted step time and memory under ``costs``, for the plan file."""
     out = {}
@@ -213,13 +220,6 @@ def make_plan(
     if options.output is not None and launched_rank() == 0:
         plan.save(options.output)
     return plan, graph, solution
-
-
-def baseline_solution(graph: BlockGraph, costs: CostModel, name: str, limit: int | None) -> Solution:
-    choice = hand.choose(name, graph)
-    if choice is None:
-        raise CFPError(f"The {name} baseline does not apply to this model: {hand.NOT_APPLICABLE[name]}.")
-    return fixed(graph, costs, choice, f"baseline {name}", limit, hand.storage_levels(name, graph, choice))
 
 
 def plan(model, mesh, options: PlanOptions | None = None, **kwargs) -> Plan:
