@@ -7,20 +7,22 @@ from cfp.bench import bench
 from cfp.capture import TracedModel, capture
 from cfp.errors import CFPError
 from cfp.parallelize import parallelize
-from cfp.plan import Plan, plan
+from cfp.pipeline import PlanOptions, make_plan, plan
+from cfp.plan import Plan
 from cfp.profile import profile
 from cfp.solve import solve
 from cfp.spec import ModelSpec, Workload, build
-
-__version__ = "0.1.0"
+from cfp.version import __version__
 
 __all__ = [
     "CFPError",
     "ModelSpec",
     "Plan",
+    "PlanOptions",
     "analyze",
     "bench",
     "plan",
+    "make_plan",
     "parallelize",
     "profile",
     "solve",

@@ -28,7 +28,7 @@ import torch
 
 from cfp.blocks import VIEWS
 from cfp.cluster import ClusterModel
-from cfp.costs import BlockCost, TransitionKey
+from cfp.costs import BlockCost, CostSetup, TransitionKey, register_cost_model
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec
 from cfp.propagate import Propagation
@@ -249,3 +249,10 @@ class AnalyticCosts:
             "device": self.cluster.device_kind,
             "backend": "analytic",
         }
+
+
+@register_cost_model("analytic")
+def analytic_costs(graph, setup: CostSetup) -> AnalyticCosts:
+    if setup.cluster is None:
+        raise CFPError("The analytic cost model needs a cluster model (--cluster NAME or FILE).")
+    return AnalyticCosts(graph, setup.cluster)

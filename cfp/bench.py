@@ -2,7 +2,8 @@
 
 1. The model is analysed and profiled on the real backend (stored profiles
    are reused), and each plan is made: ``cfp`` (the ILP over those profiles),
-   ``analytic`` (the same ILP over the Alpa-style analytic cost model), the
+   ``analytic`` (the same ILP over the Alpa-style analytic cost model; any
+   cost model registered in ``cfp.costs.COST_MODELS`` races by its name), the
    baselines of ``cfp.baselines``, and plan files given by path.
    A plan name may carry a runtime variant: ``cfp+interpreted`` runs CFP's
    plan on the DTensor interpreter instead of the lowered programs,
@@ -44,10 +45,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from cfp.costs import COST_MODELS, CostSetup
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, parse_mesh
 from cfp.optim import adamw
-from cfp.plan import Plan, make_plan
+from cfp.pipeline import PlanOptions, cost_model, make_plan
+from cfp.plan import Plan
 from cfp.spec import ModelSpec
 
 DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "fsdp", "fsdp+tp", "analytic")
@@ -147,16 +150,17 @@ def make_plans(
     """
     from cfp import baselines
     from cfp.correction import uncorrected
-    from cfp.plan import cost_model
     from cfp.profile import analyze_for_profile
     from cfp.solve import evaluate
 
     variants = {name: split_variant(name) for name in names}
     names = list(dict.fromkeys(base for base, _ in variants.values()))
+    models = [m for m in COST_MODELS if m != "profiled"]  # "cfp" is the ILP over profiled costs
     for name in names:
-        if name not in ("cfp", "analytic", *baselines.BASELINES) and not name.endswith(".json"):
+        if name not in ("cfp", *models, *baselines.BASELINES) and not name.endswith(".json"):
             raise CFPError(
-                f"Unknown plan {name!r}: use cfp, analytic, {', '.join(baselines.BASELINES)} or a plan file (.json)."
+                f"Unknown plan {name!r}: use cfp, {', '.join(models)}, {', '.join(baselines.BASELINES)} "
+                "or a plan file (.json)."
             )
     files = {name: Plan.load(name) for name in names if name.endswith(".json")}
     graph = analyze_for_profile(spec, mesh)
@@ -168,24 +172,24 @@ def make_plans(
             "; ".join(f"The {n} baseline does not apply to this model: {why}" for n, why in skipped.items()) + "."
         )
     choices = {name: _choice_of(plan, graph) for name, plan in files.items()}  # refuses a plan for another model
-    profiled = cost_model(graph, "profiled", None, "real", spec, progress)
+    profiled = cost_model(graph, "profiled", CostSetup(spec=spec, cluster=None, backend="real", progress=progress))
+    # cfp is the ILP's own pick (a plan validated in real steps is benched from its file)
+    measured = PlanOptions(cost="profiled", backend="real", memory=memory, validate=0)
+    # the other cost models plan for a cluster model: this machine's on CPU, else the H100 models make_plan picks
+    local = cluster or ("cpu-gloo-local" if spec.device == "cpu" else None)
+    modelled = PlanOptions(memory=memory, cluster=local)
     made = {}
     for name in names:
         if name in skipped:
             continue
         if name == "cfp":
-            # the ILP's own pick: a plan validated in real steps is benched from its file
-            plan = make_plan(
-                spec, mesh, memory, cost="profiled", backend="real", graph=graph, costs=profiled, validate=0
-            )[0]
-        elif name == "analytic":
-            # make_plan loads a cluster by name, and picks the H100 models when none is named
-            local = cluster or ("cpu-gloo-local" if spec.device == "cpu" else None)
-            plan = make_plan(spec, mesh, memory, cost="analytic", cluster=local, graph=graph)[0]
+            plan = make_plan(spec, mesh, measured, graph=graph, costs=profiled)[0]
+        elif name in models:
+            plan = make_plan(spec, mesh, modelled, cost=name, graph=graph)[0]
         elif name in files:
             plan = files[name]
         else:
-            plan = make_plan(spec, mesh, cost="profiled", backend="real", graph=graph, costs=profiled, baseline=name)[0]
+            plan = make_plan(spec, mesh, measured, memory=None, graph=graph, costs=profiled, baseline=name)[0]
         choice = choices.get(name) or _choice_of(plan, graph)
         configs = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)]
         optimizer = sum(profiled.block_phase_s(b.class_id, c, "optimizer") for b, c in zip(graph.blocks, configs))

@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cfp.costs import BlockCost, CostSetup, register_cost_model
+from cfp.profile import profile
 from cfp.profile.store import StoreWarning, store_dir
 
 RIDGE = 0.05  # weight of each (d_f)^2 against the squared relative errors
@@ -112,9 +114,7 @@ class CorrectedCosts:
         t = self.raw.block_time(class_id, config)
         return t * self.correction.scale_of(f"config:{config}") + self.per_block_s if math.isfinite(t) else t
 
-    def block_cost(self, class_id: str, config: str):
-        from cfp.costs import BlockCost
-
+    def block_cost(self, class_id: str, config: str) -> BlockCost:
         bc = self.raw.block_cost(class_id, config)
         s = self.correction.scale_of(f"config:{config}")
         return BlockCost(bc.compute_s * s + self.per_block_s, bc.communication_s * s)
@@ -184,3 +184,11 @@ def corrected(table, graph, backend: str, device: str, store: str | Path | None 
     """``table`` with the correction fitted on this model's stored pairs, or ``table`` itself when there are none."""
     correction = Correction.fit(ValidationStore(store).rows(store_key(graph, backend, device)))
     return table if correction is None else CorrectedCosts(table, correction, len(graph.blocks))
+
+
+@register_cost_model("profiled", measures=True)
+def profiled_costs(graph, setup: CostSetup):
+    """The graph's blocks and transitions profiled (stored rows reused), corrected by stored validations."""
+    spec = setup.spec if setup.spec is not None else graph.traced.spec
+    run = profile(graph, spec, backend=setup.backend, cluster=setup.cluster, on_progress=setup.progress)
+    return corrected(run.table, graph, setup.backend, spec.device)

@@ -4,14 +4,19 @@ A cost model prices two things: one block instance under one config
 (forward, backward and the reduction of its parameters' gradients), and one
 *transition*, the redistribution of a value between the placements its
 producer leaves it in and those its consumer needs, forward and backward.
+
+Cost models are found by name in ``COST_MODELS``: ``register_cost_model``
+adds one, and ``cfp plan --cost NAME``, ``cfp.plan(..., cost=NAME)`` and
+``cfp bench --plans NAME`` then use it. ``analytic`` registers in
+``cfp.analytic``, ``profiled`` in ``cfp.correction``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -20,6 +25,8 @@ from cfp.propagate import placements_str
 if TYPE_CHECKING:
     from cfp.analyze import BlockGraph
     from cfp.blocks import Block
+    from cfp.cluster import ClusterModel
+    from cfp.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,9 @@ class EdgeTransition:
 
 
 class CostModel(Protocol):
+    """What the ILP, the baselines and the plan file read. A model that can split a block's time into compute
+    and communication also has ``block_cost(class_id, config) -> BlockCost``; plan files then record the split."""
+
     name: str
 
     def block_time(self, class_id: str, config: str) -> float:
@@ -68,6 +78,46 @@ class CostModel(Protocol):
 
     def transition_time(self, key: TransitionKey) -> float:
         """Seconds to move a value between placements, forward and backward."""
+
+    def describe(self) -> dict[str, Any]:
+        """What a plan's ``provenance`` records of these costs (backend, device, cluster, ...)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostSetup:
+    """What a cost model is built from besides the BlockGraph (the plan driver fills it in)."""
+
+    spec: ModelSpec | None  # the model, to rebuild it where blocks run; None for a model given already traced
+    cluster: ClusterModel | None  # None where costs measured on this machine describe it
+    backend: str  # the profiling backend, for models that measure
+    progress: Callable | None = None  # profiling's on_progress(done, cached, total, job)
+
+
+@dataclass(frozen=True)
+class CostModelEntry:
+    build: Callable[[BlockGraph, CostSetup], CostModel]
+    measures: bool  # runs the model's blocks, so the model is built on its device (not meta) before analysis
+
+
+COST_MODELS: dict[str, CostModelEntry] = {}
+
+
+def register_cost_model(name: str, *, measures: bool = False):
+    """``@register_cost_model("mine")`` on a class whose constructor takes ``(graph, setup: CostSetup)`` (or on
+    a function of those returning a CostModel) makes it ``--cost mine``. ``measures``: it times the model's
+    blocks, so the model must be built on a real device."""
+
+    def register(build):
+        COST_MODELS[name] = CostModelEntry(build, measures)
+        return build
+
+    return register
+
+
+def measured_here(cost: str, backend: str) -> bool:
+    """Costs measured on this machine's real backend describe this machine; every other model, a cluster."""
+    entry = COST_MODELS.get(cost)
+    return entry is not None and entry.measures and backend == "real"
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,9 @@ import torch
 from torch.distributed.tensor import Shard
 
 from cfp.errors import CFPError
-from cfp.mesh import launched_rank
 from cfp.propagate import parse_placement, placements_str
+from cfp.storage import StorageTable
+from cfp.version import __version__
 
 SCHEMA_VERSION = 1
 REQUIRED = (
@@ -112,7 +113,7 @@ class Plan:
             )
         if version != SCHEMA_VERSION:
             raise CFPError(
-                f"{source} has plan schema version {version!r}; this CFP ({__import__('cfp').__version__}) reads "
+                f"{source} has plan schema version {version!r}; this CFP ({__version__}) reads "
                 f"version {SCHEMA_VERSION}. Re-create the plan with `cfp plan`."
             )
         missing = [k for k in REQUIRED if k not in data]
@@ -287,7 +288,7 @@ def check_placements(texts: Any, what: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# Building a plan from a solution
+# Writing a plan from a solution (cfp.pipeline.make_plan runs the whole job)
 # --------------------------------------------------------------------------
 
 
@@ -342,9 +343,6 @@ def build_plan(
     graph, costs, solution, baselines: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None
 ) -> Plan:
     """A Plan from a BlockGraph, the cost model used and the ILP's Solution."""
-    import cfp
-    from cfp.storage import StorageTable
-
     traced = graph.traced
     ev = solution.evaluation
     levels = solution.storage or ["replicate"] * len(graph.blocks)
@@ -374,9 +372,8 @@ def build_plan(
         breakdown.update({"compute": compute_total, "communication": comm_total})
     memory = ev.memory.to_json()
     memory["limit"] = solution.memory_limit
-    prov = {"cost_model": costs.name, "torch": torch.__version__, "cfp": cfp.__version__}
-    if hasattr(costs, "describe"):
-        prov.update({k: v for k, v in costs.describe().items() if k != "name"})
+    prov = {"cost_model": costs.name, "torch": torch.__version__, "cfp": __version__}
+    prov.update({k: v for k, v in costs.describe().items() if k != "name"})
     prov.update(provenance or {})
     return Plan(
         model={
@@ -395,212 +392,3 @@ def build_plan(
         provenance=prov,
         baselines=baselines or {},
     )
-
-
-# --------------------------------------------------------------------------
-# The whole job: model -> plan (what `cfp plan` runs)
-# --------------------------------------------------------------------------
-
-COSTS = ("profiled", "analytic")
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(text: str | int | float | None) -> int | None:
-    """``"40GiB"`` -> 42949672960; ``"80GB"``, ``"1.5TiB"``, ``"8e10"`` and plain numbers (bytes) too."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else int(text)
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise CFPError(f"Memory {text!r} is not a size such as 40GiB, 80GB or 1.5TiB.")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def default_cluster(mesh) -> str:
-    """The cluster model a plan assumes when none is named: one H100 node, or two over InfiniBand."""
-    return "h100-nvlink-8" if mesh.size <= 8 else "h100-ib-2x8"
-
-
-def cost_model(graph, cost: str, cluster=None, backend: str = "emulated", spec=None, progress=None):
-    """The CostModel for ``--cost``: ``analytic`` (FLOPs + alpha-beta) or ``profiled`` (cfp.profile)."""
-    if cost == "analytic":
-        from cfp.analytic import AnalyticCosts
-
-        if cluster is None:
-            raise CFPError("The analytic cost model needs a cluster model (--cluster NAME or FILE).")
-        return AnalyticCosts(graph, cluster)
-    if cost == "profiled":
-        try:
-            from cfp.profile import profile
-        except ImportError as exc:
-            raise CFPError(
-                f"Profiled costs are not available in this installation ({exc}); use --cost analytic."
-            ) from exc
-        run = profile(
-            graph,
-            spec if spec is not None else graph.traced.spec,
-            backend=backend,
-            cluster=cluster,
-            on_progress=progress,
-        )
-        table = run.table
-        table.describe = lambda: {
-            "backend": backend,
-            "device": getattr(cluster, "device_kind", "local") if backend == "emulated" else "local",
-            "cluster": getattr(cluster, "name", None),
-            "profile_store": run.store,
-            "profile_jobs": run.jobs,
-        }
-        from cfp.correction import corrected
-
-        return corrected(table, graph, backend, (spec if spec is not None else graph.traced.spec).device)
-    raise CFPError(f"Unknown cost model {cost!r}; use one of {', '.join(COSTS)}.")
-
-
-def make_plan(
-    model,
-    mesh,
-    memory: str | int | None = None,
-    cost: str = "analytic",
-    backend: str = "emulated",
-    cluster=None,
-    tie_segments: bool = False,
-    output: str | Path | None = None,
-    time_limit_s: float | None = None,
-    graph=None,
-    progress=None,
-    baseline: str | None = None,
-    costs=None,
-    storage: bool = True,
-    recompute: bool = True,
-    validate: int | None = None,
-    validate_steps: int | None = None,
-    on_validate_step=None,
-    on_analysis=None,
-) -> tuple[Plan, Any, Any]:
-    """Capture, analyse, cost and solve; returns ``(plan, graph, solution)`` and writes ``output`` if given.
-
-    ``model`` is a spec string, a ModelSpec or a TracedModel; ``mesh`` a string
-    such as ``"2x4"`` or a MeshSpec; ``memory`` bytes or a size string (default:
-    the cluster device's memory); ``cluster`` a name, a file or a ClusterModel.
-    ``baseline`` (``dp``, ``megatron``, ``expert``; see cfp.baselines) writes
-    that hand-made layout instead of solving, costed the same way. A
-    ``graph`` and ``costs`` already made are used as they are. ``storage``
-    and ``recompute`` let the ILP store parameters ZeRO-sharded and recompute
-    activations (cfp.storage).
-
-    ``validate`` K: run the K best ILP plans and the baselines that fit for
-    ``validate_steps`` real training steps and write the fastest (cfp.validate).
-    The default (None) is 3 for profiled costs on the real backend with a mesh
-    this machine holds, else 0 (off); ``on_validate_step(done, total)`` reports
-    its progress; ``on_analysis(done, total)`` that of the analysis (configs propagated).
-    """
-    from cfp import baselines as hand
-    from cfp.analyze import analyze
-    from cfp.capture import TracedModel, capture
-    from cfp.cluster import ClusterModel, load_cluster
-    from cfp.mesh import parse_mesh
-    from cfp.solve import DEFAULT_TIME_LIMIT_S, best_plans, evaluate, fixed
-    from cfp.spec import ModelSpec, build
-    from cfp.validate import DEFAULT_STEPS, check_can_validate, default_k
-    from cfp.validate import validate as validate_plans
-
-    mesh = parse_mesh(mesh)
-    if cost not in COSTS:
-        raise CFPError(f"Unknown cost model {cost!r}; use one of {', '.join(COSTS)}.")
-    if not isinstance(cluster, ClusterModel):
-        cluster = (
-            load_cluster(cluster or default_cluster(mesh))
-            if (cluster or cost == "analytic" or backend == "emulated")
-            else None
-        )
-    spec = None
-    if graph is None:
-        if isinstance(model, TracedModel):
-            traced = model
-        else:
-            spec = model if isinstance(model, ModelSpec) else ModelSpec(str(model), device="meta")
-            if cost == "profiled":
-                from cfp.profile import analyze_for_profile
-
-                graph = analyze_for_profile(spec, mesh, progress=on_analysis)
-            else:
-                traced = capture(build(spec))
-        if graph is None:
-            graph = analyze(traced, mesh, progress=on_analysis)
-    spec = spec or graph.traced.spec
-    costs = costs if costs is not None else cost_model(graph, cost, cluster, backend, spec, progress)
-    limit = parse_bytes(memory) if memory is not None else (cluster.memory_bytes if cluster is not None else None)
-    if validate is None:
-        validate = 0 if baseline is not None else default_k(cost, backend, mesh, spec.device if spec else "cpu")
-    if validate < 0:
-        raise CFPError(f"--validate {validate}: give how many of the best plans to measure (0 turns validation off).")
-    if validate:
-        if baseline is not None:
-            raise CFPError("--baseline writes one hand-made layout; there is nothing to validate (drop --validate).")
-        check_can_validate(cost, backend, mesh, spec)
-    if baseline is not None:
-        choice = hand.choose(baseline, graph)
-        if choice is None:
-            raise CFPError(f"The {baseline} baseline does not apply to this model: {hand.NOT_APPLICABLE[baseline]}.")
-        solution = fixed(
-            graph, costs, choice, f"baseline {baseline}", limit, hand.storage_levels(baseline, graph, choice)
-        )
-    else:
-        time_limit_s = time_limit_s or DEFAULT_TIME_LIMIT_S
-        solutions = best_plans(
-            graph, costs, max(validate, 1), limit, tie_segments, time_limit_s, storage=storage, recompute=recompute
-        )
-        solution = solutions[0]
-    baselines = {}
-    for name in hand.BASELINES:
-        choice = hand.choose(name, graph)
-        if choice is None:
-            continue
-        ev = evaluate(graph, costs, choice, storage=hand.storage_levels(name, graph, choice))
-        if not math.isfinite(ev.total_s):
-            continue  # a block of it cannot run (out of memory when profiled): there is no prediction to record
-        baselines[name] = {
-            "predicted_step_time_s": ev.total_s,
-            "memory_per_device_bytes": ev.memory.total,
-            "fits": limit is None or ev.memory.total <= limit,
-            "configs": [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)],
-        }
-    prov = {"cluster": getattr(cluster, "name", None), "analysis_seconds": round(graph.seconds, 2)}
-    if cost == "analytic":
-        prov["backend"] = "analytic"
-    if validate:
-        checked = validate_plans(
-            spec,
-            graph,
-            costs,
-            solutions,
-            limit,
-            lambda s: build_plan(graph, costs, s, baselines, prov),
-            validate_steps or DEFAULT_STEPS,
-            on_step=on_validate_step,
-        )
-        solution, plan = checked.chosen.solution, checked.chosen.plan
-        plan.validation = checked.to_json()
-    else:
-        plan = build_plan(graph, costs, solution, baselines, prov)
-    if output is not None and launched_rank() == 0:
-        plan.save(output)
-    return plan, graph, solution
-
-
-def plan(model, mesh, **kwargs) -> Plan:
-    """``cfp.plan("gpt:small", "2x2", memory="40GiB", cost="analytic")``: the Plan (see make_plan for the options)."""
-    return make_plan(model, mesh, **kwargs)[0]

@@ -33,6 +33,7 @@ in bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -50,6 +51,19 @@ ADAM_STATE_BYTES_PER_PARAM = 8  # two fp32 moments
 DEFAULT_TIME_LIMIT_S = 60.0
 
 Label = tuple[str, ...] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolveOptions:
+    """What the ILP is asked: its constraints, the choices it may make, and how long it may search."""
+
+    memory_limit: int | None = None  # bytes per device
+    tie_segments: bool = False  # every instance of one position of a segment takes the same config
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per solve
+    workers: int = 2  # CP-SAT search workers
+    hint_first: bool = True  # hint the untied search with the tied optimum (roughly halves it on deep models)
+    storage: bool = True  # offer ZeRO-1/2/3 storage of parameters (cfp.storage)
+    recompute: bool = True  # offer activation recomputation
 
 
 # --------------------------------------------------------------------------
@@ -600,19 +614,15 @@ def _solver(time_limit_s: float, workers: int):
     return solver
 
 
-def min_memory(
-    graph,
-    costs: CostModel,
-    tie_segments: bool = False,
-    time_limit_s: float = 30.0,
-    workers: int = 2,
-    storage: bool = True,
-    recompute: bool = True,
-) -> tuple[Memory, list[int]]:
-    """The least per-device memory any plan needs (tied parameters agreeing), and that plan."""
-    builder = _Builder(graph, costs, tie_segments, storage, recompute)
+def min_memory(graph, costs: CostModel, options: SolveOptions | None = None, **kwargs) -> tuple[Memory, list[int]]:
+    """The least per-device memory any plan needs (tied parameters agreeing), and that plan.
+
+    ``options`` (or its fields as keywords) as for ``solve``; ``memory_limit`` and ``hint_first`` do not apply,
+    and the time limit defaults to 30 s."""
+    options = dataclasses.replace(options or SolveOptions(time_limit_s=30.0), **kwargs)
+    builder = _Builder(graph, costs, options.tie_segments, options.storage, options.recompute)
     builder.minimize_memory()
-    solver = _solver(time_limit_s, workers)
+    solver = _solver(options.time_limit_s, options.workers)
     status = solver.Solve(builder.model)
     if status not in (builder.cp_model.OPTIMAL, builder.cp_model.FEASIBLE):
         raise CFPError(
@@ -624,61 +634,37 @@ def min_memory(
     return evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage).memory, choice
 
 
-def solve(
-    graph,
-    costs: CostModel,
-    memory_limit: int | None = None,
-    tie_segments: bool = False,
-    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-    workers: int = 2,
-    hint_first: bool = True,
-    storage: bool = True,
-    recompute: bool = True,
-) -> Solution:
-    """Choose one config per block minimising predicted step time under ``memory_limit`` bytes per device.
+def solve(graph, costs: CostModel, options: SolveOptions | None = None, **kwargs) -> Solution:
+    """Choose one config per block minimising predicted step time under ``options.memory_limit`` bytes per device.
 
-    Without ``tie_segments`` the tied problem is solved first (in well under a
-    second on a 96-layer model) and its plan given to CP-SAT as a hint, which
-    roughly halves the search on deep models. ``storage`` offers ZeRO-1/2/3
-    storage of parameters, ``recompute`` activation recomputation (``cfp.storage``).
+    ``options`` fields may also be given as keywords (``memory_limit=...``), which override it.
     """
-    return best_plans(
-        graph, costs, 1, memory_limit, tie_segments, time_limit_s, workers, hint_first, storage, recompute
-    )[0]
+    return best_plans(graph, costs, 1, options, **kwargs)[0]
 
 
-def best_plans(
-    graph,
-    costs: CostModel,
-    k: int,
-    memory_limit: int | None = None,
-    tie_segments: bool = False,
-    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-    workers: int = 2,
-    hint_first: bool = True,
-    storage: bool = True,
-    recompute: bool = True,
-) -> list[Solution]:
+def best_plans(graph, costs: CostModel, k: int, options: SolveOptions | None = None, **kwargs) -> list[Solution]:
     """The ``k`` best distinct plans (differing in at least one block's config), best first.
 
     After each solve the found assignment is excluded by a no-good cut (not all
     of its decisions again) and the same model is solved again, so the i-th
     plan is the best one that differs from the i-1 before it. Fewer than ``k``
-    come back when fewer plans exist. ``time_limit_s`` holds for each solve.
+    come back when fewer plans exist. ``options.time_limit_s`` holds for each solve.
     """
+    options = dataclasses.replace(options or SolveOptions(), **kwargs)
+    memory_limit, tie_segments, time_limit_s = options.memory_limit, options.tie_segments, options.time_limit_s
     if k < 1:
         raise CFPError(f"Asked for {k} plans; ask for at least one.")
     start = time.perf_counter()
-    builder = _Builder(graph, costs, tie_segments, storage, recompute)
+    builder = _Builder(graph, costs, tie_segments, options.storage, options.recompute)
     if memory_limit is not None:
         builder.add_memory_limit(memory_limit)
     builder.model.Minimize(builder.time_expr())
     # A good first solution: the tied-segments optimum (a far smaller ILP), else data parallel.
     hint, hint_from, tied = None, None, None
-    if not tie_segments and graph.segments and hint_first:
+    if not tie_segments and graph.segments and options.hint_first:
         try:
             tied = solve(
-                graph, costs, memory_limit, True, min(10.0, time_limit_s / 4), workers, False, storage, recompute
+                graph, costs, options, tie_segments=True, time_limit_s=min(10.0, time_limit_s / 4), hint_first=False
             )
             hint, hint_from = tied, "tie_segments"
         except CFPError:
@@ -697,10 +683,10 @@ def best_plans(
         "decision_groups": len(builder.x),
         "tied_parameters": len(builder.tied),
         "hint": hint_from,
-        "storage_choices": storage,
-        "recompute_choices": recompute,
+        "storage_choices": options.storage,
+        "recompute_choices": options.recompute,
     }
-    solver = _solver(time_limit_s, workers)
+    solver = _solver(time_limit_s, options.workers)
     cp = builder.cp_model
     found: list[Solution] = []
     while len(found) < k:
@@ -709,7 +695,7 @@ def best_plans(
             if found:  # no further distinct plan (or none within the time limit)
                 break
             if status == cp.INFEASIBLE:
-                _explain_infeasible(graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage, recompute)
+                _explain_infeasible(graph, costs, options)
             if tied is not None:
                 tied.status, tied.stats["untied"] = (
                     f"{tied.status} (segments tied: untied search found no plan in time)",
@@ -774,16 +760,15 @@ def _without(storage: bool, recompute: bool) -> str:
     return f" with {' and '.join(off)} turned off" if off else ""
 
 
-def _explain_infeasible(
-    graph, costs, memory_limit, tie_segments, time_limit_s, workers, storage=True, recompute=True
-) -> None:
+def _explain_infeasible(graph, costs, options: SolveOptions) -> None:
     from cfp.report_util import human_bytes
 
+    memory_limit = options.memory_limit
     if memory_limit is None:
         raise CFPError(
             "No plan satisfies the model's constraints: tied parameters cannot agree on one placement under any config."
         )
-    least, _ = min_memory(graph, costs, tie_segments, time_limit_s, workers, storage, recompute)
+    least, _ = min_memory(graph, costs, options)
     raise CFPError(
         f"No plan fits in {human_bytes(memory_limit)} per device on mesh {graph.mesh}. "
         f"The least memory any plan needs is {human_bytes(least.total)} per device: "
@@ -791,6 +776,6 @@ def _explain_infeasible(
         f"optimizer state {human_bytes(least.optimizer)}, activations {human_bytes(least.activations)}, "
         f"transient {human_bytes(least.transient)}; "
         f"gradients and activations peak at different times, the larger counts "
-        f"({least.dominant()} dominate){_without(storage, recompute)}. "
+        f"({least.dominant()} dominate){_without(options.storage, options.recompute)}. "
         f"Use a larger mesh, a smaller batch or sequence, or raise --memory."
     )

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cfp.costs import COST_MODELS, measured_here
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, launched_world
 from cfp.plan import Plan
@@ -51,16 +52,16 @@ def default_k(cost: str, backend: str, mesh: MeshSpec, device: str) -> int:
     not inside a ``torchrun`` job. Emulated and analytic costs model another
     cluster, whose steps cannot be measured on this machine.
     """
-    real = cost == "profiled" and backend == "real"
+    real = measured_here(cost, backend)
     return DEFAULT_K if real and launched_world() <= 1 and mesh_fits_here(mesh, device) else 0
 
 
 def check_can_validate(cost: str, backend: str, mesh: MeshSpec, spec: ModelSpec | None) -> None:
-    if cost != "profiled" or backend != "real":
+    if not measured_here(cost, backend):
         raise CFPError(
             "--validate measures plans on this machine, so it needs costs profiled on it "
             "(--cost profiled --backend real); "
-            f"these are {cost} costs{' on the ' + backend + ' backend' if cost == 'profiled' else ''}, "
+            f"these are {cost} costs{' on the ' + backend + ' backend' if COST_MODELS[cost].measures else ''}, "
             "a model of another cluster."
         )
     if launched_world() > 1:

@@ -25,7 +25,7 @@ from cfp.cli import main
 from cfp.cluster import load_cluster
 from cfp.errors import CFPError
 from cfp.mesh import parse_mesh
-from cfp.plan import make_plan
+from cfp.pipeline import make_plan
 from cfp.profile import ProfileStore, analyze_for_profile, profile
 from cfp.profile.real import remove_stale_dirs
 from cfp.profile.store import SCHEMA, StoreWarning

@@ -34,7 +34,7 @@ from cfp import baselines
 from cfp.analyze import analyze
 from cfp.mesh import parse_mesh
 from cfp.parallelize import parallelize, plan_from_choice, plan_from_indices
-from cfp.plan import make_plan
+from cfp.pipeline import make_plan
 from cfp.profile import analyze_for_profile, profile
 
 MESH = "2"

@@ -27,7 +27,7 @@ from cfp.analyze import analyze
 from cfp.baselines import BASELINES
 from cfp.mesh import parse_mesh
 from cfp.parallelize import parallelize, plan_from_choice, plan_from_indices
-from cfp.plan import make_plan
+from cfp.pipeline import make_plan
 from cfp.storage import LEVELS
 
 MODELS = ["gpt:tiny", "llama:tiny", "moe:tiny"]

@@ -7,7 +7,8 @@ import pytest
 import cfp
 from cfp.cli import main
 from cfp.cluster import AlphaBeta, ClusterModel
-from cfp.plan import SCHEMA_VERSION, Plan, make_plan, parse_bytes
+from cfp.pipeline import make_plan, parse_bytes
+from cfp.plan import SCHEMA_VERSION, Plan
 
 GiB = 2**30
 

@@ -13,6 +13,7 @@ from cfp.baselines import dp as dp_choice
 from cfp.cluster import AlphaBeta, ClusterModel
 from cfp.costs import TransitionKey, edge_transitions, shared_parameters
 from cfp.mesh import parse_mesh
+from cfp.plan import parameter_placements
 from cfp.propagate import placements_str
 from cfp.solve import MemoryTable, best_plans, evaluate, min_memory, solve
 
@@ -161,7 +162,7 @@ def test_memory_limit_forces_sharding_and_impossible_limit_explained(tiny2):
     limit = least.total + (free.evaluation.memory.total - least.total) // 4
     tight = solve(tiny2, costs, memory_limit=limit)
     assert tight.evaluation.memory.total <= limit
-    params = cfp.plan.__globals__["parameter_placements"](tiny2, tight.choice)
+    params = parameter_placements(tiny2, tight.choice)
     assert any(any(p.startswith("Shard") for p in pl) for pl in params.values())
     with pytest.raises(
         cfp.CFPError, match=r"least memory any plan needs is .*parameters .*gradients .*optimizer state .*activations"
@@ -217,7 +218,7 @@ def test_small_model_large_memory_is_data_parallel():
     ]
     # Data parallel: tokens split (batch, or equally cheap here, sequence), every weight replicated.
     assert set(linear) <= {"batch", "seq"}, names
-    params = cfp.plan.__globals__["parameter_placements"](graph, sol.choice)
+    params = parameter_placements(graph, sol.choice)
     assert all(pl == ["Replicate()"] for fqn, pl in params.items() if ".h." in fqn or fqn.startswith("lm_head")), params
 
 

@@ -11,15 +11,18 @@ import pytest
 import cfp
 from cfp.cli import main
 from cfp.correction import CorrectedCosts, Correction, ValidationStore
+from cfp.costs import CostSetup
 from cfp.mesh import parse_mesh
 from cfp.parallelize import config_indices
-from cfp.plan import Plan, cost_model, make_plan
+from cfp.pipeline import cost_model, make_plan
+from cfp.plan import Plan
 from cfp.profile import analyze_for_profile
 from cfp.profile.store import StoreWarning
 from cfp.solve import evaluate
 from cfp.validate import DEFAULT_K, default_k
 
 SPEC = cfp.ModelSpec("gpt:tiny", device="cpu")
+REAL = CostSetup(spec=SPEC, cluster=None, backend="real")  # profiled on this machine's gloo ranks
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def profiled(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CFP_PROFILE_DIR", str(store))
         graph = analyze_for_profile(SPEC, parse_mesh("2"))
-        yield graph, cost_model(graph, "profiled", None, "real", SPEC), store
+        yield graph, cost_model(graph, "profiled", REAL), store
 
 
 class Rigged:
@@ -50,6 +53,9 @@ class Rigged:
 
     def transition_time(self, key):
         return self.table.transition_time(key)
+
+    def describe(self):
+        return self.table.describe()
 
 
 def test_validation_picks_the_truly_faster_plan(profiled, tmp_path, monkeypatch):
@@ -132,7 +138,7 @@ def test_cli_validate_default_fields_and_report(profiled, tmp_path, monkeypatch,
     # cannot raise their root mean square over the pairs it fits (the mean absolute error can move either way).
     assert fit["error_after"]["rms"] <= fit["error_before"]["rms"] + 1e-9
     assert list((store / "validations").glob("part-*.parquet"))
-    costs = cost_model(graph, "profiled", None, "real", SPEC)
+    costs = cost_model(graph, "profiled", REAL)
     assert isinstance(costs, CorrectedCosts) and costs.correction.pairs == fit["pairs"]
     chosen = next(c for c in v["candidates"] if c["chosen"])
     choice = config_indices(graph, [b["config"] for b in data["blocks"]])

@@ -7,7 +7,11 @@ import time
 
 from rich.table import Table
 
+from cfp.baselines import BASELINES
 from cfp.commands.common import add_json_arg, add_model_args, console, model_spec
+from cfp.costs import COST_MODELS
+from cfp.pipeline import PlanOptions, make_plan
+from cfp.profile import BACKENDS
 from cfp.report import human_time, print_validation
 from cfp.report_util import human_bytes, write_json
 
@@ -22,19 +26,20 @@ def register(sub) -> None:
             "Writes the plan as JSON and prints a summary against the data-parallel baseline."
         ),
     )
+    defaults = PlanOptions()
     add_model_args(p)
     p.add_argument("--mesh", required=True, help="device mesh: 8, 2x4 or dp=2,tp=4")
     p.add_argument(
         "--memory", metavar="SIZE", help="per-device memory limit, e.g. 40GiB (default: the cluster device's memory)"
     )
     p.add_argument(
-        "--cost", choices=["profiled", "analytic"], default="profiled", help="cost model (default: profiled)"
+        "--cost", choices=list(COST_MODELS), default=defaults.cost, help=f"cost model (default: {defaults.cost})"
     )
     p.add_argument(
         "--backend",
-        choices=["real", "emulated"],
-        default="emulated",
-        help="profiling backend for --cost profiled (default: emulated)",
+        choices=list(BACKENDS),
+        default=defaults.backend,
+        help=f"profiling backend for --cost profiled (default: {defaults.backend})",
     )
     p.add_argument(
         "--cluster",
@@ -49,7 +54,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--baseline",
-        choices=["dp", "megatron", "expert", "fsdp", "fsdp+tp"],
+        choices=list(BASELINES),
         help="write this hand-made layout instead of solving (data parallel, Megatron tensor parallel, "
         "expert parallel, FSDP/ZeRO-3, FSDP with Megatron on the last mesh dimension), costed the same way",
     )
@@ -65,7 +70,7 @@ def register(sub) -> None:
         "--validate",
         type=int,
         metavar="K",
-        default=None,
+        default=defaults.validate,
         help="run the K best ILP plans and every baseline that fits for a few real training steps and "
         "write the fastest (default: 3 with --cost profiled --backend real on a mesh this machine "
         "holds, else 0: off)",
@@ -73,12 +78,16 @@ def register(sub) -> None:
     p.add_argument(
         "--validate-steps",
         type=int,
-        default=None,
+        default=defaults.validate_steps,
         metavar="N",
-        help="timed steps per validated plan (default 6, after 2 warm-up)",
+        help=f"timed steps per validated plan (default {defaults.validate_steps}, after 2 warm-up)",
     )
     p.add_argument(
-        "--time-limit", type=float, default=60.0, metavar="S", help="ILP time limit in seconds (default: 60)"
+        "--time-limit",
+        type=float,
+        default=defaults.time_limit_s,
+        metavar="S",
+        help=f"ILP time limit in seconds (default: {defaults.time_limit_s:g})",
     )
     p.add_argument(
         "-o", "--output", default="plan.json", metavar="FILE", help="where to write the plan (default: plan.json)"
@@ -88,8 +97,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from cfp.plan import make_plan
-
     start = time.perf_counter()
     with console.status(f"Planning {args.model} on mesh {args.mesh} ({args.cost} costs)...") as status:
 
@@ -106,24 +113,27 @@ def run(args: argparse.Namespace) -> None:
         def on_validate_step(done, total):
             status.update(f"Validating the best plans in real training steps: {done}/{total}...")
 
-        plan, graph, solution = make_plan(
-            model_spec(args),
-            args.mesh,
-            memory=args.memory,
+        options = PlanOptions(
             cost=args.cost,
             backend=args.backend,
             cluster=args.cluster,
+            memory=args.memory,
             tie_segments=args.tie_segments,
-            output=args.output,
             time_limit_s=args.time_limit,
-            progress=progress,
             baseline=args.baseline,
             storage=not args.no_storage_sharding,
             recompute=not args.no_recompute,
             validate=args.validate,
             validate_steps=args.validate_steps,
-            on_validate_step=on_validate_step,
+            output=args.output,
+        )
+        plan, graph, solution = make_plan(
+            model_spec(args),
+            args.mesh,
+            options,
+            progress=progress,
             on_analysis=on_analysis,
+            on_validate_step=on_validate_step,
         )
     elapsed = time.perf_counter() - start
     print_summary(plan, graph)

@@ -6,7 +6,15 @@ See ``cfp.profile.runner.profile`` (the entry point), ``cfp.profile.program``
 and ``cfp.profile.real`` (the worker pool).
 """
 
-from cfp.profile.runner import BACKENDS, ProfileRun, analyze_for_profile, profile
+from cfp.profile.runner import BACKENDS, DEFAULT_BACKEND, ProfileRun, analyze_for_profile, profile
 from cfp.profile.store import ProfileStore, ProfileTable
 
-__all__ = ["BACKENDS", "ProfileRun", "ProfileStore", "ProfileTable", "analyze_for_profile", "profile"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "ProfileRun",
+    "ProfileStore",
+    "ProfileTable",
+    "analyze_for_profile",
+    "profile",
+]

@@ -52,6 +52,7 @@ from cfp.profile.store import (
 from cfp.spec import ModelSpec, build
 
 BACKENDS = ("real", "emulated")
+DEFAULT_BACKEND = "real"  # `cfp profile` and profile(): measure this machine unless told to emulate one
 
 
 def mesh_key(mesh: MeshSpec) -> str:
@@ -344,7 +345,7 @@ class ProfileRun:
 def profile(
     graph: BlockGraph,
     spec: ModelSpec,
-    backend: str = "emulated",
+    backend: str = DEFAULT_BACKEND,
     cluster: ClusterModel | None = None,
     store: ProfileStore | str | None = None,
     warmup: int = 2,
@@ -411,7 +412,14 @@ def profile(
                             on_progress(cached + done, cached, len(jobs), job)
             finally:
                 store.flush()
-    table = ProfileTable(pd.DataFrame(rows), name=f"profiled-{backend}")
+    provenance = {
+        "backend": backend,
+        "device": getattr(cluster, "device_kind", "local") if backend == "emulated" else "local",
+        "cluster": getattr(cluster, "name", None),
+        "profile_store": str(store.dir),
+        "profile_jobs": len(jobs),
+    }
+    table = ProfileTable(pd.DataFrame(rows), name=f"profiled-{backend}", provenance=provenance)
     noisy = table.noisy()
     if len(noisy):
         warnings.warn(

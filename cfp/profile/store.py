@@ -344,12 +344,14 @@ class ProfileTable:
     ``rows`` is the DataFrame of the rows a profile run used (measured or
     reused). Block times are per block instance (forward + backward +
     gradient reduction + an AdamW step on its parameters); transition times
-    are forward + backward.
+    are forward + backward. ``provenance`` is what the run that made it
+    records in plan files (backend, device, cluster, store, jobs).
     """
 
-    def __init__(self, rows: pd.DataFrame, name: str = "profiled"):
+    def __init__(self, rows: pd.DataFrame, name: str = "profiled", provenance: dict | None = None):
         self.rows = rows.reset_index(drop=True)
         self.name = name
+        self.provenance = dict(provenance or {})
         self._blocks: dict[tuple[str, str], dict] = {}
         self._transitions: dict[tuple, dict] = {}
         for row in self.rows.to_dict("records"):
@@ -357,6 +359,9 @@ class ProfileTable:
                 self._blocks[(row["class_id"], row["config"])] = row
             else:
                 self._transitions[(row["shape_key"], row["dtype"], row["config"])] = row
+
+    def describe(self) -> dict:
+        return dict(self.provenance)
 
     def noisy(self) -> pd.DataFrame:
         """Rows measured ok whose spread (IQR of the total) is over ``NOISY_SPREAD`` of their median:
