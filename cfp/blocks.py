@@ -35,6 +35,8 @@ class BlockInput:
 
 @dataclass
 class Block:
+    """A ParallelBlock; its structural class is the analysis's (``BlockGraph.class_of``)."""
+
     id: int
     anchor: str  # node name of the anchor op
     nodes: list[str]  # op nodes in graph order, the anchor among them
@@ -42,7 +44,6 @@ class Block:
     outputs: list[str] = field(default_factory=list)  # nodes read by other blocks or the graph output
     params: list[str] = field(default_factory=list)  # parameter FQNs the block reads
     flops: int = 0
-    class_id: str = ""  # structural class, set by cfp.segments
 
     def anchor_params(self) -> list[BlockInput]:
         return [i for i in self.inputs if i.role == "param"]

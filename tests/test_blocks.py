@@ -57,8 +57,8 @@ def test_gpt_layer_is_four_blocks_of_shared_classes(gpt):
     layers = [layer_blocks(gpt, i) for i in range(2)]
     assert [len(blocks) for blocks in layers] == [4, 4]
     # The last layer's last block feeds only the final norm, not a next layer.
-    assert [b.class_id for b in layers[0]][:3] == [b.class_id for b in layers[1]][:3]
-    assert layers[0][3].class_id != layers[1][3].class_id
+    assert [gpt.class_of(b) for b in layers[0]][:3] == [gpt.class_of(b) for b in layers[1]][:3]
+    assert gpt.class_of(layers[0][3]) != gpt.class_of(layers[1][3])
     deeper = graph_of("gpt:tiny", n_layer=4)
     (segment,) = deeper.segments
     assert segment.repeats == 3 and len(segment.classes) == 4
@@ -151,10 +151,10 @@ def test_profile_jobs_do_not_grow_with_depth():
 
 def test_identical_layers_hash_equal_and_different_shapes_do_not():
     graph = graph_of("gpt:tiny", n_layer=3)
-    layers = [[b.class_id for b in layer_blocks(graph, i)] for i in range(3)]
+    layers = [[graph.class_of(b) for b in layer_blocks(graph, i)] for i in range(3)]
     assert layers[0] == layers[1] and layers[1][:3] == layers[2][:3]
     wider = graph_of("gpt:tiny", n_layer=1, n_embd=128)
-    assert not set(b.class_id for b in layer_blocks(wider, 0)) & set(layers[0])
+    assert not set(wider.class_of(b) for b in layer_blocks(wider, 0)) & set(layers[0])
 
 
 def test_find_segments():
