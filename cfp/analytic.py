@@ -26,7 +26,7 @@ import operator
 
 import torch
 
-from cfp.blocks import VIEWS
+from cfp.anchors import VIEWS
 from cfp.cluster import ClusterModel
 from cfp.costs import BlockCost, CostSetup, TransitionKey, register_cost_model
 from cfp.errors import CFPError

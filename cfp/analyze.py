@@ -35,13 +35,20 @@ class BlockGraph:
     traced: TracedModel
     mesh: MeshSpec
     blocks: list[Block]
-    classes: dict[str, list[int]]  # class id -> block ids
+    classes: dict[str, list[int]]  # class id -> block ids; ``class_of`` goes the other way
     segments: list[Segment]
     configs: dict[str, list[Propagation]]  # class id -> valid configs, propagated
     rejected: dict[str, list[Propagation]] = field(default_factory=dict)  # class id -> configs DTensor refused
     seconds: float = 0.0
     cached_classes: int = 0  # classes whose propagation came from the on-disk cache
     prologue: list[str] = field(default_factory=list)  # ops no parameter reaches: run once, replicated
+
+    def __post_init__(self) -> None:
+        self._class_of = {b: class_id for class_id, members in self.classes.items() for b in members}
+
+    def class_of(self, block: Block | int) -> str:
+        """The structural class of a block (or block id)."""
+        return self._class_of[block if isinstance(block, int) else block.id]
 
     def replicated_ops(self) -> dict[str, list[str]]:
         """Ops run replicated (DTensor has no rule, or their fake kernel fails) -> the configs, as
@@ -54,8 +61,7 @@ class BlockGraph:
         return out
 
     def block_configs(self, block: Block | int) -> list[Propagation]:
-        block = self.blocks[block] if isinstance(block, int) else block
-        return self.configs[block.class_id]
+        return self.configs[self.class_of(block)]
 
     @property
     def profile_jobs(self) -> int:
@@ -97,7 +103,8 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
     except ValueError as exc:
         raise CFPError(f"Cannot cut the model into ParallelBlocks: {exc}.") from exc
     classes = classify(blocks, traced)
-    segments = find_segments([b.class_id for b in blocks])
+    class_of = {b: class_id for class_id, members in classes.items() for b in members}
+    segments = find_segments([class_of[b.id] for b in blocks])
     representatives = [blocks[members[0]] for members in classes.values()]
     results = [_load_cached(block, traced, mesh) for block in representatives]
     todo = [block for block, cached in zip(representatives, results) if cached is None]
@@ -126,10 +133,10 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
     results = [cached if cached is not None else next(fresh) for cached in results]
     configs: dict[str, list[Propagation]] = {}
     rejected: dict[str, list[Propagation]] = {}
-    for block, props in zip(representatives, results):
-        configs[block.class_id] = [p for p in props if p.valid]
-        rejected[block.class_id] = [p for p in props if not p.valid]
-        if not configs[block.class_id]:
+    for class_id, block, props in zip(classes, representatives, results):
+        configs[class_id] = [p for p in props if p.valid]
+        rejected[class_id] = [p for p in props if not p.valid]
+        if not configs[class_id]:
             reasons = "; ".join(f"{p.config.name}: {p.reason}" for p in props[:3])
             raise CFPError(
                 f"Block {block.anchor} ({traced.nodes[block.anchor].target}) has no config "

@@ -192,7 +192,9 @@ def make_plans(
             plan = make_plan(spec, mesh, measured, memory=None, graph=graph, costs=profiled, baseline=name)[0]
         choice = choices.get(name) or _choice_of(plan, graph)
         configs = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)]
-        optimizer = sum(profiled.block_phase_s(b.class_id, c, "optimizer") for b, c in zip(graph.blocks, configs))
+        optimizer = sum(
+            profiled.block_phase_s(graph.class_of(b), c, "optimizer") for b, c in zip(graph.blocks, configs)
+        )
         raw = evaluate(graph, uncorrected(profiled), choice, None, *layout_of(plan)).total_s
         ev = evaluate(graph, profiled, choice, None, *layout_of(plan))
         made[name] = BenchPlan(

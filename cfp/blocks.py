@@ -2,9 +2,10 @@
 
 An *anchor* is an op that contracts an activation with a trainable parameter
 (linear, addmm, matmul/mm/bmm/einsum with a parameter, embedding,
-convolution). Each anchor starts a block; every other op joins the block of
-its nearest anchor producer, so the partition fixed at the anchor propagates
-through the block.
+convolution): an op with a rule in ``cfp.anchors`` that reads both a
+parameter (maybe through ``anchors.VIEWS``) and an activation. Each anchor
+starts a block; every other op joins the block of its nearest anchor
+producer, so the partition fixed at the anchor propagates through the block.
 
 Ops that depend on no parameter form the *prologue* (position ids, causal
 masks, rotary tables, shifted labels, constants): they belong to no block,
@@ -17,38 +18,10 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-import torch
 from torch.fx import Node
 
+from cfp.anchors import ANCHOR_RULES, param_root
 from cfp.capture import TracedModel
-
-aten = torch.ops.aten
-
-CONTRACTIONS = {
-    aten.linear.default,
-    aten.addmm.default,
-    aten.matmul.default,
-    aten.mm.default,
-    aten.bmm.default,
-    aten.einsum.default,
-    aten.embedding.default,
-    aten.conv1d.default,
-    aten.conv2d.default,
-    aten.convolution.default,
-}
-
-# Ops through which a parameter is only re-viewed on its way to an anchor.
-VIEWS = {
-    aten.t.default,
-    aten.view.default,
-    aten.reshape.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.unsqueeze.default,
-    aten.slice.Tensor,
-    aten.expand.default,
-    aten.alias.default,
-}
 
 
 @dataclass(frozen=True)
@@ -62,6 +35,8 @@ class BlockInput:
 
 @dataclass
 class Block:
+    """A ParallelBlock; its structural class is the analysis's (``BlockGraph.class_of``)."""
+
     id: int
     anchor: str  # node name of the anchor op
     nodes: list[str]  # op nodes in graph order, the anchor among them
@@ -69,23 +44,13 @@ class Block:
     outputs: list[str] = field(default_factory=list)  # nodes read by other blocks or the graph output
     params: list[str] = field(default_factory=list)  # parameter FQNs the block reads
     flops: int = 0
-    class_id: str = ""  # structural class, set by cfp.segments
 
     def anchor_params(self) -> list[BlockInput]:
         return [i for i in self.inputs if i.role == "param"]
 
 
-def param_root(node: Node, traced: TracedModel) -> Node | None:
-    """The parameter placeholder a node is a view of, if it is one."""
-    while node.op == "call_function" and node.target in VIEWS:
-        node = node.args[0]
-    if node.op == "placeholder" and node.name in traced.params:
-        return node
-    return None
-
-
 def is_anchor(node: Node, traced: TracedModel) -> bool:
-    if node.op != "call_function" or node.target not in CONTRACTIONS:
+    if node.op != "call_function" or node.target not in ANCHOR_RULES:
         return False
     tensors = [a for a in node.all_input_nodes]
     has_param = any(param_root(a, traced) is not None for a in tensors)

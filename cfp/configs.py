@@ -1,9 +1,9 @@
 """Entry configs: the candidate placements at a block's anchor.
 
-Every anchor is described einsum-style: one letter per dimension of its
-activation input, its parameter(s) and its output. Sharding one letter on a
-mesh dimension shards every operand that has it, which is communication-free
-for the contraction:
+Every anchor is described einsum-style, by its rule in ``cfp.anchors``: one
+letter per dimension of its activation input, its parameter(s) and its
+output. Sharding one letter on a mesh dimension shards every operand that has
+it, which is communication-free for the contraction:
 
 - a letter of the activation and the output only: batch/sequence parallel,
 - of the parameter and the output only: column parallel,
@@ -23,16 +23,13 @@ only where DTensor then runs the anchor without communication.
 from __future__ import annotations
 
 import itertools
-import string
 from dataclasses import dataclass
 
-import torch
 from torch.distributed.tensor import Placement, Replicate, Shard
 
-from cfp.blocks import Block, param_root
+from cfp.anchors import anchor_letters
+from cfp.blocks import Block
 from cfp.capture import TracedModel
-
-aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -80,68 +77,18 @@ def _shape(node) -> tuple[int, ...]:
 
 
 def signature(block: Block, traced: TracedModel) -> AnchorSignature:
-    """Describe the block's anchor as an einsum over letters."""
+    """Describe the block's anchor as an einsum over letters, by its registered rule (``cfp.anchors``)."""
     anchor = traced.nodes[block.anchor]
-    op = anchor.target
+    letters = anchor_letters(anchor, traced)
     act_input = next(i for i in block.inputs if i.role == "activation")
-    act_shape = _shape(traced.nodes[act_input.name])
-    out_shape = _shape(anchor)
-    batch = string.ascii_lowercase  # letters for leading (batch-like) dimensions
-
-    def param_of(arg):
-        return param_root(arg, traced).name
-
-    if op == aten.linear.default:
-        lead = batch[: len(act_shape) - 1]
-        k, n = "K", "N"
-        params = {param_of(anchor.args[1]): n + k}
-        if len(anchor.args) > 2 and anchor.args[2] is not None:
-            params[param_of(anchor.args[2])] = n
-        act, out = lead + k, lead + n
-    elif op == aten.addmm.default:  # bias + activation @ weight, weight stored [in, out] (HF Conv1D)
-        bias, weight = anchor.args[0], anchor.args[2]
-        params = {param_of(weight): "KN"}
-        if param_root(bias, traced) is not None:
-            params[param_of(bias)] = "N"
-        act, out = "bK", "bN"
-    elif op == aten.embedding.default:
-        lead = batch[: len(act_shape)]
-        params = {param_of(anchor.args[0]): "VD"}
-        act, out = lead, lead + "D"
-    elif op == aten.einsum.default:
-        equation = anchor.args[0].replace(" ", "")
-        lhs, out = equation.split("->")
-        operands = lhs.split(",")
-        act, params = "", {}
-        for letters_, arg in zip(operands, anchor.args[1]):
-            if param_root(arg, traced) is not None:
-                params[param_of(arg)] = letters_
-            else:
-                act = letters_
-    elif op in (aten.matmul.default, aten.mm.default, aten.bmm.default):
-        a, b = anchor.args[0], anchor.args[1]
-        a_shape, b_shape = _shape(a), _shape(b)
-        lead = batch[: max(len(a_shape), len(b_shape)) - 2]
-        a_letters = lead[len(lead) - (len(a_shape) - 2) :] + "MK"
-        b_letters = lead[len(lead) - (len(b_shape) - 2) :] + "KN" if len(b_shape) > 1 else "K"
-        out = lead + "MN"
-        if param_root(b, traced) is not None:
-            act, params = a_letters, {param_of(b): b_letters}
-        else:
-            act, params = b_letters, {param_of(a): a_letters}
-    else:  # convolution: batch, channels in, channels out; spatial dims stay whole
-        w = anchor.args[1]
-        spatial = "HWDXYZ"[: len(act_shape) - 2]
-        act = "B" + "C" + spatial
-        params = {param_of(w): "O" + "C" + spatial.lower()}
-        out = "B" + "O" + spatial
     sizes: dict[str, int] = {}
-    for letters_, node_name in [(act, act_input.name)] + [(param_letters, p) for p, param_letters in params.items()]:
-        for letter, size in zip(letters_, _shape(traced.nodes[node_name])):
+    operands = [(letters.activation, act_input.name)] + [(p_letters, p) for p, p_letters in letters.params.items()]
+    for operand_letters, node_name in operands:
+        for letter, size in zip(operand_letters, _shape(traced.nodes[node_name])):
             sizes[letter] = size
-    for letter, size in zip(out, out_shape):
+    for letter, size in zip(letters.output, _shape(anchor)):
         sizes.setdefault(letter, size)
-    return AnchorSignature(act, params, out, sizes)
+    return AnchorSignature(letters.activation, letters.params, letters.output, sizes)
 
 
 def candidates(block: Block, traced: TracedModel, mesh_shape: tuple[int, ...]) -> list[BlockConfig]:

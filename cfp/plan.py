@@ -329,7 +329,7 @@ def block_entry(graph, block, prop) -> dict[str, Any]:
         "id": block.id,
         "anchor": block.anchor,
         "op": str(graph.traced.nodes[block.anchor].target).replace(".default", ""),
-        "class": block.class_id,
+        "class": graph.class_of(block),
         "config": prop.config.name,
         "params": list(block.params),
         "inputs": [
@@ -362,7 +362,7 @@ def build_plan(
             "recompute": bool(recompute[block.id]),
         }
         if split:
-            bc = costs.block_cost(block.class_id, prop.config.name)
+            bc = costs.block_cost(graph.class_of(block), prop.config.name)
             entry["compute_s"], entry["communication_s"] = bc.compute_s, bc.communication_s
             compute_total += bc.compute_s
             comm_total += bc.communication_s

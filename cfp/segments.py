@@ -72,7 +72,7 @@ def structure_key(block: Block, traced: TracedModel) -> tuple:
 
 
 def classify(blocks: list[Block], traced: TracedModel) -> dict[str, list[int]]:
-    """Group blocks into structural classes; sets ``block.class_id``."""
+    """Group blocks into structural classes: class id -> block ids, in block order."""
     classes: dict[str, list[int]] = {}
     keys: dict[str, tuple] = {}
     for block in blocks:
@@ -87,7 +87,6 @@ def classify(blocks: list[Block], traced: TracedModel) -> dict[str, list[int]]:
             n += 1
             class_id = f"{wl[:12]}.{n}"
         keys[class_id] = key
-        block.class_id = class_id
         classes.setdefault(class_id, []).append(block.id)
     return classes
 

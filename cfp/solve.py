@@ -150,7 +150,7 @@ class MemoryTable:
         self.rows: list[list[Memory]] = []
         for block in graph.blocks:
             owned = tuple(pos for pos, inp in enumerate(block.inputs) if owner.get(inp.name) == block.id)
-            key = (block.class_id, owned)
+            key = (graph.class_of(block), owned)
             if key not in self.table:
                 row = []
                 for prop in graph.block_configs(block):
@@ -188,7 +188,7 @@ def evaluate(
     """Block times, transition times and memory of a choice (config index per block), with each block's
     storage level and recomputation (default: replicated, activations saved)."""
     block_s = [
-        costs.block_time(b.class_id, graph.block_configs(b)[c].config.name) for b, c in zip(graph.blocks, choice)
+        costs.block_time(graph.class_of(b), graph.block_configs(b)[c].config.name) for b, c in zip(graph.blocks, choice)
     ]
     memory = memory or MemoryTable(graph)
     mem = memory.of(choice)
@@ -272,7 +272,7 @@ def _no_config_runs(graph, block, costs) -> str:
     ops = sorted({op_name(graph.traced.nodes[n]) for n in block.nodes})
     failure = getattr(costs, "block_failure", lambda c, n: "")
     reasons = [
-        f"{p.config.name}: {failure(block.class_id, p.config.name) or 'infinite cost'}"
+        f"{p.config.name}: {failure(graph.class_of(block), p.config.name) or 'infinite cost'}"
         for p in graph.block_configs(block)
     ]
     return (
@@ -308,7 +308,7 @@ class _Builder:
             if allowed is None:
                 allowed = {}
                 for c, prop in enumerate(props):
-                    k = (block.class_id, prop.config.name)
+                    k = (graph.class_of(block), prop.config.name)
                     if k not in time_cache:
                         time_cache[k] = costs.block_time(*k)
                     if math.isfinite(time_cache[k]):
@@ -318,7 +318,7 @@ class _Builder:
                 self.model.AddExactlyOne(allowed.values())
                 self.x[g] = allowed
             for c in allowed:
-                self.block_cost[g][c] += self._units(time_cache[(block.class_id, props[c].config.name)])
+                self.block_cost[g][c] += self._units(time_cache[(graph.class_of(block), props[c].config.name)])
                 m = self.memory.rows[block.id][c]
                 self.mem_terms[g][c] += m.params + m.optimizer
                 self.grad_terms[g][c] += m.grads
@@ -443,7 +443,7 @@ class _Builder:
         return sum(coef * v for v, coef in self.objective_terms)
 
     def _labels(self, cache, block, which: str, pos: int) -> tuple[Label, ...]:
-        key = (block.class_id, which, pos)
+        key = (self.graph.class_of(block), which, pos)
         if key not in cache:
             props = self.graph.block_configs(block)
             if which == "exit":

@@ -179,7 +179,7 @@ class StorageTable:
                 for pos, inp in enumerate(block.inputs)
                 if owner.get(inp.name) == block.id and inp.name not in shared
             )
-            key = (block.class_id, owned)
+            key = (graph.class_of(block), owned)
             if key not in cache:
                 cache[key] = self._block(block, owned, mesh_shape)
             self.blocks.append(cache[key])
@@ -218,8 +218,8 @@ class StorageTable:
             # The profiled reduction and AdamW step cover every parameter of the block; these are their share.
             total = sum(_bytes(traced_val, pl, mesh_shape) for traced_val, pl in self._param_values(block, prop))
             frac = full_bytes / total if total else 0.0
-            reduce = _phase(costs, block.class_id, name, "reduce") * frac
-            opt_s = _phase(costs, block.class_id, name, "optimizer") * frac
+            reduce = _phase(costs, self.graph.class_of(block), name, "reduce") * frac
+            opt_s = _phase(costs, self.graph.class_of(block), name, "optimizer") * frac
             optimizer = opt_s * (1 - sum(shard) / max(sum(full), 1))
         # zero1/zero2 keep the gathered parameter until backward and the shard besides it.
         return {
@@ -256,7 +256,7 @@ class StorageTable:
         dropped = int(prop.saved_bytes) - kept
         if dropped <= 0:
             return None
-        forward = _phase(self.costs, block.class_id, prop.config.name, "forward") if self.costs is not None else 0.0
+        forward = _phase(self.costs, self.graph.class_of(block), prop.config.name, "forward")  # 0 without costs
         return Variant(forward, activations=-dropped, transient=int(prop.saved_bytes))
 
     # -- what the ILP and the plan read ------------------------------------------

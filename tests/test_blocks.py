@@ -4,15 +4,20 @@ import re
 import textwrap
 
 import pytest
+import torch
 
 import cfp
 from cfp.analyze import analyze
+from cfp.anchors import ANCHOR_RULES, AnchorLetters, param_root, register_anchor
+from cfp.blocks import partition
+from cfp.configs import signature
 from cfp.costs import edge_transitions
 from cfp.mesh import parse_mesh
 from cfp.propagate import placements_str
 from cfp.segments import find_segments
 from cfp.spec import ModelSpec
 
+aten = torch.ops.aten
 R, S0, S1, S2, P = "Replicate()", "Shard(0)", "Shard(1)", "Shard(2)", "Partial(sum)"
 
 
@@ -52,8 +57,8 @@ def test_gpt_layer_is_four_blocks_of_shared_classes(gpt):
     layers = [layer_blocks(gpt, i) for i in range(2)]
     assert [len(blocks) for blocks in layers] == [4, 4]
     # The last layer's last block feeds only the final norm, not a next layer.
-    assert [b.class_id for b in layers[0]][:3] == [b.class_id for b in layers[1]][:3]
-    assert layers[0][3].class_id != layers[1][3].class_id
+    assert [gpt.class_of(b) for b in layers[0]][:3] == [gpt.class_of(b) for b in layers[1]][:3]
+    assert gpt.class_of(layers[0][3]) != gpt.class_of(layers[1][3])
     deeper = graph_of("gpt:tiny", n_layer=4)
     (segment,) = deeper.segments
     assert segment.repeats == 3 and len(segment.classes) == 4
@@ -146,10 +151,10 @@ def test_profile_jobs_do_not_grow_with_depth():
 
 def test_identical_layers_hash_equal_and_different_shapes_do_not():
     graph = graph_of("gpt:tiny", n_layer=3)
-    layers = [[b.class_id for b in layer_blocks(graph, i)] for i in range(3)]
+    layers = [[graph.class_of(b) for b in layer_blocks(graph, i)] for i in range(3)]
     assert layers[0] == layers[1] and layers[1][:3] == layers[2][:3]
     wider = graph_of("gpt:tiny", n_layer=1, n_embd=128)
-    assert not set(b.class_id for b in layer_blocks(wider, 0)) & set(layers[0])
+    assert not set(wider.class_of(b) for b in layer_blocks(wider, 0)) & set(layers[0])
 
 
 def test_find_segments():
@@ -262,3 +267,49 @@ def test_blocks_that_differ_only_in_their_exits_are_different_classes(tmp_path, 
         for block in graph.blocks:
             for prop in graph.block_configs(block):
                 assert len(prop.exit_placements) == len(block.outputs)
+
+
+def test_an_op_without_an_anchor_rule_is_no_anchor(tmp_path, monkeypatch):
+    (tmp_path / "mlp.py").write_text(MLP)
+    traced = cfp.capture(cfp.build(ModelSpec(f"{tmp_path / 'mlp.py'}:build", device="meta")))
+    blocks = partition(traced)
+    monkeypatch.delitem(ANCHOR_RULES, aten.linear.default)
+    with pytest.raises(ValueError, match="no anchor op"):
+        partition(traced)
+    with pytest.raises(ValueError, match="has no anchor rule"):  # not convolution letters, as it once was
+        signature(blocks[0], traced)
+    with pytest.raises(ValueError, match="already has an anchor rule"):
+        register_anchor(aten.mm.default)(lambda anchor, traced: None)
+
+
+SCALED_MLP = MLP.replace(
+    "self.up = nn.Linear(16, 64)", "self.up = nn.Linear(16, 64)\n        self.scale = nn.Parameter(torch.ones(16))"
+).replace("self.up(x)", "self.up(x * self.scale)")
+
+
+@pytest.fixture
+def scale_anchor():
+    """A per-feature scale (``x * scale``) registered as an anchor, for this test only."""
+
+    @register_anchor(aten.mul.Tensor)
+    def _scale(anchor, traced):
+        x, scale = anchor.args
+        lead = "abcdefgh"[: x.meta["val"].dim() - 1]
+        return AnchorLetters(lead + "D", {param_root(scale, traced).name: "D"}, lead + "D")
+
+    yield
+    del ANCHOR_RULES[aten.mul.Tensor]
+
+
+def test_a_registered_anchor_starts_a_block_with_its_configs(tmp_path, monkeypatch, scale_anchor):
+    monkeypatch.setenv("CFP_CACHE_DIR", str(tmp_path))
+    (tmp_path / "mlp.py").write_text(SCALED_MLP)
+    traced = cfp.capture(cfp.build(ModelSpec(f"{tmp_path / 'mlp.py'}:build", device="meta")))
+    graph = analyze(traced, parse_mesh("2"), workers=1)
+    assert [str(n.target) for n in anchors(graph)] == ["aten.mul.Tensor", "aten.linear.default", "aten.linear.default"]
+    scale = graph.blocks[0]
+    assert [i.role for i in scale.inputs] == ["activation", "param"]
+    props = {p.config.name: p for p in graph.block_configs(scale)}
+    assert {"rep", "batch", "seq", "expert"} <= set(props)  # D is in activation, parameter and output
+    assert props["expert"].comm_free
+    assert [placements_str(p) for p in props["expert"].input_placements] == [[S2], [S0]]

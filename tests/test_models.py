@@ -101,7 +101,7 @@ def _plans(spec: cfp.ModelSpec, store: str, seed: int) -> tuple[dict, object]:
     rng = random.Random(seed)  # among the configs that ran while profiled, as the ILP chooses
 
     def feasible(block, names):
-        return [n for n in names if math.isfinite(run.table.block_time(block.class_id, n))]
+        return [n for n in names if math.isfinite(run.table.block_time(graph.class_of(block), n))]
 
     plans["random"] = plan_from_choice(graph, lambda block, names: rng.choice(feasible(block, names)))
     return plans, graph
@@ -227,10 +227,10 @@ def test_configs_that_failed_profiling_are_avoided_then_named():
     block = graph.blocks[1]
     names = [p.config.name for p in graph.block_configs(block)]
     best = solve(graph, costs).choice[block.id]
-    failed = {(block.class_id, names[best])}
+    failed = {(graph.class_of(block), names[best])}
     assert solve(graph, _Failing(costs, failed)).choice[block.id] != best
     with pytest.raises(
         cfp.CFPError,
         match=rf"block {block.id} \({block.anchor}; ops .*embedding.*\) can run .*rep: failed: RuntimeError",
     ):
-        solve(graph, _Failing(costs, {(block.class_id, n) for n in names}))
+        solve(graph, _Failing(costs, {(graph.class_of(block), n) for n in names}))

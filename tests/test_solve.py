@@ -68,7 +68,7 @@ class HashCosts:
 def brute_force(graph, costs, memory_limit=None):
     """The optimum by enumeration, from edge_transitions (an independent path to the objective)."""
     blocks = graph.blocks
-    block_cost = [[costs.block_time(b.class_id, p.config.name) for p in graph.block_configs(b)] for b in blocks]
+    block_cost = [[costs.block_time(graph.class_of(b), p.config.name) for p in graph.block_configs(b)] for b in blocks]
     trans = {}
     for t in edge_transitions(graph):
         k = (t.producer, t.consumer)

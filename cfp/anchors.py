@@ -1,0 +1,158 @@
+"""Anchor rules: which ops start a ParallelBlock, and how each reads as an einsum.
+
+An *anchor* is an op that contracts an activation with a trainable parameter.
+Each anchor op is registered here, keyed by its overload, with the rule that
+names its dimensions: one letter per dimension of its activation, of each
+parameter it reads and of its output (see ``cfp.configs`` for what sharding a
+letter means). This is the one place to add an anchor, in the spirit of
+DTensor's ``register_op_strategy``::
+
+    @register_anchor(aten.mm.default)
+    def _mm(anchor: Node, traced: TracedModel) -> AnchorLetters: ...
+
+An op with no rule is not an anchor: it joins the block of its producer.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch._ops import OpOverload
+from torch.fx import Node
+
+from cfp.capture import TracedModel
+
+aten = torch.ops.aten
+
+# Ops through which a parameter is only re-viewed on its way to an anchor. A
+# view is not a property of one anchor: any anchor, and the cut itself
+# (``blocks.partition``), sees through it to the parameter.
+VIEWS = {
+    aten.t.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.unsqueeze.default,
+    aten.slice.Tensor,
+    aten.expand.default,
+    aten.alias.default,
+}
+
+
+def param_root(node: Node, traced: TracedModel) -> Node | None:
+    """The parameter placeholder a node is a view of, if it is one."""
+    while node.op == "call_function" and node.target in VIEWS:
+        node = node.args[0]
+    if node.op == "placeholder" and node.name in traced.params:
+        return node
+    return None
+
+
+@dataclass(frozen=True)
+class AnchorLetters:
+    """An anchor read as an einsum: letters per dimension of its activation, parameters and output."""
+
+    activation: str
+    params: dict[str, str]  # parameter placeholder name -> letters
+    output: str
+
+
+AnchorRule = Callable[[Node, TracedModel], AnchorLetters]
+
+ANCHOR_RULES: dict[OpOverload, AnchorRule] = {}
+
+
+def register_anchor(*ops: OpOverload) -> Callable[[AnchorRule], AnchorRule]:
+    """Make ``ops`` anchors, read by the decorated rule. An op has one rule."""
+
+    def register(rule: AnchorRule) -> AnchorRule:
+        for op in ops:
+            if op in ANCHOR_RULES:
+                raise ValueError(f"{op} already has an anchor rule ({ANCHOR_RULES[op].__name__})")
+            ANCHOR_RULES[op] = rule
+        return rule
+
+    return register
+
+
+def anchor_letters(anchor: Node, traced: TracedModel) -> AnchorLetters:
+    """The registered rule's letters for an anchor node."""
+    rule = ANCHOR_RULES.get(anchor.target)
+    if rule is None:
+        raise ValueError(
+            f"{anchor.name} ({anchor.target}) has no anchor rule; register one with cfp.anchors.register_anchor"
+        )
+    return rule(anchor, traced)
+
+
+# -- the rules -----------------------------------------------------------------
+
+BATCH = string.ascii_lowercase  # letters for leading (batch-like) dimensions
+
+
+def _shape(node: Node) -> tuple[int, ...]:
+    return tuple(node.meta["val"].shape)
+
+
+def _param(arg: Node, traced: TracedModel) -> str:
+    return param_root(arg, traced).name
+
+
+@register_anchor(aten.linear.default)
+def _linear(anchor: Node, traced: TracedModel) -> AnchorLetters:
+    lead = BATCH[: len(_shape(anchor.args[0])) - 1]
+    params = {_param(anchor.args[1], traced): "NK"}
+    if len(anchor.args) > 2 and anchor.args[2] is not None:
+        params[_param(anchor.args[2], traced)] = "N"
+    return AnchorLetters(lead + "K", params, lead + "N")
+
+
+@register_anchor(aten.addmm.default)
+def _addmm(anchor: Node, traced: TracedModel) -> AnchorLetters:
+    """bias + activation @ weight, the weight stored [in, out] (Hugging Face's Conv1D)."""
+    bias, weight = anchor.args[0], anchor.args[2]
+    params = {_param(weight, traced): "KN"}
+    if param_root(bias, traced) is not None:
+        params[_param(bias, traced)] = "N"
+    return AnchorLetters("bK", params, "bN")
+
+
+@register_anchor(aten.embedding.default)
+def _embedding(anchor: Node, traced: TracedModel) -> AnchorLetters:
+    lead = BATCH[: len(_shape(anchor.args[1]))]
+    return AnchorLetters(lead, {_param(anchor.args[0], traced): "VD"}, lead + "D")
+
+
+@register_anchor(aten.einsum.default)
+def _einsum(anchor: Node, traced: TracedModel) -> AnchorLetters:
+    lhs, out = anchor.args[0].replace(" ", "").split("->")
+    act, params = "", {}
+    for letters, arg in zip(lhs.split(","), anchor.args[1]):
+        if param_root(arg, traced) is not None:
+            params[_param(arg, traced)] = letters
+        else:
+            act = letters
+    return AnchorLetters(act, params, out)
+
+
+@register_anchor(aten.matmul.default, aten.mm.default, aten.bmm.default)
+def _matmul(anchor: Node, traced: TracedModel) -> AnchorLetters:
+    a, b = anchor.args[0], anchor.args[1]
+    a_shape, b_shape = _shape(a), _shape(b)
+    lead = BATCH[: max(len(a_shape), len(b_shape)) - 2]
+    a_letters = lead[len(lead) - (len(a_shape) - 2) :] + "MK"
+    b_letters = lead[len(lead) - (len(b_shape) - 2) :] + "KN" if len(b_shape) > 1 else "K"
+    if param_root(b, traced) is not None:
+        return AnchorLetters(a_letters, {_param(b, traced): b_letters}, lead + "MN")
+    return AnchorLetters(b_letters, {_param(a, traced): a_letters}, lead + "MN")
+
+
+@register_anchor(aten.conv1d.default, aten.conv2d.default, aten.convolution.default)
+def _convolution(anchor: Node, traced: TracedModel) -> AnchorLetters:
+    """Batch, channels in, channels out; spatial dimensions stay whole. The bias is not sharded."""
+    spatial = "HWDXYZ"[: len(_shape(anchor.args[0])) - 2]
+    return AnchorLetters("BC" + spatial, {_param(anchor.args[1], traced): "OC" + spatial.lower()}, "BO" + spatial)
