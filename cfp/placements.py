@@ -6,11 +6,12 @@ the plan file, the profile store's transition rows and the ``--json`` output
 of ``cfp analyze``. ``to_str`` and ``from_str`` are the one conversion, and
 they round-trip every placement CFP meets:
 
-- ``Shard(d)`` <-> ``Shard(dim=d)``;
-- ``_StridedShard(d, sf=k)`` <-> ``_StridedShard(dim=d, sf=k)``, what DTensor's
-  view rules make of a sharded dimension that a reshape splits or merges;
-- ``Replicate()`` <-> ``Replicate()``;
-- ``Partial(op)`` <-> ``Partial(op)``. DTensor's own subclasses (the masked
+- ``"Shard(d)"`` for ``Shard(d)``;
+- ``"_StridedShard(d, sf=k)"`` for ``_StridedShard(d, split_factor=k)``, what
+  DTensor's view rules make of a sharded dimension that a reshape splits or
+  merges;
+- ``"Replicate()"`` for ``Replicate()``;
+- ``"Partial(op)"`` for ``Partial(op)``. DTensor's own subclasses (the masked
   partial of a vocabulary-sharded embedding, a norm's partial) reduce as
   ``Partial(op)`` and are written as one: ``canonical`` says so, and keys
   compare placements after it.
