@@ -31,6 +31,7 @@ from cfp.cluster import ClusterModel
 from cfp.costs import BlockCost, CostSetup, TransitionKey, register_cost_model
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec
+from cfp.placements import is_sharded, local_numel
 from cfp.propagate import Propagation
 
 aten = torch.ops.aten
@@ -43,30 +44,11 @@ NO_TRAFFIC = set(VIEWS) | {
 }
 
 
-def _parse(p: str) -> tuple[str, int | None]:
-    """``"Shard(1)"`` -> ("S", 1); ``"Replicate()"`` -> ("R", None); ``"Partial(sum)"`` -> ("P", None)."""
-    if p.startswith("Shard("):
-        return "S", int(p[6:-1])
-    if p.startswith("Partial"):
-        return "P", None
-    return "R", None
-
-
 def _itemsize(dtype: str) -> int:
     dt = getattr(torch, dtype, None)
     if not isinstance(dt, torch.dtype):
         raise CFPError(f"Unknown dtype {dtype!r} in a transition.")
     return dt.itemsize
-
-
-def _local_numel(shape: tuple[int, ...], placements: list[str], mesh: MeshSpec) -> float:
-    """Elements each rank holds (the largest shard where sizes do not divide)."""
-    dims = list(shape)
-    for n, p in zip(mesh.shape, placements):
-        kind, d = _parse(p)
-        if kind == "S" and d is not None and d < len(dims):
-            dims[d] = math.ceil(dims[d] / n)
-    return float(math.prod(dims))
 
 
 def redistribute_collectives(key: TransitionKey, mesh: MeshSpec) -> list[tuple[str, int, float, str]]:
@@ -87,28 +69,27 @@ def redistribute_collectives(key: TransitionKey, mesh: MeshSpec) -> list[tuple[s
     out: list[tuple[str, int, float, str]] = []
     dims = range(mesh.ndim)
     # Gathering and reducing dims first keeps the later steps on the right sizes.
-    order = sorted(dims, key=lambda i: 0 if _parse(key.dst[i])[0] == "R" else 1)
+    order = sorted(dims, key=lambda i: 0 if key.dst[i].is_replicate() else 1)
     for i in order:
         src, dst = current[i], key.dst[i]
         if src == dst or mesh.shape[i] == 1:
             current[i] = dst
             continue
         n = mesh.shape[i]
-        local = _local_numel(key.shape, current, mesh) * size
-        (sk, _), (dk, _) = _parse(src), _parse(dst)
-        if sk == "S" and dk == "R":
+        local = float(local_numel(key.shape, current, mesh.shape) * size)
+        if is_sharded(src) and dst.is_replicate():
             out += [("all_gather", i, local, "forward"), ("reduce_scatter", i, local * n, "backward")]
-        elif sk == "S" and dk == "P":
+        elif is_sharded(src) and dst.is_partial():
             out += [("all_gather", i, local, "forward")]
-        elif sk == "P" and dk == "R":
+        elif src.is_partial() and dst.is_replicate():
             out += [("all_reduce", i, local, "forward")]
-        elif sk == "P" and dk == "S":
+        elif src.is_partial() and is_sharded(dst):
             out += [("reduce_scatter", i, local, "forward"), ("all_gather", i, local / n, "backward")]
-        elif sk == "P" and dk == "P":  # a different reduce op: reduce, then re-partial for free
+        elif src.is_partial() and dst.is_partial():  # a different reduce op: reduce, then re-partial for free
             out += [("all_reduce", i, local, "forward")]
-        elif sk == "S" and dk == "S":
+        elif is_sharded(src) and is_sharded(dst):
             out += [("all_to_all", i, local, "forward"), ("all_to_all", i, local, "backward")]
-        elif sk == "R" and dk == "S":
+        elif src.is_replicate() and is_sharded(dst):
             out += [("all_gather", i, local / n, "backward")]
         # Replicate -> Partial: a local op, and its gradient is replicated.
         current[i] = dst
@@ -179,7 +160,7 @@ class AnalyticCosts:
             factor = 1
             if pl is not None:
                 for n, p in zip(self.mesh.shape, pl):
-                    if type(p).__name__ in ("Shard", "_StridedShard") or "Partial" in type(p).__name__:
+                    if is_sharded(p) or p.is_partial():
                         factor *= n
             flops = traced.flops.get(name, 0) / factor
             val = node.meta.get("val")
@@ -190,7 +171,7 @@ class AnalyticCosts:
                 shard = 1
                 if pl is not None:
                     for n, p in zip(self.mesh.shape, pl):
-                        if type(p).__name__ in ("Shard", "_StridedShard"):
+                        if is_sharded(p):
                             shard *= n
                 out_bytes = sum(v.numel() * v.element_size() for v in vals) / shard
             moved = 2 * out_bytes

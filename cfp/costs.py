@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from cfp.propagate import placements_str
+from cfp.placements import Placements, normalize
 
 if TYPE_CHECKING:
     from cfp.analyze import BlockGraph
@@ -31,12 +31,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TransitionKey:
-    """One redistribution: a global shape and dtype moved from ``src`` to ``dst`` placements."""
+    """One redistribution: a global shape and dtype moved from ``src`` to ``dst`` placements.
+
+    Placements are ``cfp.placements.canonical``, so two keys that the profile
+    store writes alike compare equal.
+    """
 
     shape: tuple[int, ...]
     dtype: str
-    src: tuple[str, ...]  # e.g. ("Shard(0)", "Partial(sum)")
-    dst: tuple[str, ...]
+    src: Placements  # e.g. (Shard(0), Partial("sum"))
+    dst: Placements
 
     @property
     def is_noop(self) -> bool:
@@ -130,9 +134,9 @@ class ValueEdge:
     exit_pos: int  # index into producer.outputs
     value: torch.Tensor  # the traced value (shape and dtype)
 
-    def key(self, src: tuple[str, ...], dst: tuple[str, ...]) -> TransitionKey:
+    def key(self, src: Placements, dst: Placements) -> TransitionKey:
         return TransitionKey(
-            tuple(self.value.shape), str(self.value.dtype).removeprefix("torch."), tuple(src), tuple(dst)
+            tuple(self.value.shape), str(self.value.dtype).removeprefix("torch."), normalize(src), normalize(dst)
         )
 
 
@@ -158,7 +162,7 @@ def edge_transitions(graph: BlockGraph) -> Iterator[EdgeTransition]:
                 dst = prop_b.input_placements[edge.input_pos]
                 if src is None or dst is None:
                     continue
-                key = edge.key(placements_str(src), placements_str(dst))
+                key = edge.key(src, dst)
                 yield EdgeTransition(
                     edge.producer.id, edge.consumer.id, edge.producer.outputs[edge.exit_pos], a, b, key
                 )

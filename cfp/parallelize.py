@@ -67,17 +67,12 @@ from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
 from cfp.errors import CFPError, CFPWarning
 from cfp.lower import LoweredForward
+from cfp.placements import Placements, replicate_partials
 from cfp.plan import Plan, block_entry, parameter_placements, spec_json
-from cfp.program import BlockRun, Placements, _call, grad_placements
-from cfp.propagate import parse_placement
+from cfp.program import BlockRun, _call
 from cfp.sharded import Regather, Schedule, gather, schedule
 from cfp.spec import ModelSpec, Workload, build
 from cfp.storage import LEVELS
-
-
-def parse_placements(texts: Sequence[str] | None) -> Placements | None:
-    return None if texts is None else tuple(parse_placement(t) for t in texts)
-
 
 # --------------------------------------------------------------------------
 # Plans in memory
@@ -178,7 +173,7 @@ def _set_path(root: nn.Module, fqn: str, value, kind: str) -> None:
 
 def _target(placements: Placements) -> Placements:
     # Analysis makes every external input with make_dtensor, which turns a Partial into a Replicate.
-    return grad_placements(placements)
+    return replicate_partials(placements)
 
 
 class _GradPlacedLikeValue(torch.autograd.Function):
@@ -230,21 +225,21 @@ class ParallelModule(nn.Module):
         self._stored: dict[str, tuple[str, Placements]] = {}  # placeholder -> (ZeRO level, compute placements)
         by_fqn: dict[str, nn.Parameter] = {}
         for name, fqn in traced.params.items():
-            texts = plan.parameters.get(fqn)
-            if texts is None:
+            placements = plan.parameters.get(fqn)
+            if placements is None:
                 raise CFPError(f"The plan gives no placements for parameter {fqn}.")
-            placements = _target(parse_placements(texts))
+            placements = _target(placements)
             if len(placements) != ndim:
                 raise CFPError(f"The plan gives {len(placements)} placements for {fqn} on a {ndim}-D mesh.")
             stored = plan.storage.get(fqn)
             if stored is not None:
-                if stored.get("level") not in LEVELS[1:] or len(stored.get("placements", ())) != ndim:
+                if stored.get("level") not in LEVELS[1:] or len(stored.get("placements") or ()) != ndim:
                     raise CFPError(
                         f"The plan's storage of {fqn} ({stored}) is not a ZeRO level "
                         f"with one placement per mesh dimension; re-run `cfp plan`."
                     )
                 self._stored[name] = (stored["level"], placements)
-                placements = parse_placements(stored["placements"])
+                placements = stored["placements"]
             tensor = model_params[fqn].detach().to(device)
             param = nn.Parameter(
                 distribute_tensor(tensor, mesh, placements), requires_grad=model_params[fqn].requires_grad
@@ -291,7 +286,7 @@ class ParallelModule(nn.Module):
                 )
             for n in block.nodes:
                 self._owner[n] = block.id
-            self._entry.append({i["name"]: parse_placements(i.get("placements")) for i in entry["inputs"]})
+            self._entry.append({i["name"]: i.get("placements") for i in entry["inputs"]})
         self.configs = [entry["config"] for entry in plan.blocks]
         self._recompute = {entry["id"] for entry in plan.blocks if entry.get("recompute")}
         self._schedule: Schedule = schedule(self._graph, self._owner, self._recompute)

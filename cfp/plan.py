@@ -5,7 +5,8 @@ Top-level keys (``schema_version`` 1):
 - ``model``: ``spec`` (the model spec and its factory arguments) and ``fingerprint``;
 - ``mesh``: ``shape`` and ``names``;
 - ``parameters``: every parameter FQN (tied aliases included) -> its
-  placements, one string per mesh dimension (``"Shard(0)"``, ``"Replicate()"``);
+  placements, one string per mesh dimension (``"Shard(0)"``, ``"Replicate()"``,
+  as ``cfp.placements.to_str`` writes them);
 - ``storage``: every parameter stored apart from where it computes (FQN ->
   ``level``, one of ``zero1``/``zero2``/``zero3``, and its storage
   ``placements``; see cfp.storage); parameters not listed are stored as
@@ -22,6 +23,10 @@ Top-level keys (``schema_version`` 1):
   real steps, its predicted and measured step time, and why one was chosen
   (see ``cfp.validate``);
 - ``provenance``: cost model, backend, device, cluster, torch and cfp versions.
+
+In memory a ``Plan`` holds DTensor placements (``cfp.placements.Placements``)
+wherever the file holds placement strings; ``from_json`` and ``to_json``
+convert.
 """
 
 from __future__ import annotations
@@ -33,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import Shard
 
 from cfp.errors import CFPError
-from cfp.propagate import parse_placement, placements_str
+from cfp.placements import Placements, from_str, is_sharded, normalize, replicated, to_str, to_strs
 from cfp.storage import StorageTable
 from cfp.version import __version__
 
@@ -58,15 +62,15 @@ REQUIRED = (
 class Plan:
     model: dict[str, Any]  # {"spec": ..., "fingerprint": ...}
     mesh: dict[str, Any]  # {"shape": [...], "names": [...]}
-    parameters: dict[str, list[str]]
-    blocks: list[dict[str, Any]]
+    parameters: dict[str, Placements]
+    blocks: list[dict[str, Any]]  # as in the file, but each input's "placements" are Placements (or None)
     predicted_step_time_s: float
     time_breakdown_s: dict[str, Any]
     memory_per_device_bytes: dict[str, Any]
     solve: dict[str, Any]
     provenance: dict[str, Any]
     baselines: dict[str, Any] = field(default_factory=dict)
-    storage: dict[str, dict[str, Any]] = field(default_factory=dict)  # FQN -> {"level", "placements"}
+    storage: dict[str, dict[str, Any]] = field(default_factory=dict)  # FQN -> {"level", "placements": Placements}
     validation: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
@@ -76,9 +80,9 @@ class Plan:
             "schema_version": self.schema_version,
             "model": self.model,
             "mesh": self.mesh,
-            "parameters": self.parameters,
-            "storage": self.storage,
-            "blocks": self.blocks,
+            "parameters": {fqn: to_strs(pl) for fqn, pl in self.parameters.items()},
+            "storage": {fqn: {**s, "placements": to_strs(s.get("placements"))} for fqn, s in self.storage.items()},
+            "blocks": [_with_input_placements(b, lambda placements, _: to_strs(placements)) for b in self.blocks],
             "predicted_step_time_s": self.predicted_step_time_s,
             "time_breakdown_s": self.time_breakdown_s,
             "memory_per_device_bytes": self.memory_per_device_bytes,
@@ -128,26 +132,30 @@ class Plan:
                 raise TypeError("blocks must be a list")
             check_mesh(data["mesh"])
             ndim = len(data["mesh"]["shape"])
+            parameters = {}
             for fqn, pl in data["parameters"].items():
                 if len(pl) != ndim:
                     raise ValueError(f"parameter {fqn} has {len(pl)} placements for a {ndim}-D mesh")
-                check_placements(pl, f"parameter {fqn}")
-            for b in data["blocks"]:
-                for i in b.get("inputs", []):
-                    if i.get("placements") is not None:
-                        check_placements(i["placements"], f"block {b.get('id')} input {i.get('name')}")
+                parameters[fqn] = parse_placements(pl, f"parameter {fqn}")
+            blocks = [_with_input_placements(b, parse_placements) for b in data["blocks"]]
+            if not isinstance(data.get("storage") or {}, dict):
+                raise TypeError("storage must map names to a level and placements")
+            storage = {
+                fqn: {**s, "placements": parse_placements(s.get("placements"), f"the storage of {fqn}")}
+                for fqn, s in (data.get("storage") or {}).items()
+            }
             return cls(
                 model=dict(data["model"]),
                 mesh={"shape": list(data["mesh"]["shape"]), "names": list(data["mesh"]["names"])},
-                parameters=data["parameters"],
-                blocks=data["blocks"],
+                parameters=parameters,
+                blocks=blocks,
                 predicted_step_time_s=float(data["predicted_step_time_s"]),
                 time_breakdown_s=data.get("time_breakdown_s", {}),
                 memory_per_device_bytes=dict(data["memory_per_device_bytes"]),
                 solve=dict(data["solve"]),
                 provenance=dict(data["provenance"]),
                 baselines=data.get("baselines", {}),
-                storage=dict(data.get("storage") or {}),
+                storage=storage,
                 validation=data.get("validation", {}),
             )
         except (KeyError, TypeError, ValueError, CFPError) as exc:
@@ -190,17 +198,16 @@ class Plan:
         """Every parameter has placements its rank allows; Shard(7) on a matrix is named here, not by DTensor."""
         shapes = traced.param_shapes()
         for fqn, shape in shapes.items():
-            texts = self.parameters.get(fqn)
-            if texts is None:
+            placements = self.parameters.get(fqn)
+            if placements is None:
                 raise CFPError(
                     f"The plan gives no placements for parameter {fqn}; was the file edited? Re-run `cfp plan`."
                 )
-            for mesh_dim, text in enumerate(texts):
-                placement = parse_placement(text)
-                if isinstance(placement, Shard) and placement.dim >= len(shape):
+            for mesh_dim, placement in enumerate(placements):
+                if is_sharded(placement) and placement.dim >= len(shape):
                     raise CFPError(
                         f"The plan shards parameter {fqn} (shape {tuple(shape)}) on dimension {placement.dim} "
-                        f"({text} on mesh dimension {mesh_dim}); it has only {len(shape)}. "
+                        f"({to_str(placement)} on mesh dimension {mesh_dim}); it has only {len(shape)}. "
                         "Was the file edited? Re-run `cfp plan`."
                     )
         unknown = sorted(set(self.parameters) - set(shapes) - set(traced.aliases))
@@ -272,19 +279,38 @@ def check_mesh(mesh: Any) -> None:
         raise ValueError(f"mesh names {names!r} do not match its shape {shape}")
 
 
-def check_placements(texts: Any, what: str) -> None:
-    """Placement strings that parse, with non-negative shard dimensions (the rank is checked against the model)."""
+def _with_input_placements(block: dict[str, Any], convert) -> dict[str, Any]:
+    """A plan's block with each input's placements replaced by ``convert(placements, which input)``."""
+    if "inputs" not in block:
+        return block
+    where = f"block {block.get('id')} input "
+    return {
+        **block,
+        "inputs": [
+            {**i, "placements": convert(i.get("placements"), where + str(i.get("name")))} for i in block["inputs"]
+        ],
+    }
+
+
+def parse_placements(texts: Any, what: str) -> Placements | None:
+    """A file's placement strings, parsed, with non-negative shard dimensions (the rank is checked against the
+    model); None stays None."""
+    if texts is None:
+        return None
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"{what} has placements {texts!r}, not a list of strings")
+    out = []
     for text in texts:
         try:
-            placement = parse_placement(text)
+            placement = from_str(text)
         except (CFPError, ValueError) as exc:
             raise ValueError(
                 f"{what} has placement {text!r}, which is not Shard(d), Replicate() or Partial(op)"
             ) from exc
-        if isinstance(placement, Shard) and placement.dim < 0:
+        if is_sharded(placement) and placement.dim < 0:
             raise ValueError(f"{what} has placement {text!r}: a shard dimension cannot be negative")
+        out.append(placement)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------
@@ -292,7 +318,7 @@ def check_placements(texts: Any, what: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def parameter_placements(graph, choice: list[int]) -> dict[str, list[str]]:
+def parameter_placements(graph, choice: list[int]) -> dict[str, Placements]:
     """Every parameter FQN -> placements, from the chosen configs' entry placements (aliases included)."""
     traced = graph.traced
     out: dict[str, list[str]] = {}
@@ -303,11 +329,11 @@ def parameter_placements(graph, choice: list[int]) -> dict[str, list[str]]:
             if fqn is None or fqn in out:
                 continue
             pl = prop.input_placements[pos]
-            out[fqn] = placements_str(pl) if pl is not None else ["Replicate()"] * graph.mesh.ndim
+            out[fqn] = normalize(pl) if pl is not None else replicated(graph.mesh.ndim)
     for fqn in traced.params.values():  # parameters no block reads stay replicated
-        out.setdefault(fqn, ["Replicate()"] * graph.mesh.ndim)
+        out.setdefault(fqn, replicated(graph.mesh.ndim))
     for alias, canonical in traced.aliases.items():
-        out[alias] = list(out[canonical])
+        out[alias] = out[canonical]
     return out
 
 
@@ -333,7 +359,7 @@ def block_entry(graph, block, prop) -> dict[str, Any]:
         "config": prop.config.name,
         "params": list(block.params),
         "inputs": [
-            {"name": i.name, "role": i.role, "producer": i.producer, "placements": placements_str(p)}
+            {"name": i.name, "role": i.role, "producer": i.producer, "placements": normalize(p)}
             for i, p in zip(block.inputs, prop.input_placements)
         ],
     }

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.debug._comm_mode import NATIVE_TO_PY_MAPPING, c10d_collective_ops
 from torch.distributed.tensor.experimental import implicit_replication
@@ -26,8 +26,8 @@ from torch.fx import Node
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cfp.capture import as_meta
+from cfp.placements import Placements, replicate_partials
 
-Placements = tuple[Placement, ...]
 WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
 
 COLLECTIVE_KINDS = {
@@ -127,11 +127,6 @@ def follow_placements(shape: tuple[int, ...], ref: DTensor) -> Placements:
     return tuple(out)
 
 
-def grad_placements(placements: Placements) -> Placements:
-    """The gradient of a ``Partial`` value is replicated; shards stay shards."""
-    return tuple(Replicate() if isinstance(p, Partial) else p for p in placements)
-
-
 @dataclass
 class BlockRun:
     """What one execution of a block produced."""
@@ -210,7 +205,7 @@ def _reduce_partial_sums(node: Node, args: tuple, mesh: DeviceMesh) -> tuple:
         return args
 
     def whole(a):
-        return a.redistribute(mesh, grad_placements(a.placements)) if isinstance(a, DTensor) else a
+        return a.redistribute(mesh, replicate_partials(a.placements)) if isinstance(a, DTensor) else a
 
     return tuple(whole(a) for a in args)
 
@@ -348,6 +343,5 @@ def _call_replicated(node: Node, args, kwargs, mesh: DeviceMesh):
 
 def make_dtensor(global_tensor: torch.Tensor, mesh: DeviceMesh, placements: Placements, requires_grad: bool) -> DTensor:
     """Each rank keeps its own shard of the same global tensor (no scatter)."""
-    placements = tuple(Replicate() if isinstance(p, Partial) else p for p in placements)
-    dt = distribute_tensor(global_tensor, mesh, placements, src_data_rank=None)
+    dt = distribute_tensor(global_tensor, mesh, replicate_partials(placements), src_data_rank=None)
     return dt.requires_grad_(requires_grad and dt.is_floating_point())

@@ -14,41 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor
 
 from cfp.blocks import Block
 from cfp.capture import TracedModel
 from cfp.configs import BlockConfig
-from cfp.errors import CFPError
-from cfp.program import Collective, CommRecorder, Placements, grad_placements, make_dtensor, run_block
-
-
-def placement_str(p: Placement) -> str:
-    """``Shard(dim=0)`` -> ``Shard(0)``; DTensor's masked partial is a ``Partial``."""
-    text = repr(p)
-    if text.startswith("Shard("):
-        return f"Shard({p.dim})"
-    if "Partial" in text:
-        return f"Partial({getattr(p, 'reduce_op', 'sum')})"
-    return "Replicate()"
-
-
-def placements_str(ps) -> list[str] | None:
-    if ps is None:
-        return None
-    return [placement_str(p) for p in ps]
-
-
-def parse_placement(text: str) -> Placement:
-    """``"Shard(0)"``, ``"Replicate()"``, ``"Partial(sum)"`` -> the placement (placement_str's inverse)."""
-    text = text.strip()
-    if text.startswith("Shard(") and text.endswith(")"):
-        return Shard(int(text[6:-1]))
-    if text.startswith("Partial(") and text.endswith(")"):
-        return Partial(text[8:-1] or "sum")
-    if text == "Replicate()":
-        return Replicate()
-    raise CFPError(f"Placement {text!r} is not Shard(d), Replicate() or Partial(op).")
+from cfp.placements import Placements, replicate_partials
+from cfp.program import Collective, CommRecorder, make_dtensor, run_block
 
 
 @dataclass
@@ -173,7 +145,7 @@ def exit_gradients(block: Block, values: dict, mesh: DeviceMesh, make_grad=None)
         if isinstance(out, DTensor) and out.requires_grad and out.is_floating_point():
             outs.append(out)
             full = make_grad(out) if make_grad is not None else torch.empty(out.shape, dtype=out.dtype, device="meta")
-            grads.append(make_dtensor(full, mesh, grad_placements(out.placements), requires_grad=False))
+            grads.append(make_dtensor(full, mesh, replicate_partials(out.placements), requires_grad=False))
     return outs, grads
 
 

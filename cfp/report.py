@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cfp.placements import short, to_strs
 from cfp.plan import Plan
 from cfp.report_util import human_bytes
 
@@ -17,13 +18,6 @@ def human_time(s: float) -> str:
         if abs(s) >= scale:
             return f"{s / scale:.3g} {unit}"
     return f"{s * 1e9:.3g} ns"
-
-
-def short(placement: str) -> str:
-    """``Shard(1)`` -> ``S1``, ``Replicate()`` -> ``R``, ``Partial(sum)`` -> ``P``."""
-    if placement.startswith("Shard("):
-        return "S" + placement[6:-1]
-    return "P" if placement.startswith("Partial") else "R"
 
 
 def tables(plan: Plan) -> list[Table]:
@@ -91,7 +85,7 @@ def tables(plan: Plan) -> list[Table]:
             t(b["time_s"]),
             t(b.get("communication_s")),
             t(b["transition_in_s"]),
-            ",".join(short(p) for p in act["placements"] or []) if act else "",
+            short(act["placements"] or ()) if act else "",
             str(len(b["params"])),
         )
     params = Table(title="parameter placements")
@@ -100,7 +94,8 @@ def tables(plan: Plan) -> list[Table]:
     params.add_column("stored")
     for fqn, pl in plan.parameters.items():
         stored = plan.storage.get(fqn)
-        params.add_row(fqn, ", ".join(pl), f"{stored['level']}: {', '.join(stored['placements'])}" if stored else "")
+        stored_as = f"{stored['level']}: {', '.join(to_strs(stored['placements']))}" if stored else ""
+        params.add_row(fqn, ", ".join(to_strs(pl)), stored_as)
     return [summary, blocks, params]
 
 

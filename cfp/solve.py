@@ -43,14 +43,19 @@ from cfp import baselines
 from cfp.capture import op_name
 from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
-from cfp.propagate import placements_str
+from cfp.placements import Placements, local_numel, normalize, to_strs
 from cfp.storage import StorageTable, Variant
 
 TIME_UNIT_S = 1e-10
 ADAM_STATE_BYTES_PER_PARAM = 8  # two fp32 moments
 DEFAULT_TIME_LIMIT_S = 60.0
 
-Label = tuple[str, ...] | None
+Label = Placements | None  # a value's placements as a config leaves or takes it
+
+
+def _label_order(label: Label) -> str:
+    """Labels sort by their strings: a stable order to build the model in."""
+    return repr(None if label is None else tuple(to_strs(label)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,14 +132,6 @@ class Evaluation:
         return self.blocks_total_s + self.transitions_total_s
 
 
-def _local_numel(shape, placements, mesh_shape) -> int:
-    dims = list(shape)
-    for n, p in zip(mesh_shape, placements or ()):
-        if type(p).__name__ in ("Shard", "_StridedShard") and p.dim < len(dims):
-            dims[p.dim] = math.ceil(dims[p.dim] / n)
-    return math.prod(dims)
-
-
 class MemoryTable:
     """Per (block, config) bytes; each parameter is charged to the first block that reads it."""
 
@@ -157,7 +154,7 @@ class MemoryTable:
                     m = Memory(activations=int(prop.saved_bytes))
                     for pos in owned:
                         val = traced.nodes[block.inputs[pos].name].meta["val"]
-                        numel = _local_numel(tuple(val.shape), prop.input_placements[pos], graph.mesh.shape)
+                        numel = local_numel(tuple(val.shape), prop.input_placements[pos], graph.mesh.shape)
                         m.params += numel * val.element_size()
                         m.grads += numel * val.element_size()
                         m.optimizer += numel * ADAM_STATE_BYTES_PER_PARAM
@@ -213,7 +210,7 @@ def evaluate(
         dst = graph.block_configs(edge.consumer)[choice[edge.consumer.id]].input_placements[edge.input_pos]
         if src is None or dst is None:
             continue
-        key = edge.key(placements_str(src), placements_str(dst))
+        key = edge.key(src, dst)
         if not key.is_noop:
             trans[edge.consumer.id] += costs.transition_time(key)
     return Evaluation(block_s, trans, mem)
@@ -447,15 +444,9 @@ class _Builder:
         if key not in cache:
             props = self.graph.block_configs(block)
             if which == "exit":
-                cache[key] = tuple(
-                    None if p.exit_placements[pos] is None else tuple(placements_str(p.exit_placements[pos]))
-                    for p in props
-                )
+                cache[key] = tuple(normalize(p.exit_placements[pos]) for p in props)
             else:
-                cache[key] = tuple(
-                    None if p.input_placements[pos] is None else tuple(placements_str(p.input_placements[pos]))
-                    for p in props
-                )
+                cache[key] = tuple(normalize(p.input_placements[pos]) for p in props)
         return cache[key]
 
     def _transitions(self) -> None:
@@ -495,8 +486,8 @@ class _Builder:
                     if units:
                         self.objective_terms.append((v, units))
                 continue
-            srcs = sorted({src[a] for a in xp}, key=repr)
-            dsts = sorted({dst[b] for b in xc}, key=repr)
+            srcs = sorted({src[a] for a in xp}, key=_label_order)
+            dsts = sorted({dst[b] for b in xc}, key=_label_order)
             if len(srcs) == 1 or len(dsts) == 1:  # linear in the other end
                 for b, v in xc.items() if len(srcs) == 1 else ():
                     units = cost.get((srcs[0], dst[b]), 0)
@@ -523,16 +514,12 @@ class _Builder:
         for _param, rs in self.tied.items():
             b0, p0 = rs[0]
             g0 = self.group_of[b0]
-            first = {
-                c: tuple(placements_str(graph.block_configs(b0)[c].input_placements[p0]) or ()) for c in self.x[g0]
-            }
+            first = {c: normalize(graph.block_configs(b0)[c].input_placements[p0]) or () for c in self.x[g0]}
             for b1, p1 in rs[1:]:
                 g1 = self.group_of[b1]
                 if g1 == g0 and p1 == p0:
                     continue
-                other = {
-                    c: tuple(placements_str(graph.block_configs(b1)[c].input_placements[p1]) or ()) for c in self.x[g1]
-                }
+                other = {c: normalize(graph.block_configs(b1)[c].input_placements[p1]) or () for c in self.x[g1]}
                 for label in set(first.values()) | set(other.values()):
                     self.model.Add(
                         sum(self.x[g0][c] for c, lab in first.items() if lab == label)

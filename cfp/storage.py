@@ -39,16 +39,17 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import Partial, Shard
 
 from cfp.costs import TransitionKey, shared_parameters
-from cfp.propagate import placements_str
+from cfp.placements import Placements, is_sharded, local_numel, normalize, replicated
 
 LEVELS = ("replicate", "zero1", "zero2", "zero3")
 SHARDED = LEVELS[1:]
 ADAM_STATE_BYTES_PER_PARAM = 8  # two fp32 moments
 
 
-def storage_placements(shape: tuple[int, ...], compute: list[str], mesh_shape: tuple[int, ...]) -> list[str] | None:
+def storage_placements(shape: tuple[int, ...], compute: Placements, mesh_shape: tuple[int, ...]) -> Placements | None:
     """``compute`` with each ``Replicate()`` mesh dim (of size > 1) sharding one tensor dim; None if none can.
 
     The tensor dim is the largest one no other mesh dim shards that the
@@ -56,30 +57,30 @@ def storage_placements(shape: tuple[int, ...], compute: list[str], mesh_shape: t
     the optimizer steps equal slices); every such mesh dim shards that same
     tensor dim, as FSDP flattens a data-parallel mesh.
     """
-    dp = [i for i, (p, n) in enumerate(zip(compute, mesh_shape)) if p == "Replicate()" and n > 1]
+    dp = [i for i, (p, n) in enumerate(zip(compute, mesh_shape)) if p.is_replicate() and n > 1]
     if not dp:
         return None
     ways = math.prod(mesh_shape[i] for i in dp)
-    taken = {int(p[6:-1]) for p in compute if p.startswith("Shard(")}
+    taken = {p.dim for p in compute if is_sharded(p)}
     local = list(shape)
     for p, n in zip(compute, mesh_shape):
-        if p.startswith("Shard("):
-            local[int(p[6:-1])] //= n
+        if is_sharded(p):
+            local[p.dim] //= n
     dims = [d for d in range(len(shape)) if d not in taken and local[d] % ways == 0]
     if not dims:
         return None
     dim = max(dims, key=lambda d: (local[d], -d))
-    return [f"Shard({dim})" if i in dp else p for i, p in enumerate(compute)]
+    return tuple(Shard(dim) if i in dp else p for i, p in enumerate(compute))
 
 
-def gather_key(shape, dtype: str, storage: list[str], compute: list[str]) -> TransitionKey:
+def gather_key(shape, dtype: str, storage: Placements, compute: Placements) -> TransitionKey:
     """The all-gather of a stored parameter to its compute placements (its forward is what a gather costs)."""
     return TransitionKey(tuple(shape), dtype, tuple(storage), tuple(compute))
 
 
-def scatter_key(shape, dtype: str, storage: list[str], compute: list[str]) -> TransitionKey:
+def scatter_key(shape, dtype: str, storage: Placements, compute: Placements) -> TransitionKey:
     """The reduce-scatter of a gradient, ``Partial`` on the storage-sharded dims, to the storage placements."""
-    src = tuple("Partial(sum)" if s != c else c for s, c in zip(storage, compute))
+    src = tuple(Partial("sum") if s != c else c for s, c in zip(storage, compute))
     return TransitionKey(tuple(shape), dtype, src, tuple(storage))
 
 
@@ -91,21 +92,13 @@ class ParamStorage:
     shape: tuple[int, ...]
     dtype: str
     itemsize: int
-    compute: list[str]
-    storage: list[str]
+    compute: Placements
+    storage: Placements
     ways: int  # how many shards the storage dims make
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-    def local_numel(self, placements: list[str], mesh_shape) -> int:
-        dims = list(self.shape)
-        for p, n in zip(placements, mesh_shape):
-            if p.startswith("Shard("):
-                d = int(p[6:-1])
-                dims[d] = math.ceil(dims[d] / n)
-        return math.prod(dims)
 
 
 @dataclass
@@ -143,11 +136,7 @@ def _forward_s(costs, key: TransitionKey) -> float:
 def _bytes(val, placements, mesh_shape) -> int:
     if not isinstance(val, torch.Tensor):
         return 0
-    dims = list(val.shape)
-    for p, n in zip(placements or (), mesh_shape):
-        if type(p).__name__ in ("Shard", "_StridedShard") and p.dim < len(dims):
-            dims[p.dim] = math.ceil(dims[p.dim] / n)
-    return math.prod(dims) * val.element_size()
+    return local_numel(val.shape, placements, mesh_shape) * val.element_size()
 
 
 class StorageTable:
@@ -191,7 +180,7 @@ class StorageTable:
             params = []
             for pos in owned:
                 val = traced.nodes[block.inputs[pos].name].meta["val"]
-                compute = placements_str(prop.input_placements[pos]) or ["Replicate()"] * len(mesh_shape)
+                compute = normalize(prop.input_placements[pos]) or replicated(len(mesh_shape))
                 storage = storage_placements(tuple(val.shape), compute, mesh_shape)
                 if storage is None or not val.is_floating_point():
                     continue
@@ -205,8 +194,8 @@ class StorageTable:
 
     def _levels(self, block, prop, params: list[ParamStorage], mesh_shape) -> dict[str, Variant]:
         costs, name = self.costs, prop.config.name
-        full = [p.local_numel(p.compute, mesh_shape) for p in params]  # elements where it computes
-        shard = [p.local_numel(p.storage, mesh_shape) for p in params]
+        full = [local_numel(p.shape, p.compute, mesh_shape) for p in params]  # elements where it computes
+        shard = [local_numel(p.shape, p.storage, mesh_shape) for p in params]
         size = [p.itemsize for p in params]
         full_bytes = sum(n * s for n, s in zip(full, size))
         shard_bytes = sum(n * s for n, s in zip(shard, size))
@@ -277,14 +266,15 @@ class StorageTable:
         return keys
 
     def parameter_storage(self, choice: list[int], storage: list[str]) -> dict[str, dict]:
-        """FQN -> {"level", "placements"} of every parameter a plan stores sharded (aliases included)."""
+        """FQN -> {"level", "placements"} of every parameter a plan stores sharded (aliases included), as
+        ``Plan.storage`` holds it."""
         traced = self.graph.traced
         out: dict[str, dict] = {}
         for block, c, level in zip(self.graph.blocks, choice, storage):
             if level == "replicate":
                 continue
             for p in self.blocks[block.id].params[c]:
-                out[traced.params[block.inputs[p.pos].name]] = {"level": level, "placements": list(p.storage)}
+                out[traced.params[block.inputs[p.pos].name]] = {"level": level, "placements": p.storage}
         for alias, canonical in traced.aliases.items():
             if canonical in out:
                 out[alias] = dict(out[canonical])

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from parity import close, gradient_errors
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cfp
@@ -240,12 +240,12 @@ def test_plans_match_single_device(plans, tmp_path):
 def test_megatron_plan_shards_weights(plans):
     """The Megatron plan really is tensor parallel: QKV column-, output projection row-sharded."""
     plan = cfp.Plan.load(plans["gpt:tiny"]["megatron"])
-    assert plan.parameters["transformer.h.0.attn.c_attn.weight"] == ["Shard(0)"]
-    assert plan.parameters["transformer.h.0.attn.c_proj.weight"] == ["Shard(1)"]
-    assert plan.parameters["transformer.h.0.mlp.c_fc.weight"] == ["Shard(0)"]
-    assert plan.parameters["transformer.h.0.mlp.c_proj.weight"] == ["Shard(1)"]
+    assert plan.parameters["transformer.h.0.attn.c_attn.weight"] == (Shard(0),)
+    assert plan.parameters["transformer.h.0.attn.c_proj.weight"] == (Shard(1),)
+    assert plan.parameters["transformer.h.0.mlp.c_fc.weight"] == (Shard(0),)
+    assert plan.parameters["transformer.h.0.mlp.c_proj.weight"] == (Shard(1),)
     dp = cfp.Plan.load(plans["gpt:tiny"]["dp"])
-    assert all(p == ["Replicate()"] for p in dp.parameters.values())
+    assert all(p == (Replicate(),) for p in dp.parameters.values())
 
 
 def test_baselines_that_apply(plans):
@@ -254,13 +254,13 @@ def test_baselines_that_apply(plans):
     assert set(plans["gpt:tiny"]) == {"cfp", "dp", "megatron", "fsdp", "fsdp+tp", "random"} | storage
     assert set(plans["moe:tiny"]) == {"cfp", "dp", "megatron", "expert", "fsdp", "fsdp+tp", "random"} | storage
     llama = cfp.Plan.load(plans["llama:tiny"]["megatron"])
-    assert llama.parameters["output.weight"] == ["Shard(0)"]
-    assert llama.parameters["layers.0.attention.wo.weight"] == ["Shard(1)"]
+    assert llama.parameters["output.weight"] == (Shard(0),)
+    assert llama.parameters["layers.0.attention.wo.weight"] == (Shard(1),)
     gpt = cfp.Plan.load(plans["gpt:tiny"]["megatron"])
-    assert gpt.parameters["lm_head.weight"] == ["Replicate()"]  # tied to the embedding
+    assert gpt.parameters["lm_head.weight"] == (Replicate(),)  # tied to the embedding
     moe = cfp.Plan.load(plans["moe:tiny"]["expert"])
-    assert moe.parameters["transformer.h.0.mlp.w_in"] == ["Shard(0)"]
-    assert moe.parameters["transformer.h.0.attn.c_attn.weight"] == ["Replicate()"]
+    assert moe.parameters["transformer.h.0.mlp.w_in"] == (Shard(0),)
+    assert moe.parameters["transformer.h.0.attn.c_attn.weight"] == (Replicate(),)
     assert moe.config_counts().get("batch", 0) >= 6
     assert moe.solve["status"] == "baseline expert"
 

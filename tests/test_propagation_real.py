@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 import cfp
 from cfp.analyze import analyze
 from cfp.mesh import device_mesh, parse_mesh
-from cfp.program import CommRecorder, grad_placements, make_dtensor, run_block
-from cfp.propagate import input_values, placements_str, reduce_gradients
+from cfp.placements import replicate_partials, to_strs
+from cfp.program import CommRecorder, make_dtensor, run_block
+from cfp.propagate import input_values, reduce_gradients
 from cfp.spec import ModelSpec
 
 SPEC = ModelSpec("gpt:tiny", batch=2, device="meta")
@@ -28,7 +29,7 @@ def _signature(prop_or_run):
     """What is compared: exit placements and collective kinds per phase."""
     exits, collectives = prop_or_run
     kinds = {phase: sorted(c.kind for c in collectives if c.phase == phase) for phase in ("forward", "backward")}
-    return [placements_str(p) for p in exits], kinds
+    return [to_strs(p) for p in exits], kinds
 
 
 def _run_real(graph, mesh):
@@ -57,7 +58,7 @@ def _run_real(graph, mesh):
                 run = run_block(nodes, mesh, fixed, make_input, recorder=forward)
             outs = [run.values[o] for o in block.outputs]
             grads = [
-                make_dtensor(torch.randn(o.shape), mesh, grad_placements(o.placements), False)
+                make_dtensor(torch.randn(o.shape), mesh, replicate_partials(o.placements), False)
                 for o in outs
                 if o.requires_grad
             ]

@@ -5,6 +5,8 @@ import itertools
 import math
 
 import pytest
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 import cfp
 from cfp.analytic import AnalyticCosts, redistribute_collectives
@@ -13,8 +15,8 @@ from cfp.baselines import dp as dp_choice
 from cfp.cluster import AlphaBeta, ClusterModel
 from cfp.costs import TransitionKey, edge_transitions, shared_parameters
 from cfp.mesh import parse_mesh
+from cfp.placements import to_strs
 from cfp.plan import parameter_placements
-from cfp.propagate import placements_str
 from cfp.solve import MemoryTable, best_plans, evaluate, min_memory, solve
 
 GiB = 2**30
@@ -84,8 +86,7 @@ def brute_force(graph, costs, memory_limit=None):
     best, best_choice = math.inf, None
     for choice in itertools.product(*[range(len(c)) for c in block_cost]):
         if any(
-            len({tuple(placements_str(graph.block_configs(b)[choice[b]].input_placements[p])) for b, p in r}) > 1
-            for r in tied
+            len({tuple(to_strs(graph.block_configs(b)[choice[b]].input_placements[p])) for b, p in r}) > 1 for r in tied
         ):
             continue
         if memory_limit is not None and mem.of(list(choice)).total > memory_limit:
@@ -138,7 +139,7 @@ def test_tied_embedding_and_head_agree(tiny1):
         prop = tiny1.block_configs(b)[c]
         for pos, i in enumerate(b.inputs):
             if i.name in traced.params:
-                placements.setdefault(i.name, set()).add(tuple(placements_str(prop.input_placements[pos])))
+                placements.setdefault(i.name, set()).add(tuple(to_strs(prop.input_placements[pos])))
     assert all(len(v) == 1 for v in placements.values())
 
 
@@ -163,7 +164,7 @@ def test_memory_limit_forces_sharding_and_impossible_limit_explained(tiny2):
     tight = solve(tiny2, costs, memory_limit=limit)
     assert tight.evaluation.memory.total <= limit
     params = parameter_placements(tiny2, tight.choice)
-    assert any(any(p.startswith("Shard") for p in pl) for pl in params.values())
+    assert any(any(p.is_shard() for p in pl) for pl in params.values())
     with pytest.raises(
         cfp.CFPError, match=r"least memory any plan needs is .*parameters .*gradients .*optimizer state .*activations"
     ):
@@ -194,19 +195,28 @@ def test_dp_choice_is_batch(tiny2):
 
 def test_redistribute_collectives():
     mesh = parse_mesh("2x4")
-    key = TransitionKey((8, 16), "float32", ("Replicate()", "Shard(1)"), ("Replicate()", "Replicate()"))
-    assert redistribute_collectives(key, mesh) == [
+    R, P = Replicate(), Partial("sum")
+
+    def key(src, dst):
+        return TransitionKey((8, 16), "float32", src, dst)
+
+    assert redistribute_collectives(key((R, Shard(1)), (R, R)), mesh) == [
         ("all_gather", 1, 8 * 4 * 4, "forward"),
         ("reduce_scatter", 1, 8 * 16 * 4, "backward"),
     ]
-    key = TransitionKey((8, 16), "float32", ("Partial(sum)", "Replicate()"), ("Replicate()", "Replicate()"))
-    assert redistribute_collectives(key, mesh) == [("all_reduce", 0, 8 * 16 * 4, "forward")]
-    key = TransitionKey((8, 16), "float32", ("Replicate()", "Replicate()"), ("Shard(0)", "Replicate()"))
-    assert [c[0] for c in redistribute_collectives(key, mesh)] == ["all_gather"]  # free forward, gather the gradient
-    key = TransitionKey((8, 16), "float32", ("Shard(0)", "Replicate()"), ("Shard(1)", "Replicate()"))
-    assert [c[0] for c in redistribute_collectives(key, mesh)] == ["all_to_all", "all_to_all"]
-    key = TransitionKey((8, 16), "float32", ("Partial(sum)", "Replicate()"), ("Shard(0)", "Replicate()"))
-    assert [c[0] for c in redistribute_collectives(key, mesh)] == ["reduce_scatter", "all_gather"]
+    assert redistribute_collectives(key((P, R), (R, R)), mesh) == [("all_reduce", 0, 8 * 16 * 4, "forward")]
+    # A free forward; the backward gathers the gradient.
+    assert [c[0] for c in redistribute_collectives(key((R, R), (Shard(0), R)), mesh)] == ["all_gather"]
+    assert [c[0] for c in redistribute_collectives(key((Shard(0), R), (Shard(1), R)), mesh)] == ["all_to_all"] * 2
+    assert [c[0] for c in redistribute_collectives(key((P, R), (Shard(0), R)), mesh)] == [
+        "reduce_scatter",
+        "all_gather",
+    ]
+    # A strided shard (a reshape of a sharded dimension) is a shard: gathering it is an all-gather.
+    assert [c[0] for c in redistribute_collectives(key((_StridedShard(0, split_factor=2), R), (R, R)), mesh)] == [
+        "all_gather",
+        "reduce_scatter",
+    ]
 
 
 def test_small_model_large_memory_is_data_parallel():
@@ -219,7 +229,7 @@ def test_small_model_large_memory_is_data_parallel():
     # Data parallel: tokens split (batch, or equally cheap here, sequence), every weight replicated.
     assert set(linear) <= {"batch", "seq"}, names
     params = parameter_placements(graph, sol.choice)
-    assert all(pl == ["Replicate()"] for fqn, pl in params.items() if ".h." in fqn or fqn.startswith("lm_head")), params
+    assert all(pl == (Replicate(),) for fqn, pl in params.items() if ".h." in fqn or fqn.startswith("lm_head")), params
 
 
 def test_long_sequence_big_hidden_tight_memory_is_tensor_parallel():
@@ -240,7 +250,7 @@ def test_k_best_plans_are_distinct_and_ordered(tiny1):
     totals = []
     for choice in itertools.product(*[range(len(tiny1.block_configs(b))) for b in tiny1.blocks]):
         props = [tiny1.block_configs(b)[c] for b, c in zip(tiny1.blocks, choice)]
-        if any(len({tuple(placements_str(props[b].input_placements[p])) for b, p in r}) > 1 for r in readers):
+        if any(len({tuple(to_strs(props[b].input_placements[p])) for b, p in r}) > 1 for r in readers):
             continue
         totals.append(evaluate(tiny1, costs, list(choice), mem).total_s)
     totals.sort()

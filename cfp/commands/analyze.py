@@ -12,7 +12,8 @@ from cfp.analyze import BlockGraph, analyze
 from cfp.capture import op_name
 from cfp.commands.common import add_json_arg, add_model_args, analysis_progress, console, model_spec
 from cfp.mesh import parse_mesh
-from cfp.propagate import Propagation, placements_str
+from cfp.placements import from_strs, short, to_strs
+from cfp.propagate import Propagation
 from cfp.report_util import human, human_bytes, write_json
 
 
@@ -61,7 +62,7 @@ def _collectives(prop: Propagation) -> dict[str, int]:
 def _config_json(prop: Propagation) -> dict:
     return {
         "name": prop.config.name,
-        "exit_placements": [placements_str(p) for p in prop.exit_placements],
+        "exit_placements": [to_strs(p) for p in prop.exit_placements],
         "communication_free": prop.comm_free,
         "collectives": _collectives(prop),
         "comm_bytes": {phase: prop.comm_bytes(phase) for phase in ("forward", "backward", "grad")},
@@ -108,18 +109,6 @@ SHORT_KIND = {"all_reduce": "AR", "all_gather": "AG", "reduce_scatter": "RS", "a
 SHORT_PHASE = {"forward": "fwd", "backward": "bwd", "grad": "grad"}
 
 
-def short(placements: list[str]) -> str:
-    """["Shard(2)", "Replicate()"] -> "S2,R"."""
-    return ",".join(
-        p.replace("Shard(", "S")
-        .replace(")", "")
-        .replace("Replicate(", "R")
-        .replace("Partial(sum", "P")
-        .replace("Partial(avg", "Pavg")
-        for p in placements
-    )
-
-
 def print_summary(graph: BlockGraph, summary: dict, model: str, show_rejected: bool = False) -> None:
     space = summary["search_space"]
     table = Table(title=f"{model} on mesh {graph.mesh}", show_header=False)
@@ -145,7 +134,7 @@ def print_summary(graph: BlockGraph, summary: dict, model: str, show_rejected: b
         for col in ("config", "exits", "collectives", "comm-free", "params/dev", "acts/dev"):
             t.add_column(col)
         for cfg in cls["configs"]:
-            exits = " ".join(short(p) for p in cfg["exit_placements"] if p)
+            exits = " ".join(short(from_strs(p)) for p in cfg["exit_placements"] if p)
             comms = (
                 " ".join(
                     f"{SHORT_PHASE[k.split(':')[0]]}:{SHORT_KIND.get(k.split(':')[1], k)}x{v}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cfp.costs import TransitionKey
+from cfp.placements import to_strs
 from cfp.profile.program import BlockProgram, TransitionProgram
 
 
@@ -30,7 +31,7 @@ class Job:
         if self.kind == "block":
             return f"block class {self.class_id} config {self.config!r}"
         k = self.transition
-        return f"transition {k.shape} {k.dtype} {'/'.join(k.src)} -> {'/'.join(k.dst)}"
+        return f"transition {k.shape} {k.dtype} {'/'.join(to_strs(k.src))} -> {'/'.join(to_strs(k.dst))}"
 
 
 @dataclass

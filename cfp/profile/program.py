@@ -42,14 +42,14 @@ from cfp.blocks import Block
 from cfp.costs import TransitionKey
 from cfp.errors import CFPWarning
 from cfp.optim import adamw
-from cfp.program import Collective, CommRecorder, Placements, grad_placements, make_dtensor, run_block
+from cfp.placements import Placements, replicate_partials, to_strs
+from cfp.program import Collective, CommRecorder, make_dtensor, run_block
 from cfp.propagate import (
     Propagation,
     entry_placements,
     exit_gradients,
     input_values,
     needs_grad,
-    parse_placement,
     reduce_gradients,
 )
 
@@ -351,8 +351,7 @@ class TransitionProgram(_Timed):
 
     def __init__(self, key: TransitionKey, mesh: DeviceMesh, device="cpu", seed: int = 0, runtime: str = "lowered"):
         self.key, self.mesh, self.device = key, mesh, torch.device(device)
-        self.src = tuple(parse_placement(p) for p in key.src)
-        self.dst = tuple(parse_placement(p) for p in key.dst)
+        self.src, self.dst = key.src, key.dst
         dtype = getattr(torch, key.dtype)
         full = seeded(key.shape, dtype, "transition", seed, self.device, high=2)
         base = make_dtensor(full, mesh, self.src, requires_grad=False)
@@ -365,7 +364,7 @@ class TransitionProgram(_Timed):
             self.grad = make_dtensor(
                 seeded(key.shape, dtype, "transition-grad", seed, self.device),
                 mesh,
-                grad_placements(self.dst),
+                replicate_partials(self.dst),
                 requires_grad=False,
             )
         self.redistribute = lambda x: x.redistribute(self.mesh, self.dst)
@@ -381,7 +380,7 @@ class TransitionProgram(_Timed):
                 self.redistribute = lowered
             except Exception as exc:  # AOTAutograd does not trace every redistribution; the interpreter runs it
                 warnings.warn(
-                    f"The transition {key.src} -> {key.dst} of {key.shape} could not be lowered "
+                    f"The transition {to_strs(key.src)} -> {to_strs(key.dst)} of {key.shape} could not be lowered "
                     f"({type(exc).__name__}: {str(exc)[:160]}); it is timed on the DTensor interpreter.",
                     CFPWarning,
                     stacklevel=2,

@@ -39,6 +39,7 @@ from cfp.cluster import ClusterModel
 from cfp.costs import unique_transitions
 from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, device_mesh, fake_mesh, launched_rank, launched_world
+from cfp.placements import to_strs
 from cfp.profile.jobs import Job, RankContext, combine, execute
 from cfp.profile.program import RUNTIMES
 from cfp.profile.real import WorkerPool, cpu_cores, quiet_gloo_alltoall, rank_device
@@ -84,7 +85,7 @@ def transition_jobs(graph: BlockGraph, runtime: str = "lowered") -> list[Job]:
     from cfp.storage import StorageTable  # parameters stored sharded are gathered and reduce-scattered
 
     keys = unique_transitions(graph) | StorageTable(graph).transition_keys()
-    keys = sorted(keys, key=lambda k: (k.shape, k.dtype, k.src, k.dst))
+    keys = sorted(keys, key=lambda k: (k.shape, k.dtype, to_strs(k.src), to_strs(k.dst)))
     return [Job("transition", transition=k, runtime=runtime) for k in keys]
 
 

@@ -43,6 +43,7 @@ import torch
 from cfp.cluster import CLUSTERS_DIR
 from cfp.costs import BlockCost, TransitionKey
 from cfp.errors import CFPError, CFPWarning
+from cfp.placements import to_strs
 
 SCHEMA = 8  # bump when what a row measures changes (rows of another schema are re-measured); the history is in git
 KEY = [
@@ -104,7 +105,8 @@ def store_dir(path: str | Path | None = None) -> Path:
 
 
 def transition_config(key: TransitionKey) -> str:
-    return f"{','.join(key.src)}->{','.join(key.dst)}"
+    """A transition row's ``config``: ``Shard(0),Replicate()->Replicate(),Replicate()``."""
+    return f"{','.join(to_strs(key.src))}->{','.join(to_strs(key.dst))}"
 
 
 class ProfileStore:
