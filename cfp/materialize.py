@@ -47,9 +47,12 @@ Give their module a ``reset_parameters`` that computes them, or pass an
 Limits: the equality with one device holds when the model's construction
 follows the order above (a module drawing random numbers in its own
 ``reset_parameters`` after building children that draw too is post-order;
-anything else is not replayed as it ran); a model built in one dtype and cast
-afterwards is initialised here in its meta dtype; buffers are kept whole on
-every rank, as ``cfp.parallelize`` holds them.
+a ``reset_parameters`` that re-initialises its children finds them on
+``meta`` here and draws nothing for them; anything else is not replayed as
+it ran); a model built in one dtype and cast afterwards is initialised here
+in its meta dtype; buffers are kept whole on every rank, as
+``cfp.parallelize`` holds them. The model is changed in place: its
+parameters become the DTensors.
 """
 
 from __future__ import annotations
@@ -163,7 +166,7 @@ def materialize(
     if init_fn is not None:
         passes += [init_fn] if callable(init_fn) else list(init_fn)
     post = _post_order(model)
-    pre = [m for m in model.modules()]
+    pre = list(model.modules())
     orders = [post] + [pre] * (len(passes) - 1)
     last = len(passes) - 1
 
@@ -214,18 +217,22 @@ def materialize(
                 if key in tied and (k > 0 or holders[key][0] is s):
                     live[key] = value
                 elif key not in tied and k == last:
-                    final[key] = value.detach()
                     if value is installed[key] and value._version == 0:
                         unwritten.append(fqn_of[key])
                     elif key in placed:
                         final[key] = _shard(value, mesh, placed[key])  # the full tensor dies here
+                    elif not s.is_param:
+                        final[key] = value.detach()  # buffers stay whole
                 s.set(s.meta)  # back to meta: one module full at a time
             del installed
 
     for key, value in live.items():
         if value is tied_made[key] and value._version == 0:
             unwritten.append(fqn_of[key])
-        final[key] = _shard(value, mesh, placed[key]) if key in placed else value.detach()
+        elif key in placed:
+            final[key] = _shard(value, mesh, placed[key])
+        elif not holders[key][0].is_param:
+            final[key] = value.detach()
     live.clear()
     if unwritten:
         raise CFPError(
@@ -237,7 +244,7 @@ def materialize(
     for m in post:
         for s in slots[id(m)]:
             key = id(s.meta)
-            if s.is_param and key not in placed:
+            if key not in final:
                 continue  # a parameter the plan does not place stays on meta
             if key not in made:
                 made[key] = nn.Parameter(final[key], requires_grad=s.meta.requires_grad) if s.is_param else final[key]

@@ -505,6 +505,8 @@ def parallelize(
     first = next(iter(model.parameters()), None)
     device_type = first.device.type if first is not None and first.device.type != "meta" else "cpu"
     meta = on_meta(model)
+    if not meta and (init_fn is not None or seed is not None):
+        raise CFPError("init_fn and seed initialise a model built on meta; this model has its weights already.")
     if meta:
         device_type = (
             mesh.device_type if isinstance(mesh, DeviceMesh) else "cuda" if torch.cuda.is_available() else "cpu"
