@@ -98,6 +98,27 @@ def _peak_bytes_of_materialising(mesh) -> tuple[int, int]:
     return peak, total
 
 
+class _LostBuffer(nn.Module):
+    """Computes a buffer in ``__init__`` and has no ``reset_parameters``: on meta the values are lost."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("ids", torch.arange(4), persistent=False)
+
+
+def _lost_buffer_error(mesh) -> str:
+    from cfp.materialize import materialize
+
+    with torch.device("meta"):
+        model = _LostBuffer()
+    try:
+        materialize(model, {}, mesh, seed=0)
+    except cfp.CFPError as exc:
+        return str(exc)
+    return ""
+
+
 def _worker(rank: int, world: int, port: int, plans: dict, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -117,6 +138,11 @@ def _worker(rank: int, world: int, port: int, plans: dict, out_dir: str) -> None
             results[key] = {"errors": errors, "stats": stats}
         peak, total = _peak_bytes_of_materialising(init_device_mesh("cpu", (world,)))
         results["peak"] = {"errors": [], "stats": {"peak": peak, "total": total}}
+        error = _lost_buffer_error(init_device_mesh("cpu", (world,)))
+        results["lost buffer"] = {
+            "errors": [] if "ids uninitialised" in error else [f"no error: {error!r}"],
+            "stats": {},
+        }
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f, indent=1)
@@ -130,8 +156,9 @@ def _free_port() -> int:
 
 
 def test_meta_model_materialises_to_the_single_device_init(tmp_path):
-    """Exact parameters and buffers, tied head still tied, single-device loss and gradients; and the peak
-    memory of materialising stays far below the whole model (one layer full plus this rank's shards)."""
+    """Exact parameters and buffers, tied head still tied, single-device loss and gradients; the peak
+    memory of materialising stays far below the whole model (one layer full plus this rank's shards); and a
+    buffer computed in ``__init__``, lost on meta, is an error naming it."""
     plans = _plans(tmp_path)
     world = 2
     ctx = mp.get_context("spawn")
@@ -150,7 +177,7 @@ def test_meta_model_materialises_to_the_single_device_init(tmp_path):
     problems = []
     for r in range(world):
         results = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert set(results) == {*plans, "peak"}
+        assert set(results) == {*plans, "peak", "lost buffer"}
         for key, res in results.items():
             print(f"rank {r} {key}: {res['stats']}")
             problems += [f"rank {r} {key}: {e}" for e in res["errors"]]
