@@ -67,6 +67,7 @@ from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
 from cfp.errors import CFPError, CFPWarning
 from cfp.lower import LoweredForward
+from cfp.materialize import InitFn, materialize, on_meta
 from cfp.placements import Placements, replicate_partials
 from cfp.plan import Plan, block_entry, parameter_placements, spec_json
 from cfp.program import BlockRun, _call
@@ -436,6 +437,16 @@ class ParallelModule(nn.Module):
         return tuple(env[n] for n in step.outputs)
 
 
+def _held_placements(plan: Plan) -> dict[str, Placements]:
+    """Each parameter's placements as the parallel module holds it: its storage placements where it is
+    ZeRO-stored, else the ones it computes with."""
+    held = {fqn: _target(placements) for fqn, placements in plan.parameters.items()}
+    for fqn, stored in plan.storage.items():
+        if fqn in held and stored.get("placements"):
+            held[fqn] = stored["placements"]
+    return held
+
+
 def _mesh_for(plan: Plan, mesh, device_type: str) -> DeviceMesh:
     from cfp.mesh import MeshSpec, device_mesh
 
@@ -459,8 +470,18 @@ def parallelize(
     traced: TracedModel | None = None,
     lowered: bool = True,
     compile: bool = False,
+    init_fn: InitFn | Sequence[InitFn] | None = None,
+    seed: int | None = None,
 ) -> ParallelModule:
     """The model as a module whose forward runs the plan with DTensor (see the module docstring).
+
+    A model built on ``meta`` (``with torch.device("meta"): Model()``) is
+    materialised here, one module at a time, each rank keeping only its
+    shards and never the whole model: its ``reset_parameters`` then each
+    ``init_fn`` pass, from ``seed`` (``cfp.materialize`` says the contract
+    under which this equals ``torch.manual_seed(seed); Model()`` on one
+    device). A model with real tensors is sharded as it is; ``init_fn`` and
+    ``seed`` apply to meta models only.
 
     ``plan`` is a Plan or a plan file; ``mesh`` a DeviceMesh of the plan's
     shape over the initialised process group (default: one made from the
@@ -478,6 +499,18 @@ def parallelize(
         plan = Plan.load(plan)
     first = next(iter(model.parameters()), None)
     device_type = first.device.type if first is not None and first.device.type != "meta" else "cpu"
+    meta = on_meta(model)
+    if not meta and (init_fn is not None or seed is not None):
+        raise CFPError("init_fn and seed initialise a model built on meta; this model has its weights already.")
+    if meta:
+        device_type = (
+            mesh.device_type if isinstance(mesh, DeviceMesh) else "cuda" if torch.cuda.is_available() else "cpu"
+        )
+        if example_inputs is not None:  # captured on meta, like the model
+            example_inputs = tuple(
+                t.to("meta") if isinstance(t, torch.Tensor) else t
+                for t in (example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+            )
     if traced is None:
         spec = None
         if example_inputs is None:
@@ -493,4 +526,6 @@ def parallelize(
         traced = capture(Workload(spec=spec or ModelSpec("<model>"), model=model, inputs=example_inputs))
     plan.check_matches(traced)
     mesh = _mesh_for(plan, mesh, device_type)
+    if meta:
+        materialize(model, _held_placements(plan), mesh, init_fn=init_fn, seed=seed)
     return ParallelModule(traced, plan, mesh, model, lowered=lowered, compile=compile)

@@ -68,9 +68,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         # A buffer, not built in forward, so the traced graph has no factory op for it.
-        self.register_buffer(
-            "mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False
-        )
+        self.register_buffer("mask", torch.empty(cfg.block_size, cfg.block_size, dtype=torch.bool), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """This module's own tensors (the causal mask), so that a model built on meta can be materialised."""
+        self.mask.copy_(torch.tril(torch.ones_like(self.mask)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -128,13 +131,29 @@ class GPT(nn.Module):
         if cfg.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         # Position ids as a buffer: torch.arange in forward would be baked into the graph.
-        self.register_buffer("pos", torch.arange(cfg.block_size), persistent=False)
+        self.register_buffer("pos", torch.empty(cfg.block_size, dtype=torch.long), persistent=False)
+        self.reset_parameters()
 
-        # GPT-2 init: N(0, 0.02), residual projections scaled down by depth. No-ops on meta.
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        # GPT-2 init. No-ops on meta, where cfp.parallelize(init_fn=model.init_passes()) replays it.
+        for init in self.init_passes():
+            for module in self.modules():
+                init(module)
+
+    def reset_parameters(self) -> None:
+        """This module's own tensors (the position ids)."""
+        self.pos.copy_(torch.arange(len(self.pos), device=self.pos.device))
+
+    def init_passes(self) -> list:
+        """GPT-2 init as passes of a per-module function over ``self.modules()``: N(0, 0.02), then the
+        residual projections (``c_proj``) again, scaled down by depth."""
+        residual = {id(m) for name, m in self.named_modules() if name.endswith("c_proj")}
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+
+        def scale_residual(module: nn.Module) -> None:
+            if id(module) in residual:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+        return [self._init_weights, scale_residual]
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

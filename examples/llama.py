@@ -94,7 +94,11 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
@@ -190,21 +194,40 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied
 
-        # Shared by every layer, computed here with torch ops (so also on meta) and kept
-        # out of the state dict. Building them in forward would bake constants into the graph.
-        cos, sin = self._rotary_tables(cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer(
-            "mask", torch.tril(torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool)), persistent=False
-        )
+        # Shared by every layer, computed by reset_parameters (so also when a model built on meta is
+        # materialised) and kept out of the state dict. Building them in forward would bake constants into the graph.
+        head_dim = cfg.n_embd // cfg.n_head
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, head_dim), persistent=False)
+        self.register_buffer("mask", torch.empty(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool), persistent=False)
+        self.reset_parameters()
 
-        # N(0, 0.02) everywhere, residual projections scaled down by depth. No-ops on meta.
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                continue  # RMSNorm gains stay at 1
-            std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-            nn.init.normal_(p, mean=0.0, std=std)
+        # N(0, 0.02) everywhere. No-ops on meta, where cfp.parallelize(init_fn=model.init_passes()) replays it.
+        for init in self.init_passes():
+            for module in self.modules():
+                init(module)
+
+    def reset_parameters(self) -> None:
+        """This module's own tensors: the rotary tables and the causal mask."""
+        cos, sin = self._rotary_tables(self.cfg)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        self.mask.copy_(torch.tril(torch.ones_like(self.mask)))
+
+    def init_passes(self) -> list:
+        """The init as one pass of a per-module function over ``self.modules()`` (in the order of
+        ``self.named_parameters()``): N(0, 0.02), residual projections (wo, w2) scaled down by depth,
+        RMSNorm gains left at 1."""
+        residual = {id(m) for name, m in self.named_modules() if name.endswith(("wo", "w2"))}
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+
+        def init(module: nn.Module) -> None:
+            if isinstance(module, RMSNorm):
+                return
+            for p in module.parameters(recurse=False):
+                nn.init.normal_(p, mean=0.0, std=std if id(module) in residual else 0.02)
+
+        return [init]
 
     @staticmethod
     def _rotary_tables(cfg: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:

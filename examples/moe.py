@@ -102,9 +102,12 @@ class CausalSelfAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # out features [n_head, 3, head_dim]
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.register_buffer(
-            "mask", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)), persistent=False
-        )
+        self.register_buffer("mask", torch.empty(cfg.block_size, cfg.block_size, dtype=torch.bool), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """This module's own tensors (the causal mask), so that a model built on meta can be materialised."""
+        self.mask.copy_(torch.tril(torch.ones_like(self.mask)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -150,8 +153,14 @@ class MoE(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         # Index vectors for building one-hots by comparison; buffers so no arange lands in the graph.
         max_group = cfg.group_size or cfg.block_size
-        self.register_buffer("expert_ids", torch.arange(cfg.n_expert), persistent=False)
-        self.register_buffer("slot_ids", torch.arange(max_group), persistent=False)  # capacity <= group size
+        self.register_buffer("expert_ids", torch.empty(cfg.n_expert, dtype=torch.long), persistent=False)
+        self.register_buffer("slot_ids", torch.empty(max_group, dtype=torch.long), persistent=False)  # capacity <= S
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The index buffers; the expert weights are drawn by the model's init (``MoEGPT.init_passes``)."""
+        for ids in (self.expert_ids, self.slot_ids):
+            ids.copy_(torch.arange(len(ids), device=ids.device))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, d = x.shape
@@ -235,18 +244,40 @@ class MoEGPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
-        self.register_buffer("pos", torch.arange(cfg.block_size), persistent=False)
+        self.register_buffer("pos", torch.empty(cfg.block_size, dtype=torch.long), persistent=False)
+        self.reset_parameters()
 
-        # GPT-2 init: N(0, 0.02), residual projections (c_proj, w_out) scaled down by depth.
-        for name, p in self.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                nn.init.ones_(p)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif name.endswith(("c_proj.weight", "w_out")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-            else:
-                nn.init.normal_(p, mean=0.0, std=0.02)
+        # GPT-2 init. No-ops on meta, where cfp.parallelize(init_fn=model.init_passes()) replays it.
+        for init in self.init_passes():
+            for module in self.modules():
+                init(module)
+
+    def reset_parameters(self) -> None:
+        """This module's own tensors (the position ids)."""
+        self.pos.copy_(torch.arange(len(self.pos), device=self.pos.device))
+
+    def init_passes(self) -> list:
+        """GPT-2 init as one pass of a per-module function over ``self.modules()`` (in the order of
+        ``self.named_parameters()``): N(0, 0.02), residual projections (c_proj, w_out) scaled down by depth."""
+        prefix = {id(m): name for name, m in self.named_modules()}
+        canonical = {name for name, _ in self.named_parameters()}  # a tied head is its embedding, drawn once
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+
+        def init(module: nn.Module) -> None:
+            for local, p in module.named_parameters(recurse=False):
+                name = f"{prefix[id(module)]}.{local}".lstrip(".")
+                if name not in canonical:
+                    continue
+                if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                    nn.init.ones_(p)
+                elif name.endswith("bias"):
+                    nn.init.zeros_(p)
+                elif name.endswith(("c_proj.weight", "w_out")):
+                    nn.init.normal_(p, mean=0.0, std=std)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02)
+
+        return [init]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape

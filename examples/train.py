@@ -1,6 +1,6 @@
 """Train a model under a CFP plan with DTensor.
 
-    torchrun --nproc-per-node 2 examples/train.py --plan plan.json [--steps N] [--lr LR]
+    torchrun --nproc-per-node 2 examples/train.py --plan plan.json [--steps N] [--lr LR] [--meta]
 
 or, without a plan file, a plan built here from one config name for every block
 (each rank analyses the model itself, before the process group starts):
@@ -49,6 +49,11 @@ def parse_args(argv=None):
     ap.add_argument("--json", help="rank 0 writes the loss curve here")
     ap.add_argument("--interpreted", action="store_true", help="run the plan on the DTensor interpreter, not lowered")
     ap.add_argument("--compile", action="store_true", help="compile the lowered programs with inductor")
+    ap.add_argument(
+        "--meta",
+        action="store_true",
+        help="build the model on meta: each rank materialises only its shards, one module at a time",
+    )
     return ap.parse_args(argv)
 
 
@@ -112,10 +117,29 @@ def train(args) -> int:
     device = f"cuda:{local_rank}" if cuda else "cpu"
     dist.init_process_group("nccl" if cuda else "gloo")
 
-    workload = cfp.build(spec_of(plan, device=device))  # every rank builds the same (seeded) weights
-    model = parallelize(
-        workload.model, plan, example_inputs=workload.inputs, lowered=not args.interpreted, compile=args.compile
-    )
+    if args.meta:
+        # No rank ever holds the whole model: its init (reset_parameters, then the model's own init passes
+        # where it has them, as the example models do) runs one module at a time, from the seed build() uses.
+        workload = cfp.build(spec_of(plan, device="meta"))
+        passes = getattr(workload.model, "init_passes", None)
+        model = parallelize(
+            workload.model,
+            plan,
+            init_fn=passes() if passes else None,
+            seed=0,
+            lowered=not args.interpreted,
+            compile=args.compile,
+        )
+        # The batch's shapes only: synthetic_batch fills token inputs (other inputs train on these zeros).
+        inputs = tuple(
+            torch.zeros_like(t, device=device) if isinstance(t, torch.Tensor) else t for t in workload.inputs
+        )
+        workload = cfp.Workload(workload.spec, workload.model, inputs)
+    else:
+        workload = cfp.build(spec_of(plan, device=device))  # every rank builds the same (seeded) weights
+        model = parallelize(
+            workload.model, plan, example_inputs=workload.inputs, lowered=not args.interpreted, compile=args.compile
+        )
     opt = adamw(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)  # the same global batch on every rank
     if rank == 0:

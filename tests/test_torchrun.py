@@ -54,6 +54,28 @@ def test_train_with_a_plan_file_lowers_the_loss(tmp_path):
     assert "loss" in out.stdout and "median step" in out.stdout
 
 
+def test_train_meta_materialises_the_single_device_model(tmp_path):
+    """--meta: the model is built on meta and each rank materialises its shards; the first loss is the
+    single-device model's on the same batch, so the weights are the same."""
+    import torch
+
+    import cfp
+    from cfp.parallelize import spec_of
+    from examples.train import synthetic_batch
+
+    plan = tmp_path / "plan.json"
+    args = ["plan", "gpt:tiny", "--mesh", "2", "--cost", "analytic", "--cluster", "cpu-gloo-local"]
+    assert main([*args, "--baseline", "megatron", "-o", str(plan)]) == 0
+    curve_file = tmp_path / "curve.json"
+    out = torchrun(
+        2, str(ROOT / "examples" / "train.py"), "--plan", str(plan), "--meta", "--steps", "2", "--json", str(curve_file)
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    w = cfp.build(spec_of(cfp.Plan.load(plan)))
+    expected = w.model(*synthetic_batch(w.inputs, 16, torch.Generator().manual_seed(0))).item()
+    assert abs(json.loads(curve_file.read_text())[0]["loss"] - expected) < 1e-5
+
+
 def test_train_refuses_a_plan_for_another_world_size(tmp_path):
     plan = tmp_path / "plan.json"
     assert (
