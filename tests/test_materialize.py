@@ -19,7 +19,7 @@ from cfp import baselines
 from cfp.analyze import analyze
 from cfp.mesh import parse_mesh
 from cfp.parallelize import parallelize, plan_from_indices
-from cfp.plan import make_plan
+from cfp.pipeline import make_plan
 
 MODELS = ["gpt:tiny", "llama:tiny", "moe:tiny"]
 TIMEOUT_S = 300
