@@ -8,6 +8,7 @@ import time
 from rich.table import Table
 
 from cfp.commands.common import add_json_arg, add_model_args, console, model_spec
+from cfp.profile.backends import BACKENDS
 from cfp.report import human_time, print_validation
 from cfp.report_util import human_bytes, write_json
 
@@ -32,7 +33,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--backend",
-        choices=["real", "emulated"],
+        choices=list(BACKENDS),
         default="emulated",
         help="profiling backend for --cost profiled (default: emulated)",
     )

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cfp.commands.common import add_json_arg, add_model_args, analysis_progress, console, model_spec
 from cfp.mesh import parse_mesh
+from cfp.profile.backends import BACKENDS
 from cfp.report_util import human_bytes, write_json
 
 
@@ -29,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--mesh", required=True, help="device mesh, e.g. 2, 2x4 or dp=2,tp=4")
     p.add_argument(
         "--backend",
-        choices=["real", "emulated"],
+        choices=list(BACKENDS),
         default="real",
         help="real process group (default) or emulated (fake PG + cluster model)",
     )

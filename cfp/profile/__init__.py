@@ -2,11 +2,22 @@
 emulated over the fake one, stored as Parquet, read by the ILP as a cost model.
 
 See ``cfp.profile.runner.profile`` (the entry point), ``cfp.profile.program``
-(the programs), ``cfp.profile.store`` (``ProfileStore``, ``ProfileTable``)
-and ``cfp.profile.real`` (the worker pool).
+(the programs), ``cfp.profile.store`` (``ProfileStore``, ``ProfileTable``),
+``cfp.profile.backends`` (``Backend``, the registry ``BACKENDS``) and
+``cfp.profile.real`` (the worker pool).
 """
 
-from cfp.profile.runner import BACKENDS, ProfileRun, analyze_for_profile, profile
+from cfp.profile.backends import BACKENDS, Backend, register_backend
+from cfp.profile.runner import ProfileRun, analyze_for_profile, profile
 from cfp.profile.store import ProfileStore, ProfileTable
 
-__all__ = ["BACKENDS", "ProfileRun", "ProfileStore", "ProfileTable", "analyze_for_profile", "profile"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "ProfileRun",
+    "ProfileStore",
+    "ProfileTable",
+    "analyze_for_profile",
+    "profile",
+    "register_backend",
+]
