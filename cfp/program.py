@@ -154,7 +154,8 @@ class BlockExecutor(Protocol):
 
     Forward, ``run_node`` runs one op of a block on its operands as the block
     reads them: the entry values (the anchor's activation and parameters)
-    with the config's placements, every other value as earlier ops made it.
+    with the config's placements, values of the block as its earlier ops made
+    them, other inputs placed as ``run_block`` or ``cfp.parallelize`` says.
     Backward is autograd's, with two rules an executor keeps so that what
     trains is what was profiled:
 
@@ -169,7 +170,8 @@ class BlockExecutor(Protocol):
     (``cfp.lower``) does not implement another: it traces this one with
     AOTAutograd, so that the rules live in one place. A new executor
     implements ``run_node`` and ``fallbacks`` and is passed to ``run_block``
-    (analysis, profiling) or used by ``ParallelModule.interpret`` (training).
+    (analysis, profiling); ``ParallelModule.interpret`` (training) makes the
+    executor of each step.
     """
 
     fallbacks: list[str]  # ops it could not shard and ran replicated, in the order run
