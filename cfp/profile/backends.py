@@ -145,10 +145,11 @@ class EmulatedBackend:
         self.ctx: RankContext | None = None
 
     def _start(self) -> None:
+        self._cm = fake_mesh(self.mesh)
+        mesh = self._cm.__enter__()
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
-        self._cm = fake_mesh(self.mesh)
-        self.ctx = RankContext(graph=self.graph, mesh=self._cm.__enter__(), device=self.device)
+        self.ctx = RankContext(graph=self.graph, mesh=mesh, device=self.device)
 
     def __enter__(self) -> EmulatedBackend:
         return self  # the fake process group is joined on the first job
