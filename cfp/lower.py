@@ -13,7 +13,7 @@ with the plan's placements, AOTAutograd's runtime wrappers unwrap them on the
 way in and wrap each parameter's gradient (a local tensor in the backward
 program) back into a DTensor with the placements traced for it. Those are the
 parameter's own placements, because the traced function passes every
-parameter through ``_GradPlacedLikeValue``: its backward redistributes the
+parameter through ``GradPlacedLikeValue``: its backward redistributes the
 summed gradient of all of the parameter's uses to the parameter's placements
 (data parallelism's all-reduce, for a replicated weight on batch-sharded
 data), which the trace turns into a collective inside the backward program.
@@ -37,6 +37,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import _disable_current_modes
 
 from cfp.errors import CFPError, CFPWarning
+from cfp.program import GradPlacedLikeValue
 
 if TYPE_CHECKING:
     from cfp.parallelize import ParallelModule
@@ -164,15 +165,13 @@ class LoweredForward:
     def _trace(self, param_names: list[str]) -> Callable:
         from torch._functorch.aot_autograd import aot_function
 
-        from cfp.parallelize import _GradPlacedLikeValue
-
         module = self.module
         buffer_names = list(module._buffer_of)
 
         def step(params: list, buffers: list, inputs: list):
             values: dict[str, Any] = {}
             for name, param in zip(param_names, params):
-                values[name] = _GradPlacedLikeValue.apply(param) if param.requires_grad else param
+                values[name] = GradPlacedLikeValue.apply(param) if param.requires_grad else param
             values.update(zip(buffer_names, buffers))
             values.update(zip(module._user_inputs, inputs))
             return module.interpret(values)

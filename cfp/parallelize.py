@@ -14,8 +14,8 @@ interprets the exported graph in order:
   per block, and its gradient is brought back to those placements on the way
   out of the block's backward, as profiling times it;
 - the block's ops then run with DTensor's own sharding propagation through
-  ``cfp.program._call``, the very function analysis propagates and profiling
-  times with (export's asserts skipped, a ``Partial`` operand of a sum with a
+  ``cfp.program.DTensorExecutor``, the very executor analysis propagates and
+  profiling times with (export's asserts skipped, a ``Partial`` operand of a sum with a
   non-``Partial`` one reduced first, ops DTensor has no rule for run
   replicated);
 - buffers a block updated in place (BatchNorm's running statistics) are
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ from cfp.lower import LoweredForward
 from cfp.materialize import InitFn, materialize, on_meta
 from cfp.placements import Placements, replicate_partials
 from cfp.plan import Plan, block_entry, parameter_placements, spec_json
-from cfp.program import BlockRun, _call
+from cfp.program import DTensorExecutor, GradPlacedLikeValue
 from cfp.sharded import Regather, Schedule, gather, schedule
 from cfp.spec import ModelSpec, Workload, build
 from cfp.storage import LEVELS
@@ -177,22 +178,76 @@ def _target(placements: Placements) -> Placements:
     return replicate_partials(placements)
 
 
-class _GradPlacedLikeValue(torch.autograd.Function):
-    """Identity whose backward brings the gradient to the value's placements, as every block
-    program delivers its input gradients (``cfp.propagate.input_values``), and contiguous, as
-    block programs receive the gradients of their exits (a shard of a transposed gradient
-    may not allow the views the producer's backward takes)."""
+@dataclass
+class BoundPlan:
+    """A plan matched to the model's exported graph: where each parameter lives and what each block reads.
 
-    @staticmethod
-    def forward(ctx, value):
-        ctx.mesh, ctx.placements = value.device_mesh, tuple(value.placements)
-        return value.view_as(value)
+    It holds no tensors: ``ParallelModule`` makes its parameters from it, and
+    runs each op in its block with the block's entry placements.
+    """
 
-    @staticmethod
-    def backward(ctx, grad):
-        if isinstance(grad, DTensor) and tuple(grad.placements) != ctx.placements:
-            grad = grad.redistribute(ctx.mesh, ctx.placements)
-        return grad.contiguous()
+    placements: dict[str, Placements]  # parameter placeholder -> placements it is held with (stored ones: storage)
+    stored: dict[str, tuple[str, Placements]]  # placeholder of a ZeRO-stored parameter -> (level, compute placements)
+    owner: dict[str, int]  # op name -> id of the block that runs it (prologue ops have none)
+    entry: list[dict[str, Placements | None]]  # per block: its external inputs -> the placements it reads them with
+    configs: list[str]  # per block: its config's name
+    recompute: set[int]  # blocks whose activations are recomputed in backward
+
+
+def bind(plan: Plan, traced: TracedModel, mesh: DeviceMesh) -> BoundPlan:
+    """Match ``plan`` to the model's graph, refusing a plan that does not fit it.
+
+    Each parameter gets the plan's placements (its storage placements when
+    the plan stores it ZeRO-sharded, the compute ones kept beside); the graph
+    is cut into blocks again and matched to the plan's by anchor, and each
+    block gets its inputs' entry placements.
+    """
+    ndim = mesh.ndim
+    placements: dict[str, Placements] = {}
+    stored: dict[str, tuple[str, Placements]] = {}
+    for name, fqn in traced.params.items():
+        compute = plan.parameters.get(fqn)
+        if compute is None:
+            raise CFPError(f"The plan gives no placements for parameter {fqn}.")
+        compute = _target(compute)
+        if len(compute) != ndim:
+            raise CFPError(f"The plan gives {len(compute)} placements for {fqn} on a {ndim}-D mesh.")
+        placements[name] = compute
+        storage = plan.storage.get(fqn)
+        if storage is not None:
+            if storage.get("level") not in LEVELS[1:] or len(storage.get("placements") or ()) != ndim:
+                raise CFPError(
+                    f"The plan's storage of {fqn} ({storage}) is not a ZeRO level "
+                    f"with one placement per mesh dimension; re-run `cfp plan`."
+                )
+            stored[name] = (storage["level"], compute)
+            placements[name] = storage["placements"]
+
+    blocks = partition(traced)
+    if len(blocks) != len(plan.blocks):
+        raise CFPError(
+            f"The plan has {len(plan.blocks)} blocks but the model cuts into {len(blocks)}; "
+            "re-run `cfp plan` for this model."
+        )
+    owner: dict[str, int] = {}
+    entry: list[dict[str, Placements | None]] = []
+    for block, planned in zip(blocks, plan.blocks):
+        if planned.get("anchor") != block.anchor:
+            raise CFPError(
+                f"Plan block {planned.get('id')} is anchored at {planned.get('anchor')}, "
+                f"the model's at {block.anchor}; re-run `cfp plan`."
+            )
+        for n in block.nodes:
+            owner[n] = block.id
+        entry.append({i["name"]: i.get("placements") for i in planned["inputs"]})
+    return BoundPlan(
+        placements=placements,
+        stored=stored,
+        owner=owner,
+        entry=entry,
+        configs=[planned["config"] for planned in plan.blocks],
+        recompute={planned["id"] for planned in plan.blocks if planned.get("recompute")},
+    )
 
 
 class ParallelModule(nn.Module):
@@ -213,37 +268,28 @@ class ParallelModule(nn.Module):
         self._graph = traced.exported.graph_module.graph
         self._user_inputs = list(traced.user_inputs)
         self._fallbacks: list[str] = []
-        ndim = mesh.ndim
         device = (
             torch.device(mesh.device_type, torch.cuda.current_device())
             if mesh.device_type == "cuda"
             else torch.device(mesh.device_type)
         )
 
+        # The plan read against the graph: each parameter's placements, each op's block, each block's entry.
+        bound = bind(plan, traced, mesh)
+        self._stored = bound.stored
+        self._owner = bound.owner
+        self._entry = bound.entry
+        self.configs = bound.configs
+        self._recompute = bound.recompute
+
         # Parameters: DTensors with the plan's placements, same FQNs, tied ones shared.
         model_params = dict(model.named_parameters(remove_duplicate=False))
         self._param_of: dict[str, nn.Parameter] = {}  # placeholder -> parameter
-        self._stored: dict[str, tuple[str, Placements]] = {}  # placeholder -> (ZeRO level, compute placements)
         by_fqn: dict[str, nn.Parameter] = {}
         for name, fqn in traced.params.items():
-            placements = plan.parameters.get(fqn)
-            if placements is None:
-                raise CFPError(f"The plan gives no placements for parameter {fqn}.")
-            placements = _target(placements)
-            if len(placements) != ndim:
-                raise CFPError(f"The plan gives {len(placements)} placements for {fqn} on a {ndim}-D mesh.")
-            stored = plan.storage.get(fqn)
-            if stored is not None:
-                if stored.get("level") not in LEVELS[1:] or len(stored.get("placements") or ()) != ndim:
-                    raise CFPError(
-                        f"The plan's storage of {fqn} ({stored}) is not a ZeRO level "
-                        f"with one placement per mesh dimension; re-run `cfp plan`."
-                    )
-                self._stored[name] = (stored["level"], placements)
-                placements = stored["placements"]
             tensor = model_params[fqn].detach().to(device)
             param = nn.Parameter(
-                distribute_tensor(tensor, mesh, placements), requires_grad=model_params[fqn].requires_grad
+                distribute_tensor(tensor, mesh, bound.placements[name]), requires_grad=model_params[fqn].requires_grad
             )
             by_fqn[fqn] = param
             self._param_of[name] = param
@@ -270,26 +316,6 @@ class ParallelModule(nn.Module):
             self.register_buffer(attr, value.detach().to(device), persistent=False)
             self._buffer_of[name] = attr
 
-        # Blocks: which block runs each op, and the placements each block's external inputs take.
-        blocks = partition(traced)
-        if len(blocks) != len(plan.blocks):
-            raise CFPError(
-                f"The plan has {len(plan.blocks)} blocks but the model cuts into {len(blocks)}; "
-                "re-run `cfp plan` for this model."
-            )
-        self._owner: dict[str, int] = {}
-        self._entry: list[dict[str, Placements | None]] = []
-        for block, entry in zip(blocks, plan.blocks):
-            if entry.get("anchor") != block.anchor:
-                raise CFPError(
-                    f"Plan block {entry.get('id')} is anchored at {entry.get('anchor')}, "
-                    f"the model's at {block.anchor}; re-run `cfp plan`."
-                )
-            for n in block.nodes:
-                self._owner[n] = block.id
-            self._entry.append({i["name"]: i.get("placements") for i in entry["inputs"]})
-        self.configs = [entry["config"] for entry in plan.blocks]
-        self._recompute = {entry["id"] for entry in plan.blocks if entry.get("recompute")}
         self._schedule: Schedule = schedule(self._graph, self._owner, self._recompute)
         self._regather = Regather(mesh)
 
@@ -348,7 +374,7 @@ class ParallelModule(nn.Module):
             if tuple(value.placements) != placements:
                 value = value.redistribute(self.mesh, placements)
             is_param = name in self._param_of
-            return _GradPlacedLikeValue.apply(value) if value.requires_grad and not is_param else value
+            return GradPlacedLikeValue.apply(value) if value.requires_grad and not is_param else value
         # A plain tensor is the same on every rank: each keeps its shard, no communication.
         return distribute_tensor(value, self.mesh, placements, src_data_rank=None)
 
@@ -379,7 +405,7 @@ class ParallelModule(nn.Module):
         env: dict[str, Any] = {}
         entered: dict[tuple[int, str], Any] = {}  # (block, value) -> the value as that block reads it
         buffer_versions: dict[tuple[int, str], tuple] = {}  # (block, buffer) -> (its copy, version counter on entry)
-        run = BlockRun(values=env, input_placements={})
+        executor = DTensorExecutor(self.mesh)
         for node in self._schedule.placeholders:
             env[node.name] = values.get(node.name)
         with self._regather.hooks():
@@ -389,26 +415,28 @@ class ParallelModule(nn.Module):
                     once = [buffer_versions]
 
                     def fn(*values, step=step, once=once):
-                        return self._run_region(step, values, run, once.pop() if once else None)
+                        return self._run_region(step, values, executor, once.pop() if once else None)
 
                     outs = torch.utils.checkpoint.checkpoint(fn, *(env[n] for n in step.inputs), use_reentrant=False)
                     env.update(zip(step.outputs, outs))
                 else:
                     for node in step.nodes:
-                        env[node.name] = self._run_node(node, env, entered, run, versions=buffer_versions)
+                        env[node.name] = self._run_node(node, env, entered, executor, versions=buffer_versions)
                 for name in step.free:
                     env.pop(name, None)
                 for key in [k for k in entered if k[0] in step.blocks_done]:
                     del entered[key]
         self._regather.clear()
-        self._fallbacks = run.fallbacks
+        self._fallbacks = executor.fallbacks
         self._write_back_buffers(buffer_versions)
         loss = torch.fx.node.map_arg(self._schedule.output, lambda n: env[n.name])
         loss = loss[0] if isinstance(loss, (tuple, list)) and len(loss) == 1 else loss
         return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
-    def _run_node(self, node, env: dict, entered: dict, run: BlockRun, recomputed: bool = False, versions=None):
-        """One op: values from outside its block enter with the block's placements, then DTensor runs it.
+    def _run_node(
+        self, node, env: dict, entered: dict, executor: DTensorExecutor, recomputed: bool = False, versions=None
+    ):
+        """One op: values from outside its block enter with the block's placements, then the executor runs it.
         ``versions`` collects the buffers blocks read, to write in-place updates back."""
         block = self._owner.get(node.name)
 
@@ -426,14 +454,14 @@ class ParallelModule(nn.Module):
             return entered[key]
 
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), read)
-        return _call(node, args, kwargs, self.mesh, run)
+        return executor.run_node(node, args, kwargs)
 
-    def _run_region(self, step, values, run: BlockRun, versions=None) -> tuple:
+    def _run_region(self, step, values, executor: DTensorExecutor, versions=None) -> tuple:
         """A recomputed block's contiguous ops (forward, and again in backward under checkpoint)."""
         env = dict(zip(step.inputs, values))
         entered: dict = {}
         for node in step.nodes:
-            env[node.name] = self._run_node(node, env, entered, run, recomputed=True, versions=versions)
+            env[node.name] = self._run_node(node, env, entered, executor, recomputed=True, versions=versions)
         return tuple(env[n] for n in step.outputs)
 
 

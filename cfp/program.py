@@ -1,10 +1,14 @@
 """Running one block's ops with DTensor: the program that analysis propagates
-on ``meta`` tensors and that profiling times on real ones.
+on ``meta`` tensors, that profiling times on real ones and that
+``cfp.parallelize`` trains with.
 
-External inputs are made lazily, when an op first reads them, so that an
-input's placement can follow the op's other operand (a residual stream takes
-the placement of the branch it is added to). DTensor's own sharding rules do
-the rest, exactly as at training time.
+``BlockExecutor`` is the interface: how one op of a block runs on values
+placed per the block's config, and the rules its backward keeps.
+``DTensorExecutor`` is CFP's executor, and ``run_block`` runs a whole block
+on one. External inputs are made lazily, when an op first reads them, so that
+an input's placement can follow the op's other operand (a residual stream
+takes the placement of the branch it is added to). DTensor's own sharding
+rules do the rest, exactly as at training time.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -139,6 +144,38 @@ class BlockRun:
 MakeInput = Callable[[Node, Placements], torch.Tensor]
 
 
+class BlockExecutor(Protocol):
+    """How a block's ops run under a config: the contract analysis, profiling and training share.
+
+    Forward, ``run_node`` runs one op of a block on its operands as the block
+    reads them: the entry values (the anchor's activation and parameters)
+    with the config's placements, values of the block as its earlier ops made
+    them, other inputs placed as ``run_block`` or ``cfp.parallelize`` says.
+    Backward is autograd's, with two rules an executor keeps so that what
+    trains is what was profiled:
+
+    - a value a block reads from another block sends its gradient back placed
+      like the value (``GradPlacedLikeValue``; ``cfp.propagate.input_values``
+      and ``reduce_gradients`` for a block run alone);
+    - each parameter's gradient is brought to the parameter's own placements
+      (``cfp.propagate.reduce_gradients``, or ``GradPlacedLikeValue`` around
+      the parameter where its uses are summed).
+
+    ``DTensorExecutor`` is the one executor. The lowered runtime
+    (``cfp.lower``) does not implement another: it traces this one with
+    AOTAutograd, so that the rules live in one place. A new executor
+    implements ``run_node`` and ``fallbacks`` and is passed to ``run_block``
+    (analysis, profiling); ``ParallelModule.interpret`` (training) makes the
+    executor of each step.
+    """
+
+    fallbacks: list[str]  # ops it could not shard and ran replicated, in the order run
+
+    def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        """The value of ``node`` from its operands (DTensors, plain tensors, constants)."""
+        ...
+
+
 def run_block(
     nodes: list[Node],
     mesh: DeviceMesh,
@@ -146,8 +183,9 @@ def run_block(
     make_input: MakeInput,
     recorder: CommRecorder | None = None,
     placements_for: Callable[[Node, Node, dict], Placements] | None = None,
+    executor: BlockExecutor | None = None,
 ) -> BlockRun:
-    """Run ``nodes`` in order on DTensors.
+    """Run ``nodes`` in order on DTensors, each op through ``executor`` (a ``DTensorExecutor`` by default).
 
     ``fixed`` gives the placements of the entry values (the anchor's
     activation and parameters); any other external input gets the placements
@@ -155,8 +193,9 @@ def run_block(
     ``placements_for`` returns. ``make_input(node, placements)`` builds the
     DTensor for an external input.
     """
+    executor = executor if executor is not None else DTensorExecutor(mesh)
     members = {n.name for n in nodes}
-    run = BlockRun(values={}, input_placements={})
+    run = BlockRun(values={}, input_placements={}, fallbacks=executor.fallbacks)
     env = run.values
     for node in nodes:
         for arg in node.all_input_nodes:
@@ -173,7 +212,7 @@ def run_block(
         if recorder is not None:
             recorder.current_op = node.name
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env[n.name])
-        env[node.name] = _call(node, args, kwargs, mesh, run)
+        env[node.name] = executor.run_node(node, args, kwargs)
     return run
 
 
@@ -249,33 +288,73 @@ def _mean_loss_over_shards(node: Node, args, kwargs, mesh: DeviceMesh):
     return whole(total) / whole(count).to(total.dtype)
 
 
-def _call(node: Node, args, kwargs, mesh: DeviceMesh, run: BlockRun):
-    if node.target is operator.getitem:
-        return operator.getitem(*args)
-    if str(node.target).startswith("aten._assert"):
-        return None  # export's metadata checks of the single-device trace, not computation
-    args = _reduce_partial_sums(node, args, mesh)
-    if node.target in MEAN_LOSSES and _sharded_mean_loss(node, args, kwargs):
-        return _mean_loss_over_shards(node, args, kwargs, mesh)
-    try:
-        # A plain tensor meeting a DTensor (a lifted constant, a factory op's output) is the
-        # same on every rank: DTensor takes it as Replicate.
-        with implicit_replication(), _attention_kernels(node, args):
-            return node.target(*args, **kwargs)
-    except Exception as exc:
-        if node.target is torch.ops.aten.view.default and "view size is not compatible" in str(exc):
-            # A local shard's strides can forbid a view the whole tensor allows (a transposed value
-            # split on another dim): reshape computes the same values, copying where it must.
-            with implicit_replication():
-                return torch.ops.aten.reshape.default(*args, **kwargs)
-        no_rule = isinstance(exc, NotImplementedError) and (
-            "sharding strateg" in str(exc) or "sharding propagation" in str(exc)
-        )
-        if not no_rule and not (_on_meta(args, kwargs) and fake_kernel_fails(node)):
-            raise
-    # DTensor has no rule for this op, or its fake kernel fails: run it replicated, which is always correct.
-    run.fallbacks.append(str(node.target))
-    return _call_replicated(node, args, kwargs, mesh)
+class DTensorExecutor:
+    """CFP's block executor: each op through DTensor's own sharding propagation, with CFP's rules.
+
+    - export's ``_assert`` ops (checks of the single-device trace) are skipped;
+    - a ``Partial`` operand of a sum with a non-``Partial`` one is reduced
+      first, as Megatron does (``_reduce_partial_sums``);
+    - a mean loss over split scores or targets is the sum over shards divided
+      by the count of targets (``_mean_loss_over_shards``);
+    - a ``view`` that a shard's strides forbid runs as ``reshape``;
+    - an op DTensor has no rule for runs replicated on whole tensors, and is
+      named in ``fallbacks``.
+    """
+
+    def __init__(self, mesh: DeviceMesh):
+        self.mesh = mesh
+        self.fallbacks: list[str] = []
+
+    def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        mesh = self.mesh
+        if node.target is operator.getitem:
+            return operator.getitem(*args)
+        if str(node.target).startswith("aten._assert"):
+            return None  # export's metadata checks of the single-device trace, not computation
+        args = _reduce_partial_sums(node, args, mesh)
+        if node.target in MEAN_LOSSES and _sharded_mean_loss(node, args, kwargs):
+            return _mean_loss_over_shards(node, args, kwargs, mesh)
+        try:
+            # A plain tensor meeting a DTensor (a lifted constant, a factory op's output) is the
+            # same on every rank: DTensor takes it as Replicate.
+            with implicit_replication(), _attention_kernels(node, args):
+                return node.target(*args, **kwargs)
+        except Exception as exc:
+            if node.target is torch.ops.aten.view.default and "view size is not compatible" in str(exc):
+                # A local shard's strides can forbid a view the whole tensor allows (a transposed value
+                # split on another dim): reshape computes the same values, copying where it must.
+                with implicit_replication():
+                    return torch.ops.aten.reshape.default(*args, **kwargs)
+            no_rule = isinstance(exc, NotImplementedError) and (
+                "sharding strateg" in str(exc) or "sharding propagation" in str(exc)
+            )
+            if not no_rule and not (_on_meta(args, kwargs) and fake_kernel_fails(node)):
+                raise
+        # DTensor has no rule for this op, or its fake kernel fails: run it replicated, which is always correct.
+        self.fallbacks.append(str(node.target))
+        return _call_replicated(node, args, kwargs, mesh)
+
+
+class GradPlacedLikeValue(torch.autograd.Function):
+    """Identity whose backward brings the gradient to the value's placements, as every block
+    program delivers its input gradients (``cfp.propagate.input_values``), and contiguous, as
+    block programs receive the gradients of their exits (a shard of a transposed gradient
+    may not allow the views the producer's backward takes).
+
+    The backward rule of ``BlockExecutor``: ``cfp.parallelize`` applies it where a value enters
+    a block, and the lowered programs (``cfp.lower``, ``BlockProgram._lower``) to every
+    parameter, so that the reduction is traced into their backward program."""
+
+    @staticmethod
+    def forward(ctx, value):
+        ctx.mesh, ctx.placements = value.device_mesh, tuple(value.placements)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if isinstance(grad, DTensor) and tuple(grad.placements) != ctx.placements:
+            grad = grad.redistribute(ctx.mesh, ctx.placements)
+        return grad.contiguous()
 
 
 def _attention_kernels(node: Node, args):

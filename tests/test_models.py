@@ -113,7 +113,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str, st
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    # As torchrun launches it: profiling then runs on this process group (cfp.profile.runner.TorchrunBackend).
+    # As torchrun launches it: profiling then runs on this process group (cfp.profile.backends.TorchrunBackend).
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

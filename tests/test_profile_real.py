@@ -9,9 +9,9 @@ import pytest
 import cfp
 from cfp.mesh import parse_mesh
 from cfp.profile import analyze_for_profile, profile
+from cfp.profile.backends import profile_rank_init
 from cfp.profile.jobs import compare_with_reference
 from cfp.profile.real import WorkerFailure, WorkerPool, debug_crash, debug_hang, no_context
-from cfp.profile.runner import profile_rank_init
 
 SPEC = cfp.ModelSpec("gpt:tiny", device="cpu", batch=2, seq=16)
 MESH = parse_mesh("2")

@@ -11,7 +11,7 @@ from cfp.baselines import BASELINES
 from cfp.commands.common import add_json_arg, add_model_args, console, model_spec
 from cfp.costs import COST_MODELS
 from cfp.pipeline import PlanOptions, make_plan
-from cfp.profile import BACKENDS
+from cfp.profile.backends import BACKENDS
 from cfp.report import human_time, print_validation
 from cfp.report_util import human_bytes, write_json
 

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from cfp.commands.common import add_json_arg, add_model_args, analysis_progress, console, model_spec
 from cfp.mesh import parse_mesh
-from cfp.profile.runner import BACKENDS, DEFAULT_BACKEND
+from cfp.profile.backends import BACKENDS
+from cfp.profile.runner import DEFAULT_BACKEND
 from cfp.report_util import human_bytes, write_json
 
 

@@ -43,7 +43,7 @@ from cfp.costs import TransitionKey
 from cfp.errors import CFPWarning
 from cfp.optim import adamw
 from cfp.placements import Placements, replicate_partials, to_strs
-from cfp.program import Collective, CommRecorder, make_dtensor, run_block
+from cfp.program import Collective, CommRecorder, GradPlacedLikeValue, make_dtensor, run_block
 from cfp.propagate import (
     Propagation,
     entry_placements,
@@ -243,7 +243,7 @@ class BlockProgram(_Timed):
 
         One DTensor run first makes the leaves (with the placements DTensor's
         rules give them). In the traced function each input made by another
-        block and each parameter passes through ``_GradPlacedLikeValue``, so
+        block and each parameter passes through ``GradPlacedLikeValue``, so
         the backward program brings their gradients to their placements, as
         ``input_values``/``reduce_gradients`` do for the interpreted block
         and as the lowered training step does.
@@ -251,7 +251,6 @@ class BlockProgram(_Timed):
         from torch._functorch.aot_autograd import aot_function
 
         from cfp.lower import aot_options, strided_shard_offsets_outside_trace
-        from cfp.parallelize import _GradPlacedLikeValue
 
         run = run_block(self.nodes, self.mesh, self.fixed, self.make_input)
         sent_back = {i.name for i in self.block.inputs if i.producer is not None or i.name in self.traced.params}
@@ -268,7 +267,7 @@ class BlockProgram(_Timed):
 
         def block(*leaves):
             given = {
-                n: _GradPlacedLikeValue.apply(v) if n in sent_back and v.requires_grad else v
+                n: GradPlacedLikeValue.apply(v) if n in sent_back and v.requires_grad else v
                 for n, v in zip(names, leaves)
             }
             values = run_block(self.nodes, self.mesh, self.fixed, lambda node, placements: given[node.name]).values

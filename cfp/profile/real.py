@@ -1,12 +1,14 @@
 """The real backend: one process per mesh rank, ``torch.distributed`` on one host.
 
 A persistent ``WorkerPool`` is started with ``torch.multiprocessing``
-(spawn): gloo on CPU, NCCL on CUDA (one GPU per rank). Each rank first runs
-an ``init`` function *before* joining the process group (profiling's init
-rebuilds the model on its own device, captures and analyses it, which is
-deterministic: the parent checks every rank's graph fingerprint and class
-ids against its own), then joins the group over a ``FileStore`` and serves
-jobs ``(job id, function, args)`` from its queue until told to stop.
+(spawn), one GPU per rank on CUDA. Each rank first runs an ``init`` function
+*before* joining the process group (profiling's init rebuilds the model on
+its own device, captures and analyses it, which is deterministic: the parent
+checks every rank's graph fingerprint and class ids against its own), then
+joins the group its ``ProcessGroupSpec`` describes (by default gloo on CPU,
+NCCL on CUDA, meeting over a ``FileStore`` in the pool's temporary
+directory) and serves jobs ``(job id, function, args)`` from its queue until
+told to stop.
 
 A rank that dies, raises, or does not answer within the job's timeout ends
 the pool: every worker is terminated, then killed, then joined, and a
@@ -28,6 +30,7 @@ import traceback
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,30 @@ def check_oversubscription(mesh: MeshSpec, device_type: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ProcessGroupSpec:
+    """How a backend's ranks form their process group: the ``torch.distributed`` backend and the rendezvous."""
+
+    backend: str | None = None  # "gloo", "nccl", ...; None: gloo on CPU, NCCL on CUDA
+    # A torch.distributed init_method URL ("file://...", "tcp://host:port", "env://"); None: the launcher's own,
+    # a FileStore in a spawned pool's temporary directory (one host), or the environment torchrun sets.
+    init_method: str | None = None
+
+    def backend_for(self, device_type: str) -> str:
+        return self.backend or ("nccl" if device_type == "cuda" else "gloo")
+
+    def init(
+        self, device_type: str, timeout_s: float, rank: int = -1, world: int = -1, store_path: str | None = None
+    ) -> None:
+        """Join the group: through ``init_method``, else a ``FileStore`` at ``store_path``, else the environment."""
+        options = {"rank": rank, "world_size": world, "timeout": datetime.timedelta(seconds=timeout_s)}
+        if self.init_method is None and store_path is not None:
+            options["store"] = dist.FileStore(store_path, world)
+        else:
+            options["init_method"] = self.init_method
+        dist.init_process_group(self.backend_for(device_type), **options)
+
+
 def rank_device(device_type: str) -> str:
     """This rank's device: its current GPU (set from its rank), or the CPU."""
     return f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
@@ -72,7 +99,19 @@ def cpu_cores() -> int:
 
 
 def _worker_main(
-    rank, world, mesh_spec, device_type, store_path, threads, init, init_args, tasks, results, parent_pid, pg_timeout_s
+    rank,
+    world,
+    mesh_spec,
+    device_type,
+    group,
+    store_path,
+    threads,
+    init,
+    init_args,
+    tasks,
+    results,
+    parent_pid,
+    pg_timeout_s,
 ):
     die_with_parent(parent_pid)
     quiet_gloo_alltoall()
@@ -83,11 +122,7 @@ def _worker_main(
             torch.cuda.set_device(rank % torch.cuda.device_count())
         ctx, info = init(rank, world, *init_args)
         results.put(("joining", rank, None, None))  # from here on it waits for the others
-        store = dist.FileStore(store_path, world)
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout_s)
-        )
+        group.init(device_type, pg_timeout_s, rank, world, store_path)
         if ctx is not None:
             ctx.mesh = device_mesh(mesh_spec, device_type)
             ctx.rank = rank
@@ -153,7 +188,7 @@ def _close_live_pools() -> None:
 
 
 class WorkerPool:
-    """``world`` persistent rank processes forming one process group."""
+    """``world`` persistent rank processes forming one process group (``group``)."""
 
     def __init__(
         self,
@@ -163,10 +198,11 @@ class WorkerPool:
         device_type: str = "cpu",
         start_timeout_s: float = 300.0,
         pg_timeout_s: float = 600.0,
+        group: ProcessGroupSpec | None = None,
     ):
         self.mesh, self.world = mesh, mesh.size
         self.init, self.init_args = init, init_args
-        self.device_type = device_type
+        self.device_type, self.group = device_type, group or ProcessGroupSpec()
         self.start_timeout_s, self.pg_timeout_s = start_timeout_s, pg_timeout_s
         self.threads = max(1, cpu_cores() // self.world)
         self.procs: list = []
@@ -190,6 +226,7 @@ class WorkerPool:
                     self.world,
                     self.mesh,
                     self.device_type,
+                    self.group,
                     os.path.join(self.tmp, "store"),
                     self.threads,
                     self.init,
