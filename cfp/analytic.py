@@ -32,7 +32,7 @@ from cfp.costs import BlockCost, CostSetup, TransitionKey, register_cost_model
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec
 from cfp.placements import is_sharded, local_numel
-from cfp.propagate import Propagation
+from cfp.propagate import BlockStrategy
 
 aten = torch.ops.aten
 NO_TRAFFIC = set(VIEWS) | {
@@ -105,10 +105,10 @@ class AnalyticCosts:
         self.graph = graph
         self.cluster = cluster
         self.mesh: MeshSpec = graph.mesh
-        self._props: dict[tuple[str, str], Propagation] = {}
-        for class_id, props in graph.configs.items():
-            for prop in props:
-                self._props[(class_id, prop.config.name)] = prop
+        self._strategies: dict[tuple[str, str], BlockStrategy] = {}
+        for class_id, strategies in graph.strategies.items():
+            for strategy in strategies:
+                self._strategies[(class_id, strategy.config.name)] = strategy
         self._blocks: dict[tuple[str, str], BlockCost] = {}
         self._transitions: dict[TransitionKey, float] = {}
 
@@ -116,12 +116,12 @@ class AnalyticCosts:
     def block_cost(self, class_id: str, config: str) -> BlockCost:
         key = (class_id, config)
         if key not in self._blocks:
-            prop = self._props.get(key)
-            if prop is None:
+            strategy = self._strategies.get(key)
+            if strategy is None:
                 self._blocks[key] = BlockCost(math.inf, 0.0)
             else:
                 block = self.graph.blocks[self.graph.classes[class_id][0]]
-                self._blocks[key] = BlockCost(self._compute(block, prop), self._communication(prop))
+                self._blocks[key] = BlockCost(self._compute(block, strategy), self._communication(strategy))
         return self._blocks[key]
 
     def block_time(self, class_id: str, config: str) -> float:
@@ -131,15 +131,15 @@ class AnalyticCosts:
         """One phase of a block, as profiled rows split it: ``forward`` (a third of the compute and the
         forward collectives), ``reduce`` (the bucketed gradient reductions) or ``optimizer`` (not modelled: 0)."""
         cost = self.block_cost(class_id, config)
-        prop = self._props.get((class_id, config))
-        if prop is None or phase == "optimizer":
+        strategy = self._strategies.get((class_id, config))
+        if strategy is None or phase == "optimizer":
             return 0.0
         if phase == "forward":
-            forward = [c for c in prop.collectives if c.phase == "forward"]
+            forward = [c for c in strategy.collectives if c.phase == "forward"]
             priced = (self.cluster.collective_time(c.kind, c.bytes, self.mesh, self._dim(c)) for c in forward)
             return cost.compute_s / 3 + sum(priced)
         if phase == "reduce":
-            return self._communication(prop, phases=("grad",))
+            return self._communication(strategy, phases=("reduce",))
         raise ValueError(f"unknown phase {phase!r}")
 
     def _dim(self, c) -> int:
@@ -147,10 +147,10 @@ class AnalyticCosts:
             return c.mesh_dim
         return max(range(self.mesh.ndim), key=lambda i: self.mesh.shape[i])
 
-    def _compute(self, block, prop: Propagation) -> float:
+    def _compute(self, block, strategy: BlockStrategy) -> float:
         traced = self.graph.traced
-        placements = dict(zip(block.nodes, prop.node_placements))
-        param_bytes_left = float(prop.param_bytes)  # read once, by the anchor
+        placements = dict(zip(block.nodes, strategy.node_placements))
+        param_bytes_left = float(strategy.param_bytes)  # read once, by the anchor
         total = 0.0
         for name in block.nodes:
             node = traced.nodes[name]
@@ -183,7 +183,7 @@ class AnalyticCosts:
             total += self.cluster.compute_time(3 * flops, 3 * moved, dtype)
         return total
 
-    def _communication(self, prop: Propagation, phases=("forward", "backward", "grad")) -> float:
+    def _communication(self, strategy: BlockStrategy, phases=("forward", "backward", "reduce")) -> float:
         """Forward and backward collectives one by one; the gradient reductions of a block bucketed.
 
         Gradient reductions of one kind on one mesh dimension are fused into
@@ -192,11 +192,11 @@ class AnalyticCosts:
         """
         total = 0.0
         buckets: dict[tuple[str, int], float] = {}
-        for c in prop.collectives:
+        for c in strategy.collectives:
             if c.phase not in phases:
                 continue
             dim = self._dim(c)
-            if c.phase == "grad":
+            if c.phase == "reduce":
                 buckets[(c.kind, dim)] = buckets.get((c.kind, dim), 0.0) + c.bytes
             else:
                 total += self.cluster.collective_time(c.kind, c.bytes, self.mesh, dim)

@@ -24,7 +24,7 @@ from cfp.children import die_with_parent
 from cfp.configs import candidates
 from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, fake_mesh, parse_mesh
-from cfp.propagate import Propagation, propagate
+from cfp.propagate import BlockStrategy, propagate
 from cfp.segments import Segment, classify, find_segments, structure_key
 
 
@@ -37,8 +37,8 @@ class BlockGraph:
     blocks: list[Block]
     classes: dict[str, list[int]]  # class id -> block ids; ``class_of`` goes the other way
     segments: list[Segment]
-    configs: dict[str, list[Propagation]]  # class id -> valid configs, propagated
-    rejected: dict[str, list[Propagation]] = field(default_factory=dict)  # class id -> configs DTensor refused
+    strategies: dict[str, list[BlockStrategy]]  # class id -> its valid configs, propagated
+    rejected: dict[str, list[BlockStrategy]] = field(default_factory=dict)  # class id -> configs DTensor refused
     seconds: float = 0.0
     cached_classes: int = 0  # classes whose propagation came from the on-disk cache
     prologue: list[str] = field(default_factory=list)  # ops no parameter reaches: run once, replicated
@@ -54,18 +54,18 @@ class BlockGraph:
         """Ops run replicated (DTensor has no rule, or their fake kernel fails) -> the configs, as
         ``class:config``, under which they are."""
         out: dict[str, list[str]] = {}
-        for class_id, props in self.configs.items():
-            for prop in props:
-                for op in dict.fromkeys(prop.fallbacks):
-                    out.setdefault(op, []).append(f"{class_id}:{prop.config.name}")
+        for class_id, strategies in self.strategies.items():
+            for strategy in strategies:
+                for op in dict.fromkeys(strategy.fallbacks):
+                    out.setdefault(op, []).append(f"{class_id}:{strategy.config.name}")
         return out
 
-    def block_configs(self, block: Block | int) -> list[Propagation]:
-        return self.configs[self.class_of(block)]
+    def block_strategies(self, block: Block | int) -> list[BlockStrategy]:
+        return self.strategies[self.class_of(block)]
 
     @property
     def profile_jobs(self) -> int:
-        return sum(len(c) for c in self.configs.values())
+        return sum(len(c) for c in self.strategies.values())
 
     def search_space(self) -> dict[str, float]:
         """log10 of the number of plans, three ways.
@@ -81,10 +81,10 @@ class BlockGraph:
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
                 operator_level += self.mesh.ndim * math.log10(val.dim() + 1)
-        block_level = sum(math.log10(len(self.block_configs(b))) for b in self.blocks)
+        block_level = sum(math.log10(len(self.block_strategies(b))) for b in self.blocks)
         in_segment = {b for s in self.segments for b in range(s.start, s.end)}
-        deduplicated = sum(math.log10(len(self.configs[c])) for s in self.segments for c in s.classes)
-        deduplicated += sum(math.log10(len(self.block_configs(b))) for b in self.blocks if b.id not in in_segment)
+        deduplicated = sum(math.log10(len(self.strategies[c])) for s in self.segments for c in s.classes)
+        deduplicated += sum(math.log10(len(self.block_strategies(b))) for b in self.blocks if b.id not in in_segment)
         return {"operator_level": operator_level, "block_level": block_level, "deduplicated": deduplicated}
 
 
@@ -111,7 +111,7 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
     tick = None
     if progress is not None:
         total = sum(len(candidates(block, traced, mesh.shape)) for block in representatives)
-        done = [sum(len(props) for props in results if props is not None)]
+        done = [sum(len(strategies) for strategies in results if strategies is not None)]
 
         def tick(n: int = 1) -> None:
             done[0] += n
@@ -127,29 +127,29 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
             with fake_mesh(mesh) as device_mesh:
                 for block in todo:
                     computed.append(_propagate_class(block, traced, mesh, device_mesh, tick))
-    for block, props in zip(todo, computed):
-        _store_cached(block, traced, mesh, props)
+    for block, strategies in zip(todo, computed):
+        _store_cached(block, traced, mesh, strategies)
     fresh = iter(computed)
     results = [cached if cached is not None else next(fresh) for cached in results]
-    configs: dict[str, list[Propagation]] = {}
-    rejected: dict[str, list[Propagation]] = {}
-    for class_id, block, props in zip(classes, representatives, results):
-        configs[class_id] = [p for p in props if p.valid]
-        rejected[class_id] = [p for p in props if not p.valid]
-        if not configs[class_id]:
-            reasons = "; ".join(f"{p.config.name}: {p.reason}" for p in props[:3])
+    valid: dict[str, list[BlockStrategy]] = {}
+    rejected: dict[str, list[BlockStrategy]] = {}
+    for class_id, block, strategies in zip(classes, representatives, results):
+        valid[class_id] = [p for p in strategies if p.valid]
+        rejected[class_id] = [p for p in strategies if not p.valid]
+        if not valid[class_id]:
+            reasons = "; ".join(f"{p.config.name}: {p.reason}" for p in strategies[:3])
             raise CFPError(
                 f"Block {block.anchor} ({traced.nodes[block.anchor].target}) has no config "
                 f"DTensor can run on mesh {mesh}: {reasons}"
             )
-    warn_unshardable(configs, mesh)
+    warn_unshardable(valid, mesh)
     return BlockGraph(
         traced,
         mesh,
         blocks,
         classes,
         segments,
-        configs,
+        valid,
         rejected,
         time.perf_counter() - start,
         len(representatives) - len(todo),
@@ -161,10 +161,12 @@ class NothingToShardWarning(CFPWarning):
     """A mesh dimension across which no config of any block shards anything."""
 
 
-def warn_unshardable(configs: dict[str, list[Propagation]], mesh: MeshSpec) -> None:
+def warn_unshardable(configs: dict[str, list[BlockStrategy]], mesh: MeshSpec) -> None:
     """Say so when every config replicates across a mesh dimension: its devices would all compute the same thing."""
     for dim, (name, size) in enumerate(zip(mesh.names, mesh.shape)):
-        if size > 1 and all(p.config.name.split("/")[dim] == "rep" for props in configs.values() for p in props):
+        if size > 1 and all(
+            p.config.name.split("/")[dim] == "rep" for strategies in configs.values() for p in strategies
+        ):
             warnings.warn(
                 f"Nothing in this model can be sharded across mesh dimension {name} ({size} devices): no dimension of "
                 f"any block's activations or parameters divides evenly by {size}. Every plan replicates the model "
@@ -175,10 +177,10 @@ def warn_unshardable(configs: dict[str, list[Propagation]], mesh: MeshSpec) -> N
             )
 
 
-# Propagation depends only on a block's structure, the mesh and torch's DTensor,
+# BlockStrategy depends only on a block's structure, the mesh and torch's DTensor,
 # so it is cached on disk: every command that re-analyses a model (plan,
 # profile workers, bench) then skips DTensor's slow first propagation.
-ANALYSIS_CACHE_VERSION = 6  # bump when a Propagation's contents change; the history is in git
+ANALYSIS_CACHE_VERSION = 7  # bump when a BlockStrategy's contents change; the history is in git
 
 
 def cache_dir() -> Path:
@@ -190,12 +192,12 @@ def _cache_path(block: Block, traced: TracedModel, mesh: MeshSpec) -> Path:
     return cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pkl"
 
 
-def _load_cached(block: Block, traced: TracedModel, mesh: MeshSpec) -> list[Propagation] | None:
+def _load_cached(block: Block, traced: TracedModel, mesh: MeshSpec) -> list[BlockStrategy] | None:
     path = _cache_path(block, traced, mesh)
     try:
         with open(path, "rb") as f:
             stored = pickle.load(f)
-        names, props = stored["inputs"], stored["propagations"]
+        names, strategies = stored["inputs"], stored["strategies"]
     except FileNotFoundError:
         return None
     except Exception:  # a damaged entry is recomputed
@@ -204,27 +206,27 @@ def _load_cached(block: Block, traced: TracedModel, mesh: MeshSpec) -> list[Prop
     # The entry was made on a block of the same structure, maybe another instance:
     # its configs name that block's parameters, which correspond by position.
     rename = dict(zip(names, (i.name for i in block.inputs)))
-    for prop in props:
-        prop.config = replace(prop.config, params=tuple((rename[n], p) for n, p in prop.config.params))
-    return props
+    for strategy in strategies:
+        strategy.config = replace(strategy.config, params=tuple((rename[n], p) for n, p in strategy.config.params))
+    return strategies
 
 
-def _store_cached(block: Block, traced: TracedModel, mesh: MeshSpec, props: list[Propagation]) -> None:
+def _store_cached(block: Block, traced: TracedModel, mesh: MeshSpec, strategies: list[BlockStrategy]) -> None:
     path = _cache_path(block, traced, mesh)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        pickle.dump({"inputs": [i.name for i in block.inputs], "propagations": props}, f)
+        pickle.dump({"inputs": [i.name for i in block.inputs], "strategies": strategies}, f)
     os.replace(tmp, path)
 
 
-def _propagate_class(block: Block, traced: TracedModel, mesh: MeshSpec, device_mesh, tick=None) -> list[Propagation]:
-    props = []
+def _propagate_class(block: Block, traced: TracedModel, mesh: MeshSpec, device_mesh, tick=None) -> list[BlockStrategy]:
+    strategies = []
     for config in candidates(block, traced, mesh.shape):
-        props.append(propagate(block, config, traced, device_mesh))
+        strategies.append(propagate(block, config, traced, device_mesh))
         if tick is not None:
             tick()
-    return props
+    return strategies
 
 
 # Forked workers inherit the traced model instead of pickling an ExportedProgram.
@@ -237,7 +239,7 @@ def _worker_init(parent_pid: int) -> None:
     _WORKER_STATE["device_mesh"] = _WORKER_STATE["context"].__enter__()
 
 
-def _worker_run(block: Block) -> list[Propagation]:
+def _worker_run(block: Block) -> list[BlockStrategy]:
     ticks = _WORKER_STATE["ticks"]
     return _propagate_class(
         block, _WORKER_STATE["traced"], _WORKER_STATE["mesh"], _WORKER_STATE["device_mesh"], lambda: ticks.put(1)
@@ -246,7 +248,7 @@ def _worker_run(block: Block) -> list[Propagation]:
 
 def _propagate_in_workers(
     blocks: list[Block], traced: TracedModel, mesh: MeshSpec, workers: int, progress
-) -> list[list[Propagation]]:
+) -> list[list[BlockStrategy]]:
     ctx = multiprocessing.get_context("fork")
     ticks = ctx.SimpleQueue()  # one item per propagated config, for progress
     _WORKER_STATE.update(traced=traced, mesh=mesh, ticks=ticks)

@@ -59,7 +59,7 @@ def closest(names: list[str], want: list[str]) -> int:
 
 
 def _choose(graph, want: Callable) -> list[int]:
-    return [closest([p.config.name for p in graph.block_configs(b)], want(b)) for b in graph.blocks]
+    return [closest([p.config.name for p in graph.block_strategies(b)], want(b)) for b in graph.blocks]
 
 
 def dp(graph) -> list[int]:
@@ -91,7 +91,7 @@ def megatron(graph) -> list[int] | None:
 
 def expert(graph) -> list[int] | None:
     has_experts = {
-        b.id for b in graph.blocks if any("expert" in p.config.name.split("/") for p in graph.block_configs(b))
+        b.id for b in graph.blocks if any("expert" in p.config.name.split("/") for p in graph.block_strategies(b))
     }
     if not has_experts:
         return None

@@ -191,7 +191,7 @@ def make_plans(
         else:
             plan = make_plan(spec, mesh, measured, memory=None, graph=graph, costs=profiled, baseline=name)[0]
         choice = choices.get(name) or _choice_of(plan, graph)
-        configs = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)]
+        configs = [graph.block_strategies(b)[c].config.name for b, c in zip(graph.blocks, choice)]
         optimizer = sum(
             profiled.block_phase_s(graph.class_of(b), c, "optimizer") for b, c in zip(graph.blocks, configs)
         )

@@ -64,7 +64,7 @@ class BlockConfig:
     name: str  # e.g. "batch" on a 1-D mesh, "batch/col" on a 2-D one
     activation: tuple[Placement, ...]
     # (param placeholder, placements), named as in the class's representative
-    # block; for any block of the class read ``Propagation.input_placements``,
+    # block; for any block of the class read ``BlockStrategy.input_placements``,
     # which is aligned by position with that block's ``inputs``.
     params: tuple[tuple[str, tuple[Placement, ...]], ...]
 

@@ -53,7 +53,7 @@ def features(graph, costs, choice: list[int]) -> dict[str, float]:
     ev = evaluate(graph, costs, choice)
     out: dict[str, float] = {"transitions": ev.transitions_total_s}
     for block, c, t in zip(graph.blocks, choice, ev.block_s):
-        name = f"config:{graph.block_configs(block)[c].config.name}"
+        name = f"config:{graph.block_strategies(block)[c].config.name}"
         out[name] = out.get(name, 0.0) + t
     return out
 

@@ -66,8 +66,8 @@ class EdgeTransition:
     producer: int  # block id
     consumer: int  # block id
     value: str  # node name
-    producer_config: int  # index into graph.block_configs(producer)
-    consumer_config: int  # index into graph.block_configs(consumer)
+    producer_config: int  # index into graph.block_strategies(producer)
+    consumer_config: int  # index into graph.block_strategies(consumer)
     key: TransitionKey
 
 
@@ -156,10 +156,10 @@ def value_edges(graph: BlockGraph) -> Iterator[ValueEdge]:
 def edge_transitions(graph: BlockGraph) -> Iterator[EdgeTransition]:
     """Every (edge, producer config, consumer config) and the transition it implies."""
     for edge in value_edges(graph):
-        for a, prop_a in enumerate(graph.block_configs(edge.producer)):
-            src = prop_a.exit_placements[edge.exit_pos]
-            for b, prop_b in enumerate(graph.block_configs(edge.consumer)):
-                dst = prop_b.input_placements[edge.input_pos]
+        for a, strategy_a in enumerate(graph.block_strategies(edge.producer)):
+            src = strategy_a.exit_placements[edge.exit_pos]
+            for b, strategy_b in enumerate(graph.block_strategies(edge.consumer)):
+                dst = strategy_b.input_placements[edge.input_pos]
                 if src is None or dst is None:
                     continue
                 key = edge.key(src, dst)

@@ -90,7 +90,7 @@ def config_indices(graph, choice: Mapping[int, str] | Sequence[str] | Callable[[
     """
     indices = []
     for block in graph.blocks:
-        names = [p.config.name for p in graph.block_configs(block)]
+        names = [p.config.name for p in graph.block_strategies(block)]
         if callable(choice):
             name = choice(block, names)
         elif isinstance(choice, Mapping):
@@ -123,7 +123,7 @@ def plan_from_indices(
     ]
     recompute = list(recompute or [False] * len(graph.blocks))
     blocks = [
-        {**block_entry(graph, block, graph.block_configs(block)[c]), "storage": lv, "recompute": bool(r)}
+        {**block_entry(graph, block, graph.block_strategies(block)[c]), "storage": lv, "recompute": bool(r)}
         for block, c, lv, r in zip(graph.blocks, indices, storage, recompute)
     ]
     return Plan(

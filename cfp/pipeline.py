@@ -29,7 +29,7 @@ from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, launched_rank, parse_mesh
 from cfp.plan import Plan, build_plan
 from cfp.profile import analyze_for_profile
-from cfp.solve import DEFAULT_TIME_LIMIT_S, Solution, SolveOptions, best_plans, evaluate, fixed
+from cfp.solve import DEFAULT_TIME_LIMIT_S, Solution, SolveOptions, best_plans, evaluate, solution_for
 from cfp.spec import ModelSpec, build
 from cfp.validate import DEFAULT_STEPS, check_can_validate, default_k
 from cfp.validate import validate as validate_plans
@@ -132,7 +132,7 @@ def baseline_solution(graph: BlockGraph, costs: CostModel, name: str, limit: int
     choice = hand.choose(name, graph)
     if choice is None:
         raise CFPError(f"The {name} baseline does not apply to this model: {hand.NOT_APPLICABLE[name]}.")
-    return fixed(graph, costs, choice, f"baseline {name}", limit, hand.storage_levels(name, graph, choice))
+    return solution_for(graph, costs, choice, f"baseline {name}", limit, hand.storage_levels(name, graph, choice))
 
 
 def baseline_predictions(graph: BlockGraph, costs: CostModel, limit: int | None) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def baseline_predictions(graph: BlockGraph, costs: CostModel, limit: int | None)
             "predicted_step_time_s": ev.total_s,
             "memory_per_device_bytes": ev.memory.total,
             "fits": limit is None or ev.memory.total <= limit,
-            "configs": [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, choice)],
+            "configs": [graph.block_strategies(b)[c].config.name for b, c in zip(graph.blocks, choice)],
         }
     return out
 

@@ -323,12 +323,12 @@ def parameter_placements(graph, choice: list[int]) -> dict[str, Placements]:
     traced = graph.traced
     out: dict[str, list[str]] = {}
     for block, c in zip(graph.blocks, choice):
-        prop = graph.block_configs(block)[c]
+        strategy = graph.block_strategies(block)[c]
         for pos, inp in enumerate(block.inputs):
             fqn = traced.params.get(inp.name)
             if fqn is None or fqn in out:
                 continue
-            pl = prop.input_placements[pos]
+            pl = strategy.input_placements[pos]
             out[fqn] = normalize(pl) if pl is not None else replicated(graph.mesh.ndim)
     for fqn in traced.params.values():  # parameters no block reads stay replicated
         out.setdefault(fqn, replicated(graph.mesh.ndim))
@@ -349,18 +349,18 @@ def spec_json(spec) -> dict:
     }
 
 
-def block_entry(graph, block, prop) -> dict[str, Any]:
+def block_entry(graph, block, strategy) -> dict[str, Any]:
     """What the plan file records of one block under its chosen config."""
     return {
         "id": block.id,
         "anchor": block.anchor,
         "op": str(graph.traced.nodes[block.anchor].target).replace(".default", ""),
         "class": graph.class_of(block),
-        "config": prop.config.name,
+        "config": strategy.config.name,
         "params": list(block.params),
         "inputs": [
             {"name": i.name, "role": i.role, "producer": i.producer, "placements": normalize(p)}
-            for i, p in zip(block.inputs, prop.input_placements)
+            for i, p in zip(block.inputs, strategy.input_placements)
         ],
     }
 
@@ -377,18 +377,18 @@ def build_plan(
     compute_total = comm_total = 0.0
     split = hasattr(costs, "block_cost")
     for block, c in zip(graph.blocks, solution.choice):
-        prop = graph.block_configs(block)[c]
+        strategy = graph.block_strategies(block)[c]
         entry = {
-            **block_entry(graph, block, prop),
+            **block_entry(graph, block, strategy),
             "time_s": ev.block_s[block.id],
             "transition_in_s": ev.transition_in_s[block.id],
-            "activation_bytes": int(prop.activation_bytes),
-            "communication_free": prop.comm_free,
+            "activation_bytes": int(strategy.activation_bytes),
+            "communication_free": strategy.comm_free,
             "storage": levels[block.id],
             "recompute": bool(recompute[block.id]),
         }
         if split:
-            bc = costs.block_cost(graph.class_of(block), prop.config.name)
+            bc = costs.block_cost(graph.class_of(block), strategy.config.name)
             entry["compute_s"], entry["communication_s"] = bc.compute_s, bc.communication_s
             compute_total += bc.compute_s
             comm_total += bc.communication_s

@@ -52,8 +52,8 @@ class Collective:
     kind: str
     mesh_dim: int
     bytes: int
-    phase: str  # "forward", "backward" or "grad" (gradient reduction)
-    op: str  # the block op that caused it, or "grad" for a gradient brought to its tensor's placements
+    phase: str  # "forward", "backward" or "reduce" (gradient reduction)
+    op: str  # the block op that caused it, or "reduce" for a gradient brought to its tensor's placements
     seconds: float = 0.0  # time from issuing it to its result being ready (only when timed)
 
 
@@ -179,7 +179,7 @@ class BlockExecutor(Protocol):
 def run_block(
     nodes: list[Node],
     mesh: DeviceMesh,
-    fixed: dict[str, Placements],
+    entry: dict[str, Placements],
     make_input: MakeInput,
     recorder: CommRecorder | None = None,
     placements_for: Callable[[Node, Node, dict], Placements] | None = None,
@@ -187,7 +187,7 @@ def run_block(
 ) -> BlockRun:
     """Run ``nodes`` in order on DTensors, each op through ``executor`` (a ``DTensorExecutor`` by default).
 
-    ``fixed`` gives the placements of the entry values (the anchor's
+    ``entry`` gives the placements of the entry values (the anchor's
     activation and parameters); any other external input gets the placements
     of the op that first reads it (``follow_placements``), or those that
     ``placements_for`` returns. ``make_input(node, placements)`` builds the
@@ -201,8 +201,8 @@ def run_block(
         for arg in node.all_input_nodes:
             if arg.name in env or arg.name in members:
                 continue
-            if arg.name in fixed:
-                placements = fixed[arg.name]
+            if arg.name in entry:
+                placements = entry[arg.name]
             elif placements_for is not None:
                 placements = placements_for(arg, node, env)
             else:

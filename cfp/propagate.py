@@ -24,7 +24,7 @@ from cfp.program import Collective, CommRecorder, make_dtensor, run_block
 
 
 @dataclass
-class Propagation:
+class BlockStrategy:
     """What one config of one block class does, by position in the block."""
 
     config: BlockConfig
@@ -97,26 +97,26 @@ def needs_grad(block: Block, name: str, traced: TracedModel) -> bool:
     return any(i.name == name and i.producer is not None for i in block.inputs)
 
 
-def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: DeviceMesh) -> Propagation:
+def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: DeviceMesh) -> BlockStrategy:
     """Run one config of one block on meta tensors and record what DTensor does."""
     nodes = [traced.nodes[n] for n in block.nodes]
-    fixed = entry_placements(block, config)
+    entry = entry_placements(block, config)
 
     def make_input(node, placements):
         val = node.meta["val"]
         meta = torch.empty(val.shape, dtype=val.dtype, device="meta")
         return make_dtensor(meta, mesh, placements, requires_grad=needs_grad(block, node.name, traced))
 
-    result = Propagation(config=config, valid=True)
+    result = BlockStrategy(config=config, valid=True)
     forward = CommRecorder(mesh, "forward")
     saved: list[torch.Tensor] = []
     try:
         with forward, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            run = run_block(nodes, mesh, fixed, make_input, recorder=forward)
+            run = run_block(nodes, mesh, entry, make_input, recorder=forward)
     except Exception as exc:  # DTensor refused this config somewhere inside the block
-        return Propagation(config=config, valid=False, reason=_describe(exc))
+        return BlockStrategy(config=config, valid=False, reason=_describe(exc))
     if any(c.op == block.anchor for c in forward.collectives):
-        return Propagation(config=config, valid=False, reason="the anchor needs communication under this config")
+        return BlockStrategy(config=config, valid=False, reason="the anchor needs communication under this config")
     values = run.values
     result.fallbacks = run.fallbacks
     result.input_placements = [run.input_placements.get(i.name) for i in block.inputs]
@@ -129,7 +129,7 @@ def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: Devi
     try:
         result.collectives = forward.collectives + _backward(block, values, params, input_values(block, values), mesh)
     except Exception as exc:
-        return Propagation(config=config, valid=False, reason="backward: " + _describe(exc))
+        return BlockStrategy(config=config, valid=False, reason="backward: " + _describe(exc))
     return result
 
 
@@ -173,7 +173,7 @@ def reduce_gradients(params: list[DTensor], mesh: DeviceMesh, recorder: CommReco
         grad = p.grad
         if grad is not None and tuple(grad.placements) != tuple(p.placements):
             if recorder is not None:
-                recorder.current_op = "grad"
+                recorder.current_op = "reduce"
             grad = grad.redistribute(mesh, p.placements)
         reduced.append(grad)
     return reduced
@@ -190,7 +190,7 @@ def _backward(
         with backward:
             torch.autograd.backward(outs, grads)
             reduce_gradients(inputs, mesh, backward)
-    reduce = CommRecorder(mesh, "grad")
+    reduce = CommRecorder(mesh, "reduce")
     with reduce:
         reduce_gradients(params, mesh, reduce)
     return backward.collectives + reduce.collectives

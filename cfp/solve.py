@@ -150,11 +150,11 @@ class MemoryTable:
             key = (graph.class_of(block), owned)
             if key not in self.table:
                 row = []
-                for prop in graph.block_configs(block):
-                    m = Memory(activations=int(prop.saved_bytes))
+                for strategy in graph.block_strategies(block):
+                    m = Memory(activations=int(strategy.saved_bytes))
                     for pos in owned:
                         val = traced.nodes[block.inputs[pos].name].meta["val"]
-                        numel = local_numel(tuple(val.shape), prop.input_placements[pos], graph.mesh.shape)
+                        numel = local_numel(tuple(val.shape), strategy.input_placements[pos], graph.mesh.shape)
                         m.params += numel * val.element_size()
                         m.grads += numel * val.element_size()
                         m.optimizer += numel * ADAM_STATE_BYTES_PER_PARAM
@@ -185,7 +185,8 @@ def evaluate(
     """Block times, transition times and memory of a choice (config index per block), with each block's
     storage level and recomputation (default: replicated, activations saved)."""
     block_s = [
-        costs.block_time(graph.class_of(b), graph.block_configs(b)[c].config.name) for b, c in zip(graph.blocks, choice)
+        costs.block_time(graph.class_of(b), graph.block_strategies(b)[c].config.name)
+        for b, c in zip(graph.blocks, choice)
     ]
     memory = memory or MemoryTable(graph)
     mem = memory.of(choice)
@@ -206,8 +207,8 @@ def evaluate(
             mem.transient = max(mem.transient, sum(d.transient for d in deltas))
     trans = [0.0] * len(graph.blocks)
     for edge in value_edges(graph):
-        src = graph.block_configs(edge.producer)[choice[edge.producer.id]].exit_placements[edge.exit_pos]
-        dst = graph.block_configs(edge.consumer)[choice[edge.consumer.id]].input_placements[edge.input_pos]
+        src = graph.block_strategies(edge.producer)[choice[edge.producer.id]].exit_placements[edge.exit_pos]
+        dst = graph.block_strategies(edge.consumer)[choice[edge.consumer.id]].input_placements[edge.input_pos]
         if src is None or dst is None:
             continue
         key = edge.key(src, dst)
@@ -225,7 +226,7 @@ def evaluate(
 class Solution:
     choice: list[int]  # config index per block
     evaluation: Evaluation
-    status: str  # CP-SAT's "OPTIMAL" or "FEASIBLE"; for a fixed choice, what chose it ("baseline dp")
+    status: str  # CP-SAT's "OPTIMAL" or "FEASIBLE"; for a given choice (solution_for), what chose it ("baseline dp")
     objective_s: float  # the solver's objective, in seconds
     best_bound_s: float
     seconds: float  # solve time (building the model included)
@@ -270,7 +271,7 @@ def _no_config_runs(graph, block, costs) -> str:
     failure = getattr(costs, "block_failure", lambda c, n: "")
     reasons = [
         f"{p.config.name}: {failure(graph.class_of(block), p.config.name) or 'infinite cost'}"
-        for p in graph.block_configs(block)
+        for p in graph.block_strategies(block)
     ]
     return (
         f"No config of block {block.id} ({block.anchor}; ops {', '.join(ops)}) can run under the {costs.name} "
@@ -300,12 +301,12 @@ class _Builder:
         time_cache: dict[tuple[str, str], float] = {}
         for block in graph.blocks:
             g = self.group_of[block.id]
-            props = graph.block_configs(block)
+            strategies = graph.block_strategies(block)
             allowed = self.x.get(g)
             if allowed is None:
                 allowed = {}
-                for c, prop in enumerate(props):
-                    k = (graph.class_of(block), prop.config.name)
+                for c, strategy in enumerate(strategies):
+                    k = (graph.class_of(block), strategy.config.name)
                     if k not in time_cache:
                         time_cache[k] = costs.block_time(*k)
                     if math.isfinite(time_cache[k]):
@@ -315,7 +316,7 @@ class _Builder:
                 self.model.AddExactlyOne(allowed.values())
                 self.x[g] = allowed
             for c in allowed:
-                self.block_cost[g][c] += self._units(time_cache[(graph.class_of(block), props[c].config.name)])
+                self.block_cost[g][c] += self._units(time_cache[(graph.class_of(block), strategies[c].config.name)])
                 m = self.memory.rows[block.id][c]
                 self.mem_terms[g][c] += m.params + m.optimizer
                 self.grad_terms[g][c] += m.grads
@@ -442,11 +443,11 @@ class _Builder:
     def _labels(self, cache, block, which: str, pos: int) -> tuple[Label, ...]:
         key = (self.graph.class_of(block), which, pos)
         if key not in cache:
-            props = self.graph.block_configs(block)
+            strategies = self.graph.block_strategies(block)
             if which == "exit":
-                cache[key] = tuple(normalize(p.exit_placements[pos]) for p in props)
+                cache[key] = tuple(normalize(p.exit_placements[pos]) for p in strategies)
             else:
-                cache[key] = tuple(normalize(p.input_placements[pos]) for p in props)
+                cache[key] = tuple(normalize(p.input_placements[pos]) for p in strategies)
         return cache[key]
 
     def _transitions(self) -> None:
@@ -514,12 +515,12 @@ class _Builder:
         for _param, rs in self.tied.items():
             b0, p0 = rs[0]
             g0 = self.group_of[b0]
-            first = {c: normalize(graph.block_configs(b0)[c].input_placements[p0]) or () for c in self.x[g0]}
+            first = {c: normalize(graph.block_strategies(b0)[c].input_placements[p0]) or () for c in self.x[g0]}
             for b1, p1 in rs[1:]:
                 g1 = self.group_of[b1]
                 if g1 == g0 and p1 == p0:
                     continue
-                other = {c: normalize(graph.block_configs(b1)[c].input_placements[p1]) or () for c in self.x[g1]}
+                other = {c: normalize(graph.block_strategies(b1)[c].input_placements[p1]) or () for c in self.x[g1]}
                 for label in set(first.values()) | set(other.values()):
                     self.model.Add(
                         sum(self.x[g0][c] for c, lab in first.items() if lab == label)
@@ -716,7 +717,7 @@ def best_plans(graph, costs: CostModel, k: int, options: SolveOptions | None = N
     return sorted(found, key=lambda s: s.objective_s)
 
 
-def fixed(
+def solution_for(
     graph,
     costs: CostModel,
     choice: list[int],

@@ -176,11 +176,11 @@ class StorageTable:
     def _block(self, block, owned, mesh_shape) -> BlockStorage:
         traced = self.graph.traced
         out = BlockStorage()
-        for prop in self.graph.block_configs(block):
+        for strategy in self.graph.block_strategies(block):
             params = []
             for pos in owned:
                 val = traced.nodes[block.inputs[pos].name].meta["val"]
-                compute = normalize(prop.input_placements[pos]) or replicated(len(mesh_shape))
+                compute = normalize(strategy.input_placements[pos]) or replicated(len(mesh_shape))
                 storage = storage_placements(tuple(val.shape), compute, mesh_shape)
                 if storage is None or not val.is_floating_point():
                     continue
@@ -188,12 +188,12 @@ class StorageTable:
                 dtype = str(val.dtype).removeprefix("torch.")
                 params.append(ParamStorage(pos, tuple(val.shape), dtype, val.element_size(), compute, storage, ways))
             out.params.append(params)
-            out.levels.append(self._levels(block, prop, params, mesh_shape) if params else {})
-            out.recompute.append(self._recompute(block, prop, mesh_shape))
+            out.levels.append(self._levels(block, strategy, params, mesh_shape) if params else {})
+            out.recompute.append(self._recompute(block, strategy, mesh_shape))
         return out
 
-    def _levels(self, block, prop, params: list[ParamStorage], mesh_shape) -> dict[str, Variant]:
-        costs, name = self.costs, prop.config.name
+    def _levels(self, block, strategy, params: list[ParamStorage], mesh_shape) -> dict[str, Variant]:
+        costs, name = self.costs, strategy.config.name
         full = [local_numel(p.shape, p.compute, mesh_shape) for p in params]  # elements where it computes
         shard = [local_numel(p.shape, p.storage, mesh_shape) for p in params]
         size = [p.itemsize for p in params]
@@ -205,7 +205,7 @@ class StorageTable:
             gather = sum(_forward_s(costs, gather_key(p.shape, p.dtype, p.storage, p.compute)) for p in params)
             scatter = sum(_forward_s(costs, scatter_key(p.shape, p.dtype, p.storage, p.compute)) for p in params)
             # The profiled reduction and AdamW step cover every parameter of the block; these are their share.
-            total = sum(_bytes(traced_val, pl, mesh_shape) for traced_val, pl in self._param_values(block, prop))
+            total = sum(_bytes(traced_val, pl, mesh_shape) for traced_val, pl in self._param_values(block, strategy))
             frac = full_bytes / total if total else 0.0
             reduce = _phase(costs, self.graph.class_of(block), name, "reduce") * frac
             opt_s = _phase(costs, self.graph.class_of(block), name, "optimizer") * frac
@@ -228,25 +228,25 @@ class StorageTable:
             ),
         }
 
-    def _param_values(self, block, prop):
+    def _param_values(self, block, strategy):
         traced = self.graph.traced
         for pos, inp in enumerate(block.inputs):
             if inp.name in traced.params:
-                yield traced.nodes[inp.name].meta["val"], prop.input_placements[pos]
+                yield traced.nodes[inp.name].meta["val"], strategy.input_placements[pos]
 
-    def _recompute(self, block, prop, mesh_shape) -> Variant | None:
+    def _recompute(self, block, strategy, mesh_shape) -> Variant | None:
         """Checkpointing keeps the block's inputs instead of what its ops save; backward brings those back."""
         traced = self.graph.traced
         kept = sum(
             _bytes(traced.nodes[i.name].meta.get("val"), pl, mesh_shape)
-            for i, pl in zip(block.inputs, prop.input_placements)
+            for i, pl in zip(block.inputs, strategy.input_placements)
             if i.name not in traced.params
         )
-        dropped = int(prop.saved_bytes) - kept
+        dropped = int(strategy.saved_bytes) - kept
         if dropped <= 0:
             return None
-        forward = _phase(self.costs, self.graph.class_of(block), prop.config.name, "forward")  # 0 without costs
-        return Variant(forward, activations=-dropped, transient=int(prop.saved_bytes))
+        forward = _phase(self.costs, self.graph.class_of(block), strategy.config.name, "forward")  # 0 without costs
+        return Variant(forward, activations=-dropped, transient=int(strategy.saved_bytes))
 
     # -- what the ILP and the plan read ------------------------------------------
     def levels(self, block_id: int, config: int) -> dict[str, Variant]:

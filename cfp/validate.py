@@ -28,7 +28,7 @@ from cfp.costs import COST_MODELS, measured_here
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, launched_world
 from cfp.plan import Plan
-from cfp.solve import Solution, fixed
+from cfp.solve import Solution, solution_for
 from cfp.spec import ModelSpec
 
 DEFAULT_K = 3
@@ -150,7 +150,7 @@ def candidates(graph, costs, solutions: list[Solution], memory_limit: int | None
         if choice is None:
             continue
         levels = baselines.storage_levels(name, graph, choice)
-        cand = Candidate(name, fixed(graph, costs, choice, f"baseline {name}", memory_limit, levels))
+        cand = Candidate(name, solution_for(graph, costs, choice, f"baseline {name}", memory_limit, levels))
         mem = cand.solution.evaluation.memory.total
         if layout(cand.solution) in seen:
             cand.why = f"not run: the same layout as {seen[layout(cand.solution)]}"

@@ -36,12 +36,12 @@ def anchors(graph):
 
 
 def config(graph, block, name):
-    return next(p for p in graph.block_configs(block) if p.config.name == name)
+    return next(p for p in graph.block_strategies(block) if p.config.name == name)
 
 
-def node_placement(graph, block, prop, op_name):
+def node_placement(graph, block, strategy, op_name):
     """Placements of the first op of the block whose target contains op_name."""
-    for name, placements in zip(block.nodes, prop.node_placements):
+    for name, placements in zip(block.nodes, strategy.node_placements):
         if op_name in str(graph.traced.nodes[name].target):
             return to_strs(placements)
     raise AssertionError(f"no {op_name} in block {block.anchor}")
@@ -97,7 +97,7 @@ def test_gpt_data_parallel_reduces_gradients(gpt):
     ffn_up = layer_blocks(gpt, 0)[2]
     batch = config(gpt, ffn_up, "batch")
     assert batch.comm_free
-    grad = [c for c in batch.collectives if c.phase == "grad"]
+    grad = [c for c in batch.collectives if c.phase == "reduce"]
     assert {c.kind for c in grad} == {"all_reduce"} and len(grad) == 2  # weight and bias
 
 
@@ -127,7 +127,7 @@ def test_moe_expert_parallel_configs_account_for_communication():
     experts = [b for b in graph.blocks if str(graph.traced.nodes[b.anchor].target) == "aten.einsum.default"]
     assert experts, "expert einsums are anchors"
     for block in experts:
-        names = [p.config.name for p in graph.block_configs(block)]
+        names = [p.config.name for p in graph.block_strategies(block)]
         assert "expert" in names
         expert = config(graph, block, "expert")
         weight = next(pos for pos, i in enumerate(block.inputs) if i.role == "param")
@@ -135,7 +135,7 @@ def test_moe_expert_parallel_configs_account_for_communication():
     # Tokens reach expert-sharded weights by a transition from the router's exit
     # (an all-to-all when the router is batch-sharded) ...
     up, down = experts[0], experts[1]
-    expert_index = [p.config.name for p in graph.block_configs(up)].index("expert")
+    expert_index = [p.config.name for p in graph.block_strategies(up)].index("expert")
     into_up = {t.key for t in edge_transitions(graph) if t.consumer == up.id and t.consumer_config == expert_index}
     assert any(to_strs(k.src) == [S1] and to_strs(k.dst) == [S0] for k in into_up)
     # ... and the combine einsum sums over experts. DTensor 2.13 does not keep that
@@ -193,12 +193,12 @@ def test_two_dimensional_mesh_configs_pair_choices(tmp_path):
     traced = cfp.capture(cfp.build(ModelSpec(f"{tmp_path / 'mlp.py'}:build", device="meta")))
     graph = analyze(traced, parse_mesh("2x2"))
     up = graph.blocks[0]
-    props = {p.config.name: p for p in graph.block_configs(up)}
-    assert {"rep/rep", "batch/batch", "batch/col", "rep/col", "col/col", "seq/col"} <= set(props)
-    dp_tp = props["batch/col"]
+    strategies = {p.config.name: p for p in graph.block_strategies(up)}
+    assert {"rep/rep", "batch/batch", "batch/col", "rep/col", "col/col", "seq/col"} <= set(strategies)
+    dp_tp = strategies["batch/col"]
     assert dp_tp.comm_free
     assert [to_strs(p) for p in dp_tp.exit_placements] == [[S0, S2]]
-    assert {(c.kind, c.mesh_dim) for c in dp_tp.collectives if c.phase == "grad"} == {("all_reduce", 0)}
+    assert {(c.kind, c.mesh_dim) for c in dp_tp.collectives if c.phase == "reduce"} == {("all_reduce", 0)}
 
 
 def test_op_without_sharding_rule_runs_replicated(tmp_path):
@@ -224,9 +224,9 @@ def test_op_without_sharding_rule_runs_replicated(tmp_path):
         )
     )
     graph = analyze(cfp.capture(cfp.build(ModelSpec(f"{path}:build", device="meta"))), parse_mesh("2"))
-    props = graph.block_configs(0)
-    assert all("aten.renorm.default" in p.fallbacks for p in props)
-    col = next(p for p in props if p.config.name == "col")
+    strategies = graph.block_strategies(0)
+    assert all("aten.renorm.default" in p.fallbacks for p in strategies)
+    col = next(p for p in strategies if p.config.name == "col")
     assert any(c.kind == "all_gather" for c in col.collectives), "the fallback gathers its input"
 
 
@@ -237,9 +237,9 @@ def test_analysis_cache_reuses_and_recovers(tmp_path, monkeypatch):
     assert cold.cached_classes == 0
     warm = analyze(traced, parse_mesh("2"), workers=1)
     assert warm.cached_classes == len(warm.classes)
-    for class_id in cold.configs:
-        assert [(p.config, p.exit_placements, p.collectives) for p in cold.configs[class_id]] == [
-            (p.config, p.exit_placements, p.collectives) for p in warm.configs[class_id]
+    for class_id in cold.strategies:
+        assert [(p.config, p.exit_placements, p.collectives) for p in cold.strategies[class_id]] == [
+            (p.config, p.exit_placements, p.collectives) for p in warm.strategies[class_id]
         ]
     # A damaged entry is recomputed.
     entries = sorted((tmp_path / "analysis").glob("*.pkl"))
@@ -265,8 +265,8 @@ def test_blocks_that_differ_only_in_their_exits_are_different_classes(tmp_path, 
     for n_layer in (1, 2):
         graph = graph_of("gpt:tiny", n_layer=n_layer)
         for block in graph.blocks:
-            for prop in graph.block_configs(block):
-                assert len(prop.exit_placements) == len(block.outputs)
+            for strategy in graph.block_strategies(block):
+                assert len(strategy.exit_placements) == len(block.outputs)
 
 
 def test_an_op_without_an_anchor_rule_is_no_anchor(tmp_path, monkeypatch):
@@ -309,7 +309,7 @@ def test_a_registered_anchor_starts_a_block_with_its_configs(tmp_path, monkeypat
     assert [str(n.target) for n in anchors(graph)] == ["aten.mul.Tensor", "aten.linear.default", "aten.linear.default"]
     scale = graph.blocks[0]
     assert [i.role for i in scale.inputs] == ["activation", "param"]
-    props = {p.config.name: p for p in graph.block_configs(scale)}
-    assert {"rep", "batch", "seq", "expert"} <= set(props)  # D is in activation, parameter and output
-    assert props["expert"].comm_free
-    assert [to_strs(p) for p in props["expert"].input_placements] == [[S2], [S0]]
+    strategies = {p.config.name: p for p in graph.block_strategies(scale)}
+    assert {"rep", "batch", "seq", "expert"} <= set(strategies)  # D is in activation, parameter and output
+    assert strategies["expert"].comm_free
+    assert [to_strs(p) for p in strategies["expert"].input_placements] == [[S2], [S0]]

@@ -397,7 +397,7 @@ def test_analysis_progress_counts_configs(tmp_path, monkeypatch):
         graph = cfp.analyze(
             traced, "2", progress=lambda done, total, calls=calls: calls.append((done, total)), workers=workers
         )
-        total = sum(len(graph.configs[c]) + len(graph.rejected[c]) for c in graph.classes)
+        total = sum(len(graph.strategies[c]) + len(graph.rejected[c]) for c in graph.classes)
         assert calls[0] == (0, total) and calls[-1] == (total, total)
         assert len(calls) == total + 1 > len(graph.classes) + 1
         monkeypatch.setenv("CFP_CACHE_DIR", str(tmp_path / "again"))

@@ -225,7 +225,7 @@ def test_configs_that_failed_profiling_are_avoided_then_named():
     graph = analyze(cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="meta"))), parse_mesh(MESH))
     costs = AnalyticCosts(graph, load_cluster("cpu-gloo-local"))
     block = graph.blocks[1]
-    names = [p.config.name for p in graph.block_configs(block)]
+    names = [p.config.name for p in graph.block_strategies(block)]
     best = solve(graph, costs).choice[block.id]
     failed = {(graph.class_of(block), names[best])}
     assert solve(graph, _Failing(costs, failed)).choice[block.id] != best

@@ -51,7 +51,7 @@ def storage_plans(graph, rng) -> dict:
     n = len(graph.blocks)
     out = {level: plan_from_indices(graph, dp, [level] * n) for level in LEVELS[1:]}
     out["recompute"] = plan_from_indices(graph, dp, recompute=[True] * n)
-    mixed = [rng.randrange(len(graph.block_configs(b))) for b in graph.blocks]
+    mixed = [rng.randrange(len(graph.block_strategies(b))) for b in graph.blocks]
     out["mixed-storage"] = plan_from_indices(
         graph, mixed, [rng.choice(LEVELS) for _ in range(n)], [rng.random() < 0.5 for _ in range(n)]
     )

@@ -39,8 +39,8 @@ def test_emulated_profile_is_a_cost_model_and_reused(graph, cluster, tmp_path):
     assert run.measured == run.jobs and run.cached == 0
     table = run.table
     assert set(table.rows["backend"]) == {"emulated"}
-    for class_id, props in graph.configs.items():
-        for p in props:
+    for class_id, strategies in graph.strategies.items():
+        for p in strategies:
             t = table.block_time(class_id, p.config.name)
             assert 0 < t < math.inf
     for key in unique_transitions(graph) | storage_keys:

@@ -42,7 +42,7 @@ def test_block_programs_match_single_device(graph):
     """Forward exits and reduced parameter gradients equal the one-device computation, every config,
     for the lowered block programs (what profiling times) and the DTensor-interpreted ones."""
     qkv, proj, fc = (graph.blocks[graph.classes[c][0]] for c in list(graph.classes)[2:5])
-    pairs = [(graph.class_of(b), p.config.name) for b in (qkv, proj, fc) for p in graph.block_configs(b)]
+    pairs = [(graph.class_of(b), p.config.name) for b in (qkv, proj, fc) for p in graph.block_strategies(b)]
     assert {"rep", "batch", "col", "row"} <= {c for _, c in pairs}
     with WorkerPool(MESH, profile_rank_init, (SPEC, MESH, "cpu")) as pool:
         results = {

@@ -1,4 +1,4 @@
-"""Propagation on meta tensors over the fake process group predicts what real
+"""BlockStrategy on meta tensors over the fake process group predicts what real
 DTensor execution does on a 2-rank gloo group: the same exit placements and
 the same collectives, forward and backward."""
 
@@ -35,11 +35,11 @@ def _signature(prop_or_run):
 def _run_real(graph, mesh):
     """Each class's configs run for real: random CPU data, gloo collectives."""
     observed = {}
-    for class_id, props in graph.configs.items():
+    for class_id, strategies in graph.strategies.items():
         block = graph.blocks[graph.classes[class_id][0]]
         nodes = [graph.traced.nodes[n] for n in block.nodes]
         activation = next(i.name for i in block.inputs if i.role == "activation")
-        for prop in props:
+        for strategy in strategies:
             torch.manual_seed(0)
 
             def make_input(node, placements):
@@ -52,10 +52,10 @@ def _run_real(graph, mesh):
                     data = torch.randint(0, 8, val.shape, dtype=val.dtype)
                 return make_dtensor(data, mesh, placements, requires_grad=True)
 
-            fixed = {activation: prop.config.activation, **prop.config.placements()}
+            entry = {activation: strategy.config.activation, **strategy.config.placements()}
             forward = CommRecorder(mesh, "forward")
             with forward:
-                run = run_block(nodes, mesh, fixed, make_input, recorder=forward)
+                run = run_block(nodes, mesh, entry, make_input, recorder=forward)
             outs = [run.values[o] for o in block.outputs]
             grads = [
                 make_dtensor(torch.randn(o.shape), mesh, replicate_partials(o.placements), False)
@@ -67,7 +67,7 @@ def _run_real(graph, mesh):
                 torch.autograd.backward([o for o in outs if o.requires_grad], grads)
                 reduce_gradients(input_values(block, run.values), mesh, backward)
             exits = [tuple(o.placements) for o in outs]
-            observed[(class_id, prop.config.name)] = _signature((exits, forward.collectives + backward.collectives))
+            observed[(class_id, strategy.config.name)] = _signature((exits, forward.collectives + backward.collectives))
     return observed
 
 
@@ -104,8 +104,8 @@ def test_meta_propagation_matches_real_gloo_execution():
     graph = _graph()
     predicted = {
         (class_id, p.config.name): _signature((p.exit_placements, p.collectives))
-        for class_id, props in graph.configs.items()
-        for p in props
+        for class_id, strategies in graph.strategies.items()
+        for p in strategies
     }
     assert len(predicted) >= 25
     for key, signature in predicted.items():

@@ -70,7 +70,9 @@ class HashCosts:
 def brute_force(graph, costs, memory_limit=None):
     """The optimum by enumeration, from edge_transitions (an independent path to the objective)."""
     blocks = graph.blocks
-    block_cost = [[costs.block_time(graph.class_of(b), p.config.name) for p in graph.block_configs(b)] for b in blocks]
+    block_cost = [
+        [costs.block_time(graph.class_of(b), p.config.name) for p in graph.block_strategies(b)] for b in blocks
+    ]
     trans = {}
     for t in edge_transitions(graph):
         k = (t.producer, t.consumer)
@@ -86,7 +88,8 @@ def brute_force(graph, costs, memory_limit=None):
     best, best_choice = math.inf, None
     for choice in itertools.product(*[range(len(c)) for c in block_cost]):
         if any(
-            len({tuple(to_strs(graph.block_configs(b)[choice[b]].input_placements[p])) for b, p in r}) > 1 for r in tied
+            len({tuple(to_strs(graph.block_strategies(b)[choice[b]].input_placements[p])) for b, p in r}) > 1
+            for r in tied
         ):
             continue
         if memory_limit is not None and mem.of(list(choice)).total > memory_limit:
@@ -117,7 +120,7 @@ def test_ilp_equals_brute_force_analytic_and_memory(tiny1):
     best, choice = brute_force(tiny1, costs)
     sol = solve(tiny1, costs)
     assert sol.evaluation.total_s == pytest.approx(best, rel=1e-6)
-    assert len({tiny1.block_configs(b)[c].config.name for b, c in zip(tiny1.blocks, choice)}) > 1
+    assert len({tiny1.block_strategies(b)[c].config.name for b, c in zip(tiny1.blocks, choice)}) > 1
     # With a memory limit between the least and the unconstrained plan's memory.
     # The enumeration covers configs only: the ILP is compared with storage and recomputation choices off.
     least, _ = min_memory(tiny1, costs, storage=False, recompute=False)
@@ -136,23 +139,23 @@ def test_tied_embedding_and_head_agree(tiny1):
     traced = tiny1.traced
     placements = {}
     for b, c in zip(tiny1.blocks, sol.choice):
-        prop = tiny1.block_configs(b)[c]
+        strategy = tiny1.block_strategies(b)[c]
         for pos, i in enumerate(b.inputs):
             if i.name in traced.params:
-                placements.setdefault(i.name, set()).add(tuple(to_strs(prop.input_placements[pos])))
+                placements.setdefault(i.name, set()).add(tuple(to_strs(strategy.input_placements[pos])))
     assert all(len(v) == 1 for v in placements.values())
 
 
 def test_replicated_memory_counts_each_parameter_once(tiny1):
     rep = [
-        next(i for i, p in enumerate(tiny1.block_configs(b)) if set(p.config.name.split("/")) == {"rep"})
+        next(i for i, p in enumerate(tiny1.block_strategies(b)) if set(p.config.name.split("/")) == {"rep"})
         for b in tiny1.blocks
     ]
     m = MemoryTable(tiny1).of(rep)
     n = tiny1.traced.num_parameters()  # the tied embedding/head counted once
     assert m.params == m.grads == 4 * n
     assert m.optimizer == 8 * n
-    assert m.activations == sum(tiny1.block_configs(b)[c].saved_bytes for b, c in zip(tiny1.blocks, rep))
+    assert m.activations == sum(tiny1.block_strategies(b)[c].saved_bytes for b, c in zip(tiny1.blocks, rep))
 
 
 def test_memory_limit_forces_sharding_and_impossible_limit_explained(tiny2):
@@ -188,7 +191,7 @@ def test_tie_segments():
 
 
 def test_dp_choice_is_batch(tiny2):
-    names = [tiny2.block_configs(b)[c].config.name for b, c in zip(tiny2.blocks, dp_choice(tiny2))]
+    names = [tiny2.block_strategies(b)[c].config.name for b, c in zip(tiny2.blocks, dp_choice(tiny2))]
     assert names.count("batch") >= len(names) - 1  # the position embedding has no batch dimension
     assert evaluate(tiny2, AnalyticCosts(tiny2, h100()), dp_choice(tiny2)).total_s > 0
 
@@ -222,7 +225,7 @@ def test_redistribute_collectives():
 def test_small_model_large_memory_is_data_parallel():
     graph = graph_of("gpt:small", "4", n_layer=1, batch=256)
     sol = solve(graph, AnalyticCosts(graph, h100()), memory_limit=80 * GiB)
-    names = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, sol.choice)]
+    names = [graph.block_strategies(b)[c].config.name for b, c in zip(graph.blocks, sol.choice)]
     linear = [
         n for b, n in zip(graph.blocks, names) if graph.traced.nodes[b.anchor].target.__name__.startswith("linear")
     ]
@@ -238,7 +241,7 @@ def test_long_sequence_big_hidden_tight_memory_is_tensor_parallel():
     least, _ = min_memory(graph, costs)
     free = solve(graph, costs)
     sol = solve(graph, costs, memory_limit=least.total + (free.evaluation.memory.total - least.total) // 10)
-    names = [graph.block_configs(b)[c].config.name for b, c in zip(graph.blocks, sol.choice)]
+    names = [graph.block_strategies(b)[c].config.name for b, c in zip(graph.blocks, sol.choice)]
     assert sum(n in ("col", "row") for n in names) >= 3, names
 
 
@@ -248,9 +251,9 @@ def test_k_best_plans_are_distinct_and_ordered(tiny1):
     mem = MemoryTable(tiny1)
     readers = list(shared_parameters(tiny1).values())
     totals = []
-    for choice in itertools.product(*[range(len(tiny1.block_configs(b))) for b in tiny1.blocks]):
-        props = [tiny1.block_configs(b)[c] for b, c in zip(tiny1.blocks, choice)]
-        if any(len({tuple(to_strs(props[b].input_placements[p])) for b, p in r}) > 1 for r in readers):
+    for choice in itertools.product(*[range(len(tiny1.block_strategies(b))) for b in tiny1.blocks]):
+        strategies = [tiny1.block_strategies(b)[c] for b, c in zip(tiny1.blocks, choice)]
+        if any(len({tuple(to_strs(strategies[b].input_placements[p])) for b, p in r}) > 1 for r in readers):
             continue
         totals.append(evaluate(tiny1, costs, list(choice), mem).total_s)
     totals.sort()

@@ -13,7 +13,7 @@ from cfp.capture import op_name
 from cfp.commands.common import add_json_arg, add_model_args, analysis_progress, console, model_spec
 from cfp.mesh import parse_mesh
 from cfp.placements import from_strs, short, to_strs
-from cfp.propagate import Propagation
+from cfp.propagate import BlockStrategy
 from cfp.report_util import human, human_bytes, write_json
 
 
@@ -54,21 +54,21 @@ def analyze_with_progress(traced, mesh) -> BlockGraph:
         return analyze(traced, mesh, progress=progress)
 
 
-def _collectives(prop: Propagation) -> dict[str, int]:
-    counts = Counter(f"{c.phase}:{c.kind}" for c in prop.collectives)
+def _collectives(strategy: BlockStrategy) -> dict[str, int]:
+    counts = Counter(f"{c.phase}:{c.kind}" for c in strategy.collectives)
     return dict(sorted(counts.items()))
 
 
-def _config_json(prop: Propagation) -> dict:
+def _config_json(strategy: BlockStrategy) -> dict:
     return {
-        "name": prop.config.name,
-        "exit_placements": [to_strs(p) for p in prop.exit_placements],
-        "communication_free": prop.comm_free,
-        "collectives": _collectives(prop),
-        "comm_bytes": {phase: prop.comm_bytes(phase) for phase in ("forward", "backward", "grad")},
-        "param_bytes_per_device": prop.param_bytes,
-        "activation_bytes_per_device": prop.activation_bytes,
-        "replicated_fallbacks": prop.fallbacks,
+        "name": strategy.config.name,
+        "exit_placements": [to_strs(p) for p in strategy.exit_placements],
+        "communication_free": strategy.comm_free,
+        "collectives": _collectives(strategy),
+        "comm_bytes": {phase: strategy.comm_bytes(phase) for phase in ("forward", "backward", "reduce")},
+        "param_bytes_per_device": strategy.param_bytes,
+        "activation_bytes_per_device": strategy.activation_bytes,
+        "replicated_fallbacks": strategy.fallbacks,
     }
 
 
@@ -86,7 +86,7 @@ def summarize(graph: BlockGraph) -> dict:
                 "ops": len(block.nodes),
                 "parameters": sum(traced.param_shapes()[f].numel() for f in block.params),
                 "flops": block.flops,
-                "configs": [_config_json(p) for p in graph.configs[class_id]],
+                "configs": [_config_json(p) for p in graph.strategies[class_id]],
                 "rejected": {p.config.name: p.reason for p in graph.rejected.get(class_id, [])},
             }
         )
@@ -106,7 +106,7 @@ def summarize(graph: BlockGraph) -> dict:
 
 
 SHORT_KIND = {"all_reduce": "AR", "all_gather": "AG", "reduce_scatter": "RS", "all_to_all": "A2A", "broadcast": "BC"}
-SHORT_PHASE = {"forward": "fwd", "backward": "bwd", "grad": "grad"}
+SHORT_PHASE = {"forward": "fwd", "backward": "bwd", "reduce": "reduce"}
 
 
 def print_summary(graph: BlockGraph, summary: dict, model: str, show_rejected: bool = False) -> None:

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _fallbacks(graph, block, config: str) -> list[str]:
-    return next((p.fallbacks for p in graph.block_configs(block) if p.config.name == config), [])
+    return next((p.fallbacks for p in graph.block_strategies(block) if p.config.name == config), [])
 
 
 def label(block: dict) -> str:

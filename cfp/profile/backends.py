@@ -107,7 +107,7 @@ def profile_rank_init(rank: int, world: int, spec: ModelSpec, mesh: MeshSpec, de
     graph = analyze(traced, mesh)
     info = {
         "fingerprint": traced.fingerprint(),
-        "configs": {c: [p.config.name for p in ps] for c, ps in graph.configs.items()},
+        "configs": {c: [p.config.name for p in ps] for c, ps in graph.strategies.items()},
     }
     return RankContext(graph=graph, mesh=None, device=device), info
 
@@ -164,7 +164,7 @@ class EmulatedBackend:
         return value
 
     def price(self, collectives) -> dict[str, float]:
-        out = {"forward": 0.0, "backward": 0.0, "grad": 0.0}
+        out = {"forward": 0.0, "backward": 0.0, "reduce": 0.0}
         for kind, dim, nbytes, phase in collectives:
             out[phase] = out.get(phase, 0.0) + self.cluster.collective_time(kind, nbytes, self.mesh, max(dim, 0))
         return out
@@ -213,7 +213,7 @@ class PoolBackend:
             group=self.group,
         ).start()
         want = self.graph.traced.fingerprint()
-        configs = {c: [p.config.name for p in ps] for c, ps in self.graph.configs.items()}
+        configs = {c: [p.config.name for p in ps] for c, ps in self.graph.strategies.items()}
         for rank, info in enumerate(self.pool.infos):
             if info["fingerprint"] != want or info["configs"] != configs:
                 self.pool.close()

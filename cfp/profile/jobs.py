@@ -66,8 +66,8 @@ def execute(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int = 0) 
         if job.kind == "block":
             graph = ctx.graph
             block = graph.blocks[graph.classes[job.class_id][0]]
-            prop = next(p for p in graph.configs[job.class_id] if p.config.name == job.config)
-            program = BlockProgram(graph, block, prop, ctx.mesh, ctx.device, seed, job.runtime)
+            strategy = next(p for p in graph.strategies[job.class_id] if p.config.name == job.config)
+            program = BlockProgram(graph, block, strategy, ctx.mesh, ctx.device, seed, job.runtime)
         else:
             program = TransitionProgram(job.transition, ctx.mesh, ctx.device, seed, job.runtime)
         times, collectives = program.measure(warmup, iters, sync, barrier)
@@ -110,8 +110,8 @@ def combine(results: list[dict], comm_priced: dict[str, float] | None = None) ->
     phases = ("forward", "backward", "reduce", "optimizer")
     per_iter = {ph: [max(r[ph][i] for r in results) for i in range(n)] for ph in phases}
     comm = comm_priced or {}
-    for ph, key in (("forward", "forward"), ("backward", "backward"), ("reduce", "grad")):
-        per_iter[ph] = [t + comm.get(key, 0.0) for t in per_iter[ph]]
+    for ph in ("forward", "backward", "reduce"):
+        per_iter[ph] = [t + comm.get(ph, 0.0) for t in per_iter[ph]]
     # A rank that finishes backward early waits inside its next collective, so per-phase maxima
     # would count that skew twice (once in the slow rank's phase, once in the waiting rank's).
     # An iteration lasts as long as its slowest rank's whole program.
@@ -151,8 +151,8 @@ def compare_with_reference(
     out = {}
     for class_id, config in pairs:
         block = graph.blocks[graph.classes[class_id][0]]
-        prop = next(p for p in graph.configs[class_id] if p.config.name == config)
-        program = BlockProgram(graph, block, prop, ctx.mesh, ctx.device, seed, runtime)
+        strategy = next(p for p in graph.strategies[class_id] if p.config.name == config)
+        program = BlockProgram(graph, block, strategy, ctx.mesh, ctx.device, seed, runtime)
         _, _, got = program.iterate()
         want_values, want_grads = reference(program)
 

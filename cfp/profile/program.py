@@ -45,7 +45,7 @@ from cfp.optim import adamw
 from cfp.placements import Placements, replicate_partials, to_strs
 from cfp.program import Collective, CommRecorder, GradPlacedLikeValue, make_dtensor, run_block
 from cfp.propagate import (
-    Propagation,
+    BlockStrategy,
     entry_placements,
     exit_gradients,
     input_values,
@@ -122,20 +122,20 @@ class BlockProgram(_Timed):
         self,
         graph: BlockGraph,
         block: Block,
-        prop: Propagation,
+        strategy: BlockStrategy,
         mesh: DeviceMesh,
         device: str | torch.device = "cpu",
         seed: int = 0,
         runtime: str = "lowered",
     ):
-        self.graph, self.block, self.prop, self.mesh = graph, block, prop, mesh
+        self.graph, self.block, self.strategy, self.mesh = graph, block, strategy, mesh
         self.runtime = runtime
         self._lowered = None  # the AOTAutograd-traced block, made on the first iteration
         self.traced = graph.traced
         self.device = torch.device(device)
         self.seed = seed
         self.nodes = [self.traced.nodes[n] for n in block.nodes]
-        self.fixed = entry_placements(block, prop.config)
+        self.entry = entry_placements(block, strategy.config)
         floats = [self.traced.nodes[i.name].meta["val"] for i in block.inputs if i.name in self.traced.params]
         dims = [d for v in floats if v.is_floating_point() for d in v.shape]
         self.int_high = min(dims) if dims else 2
@@ -191,7 +191,7 @@ class BlockProgram(_Timed):
         collectives seen and timed (only when ``record``) and the values."""
         for leaf in self.leaves.values():
             leaf.grad = None
-        recs = {p: CommRecorder(self.mesh, p, sync) for p in ("forward", "backward", "grad")} if record else {}
+        recs = {p: CommRecorder(self.mesh, p, sync) for p in ("forward", "backward", "reduce")} if record else {}
 
         def ctx(p):
             return recs[p] if record else contextlib.nullcontext()
@@ -221,8 +221,8 @@ class BlockProgram(_Timed):
                 _wait(p.grad)
         sync()
         t2 = time.perf_counter()
-        with ctx("grad"):
-            reduced = reduce_gradients(self.params, self.mesh, recs.get("grad"))
+        with ctx("reduce"):
+            reduced = reduce_gradients(self.params, self.mesh, recs.get("reduce"))
             for g in reduced:
                 _wait(g)
         sync()
@@ -234,7 +234,7 @@ class BlockProgram(_Timed):
     def _forward(self, recorder: CommRecorder | None) -> dict[str, object]:
         """The block's values by name: its inputs (the cached leaves) and what its ops made."""
         if self._lowered is None:
-            return run_block(self.nodes, self.mesh, self.fixed, self.make_input, recorder=recorder).values
+            return run_block(self.nodes, self.mesh, self.entry, self.make_input, recorder=recorder).values
         outs = self._lowered(*self.leaves.values())
         return {**self.leaves, **dict(zip(self._lowered_outputs, outs))}
 
@@ -252,7 +252,7 @@ class BlockProgram(_Timed):
 
         from cfp.lower import aot_options, strided_shard_offsets_outside_trace
 
-        run = run_block(self.nodes, self.mesh, self.fixed, self.make_input)
+        run = run_block(self.nodes, self.mesh, self.entry, self.make_input)
         sent_back = {i.name for i in self.block.inputs if i.producer is not None or i.name in self.traced.params}
         names = list(self.leaves)
         self._lowered_outputs = [n for n in self.block.outputs if isinstance(run.values.get(n), torch.Tensor)]
@@ -270,7 +270,7 @@ class BlockProgram(_Timed):
                 n: GradPlacedLikeValue.apply(v) if n in sent_back and v.requires_grad else v
                 for n, v in zip(names, leaves)
             }
-            values = run_block(self.nodes, self.mesh, self.fixed, lambda node, placements: given[node.name]).values
+            values = run_block(self.nodes, self.mesh, self.entry, lambda node, placements: given[node.name]).values
             return tuple(values[n].clone() if n in views else values[n] for n in self._lowered_outputs)
 
         lowered = aot_function(block, **aot_options(self.runtime == "compiled"))
@@ -314,7 +314,7 @@ class BlockProgram(_Timed):
 
     def estimated_memory(self) -> int:
         """Per-rank bytes from analysis' local shapes: parameters, their gradients, every op output."""
-        return 2 * self.prop.param_bytes + self.prop.activation_bytes
+        return 2 * self.strategy.param_bytes + self.strategy.activation_bytes
 
 
 def reference(program: BlockProgram) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

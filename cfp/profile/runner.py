@@ -63,7 +63,7 @@ def block_jobs(graph: BlockGraph, runtime: str = "lowered") -> list[Job]:
     return [
         Job("block", class_id, p.config.name, runtime=runtime)
         for class_id in graph.classes
-        for p in graph.configs[class_id]
+        for p in graph.strategies[class_id]
     ]
 
 
