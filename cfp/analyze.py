@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -234,6 +235,8 @@ _WORKER_STATE: dict = {}
 
 
 def _worker_init(parent_pid: int) -> None:
+    # A forked worker inherits the CLI's SIGTERM handler (exit_on_sigterm); Pool.terminate needs SIGTERM to kill it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent(parent_pid)
     _WORKER_STATE["context"] = fake_mesh(_WORKER_STATE["mesh"])
     _WORKER_STATE["device_mesh"] = _WORKER_STATE["context"].__enter__()

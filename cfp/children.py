@@ -30,6 +30,9 @@ def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
         os._exit(1)
 
     def watch() -> None:
+        # Signals go to the main thread: one delivered here would leave a main thread blocked in a lock
+        # (a pool worker waiting for work when Pool.terminate sends SIGTERM) waiting forever.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         while os.getppid() == parent_pid:
             time.sleep(poll_s)
         os._exit(1)

@@ -7,6 +7,7 @@ they started (workers, their helpers) can be found in /proc afterwards.
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -332,6 +333,26 @@ def test_sigterm_stops_analysis_workers(tmp_path):
     proc.terminate()
     assert proc.wait(timeout=60) != 0
     assert not wait_for_no_survivors(marker)
+
+
+WATCHDOG_MASK = """
+import os, threading, time
+from cfp.children import die_with_parent
+die_with_parent(os.getppid())
+watchdog = next(t for t in threading.enumerate() if t.name == "cfp-parent-watchdog")
+status = open(f"/proc/self/task/{watchdog.native_id}/status").read()
+print(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a thread's signal mask from Linux's /proc")
+def test_the_parent_watchdog_leaves_sigterm_to_the_main_thread():
+    # A SIGTERM delivered to the watchdog thread would not wake a main thread blocked in a lock: a forked analysis
+    # worker waiting for work then outlived Pool.terminate and the test suite hung on it.
+    out = subprocess.run([sys.executable, "-c", WATCHDOG_MASK], capture_output=True, text=True, check=True)
+    blocked = int(out.stdout.strip(), 16)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        assert blocked & (1 << (sig - 1)), f"the watchdog thread does not block {sig.name}"
 
 
 # -- 6: oversubscription is said, and noisy rows flagged -------------------------------------------------------------
