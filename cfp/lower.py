@@ -117,13 +117,14 @@ def _compilers(compile: bool) -> dict[str, Any]:
         }
     # The traced GraphModule's own forward, called as a function: no nn.Module call machinery each step
     # (and no module hooks, which CommDebugMode's module tracker would trip over).
-    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.debugging import boxed_nop
 
     def run_traced(gm, example_inputs):
         return gm.forward
 
-    # AOTAutograd calls the backward with one list of arguments (boxed), the forward unpacked.
-    return {"fw_compiler": run_traced, "bw_compiler": lambda gm, example_inputs: make_boxed_func(gm.forward)}
+    # The backward takes its arguments boxed (one list it clears), as aot_eager's does, so each saved
+    # activation is freed after its last use rather than when the whole backward returns.
+    return {"fw_compiler": run_traced, "bw_compiler": boxed_nop}
 
 
 class LoweredForward:

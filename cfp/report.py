@@ -43,8 +43,12 @@ def tables(plan: Plan) -> list[Table]:
         "memory per device", f"{human_bytes(mem['total'])} / {human_bytes(limit) if limit else 'no limit'}{used}"
     )
     if "transient" in mem:
-        summary.add_row("", "at the step's peak: params + optimizer + transient + the larger of grads and activations")
-    for k in ("params", "grads", "optimizer", "activations", "transient"):
+        summary.add_row(
+            "",
+            "at the step's peak: params + optimizer + transient + the larger of grads (with the bucket being "
+            "reduced) and activations",
+        )
+    for k in ("params", "grads", "bucket", "optimizer", "activations", "transient"):
         if k in mem:
             summary.add_row(f"  {k}", human_bytes(mem[k]))
     layout = plan.layout_counts()
@@ -220,17 +224,23 @@ def figure(plan: Plan, path: str | Path) -> Path:
         ((u, d) for u, d in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= d), ("B", 1)
     )
     # The step's peak holds the gradients (end of backward) or the saved activations (end of forward), not both.
-    larger = "grads" if mem["grads"] >= mem["activations"] and "transient" in mem else "activations"
+    larger = (
+        "grads" if mem["grads"] + mem.get("bucket", 0) >= mem["activations"] and "transient" in mem else "activations"
+    )
     parts = [
         ("params", "#4C72B0"),
         ("grads", "#55A868"),
+        ("bucket", "#8CC28F"),
         ("optimizer", "#8172B2"),
         ("activations", "#DD8452"),
         ("transient", "#937860"),
     ]
     y = 0.0
     for key, color in parts:
-        if key not in mem or ("transient" in mem and key in ("grads", "activations") and key != larger):
+        grads_side = key in ("grads", "bucket")
+        if key not in mem or (
+            "transient" in mem and (grads_side or key == "activations") and ("grads" if grads_side else key) != larger
+        ):
             continue
         ax_mem.bar([0], [mem[key] / div], bottom=y, width=0.6, color=color, label=f"{key} {human_bytes(mem[key])}")
         y += mem[key] / div

@@ -43,11 +43,11 @@ from cfp import baselines
 from cfp.capture import op_name
 from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
+from cfp.lower import BUCKET_MB
 from cfp.placements import Placements, local_numel, normalize, to_strs
-from cfp.storage import StorageTable, Variant
+from cfp.storage import ADAM_STATE_BYTES_PER_PARAM, StorageTable, Variant
 
 TIME_UNIT_S = 1e-10
-ADAM_STATE_BYTES_PER_PARAM = 8  # two fp32 moments
 DEFAULT_TIME_LIMIT_S = 60.0
 
 Label = Placements | None  # a value's placements as a config leaves or takes it
@@ -76,6 +76,9 @@ class SolveOptions:
 # --------------------------------------------------------------------------
 
 
+BUCKET_BYTES = int(BUCKET_MB * 2**20)
+
+
 @dataclass
 class Memory:
     """Per-device bytes of one plan."""
@@ -85,11 +88,17 @@ class Memory:
     optimizer: int = 0
     activations: int = 0
     transient: int = 0  # the largest of one block's gathered parameters and recomputed activations
+    reduced: int = 0  # gradient bytes collectives reduce (all-reduce, reduce-scatter), bucketed by the lowering
+
+    @property
+    def bucket(self) -> int:
+        """A bucket's flat copy, alive beside the gradients while it is reduced (up to ``BUCKET_MB``)."""
+        return min(self.reduced, BUCKET_BYTES)
 
     @property
     def total(self) -> int:
         """The step's peak: gradients fill in as backward frees the saved activations."""
-        return self.params + self.optimizer + max(self.grads, self.activations) + self.transient
+        return self.params + self.optimizer + max(self.grads + self.bucket, self.activations) + self.transient
 
     def to_json(self) -> dict:
         return {
@@ -99,6 +108,7 @@ class Memory:
             "optimizer": self.optimizer,
             "activations": self.activations,
             "transient": self.transient,
+            "bucket": self.bucket,
         }
 
     def dominant(self) -> str:
@@ -151,7 +161,7 @@ class MemoryTable:
             if key not in self.table:
                 row = []
                 for strategy in graph.block_strategies(block):
-                    m = Memory(activations=int(strategy.saved_bytes))
+                    m = Memory(activations=int(strategy.saved_bytes), reduced=strategy.comm_bytes("reduce"))
                     for pos in owned:
                         val = traced.nodes[block.inputs[pos].name].meta["val"]
                         numel = local_numel(tuple(val.shape), strategy.input_placements[pos], graph.mesh.shape)
@@ -170,6 +180,7 @@ class MemoryTable:
             total.grads += m.grads
             total.optimizer += m.optimizer
             total.activations += m.activations
+            total.reduced += m.reduced
         return total
 
 
@@ -298,6 +309,7 @@ class _Builder:
         self.mem_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.grad_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.act_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.reduce_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         time_cache: dict[tuple[str, str], float] = {}
         for block in graph.blocks:
             g = self.group_of[block.id]
@@ -321,6 +333,7 @@ class _Builder:
                 self.mem_terms[g][c] += m.params + m.optimizer
                 self.grad_terms[g][c] += m.grads
                 self.act_terms[g][c] += m.activations
+                self.reduce_terms[g][c] += m.reduced
         self.objective_terms: list = []
         self.storage = StorageTable(graph, costs, self.memory.owner)
         self._storage_choices(storage, recompute)
@@ -328,6 +341,10 @@ class _Builder:
         self.y_edges: list[tuple] = []  # (y, producer group, src labels, consumer group, dst labels), for hints
         self._transitions()
         self._tied_params()
+        # Memory.bucket of the chosen configs: their reduced bytes, capped at one bucket.
+        reduced = sum(v * self.reduce_terms[g][c] for g, xs in self.x.items() for c, v in xs.items())
+        self.bucket = self.model.NewIntVar(0, BUCKET_BYTES, "bucket")
+        self.model.AddMinEquality(self.bucket, [reduced, BUCKET_BYTES])
         for g, costs_g in self.block_cost.items():
             self.objective_terms += [(v, costs_g[c]) for c, v in self.x[g].items() if costs_g[c]]
 
@@ -415,9 +432,11 @@ class _Builder:
         )
 
     def memory_exprs(self) -> list:
-        """The step's peak is at most each of: the end of forward (activations) and of backward (gradients)."""
+        """The step's peak is at most each of: the end of forward (activations) and of backward (gradients,
+        with the bucket being reduced)."""
         always = self._part(self.mem_terms, "always") + self.transient
-        return [always + self._part(self.grad_terms, "grads"), always + self._part(self.act_terms, "activations")]
+        grads = self._part(self.grad_terms, "grads") + self.bucket
+        return [always + grads, always + self._part(self.act_terms, "activations")]
 
     def add_memory_limit(self, limit: int) -> None:
         for expr in self.memory_exprs():
@@ -431,7 +450,7 @@ class _Builder:
             for row in terms.values()
             for b in row.values()
         )
-        bound += sum(b for part in self.extra_mem.values() for _, b in part) + self.transient_bound
+        bound += sum(b for part in self.extra_mem.values() for _, b in part) + self.transient_bound + BUCKET_BYTES
         peak = self.model.NewIntVar(0, int(bound), "peak")
         for expr in exprs:
             self.model.Add(peak >= expr)

@@ -152,7 +152,7 @@ def _check(model, plan_name, plan_file, ref, opt_name, lowered) -> tuple[list[st
     opt = (
         torch.optim.SGD(pm.parameters(), lr=LR)
         if opt_name == "sgd"
-        else torch.optim.Adam(pm.parameters(), lr=LR, eps=ADAM_EPS, foreach=True)  # as cfp.optim.adamw
+        else torch.optim.Adam(pm.parameters(), lr=LR, eps=ADAM_EPS, fused=True)  # fused, as cfp.optim.adamw
     )
     opt.step()
     for fqn, p in params.items():

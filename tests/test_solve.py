@@ -1,6 +1,7 @@
 """The ILP (cfp.solve) and the analytic cost model (cfp.analytic)."""
 
 import hashlib
+import importlib
 import itertools
 import math
 
@@ -18,6 +19,8 @@ from cfp.mesh import parse_mesh
 from cfp.placements import to_strs
 from cfp.plan import parameter_placements
 from cfp.solve import MemoryTable, best_plans, evaluate, min_memory, solve
+
+solve_module = importlib.import_module("cfp.solve")  # cfp.solve is also the function
 
 GiB = 2**30
 
@@ -188,6 +191,33 @@ def test_tie_segments():
         for k in range(period):
             assert len({tied.choice[i] for i in range(seg.start + k, seg.end, period)}) == 1
     assert tied.stats["decision_groups"] < free.stats["decision_groups"]
+
+
+def test_memory_counts_the_gradient_bucket_being_reduced(tiny1, monkeypatch):
+    """The lowered backward reduces gradients in flat buckets: one bucket's copy sits beside the gradients."""
+    dp = MemoryTable(tiny1).of(dp_choice(tiny1))
+    assert dp.reduced >= dp.grads > 0  # data parallelism all-reduces every gradient
+    assert dp.bucket == dp.reduced  # the tiny model's gradients fit in one bucket
+    assert dp.total == dp.params + dp.optimizer + max(dp.grads + dp.bucket, dp.activations)
+    rep = [
+        next(i for i, p in enumerate(tiny1.block_strategies(b)) if set(p.config.name.split("/")) == {"rep"})
+        for b in tiny1.blocks
+    ]
+    assert MemoryTable(tiny1).of(rep).bucket == 0  # replicated compute: nothing to reduce
+
+    # Costs that make data parallelism the fastest plan; a byte less than its peak rules it out in the ILP too.
+    favoured = {
+        (tiny1.class_of(b), tiny1.block_strategies(b)[c].config.name) for b, c in zip(tiny1.blocks, dp_choice(tiny1))
+    }
+    costs = HashCosts()
+    costs.block_time = lambda class_id, config: 1e-4 if (class_id, config) in favoured else 1.0
+    assert solve(tiny1, costs, storage=False, recompute=False).choice == dp_choice(tiny1)
+    for cap in (dp.reduced, dp.reduced // 3):
+        monkeypatch.setattr(solve_module, "BUCKET_BYTES", cap)
+        peak = MemoryTable(tiny1).of(dp_choice(tiny1))
+        assert peak.bucket == cap
+        tight = solve(tiny1, costs, memory_limit=peak.total - 1, storage=False, recompute=False)
+        assert tight.choice != dp_choice(tiny1) and tight.evaluation.memory.total < peak.total
 
 
 def test_dp_choice_is_batch(tiny2):
