@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import _disable_current_modes
 
+from cfp.buckets import BUCKET_MB
 from cfp.errors import CFPError, CFPWarning
 from cfp.program import GradPlacedLikeValue
 
@@ -91,9 +92,6 @@ def bucket_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     bucket_reduce_scatter(gm, lambda bucket: BUCKET_MB)
     gm.recompile()
     return gm
-
-
-BUCKET_MB = 25.0  # DDP's default bucket size
 
 
 def aot_options(compile: bool) -> dict[str, Any]:

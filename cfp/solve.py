@@ -40,10 +40,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from cfp import baselines
+from cfp.buckets import BUCKET_BYTES
 from cfp.capture import op_name
 from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
-from cfp.lower import BUCKET_MB
 from cfp.placements import Placements, local_numel, normalize, to_strs
 from cfp.storage import ADAM_STATE_BYTES_PER_PARAM, StorageTable, Variant
 
@@ -74,9 +74,6 @@ class SolveOptions:
 # --------------------------------------------------------------------------
 # What a plan costs, computed directly (the ILP's objective, in seconds)
 # --------------------------------------------------------------------------
-
-
-BUCKET_BYTES = int(BUCKET_MB * 2**20)
 
 
 @dataclass
@@ -341,10 +338,12 @@ class _Builder:
         self.y_edges: list[tuple] = []  # (y, producer group, src labels, consumer group, dst labels), for hints
         self._transitions()
         self._tied_params()
-        # Memory.bucket of the chosen configs: their reduced bytes, capped at one bucket.
+        # Memory.bucket: the chosen configs' reduced bytes where no plan reduces more than a bucket, else a
+        # full bucket for every plan (at most BUCKET_MB too many; a min() constraint stalls CP-SAT's LP on
+        # large models).
+        most = sum(max(row.values(), default=0) for row in self.reduce_terms.values())
         reduced = sum(v * self.reduce_terms[g][c] for g, xs in self.x.items() for c, v in xs.items())
-        self.bucket = self.model.NewIntVar(0, BUCKET_BYTES, "bucket")
-        self.model.AddMinEquality(self.bucket, [reduced, BUCKET_BYTES])
+        self.bucket = reduced if most <= BUCKET_BYTES else BUCKET_BYTES
         for g, costs_g in self.block_cost.items():
             self.objective_terms += [(v, costs_g[c]) for c, v in self.x[g].items() if costs_g[c]]
 

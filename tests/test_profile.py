@@ -8,13 +8,15 @@ import pandas as pd
 import pytest
 
 import cfp
+from cfp.buckets import BUCKET_BYTES, bucket_key, bucket_keys
 from cfp.cli import main
 from cfp.cluster import load_cluster
 from cfp.costs import unique_transitions
 from cfp.mesh import parse_mesh
 from cfp.profile import ProfileStore, analyze_for_profile, profile
 from cfp.profile.calibrate import fit
-from cfp.profile.store import StoreWarning
+from cfp.profile.jobs import combine
+from cfp.profile.store import ProfileTable, StoreWarning, transition_config
 from cfp.storage import StorageTable
 
 SPEC = cfp.ModelSpec("gpt:tiny", device="cpu", batch=2, seq=16)
@@ -35,7 +37,9 @@ def test_emulated_profile_is_a_cost_model_and_reused(graph, cluster, tmp_path):
     run = profile(graph, SPEC, "emulated", cluster, tmp_path, **FAST)
     # transitions between blocks, and the all-gathers and reduce-scatters of parameters stored sharded
     storage_keys = StorageTable(graph).transition_keys()
-    assert storage_keys and run.jobs == graph.profile_jobs + len(unique_transitions(graph) | storage_keys)
+    buckets = bucket_keys(graph)  # data parallelism reduces gradients over the mesh's one dimension
+    assert buckets == {bucket_key(1, 0)}
+    assert storage_keys and run.jobs == graph.profile_jobs + len(unique_transitions(graph) | storage_keys | buckets)
     assert run.measured == run.jobs and run.cached == 0
     table = run.table
     assert set(table.rows["backend"]) == {"emulated"}
@@ -161,3 +165,81 @@ def test_cli_profile_json(tmp_path):
 
 def test_cli_emulated_needs_cluster(tmp_path):
     assert main(["profile", "gpt:tiny", "--mesh", "2", "--backend", "emulated", "--store", str(tmp_path)]) == 1
+
+
+def _rank(forward, reduce):
+    n = len(forward)
+    return {
+        "status": "ok",
+        "forward": forward,
+        "backward": [0.0] * n,
+        "reduce": reduce,
+        "optimizer": [0.0] * n,
+        "collectives": [],
+        "comm_seconds": 0.0,
+        "memory": 0,
+        "memory_source": "test",
+    }
+
+
+def test_combine_counts_no_skew_the_step_does_not_pay():
+    """Ranks taking turns to be slow (no collective between them) cost their typical time, not the
+    per-iteration maximum; the reduction costs what the last rank in waits, not the first one's wait."""
+    early = _rank([1.0, 2.0, 1.0, 2.0, 1.0], [5.0] * 5)  # waits in the reduction for the other's backward
+    late = _rank([2.0, 1.0, 2.0, 1.0, 2.0], [1.0] * 5)
+    row = combine([early, late])
+    assert row["reduce_s"] == 1.0
+    assert row["total_s"] == 2.0 + 1.0  # the slower rank's median iteration, then the reduction
+    assert row["total_max_s"] == 7.0  # the spread still shows the per-iteration maxima (2 + 5)
+
+
+def test_lowered_gradient_reduction_is_priced_as_its_share_of_a_bucket():
+    key = bucket_key(1, 0)
+    base = {"status": "ok", "error": "", "comm_s": 0.0, "backend": "real"}
+    rows = pd.DataFrame(
+        [
+            {
+                **base,
+                "kind": "block",
+                "class_id": "c",
+                "config": "batch",
+                "runtime": "lowered",
+                "shape_key": "",
+                "dtype": "",
+                "reduce_s": 0.05,
+                "total_s": 0.1,
+                "total_min_s": 0.09,
+            },
+            {
+                **base,
+                "kind": "block",
+                "class_id": "c",
+                "config": "slow",
+                "runtime": "interpreted",
+                "shape_key": "",
+                "dtype": "",
+                "reduce_s": 0.05,
+                "total_s": 0.1,
+                "total_min_s": 0.09,
+            },
+            {
+                **base,
+                "kind": "transition",
+                "class_id": "",
+                "config": transition_config(key),
+                "runtime": "lowered",
+                "shape_key": json.dumps(list(key.shape)),
+                "dtype": key.dtype,
+                "reduce_s": 0.0,
+                "total_s": 0.08,
+                "total_min_s": 0.02,
+            },
+        ]
+    )
+    reduced = {("c", "batch"): {0: BUCKET_BYTES // 2}, ("c", "slow"): {0: BUCKET_BYTES // 2}}
+    table = ProfileTable(rows, reduced=reduced, mesh_ndim=1)
+    # half a bucket, at the bucket's fastest iteration, replaces the block's own reduction
+    assert table.block_time("c", "batch") == pytest.approx(0.1 - 0.05 + 0.01)
+    assert table.block_phase_s("c", "batch", "reduce") == pytest.approx(0.01)
+    assert table.block_time("c", "slow") == pytest.approx(0.1)  # the interpreter reduces parameter by parameter
+    assert ProfileTable(rows).block_time("c", "batch") == pytest.approx(0.1)  # without the graph's bytes: as measured

@@ -94,9 +94,20 @@ def execute(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int = 0) 
 
 
 def combine(results: list[dict], comm_priced: dict[str, float] | None = None) -> dict:
-    """Rank results -> one row's measurements (seconds): per phase the median
-    of the per-iteration max over ranks; in total the median of the
-    per-iteration max over ranks of each rank's whole iteration.
+    """Rank results -> one row's measurements (seconds).
+
+    ``total_s`` is the slowest rank's median iteration without the
+    gradient reduction, plus the reduction. A rank that reaches a collective
+    first waits inside it, so its iteration already counts the other rank's
+    lateness wherever the block synchronises them; where it does not (data
+    parallelism's forward and backward), in a training step each rank's
+    noise evens out over the blocks rather than adding up block by block,
+    as a per-iteration maximum over ranks would have it (which predicted
+    data-parallel gpt:small 33% slow). The reduction follows backward with
+    no barrier between, so a rank's ``reduce`` includes waiting for the
+    other's backward: it is the per-iteration least over ranks (the last
+    rank in waits least). Each other phase is the slowest rank's median.
+    The spread is that of the per-iteration totals (max over ranks).
 
     ``comm_priced``: the emulated backend's communication time per phase,
     added to the measured local compute. On the real backend communication is
@@ -108,22 +119,21 @@ def combine(results: list[dict], comm_priced: dict[str, float] | None = None) ->
         return {"status": bad["status"], "error": bad.get("error", ""), "total_s": float("inf")}
     n = len(results[0]["forward"])
     phases = ("forward", "backward", "reduce", "optimizer")
-    per_iter = {ph: [max(r[ph][i] for r in results) for i in range(n)] for ph in phases}
     comm = comm_priced or {}
+    seconds = {ph: max(statistics.median(r[ph]) for r in results) for ph in phases}
+    seconds["reduce"] = statistics.median(min(r["reduce"][i] for r in results) for i in range(n))
+    local = ("forward", "backward", "optimizer")
+    iteration = max(statistics.median(sum(r[ph][i] for ph in local) for i in range(n)) for r in results)
     for ph in ("forward", "backward", "reduce"):
-        per_iter[ph] = [t + comm.get(ph, 0.0) for t in per_iter[ph]]
-    # A rank that finishes backward early waits inside its next collective, so per-phase maxima
-    # would count that skew twice (once in the slow rank's phase, once in the waiting rank's).
-    # An iteration lasts as long as its slowest rank's whole program.
-    priced = sum(comm.values())
-    totals = [max(sum(r[ph][i] for ph in phases) for r in results) + priced for i in range(n)]
+        seconds[ph] += comm.get(ph, 0.0)
+    totals = [max(sum(r[ph][i] for ph in phases) for r in results) + sum(comm.values()) for i in range(n)]
     q = statistics.quantiles(totals, n=4) if len(totals) >= 2 else [totals[0]] * 3
     return {
         "status": "ok",
         "error": "",
-        **{f"{ph}_s": statistics.median(per_iter[ph]) for ph in phases},
-        "comm_s": priced if comm_priced is not None else max(r["comm_seconds"] for r in results),
-        "total_s": statistics.median(totals),
+        **{f"{ph}_s": seconds[ph] for ph in phases},
+        "comm_s": sum(comm.values()) if comm_priced is not None else max(r["comm_seconds"] for r in results),
+        "total_s": iteration + comm.get("forward", 0.0) + comm.get("backward", 0.0) + seconds["reduce"],
         "total_min_s": min(totals),
         "total_max_s": max(totals),
         "total_iqr_s": q[2] - q[0],

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from cfp.analyze import BlockGraph, analyze
+from cfp.buckets import bucket_keys, reduced_bytes
 from cfp.capture import capture
 from cfp.cluster import ClusterModel
 from cfp.costs import unique_transitions
@@ -70,7 +71,7 @@ def block_jobs(graph: BlockGraph, runtime: str = "lowered") -> list[Job]:
 def transition_jobs(graph: BlockGraph, runtime: str = "lowered") -> list[Job]:
     from cfp.storage import StorageTable  # parameters stored sharded are gathered and reduce-scattered
 
-    keys = unique_transitions(graph) | StorageTable(graph).transition_keys()
+    keys = unique_transitions(graph) | StorageTable(graph).transition_keys() | bucket_keys(graph)
     keys = sorted(keys, key=lambda k: (k.shape, k.dtype, to_strs(k.src), to_strs(k.dst)))
     return [Job("transition", transition=k, runtime=runtime) for k in keys]
 
@@ -202,7 +203,10 @@ def profile(
         "profile_store": str(store.dir),
         "profile_jobs": len(jobs),
     }
-    table = ProfileTable(pd.DataFrame(rows), name=f"profiled-{runner.name}", provenance=provenance)
+    reduced = {(c, s.config.name): reduced_bytes(s) for c, strategies in graph.strategies.items() for s in strategies}
+    table = ProfileTable(
+        pd.DataFrame(rows), name=f"profiled-{runner.name}", provenance=provenance, reduced=reduced, mesh_ndim=mesh.ndim
+    )
     noisy = table.noisy()
     if len(noisy):
         warnings.warn(
