@@ -27,8 +27,7 @@ for spec in "gpt:tiny" "gpt:small --batch 8" "llama:tiny" "llama:small --batch 8
     | grep -v "alltoall yet" | tee "$out/bench.txt"
 done
 
-# -- Issue #14, plans that fit: storage sharding (ZeRO-1/2/3) and recomputation. Timings come from a
-# shared 2-core machine with other work running, so step times are noisy (see the IQR column); memory is not.
+# -- Issue #14, plans that fit: storage sharding (ZeRO-1/2/3) and recomputation.
 out=docs/bench
 
 # 1. GPT-3 175B on 8x8 H100s (analytic costs), 80 GiB per device: a plan fits with storage sharding and
@@ -46,7 +45,7 @@ out=docs/bench
 cfp plan llama:llama-7b --mesh 8 --cost analytic --memory 40GiB -o $out/llama-7b-mesh8-40GiB.json > $out/llama-7b-mesh8-40GiB.txt 2>&1
 
 # 3. gpt:small on 2 gloo ranks, real profiles and real training steps, with a limit that rules out data
-#    parallelism (55 MB), Megatron (36.8 MB) and fsdp+tp (36.7 MB): predicted vs measured peak memory per rank.
+#    parallelism and Megatron as the ILP counts memory: predicted vs measured peak memory per rank.
 export CFP_PROFILE_DIR=${CFP_PROFILE_DIR:-/tmp/cfp-bench-profiles}
 # The validated plan (what `cfp plan` writes by default on this machine) is benched beside the ILP's own pick.
 cfp plan gpt:small --mesh 2 --memory 36MB --backend real --validate 3 -o $out/gpt-small-mesh2-36MB-validated.json \
