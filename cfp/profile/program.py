@@ -11,11 +11,9 @@ default) traces the block once with AOTAutograd, as ``cfp.lower`` traces a
 whole step, into a forward and a backward program on local shards;
 ``compiled`` compiles those programs with inductor; ``interpreted``
 dispatches every op through DTensor. Either way the parameters' gradient
-reduction is the ``reduce`` phase of its own, after a barrier: a training
-step reduces every block's gradients together in a few buckets at the end
-of backward, so a reduction inside each block's backward would charge each
-block the wait for the slower rank that the step pays once (data-parallel
-gpt:small was predicted 33% slow that way).
+reduction is a phase of its own, after backward: a training step reduces
+every block's gradients together, in buckets at the end of backward, which
+``ProfileTable`` prices from a profiled bucket (``cfp.buckets``).
 
 The same program runs under a real process group (one process per rank) or
 the fake one (``emulated``: collectives move no data). Data is seeded random:
