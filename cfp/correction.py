@@ -38,12 +38,13 @@ import torch
 
 from cfp.costs import BlockCost, CostSetup, register_cost_model
 from cfp.profile import profile
-from cfp.profile.store import StoreWarning, store_dir
+from cfp.profile.store import SCHEMA, StoreWarning, store_dir
 
 RIDGE = 0.05  # weight of each (d_f)^2 against the squared relative errors
 RIDGE_OVERHEAD = 1.0  # weight of (o / mean measured)^2: all plans of one model take about as long, so o and g are
 # nearly collinear, and a weakly held o soaks up whatever the machine's load did during one validation
-KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version"]
+KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version", "schema"]  # schema: the profile rows'
+# (a correction learnt on predictions from rows that measure differently does not fit today's)
 
 
 def features(graph, costs, choice: list[int]) -> dict[str, float]:
@@ -141,7 +142,9 @@ class ValidationStore:
         frames = []
         for part in parts:
             try:
-                frames.append(pd.read_parquet(part, columns=[*KEY, "features", "measured_s"]))
+                frame = pd.read_parquet(part)
+                if set(KEY) <= set(frame.columns):  # pairs from before the schema was recorded are not used
+                    frames.append(frame[[*KEY, "features", "measured_s"]])
             except (
                 OSError,
                 ValueError,
@@ -177,6 +180,7 @@ def store_key(graph, backend: str, device: str) -> dict:
         "backend": backend,
         "device_kind": device_kind("cuda" if str(device).startswith("cuda") else "cpu"),
         "torch_version": torch.__version__,
+        "schema": SCHEMA,
     }
 
 

@@ -212,6 +212,7 @@ def evaluate(
                 mem.grads += d.grads
                 mem.optimizer += d.optimizer
                 mem.activations += d.activations
+                mem.reduced += d.reduced
             mem.transient = max(mem.transient, sum(d.transient for d in deltas))
     trans = [0.0] * len(graph.blocks)
     for edge in value_edges(graph):
@@ -332,7 +333,15 @@ class _Builder:
                 self.act_terms[g][c] += m.activations
                 self.reduce_terms[g][c] += m.reduced
         self.objective_terms: list = []
+        # The most any plan reduces (storage levels only take reductions away).
+        most_reduced = sum(max(row.values(), default=0) for row in self.reduce_terms.values())
         self.storage = StorageTable(graph, costs, self.memory.owner)
+        self.extra_mem: dict[str, list[tuple[object, int]]] = {
+            "always": [],
+            "grads": [],
+            "activations": [],
+            "reduced": [],
+        }
         self._storage_choices(storage, recompute)
         self.n_transition_vars = 0
         self.y_edges: list[tuple] = []  # (y, producer group, src labels, consumer group, dst labels), for hints
@@ -341,9 +350,7 @@ class _Builder:
         # Memory.bucket: the chosen configs' reduced bytes where no plan reduces more than a bucket, else a
         # full bucket for every plan (at most BUCKET_MB too many; a min() constraint stalls CP-SAT's LP on
         # large models).
-        most = sum(max(row.values(), default=0) for row in self.reduce_terms.values())
-        reduced = sum(v * self.reduce_terms[g][c] for g, xs in self.x.items() for c, v in xs.items())
-        self.bucket = reduced if most <= BUCKET_BYTES else BUCKET_BYTES
+        self.bucket = self._part(self.reduce_terms, "reduced") if most_reduced <= BUCKET_BYTES else BUCKET_BYTES
         for g, costs_g in self.block_cost.items():
             self.objective_terms += [(v, costs_g[c]) for c, v in self.x[g].items() if costs_g[c]]
 
@@ -361,7 +368,6 @@ class _Builder:
         self.s: dict[tuple, dict[int, dict[str, object]]] = defaultdict(lambda: defaultdict(dict))  # level -> var
         self.r: dict[tuple, dict[int, object]] = defaultdict(dict)  # recompute
         self.keep: dict[tuple, dict[int, object]] = defaultdict(dict)  # save activations
-        self.extra_mem: dict[str, list[tuple[object, int]]] = {"always": [], "grads": [], "activations": []}
         transient: dict[tuple, list[tuple[object, int]]] = defaultdict(list)
         seen = set()
         for block in self.graph.blocks:
@@ -403,6 +409,7 @@ class _Builder:
                         ("always", self.mem_terms),
                         ("grads", self.grad_terms),
                         ("activations", self.act_terms),
+                        ("reduced", self.reduce_terms),
                     ):
                         mem = {
                             name: d.params + d.optimizer if part == "always" else getattr(d, part)

@@ -111,6 +111,7 @@ class Variant:
     optimizer: int = 0
     activations: int = 0
     transient: int = 0  # bytes alive only while this block runs (a gathered parameter, recomputed activations)
+    reduced: int = 0  # gradient bytes it takes out of the lowered step's buckets
 
 
 @dataclass
@@ -225,6 +226,8 @@ class StorageTable:
                 grads=shard_bytes - full_bytes,
                 optimizer=-opt_saved,
                 transient=full_bytes,
+                # ZeRO-3 plans run on the interpreter (see cfp.lower), which reduces gradient by gradient
+                reduced=-strategy.comm_bytes("reduce"),
             ),
         }
 

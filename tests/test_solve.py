@@ -19,6 +19,7 @@ from cfp.mesh import parse_mesh
 from cfp.placements import to_strs
 from cfp.plan import parameter_placements
 from cfp.solve import MemoryTable, best_plans, evaluate, min_memory, solve
+from cfp.storage import StorageTable
 
 solve_module = importlib.import_module("cfp.solve")  # cfp.solve is also the function
 
@@ -205,6 +206,15 @@ def test_memory_counts_the_gradient_bucket_being_reduced(tiny1, monkeypatch):
     ]
     assert MemoryTable(tiny1).of(rep).bucket == 0  # replicated compute: nothing to reduce
 
+    # ZeRO-3 blocks run on the interpreter, which reduces gradient by gradient: none of theirs is in a bucket.
+    table = StorageTable(tiny1)
+    levels = ["zero3" if "zero3" in table.levels(b, c) else "replicate" for b, c in enumerate(dp_choice(tiny1))]
+    zero3 = evaluate(tiny1, HashCosts(), dp_choice(tiny1), storage=levels).memory
+    rest = [b for b, level in zip(tiny1.blocks, levels) if level == "replicate"]
+    assert "zero3" in levels
+    assert zero3.reduced == sum(
+        tiny1.block_strategies(b)[c].comm_bytes("reduce") for b, c in zip(tiny1.blocks, dp_choice(tiny1)) if b in rest
+    )
     # Costs that make data parallelism the fastest plan; a byte less than its peak rules it out in the ILP too.
     favoured = {
         (tiny1.class_of(b), tiny1.block_strategies(b)[c].config.name) for b, c in zip(tiny1.blocks, dp_choice(tiny1))

@@ -17,7 +17,7 @@ from cfp.parallelize import config_indices
 from cfp.pipeline import cost_model, make_plan
 from cfp.plan import Plan
 from cfp.profile import analyze_for_profile
-from cfp.profile.store import StoreWarning
+from cfp.profile.store import SCHEMA, StoreWarning
 from cfp.solve import evaluate
 from cfp.validate import DEFAULT_K, default_k
 
@@ -192,11 +192,14 @@ def test_correction_fit():
 
 def test_validation_store_keys_and_damaged_parts(tmp_path):
     store = ValidationStore(tmp_path)
-    key = {"fingerprint": "f1", "mesh": "2", "backend": "real", "device_kind": "cpu", "torch_version": "2.13.0+cpu"}
+    old = {"fingerprint": "f1", "mesh": "2", "backend": "real", "device_kind": "cpu", "torch_version": "2.13.0+cpu"}
+    key = {**old, "schema": SCHEMA}
     store.add([{**key, "plan": "cfp-1", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.02}])
     store.add(
         [{**key, "fingerprint": "f2", "plan": "dp", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.03}]
     )
+    store.add([{**key, "schema": SCHEMA - 1, "plan": "dp", "features": "{}", "measured_s": 0.04}])  # other profiles
+    store.add([{**old, "plan": "dp", "features": "{}", "measured_s": 0.05}])  # from before the schema was kept
     (store.dir / "part-0-0.parquet").write_bytes(b"not parquet")
     with pytest.warns(StoreWarning, match="cannot be read"):
         rows = store.rows(key)
