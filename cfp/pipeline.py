@@ -211,6 +211,9 @@ def make_plan(
             lambda s: build_plan(graph, costs, s, baselines, prov),
             options.validate_steps,
             on_step=on_validate_step,
+            rivals=analytic_rival(graph, spec, mesh, cluster, costs, solve_options)
+            if options.cost != "analytic"
+            else {},
         )
         solution, plan = checked.chosen.solution, checked.chosen.plan
         plan.validation = checked.to_json()
@@ -220,6 +223,23 @@ def make_plan(
     if options.output is not None and launched_rank() == 0:
         plan.save(options.output)
     return plan, graph, solution
+
+
+def analytic_rival(graph, spec, mesh, cluster, costs, options: SolveOptions) -> dict[str, Solution]:
+    """The analytic planner's plan, priced by ``costs``, for validation to measure beside the ILP's own.
+
+    Alpa-style costs rank plans otherwise than profiles do (on the tiny examples they keep every block
+    replicated, which wins on 2 gloo ranks), and a validated plan should beat that planner too. It plans for
+    ``cluster``, else this machine's model on CPU (``cpu-gloo-local``, as ``cfp bench``), else the default one.
+    """
+    name = cluster or ("cpu-gloo-local" if spec.device == "cpu" else default_cluster(mesh))
+    setup = CostSetup(spec=spec, cluster=load_cluster(name) if isinstance(name, str) else name, backend="emulated")
+    try:
+        found = best_plans(graph, cost_model(graph, "analytic", setup), 1, options)[0]
+    except CFPError:  # no plan fits under its costs: nothing to measure
+        return {}
+    limit = options.memory_limit
+    return {"analytic": solution_for(graph, costs, found.choice, "analytic", limit, found.storage, found.recompute)}
 
 
 def plan(model, mesh, options: PlanOptions | None = None, **kwargs) -> Plan:

@@ -130,8 +130,11 @@ class Validation:
         }
 
 
-def candidates(graph, costs, solutions: list[Solution], memory_limit: int | None) -> list[Candidate]:
-    """The ILP's plans in rank order, then every baseline; one already among them, or too big, is noted, not run."""
+def candidates(
+    graph, costs, solutions: list[Solution], memory_limit: int | None, rivals: dict[str, Solution] | None = None
+) -> list[Candidate]:
+    """The ILP's plans in rank order, then ``rivals`` (other planners' plans, by name), then every baseline; one
+    already among them, or too big, is noted, not run."""
     from cfp import baselines
     from cfp.report_util import human_bytes
 
@@ -145,12 +148,14 @@ def candidates(graph, costs, solutions: list[Solution], memory_limit: int | None
 
     out = [Candidate(f"cfp-{i}", s) for i, s in enumerate(solutions, start=1)]
     seen = {layout(c.solution): c.name for c in out}
+    others = dict(rivals or {})
     for name in baselines.BASELINES:
         choice = baselines.choose(name, graph)
-        if choice is None:
-            continue
-        levels = baselines.storage_levels(name, graph, choice)
-        cand = Candidate(name, solution_for(graph, costs, choice, f"baseline {name}", memory_limit, levels))
+        if choice is not None:
+            levels = baselines.storage_levels(name, graph, choice)
+            others[name] = solution_for(graph, costs, choice, f"baseline {name}", memory_limit, levels)
+    for name, solution in others.items():
+        cand = Candidate(name, solution)
         mem = cand.solution.evaluation.memory.total
         if layout(cand.solution) in seen:
             cand.why = f"not run: the same layout as {seen[layout(cand.solution)]}"
@@ -172,14 +177,16 @@ def validate(
     steps: int = DEFAULT_STEPS,
     warmup: int = DEFAULT_WARMUP,
     on_step: Callable | None = None,
+    rivals: dict[str, Solution] | None = None,
 ) -> Validation:
-    """Time every candidate in real steps and choose the fastest median; ``make`` turns a Solution into a Plan."""
+    """Time every candidate in real steps and choose the fastest median; ``make`` turns a Solution into a Plan.
+    ``rivals``: other planners' plans (priced by ``costs``) to measure beside the ILP's and the baselines."""
     from cfp.bench import BenchPlan, measure, step_stats
 
     if steps < 1:
         raise CFPError("Validation needs at least one timed step per plan.")
     start = time.perf_counter()
-    cands = candidates(graph, costs, solutions, memory_limit)
+    cands = candidates(graph, costs, solutions, memory_limit, rivals)
     for c in cands:
         c.plan = make(c.solution)
     run = [c for c in cands if not c.why]
