@@ -34,6 +34,10 @@ from cfp.spec import ModelSpec
 DEFAULT_K = 3
 DEFAULT_STEPS = 6
 DEFAULT_WARMUP = 2
+# Short steps are noisy: each candidate runs at least MIN_TIMED_S of (predicted) timed steps, up to MAX_STEPS. Six
+# steps of gpt:tiny (6-10 ms each) ranked two plans the opposite way from a 20-step bench measuring them 2x apart.
+MIN_TIMED_S = 0.5
+MAX_STEPS = 50
 
 
 def mesh_fits_here(mesh: MeshSpec, device: str) -> bool:
@@ -180,6 +184,7 @@ def validate(
     rivals: dict[str, Solution] | None = None,
 ) -> Validation:
     """Time every candidate in real steps and choose the fastest median; ``make`` turns a Solution into a Plan.
+    ``steps`` is the least; short steps get more (``MIN_TIMED_S``, ``MAX_STEPS``).
     ``rivals``: other planners' plans (priced by ``costs``) to measure beside the ILP's and the baselines."""
     from cfp.bench import BenchPlan, measure, step_stats
 
@@ -190,6 +195,8 @@ def validate(
     for c in cands:
         c.plan = make(c.solution)
     run = [c for c in cands if not c.why]
+    fastest = min((c.predicted_s for c in run if c.predicted_s > 0), default=math.inf)
+    steps = max(steps, min(MAX_STEPS, math.ceil(MIN_TIMED_S / fastest))) if math.isfinite(fastest) else steps
     device_spec = dataclasses.replace(spec, device="cpu") if spec.device == "meta" else spec
     bench_plans = [BenchPlan(c.name, c.plan, c.predicted_s, math.nan) for c in run]
     raw = measure(device_spec, graph.mesh, bench_plans, steps, warmup, on_step=on_step, memory=False)
