@@ -223,10 +223,12 @@ def figure(plan: Plan, path: str | Path) -> Path:
     unit, div = next(
         ((u, d) for u, d in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= d), ("B", 1)
     )
-    # The step's peak holds the gradients (end of backward) or the saved activations (end of forward), not both.
-    larger = (
-        "grads" if mem["grads"] + mem.get("bucket", 0) >= mem["activations"] and "transient" in mem else "activations"
-    )
+    # The step's peak holds the gradients and the bucket being reduced (end of backward) or the saved activations
+    # (end of forward), not both; plans from before the peak was counted so ("transient" absent) draw every part.
+    hidden: set[str] = set()
+    if "transient" in mem:
+        grads_side = mem["grads"] + mem.get("bucket", 0) >= mem["activations"]
+        hidden = {"activations"} if grads_side else {"grads", "bucket"}
     parts = [
         ("params", "#4C72B0"),
         ("grads", "#55A868"),
@@ -237,10 +239,7 @@ def figure(plan: Plan, path: str | Path) -> Path:
     ]
     y = 0.0
     for key, color in parts:
-        grads_side = key in ("grads", "bucket")
-        if key not in mem or (
-            "transient" in mem and (grads_side or key == "activations") and ("grads" if grads_side else key) != larger
-        ):
+        if key not in mem or key in hidden:
             continue
         ax_mem.bar([0], [mem[key] / div], bottom=y, width=0.6, color=color, label=f"{key} {human_bytes(mem[key])}")
         y += mem[key] / div

@@ -423,7 +423,7 @@ class ProfileTable:
         key = bucket_key(self.mesh_ndim, dim)
         if not math.isfinite(self.transition_time(key)):
             return math.inf
-        return float(self._transitions[(json.dumps(list(key.shape)), key.dtype, transition_config(key))]["total_min_s"])
+        return float(self._transition_row(key)["total_min_s"])
 
     def block_failure(self, class_id: str, config: str) -> str:
         """Why a block config has no finite time (its status and error), or "" if it ran."""
@@ -444,10 +444,13 @@ class ProfileTable:
         comm = float(row["comm_s"]) if math.isfinite(total) and pd.notna(row["comm_s"]) else 0.0
         return BlockCost(max(total - comm, 0.0), comm)
 
+    def _transition_row(self, key: TransitionKey) -> dict | None:
+        return self._transitions.get((json.dumps(list(key.shape)), key.dtype, transition_config(key)))
+
     def transition_time(self, key: TransitionKey) -> float:
         if key.is_noop:
             return 0.0
-        row = self._transitions.get((json.dumps(list(key.shape)), key.dtype, transition_config(key)))
+        row = self._transition_row(key)
         return self._time(row, f"transition {key}")
 
     def transition_phase_s(self, key: TransitionKey, phase: str) -> float:
@@ -456,4 +459,4 @@ class ProfileTable:
             return 0.0
         if not math.isfinite(self.transition_time(key)):
             return math.inf
-        return float(self._transitions[(json.dumps(list(key.shape)), key.dtype, transition_config(key))][f"{phase}_s"])
+        return float(self._transition_row(key)[f"{phase}_s"])
