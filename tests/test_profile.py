@@ -241,5 +241,9 @@ def test_lowered_gradient_reduction_is_priced_as_its_share_of_a_bucket():
     # half a bucket, at the bucket's fastest iteration, replaces the block's own reduction
     assert table.block_time("c", "batch") == pytest.approx(0.1 - 0.05 + 0.01)
     assert table.block_phase_s("c", "batch", "reduce") == pytest.approx(0.01)
+    # the report's split counts the reduction the same way: 60 ms of timed collectives, 50 of them the reduction
+    cost = ProfileTable(rows.assign(comm_s=0.06), reduced=reduced, mesh_ndim=1).block_cost("c", "batch")
+    assert cost.communication_s == pytest.approx(0.06 - 0.05 + 0.01)
+    assert cost.compute_s == pytest.approx(0.06 - cost.communication_s)
     assert table.block_time("c", "slow") == pytest.approx(0.1)  # the interpreter reduces parameter by parameter
     assert ProfileTable(rows).block_time("c", "batch") == pytest.approx(0.1)  # without the graph's bytes: as measured

@@ -438,10 +438,13 @@ class ProfileTable:
         return float(self._blocks[(class_id, config)][f"{phase}_s"])
 
     def block_cost(self, class_id: str, config: str) -> BlockCost:
-        """Measured compute and communication: ``comm_s`` (timed collectives, or priced when emulated) and the rest."""
+        """Measured compute and communication: ``comm_s`` (timed collectives, or priced when emulated) and the rest.
+        The gradient reduction counts as ``block_time`` prices it (a lowered row's share of a bucket)."""
         total = self.block_time(class_id, config)
         row = self._blocks[(class_id, config)]
-        comm = float(row["comm_s"]) if math.isfinite(total) and pd.notna(row["comm_s"]) else 0.0
+        comm = 0.0
+        if math.isfinite(total) and pd.notna(row["comm_s"]):
+            comm = max(float(row["comm_s"]) - float(row["reduce_s"]), 0.0) + self._reduce_s(class_id, config)
         return BlockCost(max(total - comm, 0.0), comm)
 
     def _transition_row(self, key: TransitionKey) -> dict | None:
