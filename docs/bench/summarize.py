@@ -122,15 +122,45 @@ def memory_table() -> list[str]:
     return out
 
 
+def gpu_table() -> list[str]:
+    gpu = BENCH / "gpu"
+    csvs = sorted(gpu.glob("*.csv"))
+    if not csvs:
+        return []
+    device = (gpu / "device.txt").read_text().splitlines()
+    out = [
+        "## On a GPU (docs/bench/gpu.sh)",
+        "",
+        f"`bash docs/bench/gpu.sh` on {device[1].split(',')[0]} ({device[2]}), NCCL, mesh of 1 (the machine has one "
+        "GPU, so every layout is the replicated plan and the rows compare runtimes). Full tables and the failures "
+        "in `gpu/bench.txt`.",
+        "",
+        "| workload | single ms | cfp (lowered) ms | interpreted / lowered | compiled ms | single / compiled | "
+        "prediction error | memory error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in csvs:
+        df = read(path)
+        cfp, single = df.loc["cfp"], df.loc["single", "median_step_s"]
+        compiled = df.loc["cfp+compiled", "median_step_s"]
+        out.append(
+            f"| `{spec(path.stem.removesuffix('_mesh1'))}` | {ms(single)} | {ms(cfp['median_step_s'])} | "
+            f"{df.loc['cfp+interpreted', 'median_step_s'] / cfp['median_step_s']:.2f}x | {ms(compiled)} | "
+            f"{single / compiled:.2f}x | {pct(cfp['prediction_error'])} | {pct(cfp['mem_error'])} |"
+        )
+    return out
+
+
 def main() -> int:
     lines = [
         "# Benchmarks",
         "",
         "Written by `python docs/bench/summarize.py` from the CSVs of `bash docs/bench/run.sh` (2-core CPU machine, "
-        "2 gloo ranks with one thread each). The full tables are the `.txt` files beside this one.",
+        "2 gloo ranks with one thread each), and of `bash docs/bench/gpu.sh` (last table). The full tables are the "
+        "`.txt` files beside this one.",
         "",
     ]
-    for table in (runtime_table(), validated_table(), memory_table()):
+    for table in (runtime_table(), validated_table(), memory_table(), gpu_table()):
         if table:
             lines += table + [""]
     (BENCH / "README.md").write_text("\n".join(lines))
