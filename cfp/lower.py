@@ -105,10 +105,9 @@ def aot_options(compile: bool) -> dict[str, Any]:
 
 def _compilers(compile: bool) -> dict[str, Any]:
     if compile:
+        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx_inner
         from torch._inductor.decomposition import select_decomp_table
-
-        from torch._inductor import config as inductor_config
 
         def compile_unpadded(gm, example_inputs):
             # Inductor pads the strides of some GPU outputs (a 50257-wide row becomes 50272). Our programs hand
