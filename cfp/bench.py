@@ -14,13 +14,14 @@
    prediction is corrected (cfp.correction); the raw one is reported too.
 3. One worker pool (a process per mesh rank) builds the model once per plan
    from the same seed and applies the plan with ``cfp.parallelize``. Training
-   steps (forward, backward, AdamW) then run round-robin over the plans, the
-   order rotating each round, so machine noise hits every plan alike. A step's
+   steps (forward, backward, AdamW) then run round-robin over the plans, in a
+   new random order each round (``round_orders``), so machine noise hits every
+   plan alike and no plan always runs right after the same other one. A step's
    time is the slowest rank's, from a barrier to the end of the optimizer
    step; the first ``warmup`` rounds are not counted.
 4. The ``single`` row is the plain model, not parallelised, in this process
    on the same global batch with as many threads as all ranks together (on
-   GPUs: one GPU); its steps take their turn in the same rotation. Each
+   GPUs: one GPU); its steps take their turn in the same rounds. Each
    plan's ``speedup`` is single's step time over the plan's; the ideal is the
    number of ranks.
 5. Peak memory per rank comes from one more step per plan: CUDA's allocator
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -336,9 +338,8 @@ def measure(
         pool.run(setup_plans, (setup, lr), "building the model under every plan", timeout_s)
         alone = _single_context(spec, lr, pool.threads * pool.world) if single else None
         rounds = warmup + steps
-        for r in range(rounds):
-            for k in range(len(names)):
-                i = (r + k) % len(names)  # rotate who goes first
+        for r, order in enumerate(round_orders(len(names), rounds)):
+            for k, i in enumerate(order):
                 if names[i] == SINGLE:
                     ranks = [_with_threads(alone.threads, train_step, alone, 0)]
                 else:
@@ -357,6 +358,19 @@ def measure(
         if single:
             raw[SINGLE]["peak_mem_bytes"] = _with_threads(alone.threads, peak_memory, alone, 0)
     return raw
+
+
+def round_orders(n: int, rounds: int, seed: int = 0) -> list[list[int]]:
+    """The order of the ``n`` plans in each round: a seeded random permutation per round.
+
+    A fixed cyclic order (rotating only who goes first) puts every plan after
+    the same predecessor each round. The step after the ``single`` row pays
+    for it: that row's threads have just had both cores, and the ranks were
+    idle (on ``gpt:tiny``, mesh 1, the plan after it measured 6.4 ms, the same
+    plan elsewhere in the round 4.8 ms).
+    """
+    rng = random.Random(seed)
+    return [rng.sample(range(n), n) for _ in range(rounds)]
 
 
 def step_stats(steps: list[dict]) -> dict[str, float]:

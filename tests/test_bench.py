@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import cfp
-from cfp.bench import COLUMNS, BenchPlan, summarize
+from cfp.bench import COLUMNS, BenchPlan, round_orders, summarize
 from cfp.cli import main
 from cfp.plan import Plan
 
@@ -54,6 +54,15 @@ def test_summary_columns_ratios_and_errors():
     assert cfp_row["steps"] == 3 and dp_row["peak_mem_bytes"] == 200
     assert cfp_row["predicted_mem_bytes"] == 110 and cfp_row["mem_error"] == pytest.approx(0.1)
     assert dp_row["mem_error"] == pytest.approx(-0.25)
+
+
+def test_rounds_shuffle_who_follows_whom():
+    # With a fixed cyclic order the plan after the single row was always the same one and paid for it.
+    orders = round_orders(6, 40)
+    assert orders == round_orders(6, 40)  # seeded: a rerun interleaves the same way
+    assert all(sorted(o) == list(range(6)) for o in orders)  # every plan once per round
+    followers = {o[(o.index(5) + 1) % 6] for o in orders}
+    assert len(followers) >= 4
 
 
 def test_bench_runs_every_plan(tmp_path, monkeypatch):
