@@ -247,3 +247,29 @@ def test_lowered_gradient_reduction_is_priced_as_its_share_of_a_bucket():
     assert cost.compute_s == pytest.approx(0.06 - cost.communication_s)
     assert table.block_time("c", "slow") == pytest.approx(0.1)  # the interpreter reduces parameter by parameter
     assert ProfileTable(rows).block_time("c", "batch") == pytest.approx(0.1)  # without the graph's bytes: as measured
+
+
+def test_lowered_block_times_leave_out_the_per_call_cost(monkeypatch):
+    # A step calls one program for the whole model; profiling calls one per block and must not charge each
+    # block the call's fixed cost (on gpt:tiny it was half the predicted step).
+    from cfp.mesh import fake_mesh
+    from cfp.profile.program import BlockProgram, CallProbe
+
+    one = parse_mesh("1")
+    graph = analyze_for_profile(SPEC, one)
+    block = next(b for b in graph.blocks if b.anchor.startswith("linear") and b.outputs)
+    strategy = graph.block_strategies(block)[0]
+    with fake_mesh(one) as mesh:
+        program = BlockProgram(graph, block, strategy, mesh, "cpu", runtime="lowered")
+        program.iterate()  # lowers the block, and makes its probe
+        assert program.runtime == "lowered"
+        assert len(program._probe.leaves) == len(program.leaves)
+        monkeypatch.setattr(CallProbe, "seconds", lambda self, sync: (10.0, 10.0))
+        (forward, backward, _, _), _, _ = program.iterate()
+        assert forward == backward == 0.0  # never below zero
+        monkeypatch.setattr(CallProbe, "seconds", lambda self, sync: (0.0, 0.0))
+        (forward, backward, _, _), _, _ = program.iterate()
+        assert forward > 0 and backward > 0
+        interpreted = BlockProgram(graph, block, strategy, mesh, "cpu", runtime="interpreted")
+        interpreted.iterate()
+        assert interpreted._probe is None  # the interpreter's step pays its dispatch per op, not per block
