@@ -5,7 +5,8 @@
 # device.txt, one CSV per workload and every table in bench.txt.
 # NGPU=2 bash docs/bench/gpu.sh uses the first 2 GPUs. On one GPU the mesh is 1 and every layout is the same
 # replicated plan, so only cfp runs: the rows then compare the runtimes (single, lowered, interpreted, compiled).
-# WORKLOADS='gpt:small --batch 8;llama:small --batch 8' picks the workloads. A workload that fails or passes SPEC_TIMEOUT seconds is reported and the next one runs.
+# WORKLOADS='gpt:small --batch 8;llama:small --batch 8' picks the workloads. A workload that fails or passes
+# SPEC_TIMEOUT seconds is reported and the next one runs.
 set -o pipefail
 ngpu=${NGPU:-$(nvidia-smi -L | wc -l)}
 out=${BENCH_OUT:-docs/bench/gpu}

@@ -133,20 +133,23 @@ def gpu_table() -> list[str]:
         "",
         f"`bash docs/bench/gpu.sh` on {device[1].split(',')[0]} ({device[2]}), NCCL, mesh of 1 (the machine has one "
         "GPU, so every layout is the replicated plan and the rows compare runtimes). Full tables and the failures "
-        "in `gpu/bench.txt`.",
+        "in `gpu/bench.txt`; the prediction error before profiles took a program call's fixed cost off each block "
+        "from `gpu/before_call_probe/`.",
         "",
         "| workload | single ms | cfp (lowered) ms | interpreted / lowered | compiled ms | single / compiled | "
-        "prediction error | memory error |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "prediction error | before the call probe | memory error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for path in csvs:
         df = read(path)
+        before = read(gpu / "before_call_probe" / path.name)
         cfp, single = df.loc["cfp"], df.loc["single", "median_step_s"]
         compiled = df.loc["cfp+compiled", "median_step_s"]
         out.append(
             f"| `{spec(path.stem.removesuffix('_mesh1'))}` | {ms(single)} | {ms(cfp['median_step_s'])} | "
             f"{df.loc['cfp+interpreted', 'median_step_s'] / cfp['median_step_s']:.2f}x | {ms(compiled)} | "
-            f"{single / compiled:.2f}x | {pct(cfp['prediction_error'])} | {pct(cfp['mem_error'])} |"
+            f"{single / compiled:.2f}x | {pct(cfp['prediction_error'])} | "
+            f"{pct(before.loc['cfp', 'prediction_error']) if before is not None else '-'} | {pct(cfp['mem_error'])} |"
         )
     return out
 
