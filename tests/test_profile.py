@@ -273,3 +273,20 @@ def test_lowered_block_times_leave_out_the_per_call_cost(monkeypatch):
         interpreted = BlockProgram(graph, block, strategy, mesh, "cpu", runtime="interpreted")
         interpreted.iterate()
         assert interpreted._probe is None  # the interpreter's step pays its dispatch per op, not per block
+
+
+def test_lowered_transition_times_leave_out_the_per_call_cost(monkeypatch):
+    # The lowered step runs a redistribution's collectives inside its program, with no call of their own.
+    from torch.distributed.tensor import Replicate, Shard
+
+    from cfp.costs import TransitionKey
+    from cfp.mesh import fake_mesh
+    from cfp.profile.program import CallProbe, TransitionProgram
+
+    key = TransitionKey((64, 32), "float32", (Shard(0),), (Replicate(),))
+    with fake_mesh(parse_mesh("2")) as mesh:
+        program = TransitionProgram(key, mesh)
+        monkeypatch.setattr(CallProbe, "seconds", lambda self, sync: (10.0, 10.0))
+        (forward, backward, _, _), _, _ = program.iterate()
+        assert forward == backward == 0.0
+        assert TransitionProgram(key, mesh, runtime="interpreted")._probe is None
