@@ -136,7 +136,15 @@ def print_validation(plan: Plan, console: Console) -> None:
     for c in plan.validation["candidates"]:
         console.print(f"[dim]{c['name']}: {c['configs']}[/]", highlight=False)
     fit = plan.validation.get("correction")
-    if fit:
+    if fit and not fit.get("applied", True):
+        before = fit["error_before"]
+        console.print(
+            f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, "
+            f"max {before['max_abs']:.1%} as profiled; no correction from the {fit['pairs']} stored pairs: "
+            "fitted on all but one, no fit predicted the one left out better than the profiles",
+            highlight=False,
+        )
+    elif fit:
         before, after = fit["error_before"], fit["error_after"]
         console.print(
             f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, "

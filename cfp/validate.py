@@ -268,12 +268,14 @@ def learn(spec: ModelSpec, graph, costs, cands: list[Candidate], run: list[Candi
             for c in run
         ]
     )
-    fit = Correction.fit(store.rows(key))
+    rows = store.rows(key)
+    fit = Correction.choose(rows)
     for c in cands:
-        c.corrected_s = fit.predict(feats[c.name])
+        c.corrected_s = fit.predict(feats[c.name]) if fit is not None else c.raw_predicted_s
     measured = [c.median_step_s for c in run]
     return {
-        **fit.to_json(),
+        **(fit.to_json() if fit is not None else {**Correction().to_json(), "pairs": len(rows)}),
+        "applied": fit is not None,
         "store": str(store.dir),
         "error_before": _errors([c.raw_predicted_s for c in run], measured),
         "error_after": _errors([c.corrected_s for c in run], measured),

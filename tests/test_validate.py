@@ -135,7 +135,8 @@ def test_cli_validate_default_fields_and_report(profiled, tmp_path, monkeypatch,
     assert sum(c["chosen"] for c in v["candidates"]) == 1
     assert main(["report", str(out)]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "validation:" in text and v["chosen"] in text and "after the correction" in text
+    assert "validation:" in text and v["chosen"] in text
+    assert ("after the correction" if v["correction"]["applied"] else "no correction from the") in text
     # The measurements are stored beside the profiles, and the next plan's costs carry the fitted correction.
     fit = v["correction"]
     assert fit["pairs"] == sum(c["measured_step_time_s"] is not None for c in v["candidates"])
@@ -143,12 +144,14 @@ def test_cli_validate_default_fields_and_report(profiled, tmp_path, monkeypatch,
     # cannot raise their root mean square over the pairs it fits (the mean absolute error can move either way).
     assert fit["error_after"]["rms"] <= fit["error_before"]["rms"] + 1e-9
     assert list((store / "validations").glob("part-*.parquet"))
+    # Whether a correction is used depends on how well it predicts held-out pairs of these few noisy steps.
     costs = cost_model(graph, "profiled", REAL)
-    assert isinstance(costs, CorrectedCosts) and costs.correction.pairs == fit["pairs"]
+    assert isinstance(costs, CorrectedCosts) == fit["applied"]
     chosen = next(c for c in v["candidates"] if c["chosen"])
     choice = config_indices(graph, [b["config"] for b in data["blocks"]])
     assert evaluate(graph, costs, choice).total_s == pytest.approx(chosen["corrected_step_time_s"], rel=1e-6)
-    assert evaluate(graph, costs.raw, choice).total_s == pytest.approx(chosen["raw_predicted_step_time_s"], rel=1e-9)
+    raw = costs.raw if fit["applied"] else costs
+    assert evaluate(graph, raw, choice).total_s == pytest.approx(chosen["raw_predicted_step_time_s"], rel=1e-9)
     # Analytic costs model another cluster: validating them here is refused.
     assert (
         main(
@@ -193,6 +196,22 @@ def test_correction_fit():
     after = max(abs(fit.predict(f) / m - 1) for f, m in rows)
     assert before > 0.15 and after < 0.05, (before, after)
     assert fit.scales["config:batch"] > fit.scales["config:col"]
+
+
+def test_a_correction_is_used_only_where_it_predicts_held_out_pairs():
+    rng = np.random.default_rng(0)
+    truth = {"config:batch": 1.5, "config:col": 0.6, "transitions": 1.0}
+    structured, noise = [], []
+    for _ in range(12):
+        f = {k: float(rng.uniform(0.01, 0.1)) for k in truth}
+        structured.append((f, sum(truth[k] * v for k, v in f.items())))
+        noise.append((f, sum(f.values()) * float(rng.uniform(0.7, 1.3))))  # the profiles are right, on average
+    fit = Correction.choose(_pairs(structured))
+    assert fit is not None and fit.held_out_error < 0.9 * fit.uncorrected_error
+    assert fit.scales["config:batch"] > fit.scales["config:col"]
+    assert Correction.choose(_pairs(noise)) is None
+    one = Correction.choose(_pairs(structured[:1]))  # nothing to hold out: one common scale, as fitted
+    assert one.predict(structured[0][0]) == pytest.approx(structured[0][1], rel=1e-6)
 
 
 def test_validation_store_keys_and_damaged_parts(tmp_path):
