@@ -141,7 +141,7 @@ def print_validation(plan: Plan, console: Console) -> None:
         console.print(
             f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, "
             f"max {before['max_abs']:.1%} as profiled; no correction from the {fit['pairs']} stored pairs: "
-            "fitted on all but one, no fit predicted the one left out better than the profiles",
+            "fitted on all but one pair, no fit predicted the pair left out a tenth better than the profiles do",
             highlight=False,
         )
     elif fit:
