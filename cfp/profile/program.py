@@ -115,9 +115,10 @@ class CallProbe:
     def make(cls, inputs: int, outputs: int, mesh: DeviceMesh, device: torch.device) -> CallProbe | None:
         """The probe, or None where AOTAutograd cannot trace it; the program's times are then left whole.
 
-        Seen after another model was lowered in the same process (the test
-        suite profiles several): AOTAutograd's partitioner then rejects even
-        this program ("tangents ... invalid, but is output").
+        Seen where one process traces probes under more than one process
+        group (the test suite profiles several models in one process):
+        AOTAutograd's partitioner then rejects the program ("tangents ...
+        invalid, but is output").
         """
         try:
             return cls(inputs, outputs, mesh, device)
