@@ -136,23 +136,25 @@ def print_validation(plan: Plan, console: Console) -> None:
     for c in plan.validation["candidates"]:
         console.print(f"[dim]{c['name']}: {c['configs']}[/]", highlight=False)
     fit = plan.validation.get("correction")
-    if fit and not fit.get("applied", True):
-        before = fit["error_before"]
-        console.print(
-            f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, "
-            f"max {before['max_abs']:.1%} as profiled; no correction from the {fit['pairs']} stored pairs: "
-            "fitted on all but one pair, no fit predicted the pair left out a tenth better than the profiles do",
-            highlight=False,
+    if not fit:
+        return
+    before = fit["error_before"]
+    if fit.get("applied", True):
+        after = fit["error_after"]
+        outcome = (
+            f"mean {after['mean_abs']:.1%}, max {after['max_abs']:.1%} after the correction refitted on "
+            f"{fit['pairs']} stored pairs (scale {fit['scale']:.3f}, overhead {human_time(fit['overhead_s'])} per step)"
         )
-    elif fit:
-        before, after = fit["error_before"], fit["error_after"]
-        console.print(
-            f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, "
-            f"max {before['max_abs']:.1%} as profiled; mean {after['mean_abs']:.1%}, max {after['max_abs']:.1%} "
-            f"after the correction refitted on {fit['pairs']} stored pairs "
-            f"(scale {fit['scale']:.3f}, overhead {human_time(fit['overhead_s'])} per step)",
-            highlight=False,
+    else:
+        outcome = (
+            f"no correction from the {fit['pairs']} stored pairs: fitted on all but one pair, no fit predicted "
+            "the pair left out a tenth better than the profiles do"
         )
+    console.print(
+        f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, "
+        f"max {before['max_abs']:.1%} as profiled; {outcome}",
+        highlight=False,
+    )
 
 
 def print_report(plan: Plan, console: Console, parameters: bool = False) -> None:

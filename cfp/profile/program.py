@@ -125,6 +125,11 @@ class CallProbe:
         except Exception:
             return None
 
+    def net(self, forward_s: float, backward_s: float, sync, backward: bool) -> tuple[float, float]:
+        """A program's forward and backward seconds less one call's (the backward's only if it ran), never below 0."""
+        call_f, call_b = self.seconds(sync)
+        return max(forward_s - call_f, 0.0), max(backward_s - call_b, 0.0) if backward else backward_s
+
     def seconds(self, sync) -> tuple[float, float]:
         """Forward and backward seconds of one call, timed as ``BlockProgram.iterate`` times a block's."""
         for leaf in self.leaves:
@@ -295,9 +300,7 @@ class BlockProgram(_Timed):
         collectives = [c for r in recs.values() for c in r.collectives]
         forward_s, backward_s = t1 - t0, t2 - t1b
         if self._probe is not None and not record:
-            call_f, call_b = self._probe.seconds(sync)
-            forward_s = max(forward_s - call_f, 0.0)
-            backward_s = max(backward_s - call_b, 0.0) if outs else backward_s
+            forward_s, backward_s = self._probe.net(forward_s, backward_s, sync, backward=bool(outs))
         return (forward_s, backward_s, t3 - t2, optimizer_s), collectives, {"values": values, "grads": reduced}
 
     def _forward(self, recorder: CommRecorder | None) -> dict[str, object]:
@@ -481,9 +484,7 @@ class TransitionProgram(_Timed):
         collectives = [c for r in recs.values() for c in r.collectives]
         forward_s, backward_s = t1 - t0, t2 - t1
         if self._probe is not None and not record:
-            call_f, call_b = self._probe.seconds(sync)
-            forward_s = max(forward_s - call_f, 0.0)
-            backward_s = max(backward_s - call_b, 0.0) if self.differentiable else backward_s
+            forward_s, backward_s = self._probe.net(forward_s, backward_s, sync, backward=self.differentiable)
         return (forward_s, backward_s, 0.0, 0.0), collectives, {"y": y}
 
     def estimated_memory(self) -> int:

@@ -3,6 +3,7 @@ issue target beside what was measured. Run from the repository root: python docs
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def gpu_table() -> list[str]:
         cfp, single = df.loc["cfp"], df.loc["single", "median_step_s"]
         compiled = df.loc["cfp+compiled", "median_step_s"]
         out.append(
-            f"| `{spec(path.stem.removesuffix('_mesh1'))}` | {ms(single)} | {ms(cfp['median_step_s'])} | "
+            f"| `{spec(re.sub(r'_mesh[0-9x]+$', '', path.stem))}` | {ms(single)} | {ms(cfp['median_step_s'])} | "
             f"{df.loc['cfp+interpreted', 'median_step_s'] / cfp['median_step_s']:.2f}x | {ms(compiled)} | "
             f"{single / compiled:.2f}x | {pct(cfp['prediction_error'])} | "
             f"{pct(before.loc['cfp', 'prediction_error']) if before is not None else '-'} | {pct(cfp['mem_error'])} |"
