@@ -66,6 +66,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
+from cfp.collectives import use_gloo_all_to_all
 from cfp.errors import CFPError, CFPWarning
 from cfp.lower import LoweredForward
 from cfp.materialize import InitFn, materialize, on_meta
@@ -521,8 +522,10 @@ def parallelize(
     ``lowered`` (default) runs each step as the local programs AOTAutograd
     traces from the DTensor interpreter (``cfp.lower``); ``lowered=False``
     runs the interpreter itself, for debugging and comparison. ``compile``
-    compiles the lowered programs with inductor.
+    compiles the lowered programs with inductor. On gloo, a sharded dim
+    moves to another dim by all-to-all (``cfp.collectives``).
     """
+    use_gloo_all_to_all()
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     first = next(iter(model.parameters()), None)

@@ -74,3 +74,33 @@ def test_real_profile_then_cached(graph, tmp_path, capfd):
     assert set(first.table.rows["backend"]) == {"real"} and set(first.table.rows["runtime"]) == {"lowered"}
     again = profile(graph, SPEC, "real", None, tmp_path, warmup=1, iters=2)
     assert again.measured == 0 and again.cached == first.jobs
+
+
+def _reshard_on_ranks(ctx) -> dict:
+    """Shard(i) -> Shard(j) of uneven tensors on this rank: exact, and by which collectives."""
+    import torch
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from cfp.collectives import use_gloo_all_to_all
+    from cfp.mesh import device_mesh
+
+    use_gloo_all_to_all()
+    mesh = device_mesh(MESH)
+    full = torch.arange(5 * 7 * 3, dtype=torch.float32).reshape(5, 7, 3)
+    exact, comm = True, CommDebugMode()
+    with comm:
+        for src, dst in [(0, 1), (1, 0), (2, 0), (1, 2)]:
+            moved = distribute_tensor(full, mesh, [Shard(src)]).redistribute(mesh, [Shard(dst)])
+            exact &= moved.placements == (Shard(dst),) and torch.equal(moved.full_tensor(), full)
+    return {"exact": exact, "collectives": {str(op).split(".")[-1]: n for op, n in comm.get_comm_counts().items()}}
+
+
+def test_sharded_dim_moves_by_all_to_all_on_gloo():
+    """DTensor's CPU fallback all-gathers the whole tensor to move a shard to another dim; on gloo CFP sends
+    each rank only its chunk, with the same result."""
+    with WorkerPool(MESH, no_context) as pool:
+        ranks = pool.run(_reshard_on_ranks, (), "resharding", 120)
+    for result in ranks:
+        assert result["exact"]
+        assert result["collectives"].get("all_to_all_single") == 4  # full_tensor() adds the all-gathers

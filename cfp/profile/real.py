@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import logging
 import os
 import queue
 import shutil
@@ -39,6 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cfp.children import die_with_parent
+from cfp.collectives import use_gloo_all_to_all
 from cfp.errors import CFPError, CFPWarning
 from cfp.mesh import MeshSpec, device_mesh
 
@@ -114,7 +114,7 @@ def _worker_main(
     pg_timeout_s,
 ):
     die_with_parent(parent_pid)
-    quiet_gloo_alltoall()
+    use_gloo_all_to_all()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     try:
@@ -146,14 +146,6 @@ def _worker_main(
         dist.destroy_process_group()
     except Exception:
         pass
-
-
-def quiet_gloo_alltoall() -> None:
-    """DTensor warns on each rank of each pool that gloo has no all_to_all (it all-gathers instead);
-    README says it once."""
-    logging.getLogger("torch.distributed.tensor._collective_utils").addFilter(
-        lambda record: "does not support alltoall" not in record.getMessage()
-    )
 
 
 # A pool's FileStore directory is named after the process that owns it, so that one left by a parent killed
