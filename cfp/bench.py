@@ -47,6 +47,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from cfp.allocator import keep_freed_host_memory
 from cfp.costs import COST_MODELS, CostSetup
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, parse_mesh
@@ -389,6 +390,8 @@ def _single_context(spec: ModelSpec, lr: float, threads: int) -> _Single:
     from cfp.spec import build
 
     device = "cuda:0" if str(spec.device).startswith("cuda") else "cpu"
+    if device == "cpu":  # the host allocator the ranks run with
+        keep_freed_host_memory()
     ctx = _Single(dataclasses.replace(spec, device=device), device, threads=threads)
     workload = build(ctx.spec)
     ctx.models.append(workload.model)

@@ -64,6 +64,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from cfp.allocator import keep_freed_host_memory
 from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
 from cfp.collectives import use_gloo_all_to_all
@@ -523,7 +524,8 @@ def parallelize(
     traces from the DTensor interpreter (``cfp.lower``); ``lowered=False``
     runs the interpreter itself, for debugging and comparison. ``compile``
     compiles the lowered programs with inductor. On gloo, a sharded dim
-    moves to another dim by all-to-all (``cfp.collectives``).
+    moves to another dim by all-to-all (``cfp.collectives``); on CPU,
+    freed host memory is kept for the next step (``cfp.allocator``).
     """
     use_gloo_all_to_all()
     if not isinstance(plan, Plan):
@@ -557,6 +559,8 @@ def parallelize(
         traced = capture(Workload(spec=spec or ModelSpec("<model>"), model=model, inputs=example_inputs))
     plan.check_matches(traced)
     mesh = _mesh_for(plan, mesh, device_type)
+    if mesh.device_type == "cpu":  # as profiling ran
+        keep_freed_host_memory()
     if meta:
         materialize(model, _held_placements(plan), mesh, init_fn=init_fn, seed=seed)
     return ParallelModule(traced, plan, mesh, model, lowered=lowered, compile=compile)

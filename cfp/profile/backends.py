@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from cfp.allocator import keep_freed_host_memory
 from cfp.analyze import BlockGraph, analyze
 from cfp.capture import capture
 from cfp.cluster import ClusterModel
@@ -276,6 +277,8 @@ class TorchrunBackend:
 
     def __enter__(self) -> TorchrunBackend:
         use_gloo_all_to_all()
+        if self.device_type == "cpu":
+            keep_freed_host_memory()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.mesh.size))
         if self.device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cfp.allocator import keep_freed_host_memory
 from cfp.children import die_with_parent
 from cfp.collectives import use_gloo_all_to_all
 from cfp.errors import CFPError, CFPWarning
@@ -115,6 +116,8 @@ def _worker_main(
 ):
     die_with_parent(parent_pid)
     use_gloo_all_to_all()
+    if device_type == "cpu":
+        keep_freed_host_memory()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     try:
