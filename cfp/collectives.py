@@ -10,7 +10,9 @@ and 2.7 ms as an all-to-all. ``use_gloo_all_to_all`` swaps in an all-to-all
 of equal chunks for gloo groups: the same local result, and the programs
 CFP lowers carry one ``_c10d_functional.all_to_all_single`` instead of an
 all-gather. Profiling and training both install it, so what is profiled
-is what trains.
+is what trains; analysis, over the fake process group, installs it too, so
+the collectives it records for a block are the ones the ranks run (and the
+all-to-all NCCL runs natively).
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from torch.distributed.device_mesh import DeviceMesh
 _dtensor_shard_dim_alltoall = placement_types.shard_dim_alltoall
 
 
-def _on_gloo(mesh: DeviceMesh, mesh_dim: int) -> bool:
-    return mesh.device_type == "cpu" and "gloo" in str(dist.get_backend(mesh.get_group(mesh_dim)))
+def _has_all_to_all(mesh: DeviceMesh, mesh_dim: int) -> bool:
+    """A CPU group that runs all_to_all_single, where DTensor would all-gather: gloo, and the fake group."""
+    backend = str(dist.get_backend(mesh.get_group(mesh_dim)))
+    return mesh.device_type == "cpu" and ("gloo" in backend or backend == "fake")
 
 
 def shard_dim_all_to_all(
     local: torch.Tensor, gather_dim: int, shard_dim: int, mesh: DeviceMesh, mesh_dim: int
 ) -> torch.Tensor:
     """This rank's shard on ``shard_dim`` of the tensor whose ``gather_dim`` shards the ranks hold."""
-    if local_tensor_mode() is not None or not _on_gloo(mesh, mesh_dim):
+    if local_tensor_mode() is not None or not _has_all_to_all(mesh, mesh_dim):
         return _dtensor_shard_dim_alltoall(local, gather_dim, shard_dim, mesh, mesh_dim)
     n = mesh.size(mesh_dim)
     # DTensor pads shard_dim to a multiple of n first, so the n chunks are equal, as all_to_all_single's split is
@@ -47,9 +51,9 @@ def shard_dim_all_to_all(
 
 
 def use_gloo_all_to_all() -> None:
-    """Redistribute Shard(i) -> Shard(j) on gloo groups with all-to-all, in this process (idempotent)."""
+    """Redistribute Shard(i) -> Shard(j) on gloo (and fake) groups with all-to-all, in this process (idempotent)."""
     placement_types.shard_dim_alltoall = shard_dim_all_to_all
-    # what is left on DTensor's fallback (CPU groups that are not gloo, e.g. the fake one) need not warn per rank
+    # what is left on DTensor's fallback (other CPU backends) need not warn per rank
     logging.getLogger("torch.distributed.tensor._collective_utils").addFilter(_no_alltoall_warning)
 
 

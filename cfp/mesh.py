@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from cfp.collectives import use_gloo_all_to_all
 from cfp.errors import CFPError
 
 
@@ -98,6 +99,7 @@ def fake_mesh(spec: MeshSpec) -> Iterator[DeviceMesh]:
             )
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=spec.size)
+    use_gloo_all_to_all()  # record the all-to-all the ranks run, not DTensor's CPU fallback
     # DTensor warns on every multi-dimension reduction; analysis sees thousands.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     try:
