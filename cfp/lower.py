@@ -122,11 +122,17 @@ def reduce_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def aot_options(compile: bool) -> dict[str, Any]:
-    """AOTAutograd's compilers: the traced GraphModules themselves, or inductor's (with its decompositions)."""
+    """AOTAutograd's compilers: the traced GraphModules themselves, or inductor's (with its decompositions),
+    each given the program after the collective passes."""
     options = _compilers(compile)
+
+    def passes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        gm = bucket_collectives(gm)
+        return gm if compile else reduce_in_place(gm)
+
     for kind in ("fw_compiler", "bw_compiler"):
         compiler = options[kind]
-        options[kind] = lambda gm, example_inputs, compiler=compiler: compiler(bucket_collectives(gm), example_inputs)
+        options[kind] = lambda gm, example_inputs, compiler=compiler: compiler(passes(gm), example_inputs)
     return options
 
 
@@ -153,14 +159,11 @@ def _compilers(compile: bool) -> dict[str, Any]:
     from torch._dynamo.backends.debugging import boxed_nop
 
     def run_traced(gm, example_inputs):
-        return reduce_in_place(gm).forward
+        return gm.forward
 
     # The backward takes its arguments boxed (one list it clears), as aot_eager's does, so each saved
     # activation is freed after its last use rather than when the whole backward returns.
-    def run_traced_boxed(gm, example_inputs):
-        return boxed_nop(reduce_in_place(gm), example_inputs)
-
-    return {"fw_compiler": run_traced, "bw_compiler": run_traced_boxed}
+    return {"fw_compiler": run_traced, "bw_compiler": boxed_nop}
 
 
 class LoweredForward:
