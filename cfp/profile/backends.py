@@ -30,16 +30,14 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from cfp.allocator import keep_freed_host_memory
 from cfp.analyze import BlockGraph, analyze
 from cfp.capture import capture
 from cfp.cluster import ClusterModel
-from cfp.collectives import use_gloo_all_to_all
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, device_mesh, fake_mesh, launched_rank, launched_world
 from cfp.profile.jobs import Job, RankContext, combine, execute
 from cfp.profile.program import RUNTIMES
-from cfp.profile.real import ProcessGroupSpec, WorkerPool, cpu_cores, rank_device
+from cfp.profile.real import ProcessGroupSpec, WorkerPool, cpu_cores, prepare_rank, rank_device
 from cfp.spec import ModelSpec, build
 
 
@@ -276,9 +274,7 @@ class TorchrunBackend:
         self.own_group = False
 
     def __enter__(self) -> TorchrunBackend:
-        use_gloo_all_to_all()
-        if self.device_type == "cpu":
-            keep_freed_host_memory()
+        prepare_rank(self.device_type)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.mesh.size))
         if self.device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

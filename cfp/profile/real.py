@@ -87,6 +87,13 @@ class ProcessGroupSpec:
         dist.init_process_group(self.backend_for(device_type), **options)
 
 
+def prepare_rank(device_type: str) -> None:
+    """The runtime a rank runs with, as ``cfp.parallelize`` sets it up: all-to-all on gloo, host memory kept."""
+    use_gloo_all_to_all()
+    if device_type == "cpu":
+        keep_freed_host_memory()
+
+
 def rank_device(device_type: str) -> str:
     """This rank's device: its current GPU (set from its rank), or the CPU."""
     return f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
@@ -115,9 +122,7 @@ def _worker_main(
     pg_timeout_s,
 ):
     die_with_parent(parent_pid)
-    use_gloo_all_to_all()
-    if device_type == "cpu":
-        keep_freed_host_memory()
+    prepare_rank(device_type)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     try:
