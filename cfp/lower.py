@@ -18,6 +18,17 @@ summed gradient of all of the parameter's uses to the parameter's placements
 (data parallelism's all-reduce, for a replicated weight on batch-sharded
 data), which the trace turns into a collective inside the backward program.
 
+What backward recomputes rather than saves is the partitioner's to decide,
+so the plan's memory choices are told to it (``recomputing_partition``): a
+recomputed block's ops, traced once inside ``recompute_region``, and each
+ZeRO-3 parameter's gather, traced inside ``regather`` (with the views of it
+its block takes), are tagged
+``MUST_RECOMPUTE``. AOTAutograd's default partitioner then saves their
+inputs and runs them again in the backward program, which is what
+``torch.utils.checkpoint`` and ``cfp.sharded.Regather`` do on the
+interpreter. (Checkpoint itself cannot: under AOTAutograd's trace its
+recomputation never reaches the graph, and every activation was saved.)
+
 A program is traced per input signature (shapes, dtypes, DTensor placements)
 and grad mode, on the first call that has it. With ``compile`` the two
 programs are compiled by inductor instead of run as traced.
@@ -32,6 +43,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.fx.traceback as fx_traceback
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import _disable_current_modes
@@ -121,6 +133,72 @@ def reduce_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+REGION = "cfp_recompute_region"  # node.meta["custom"] keys: the recomputed region an op was traced in,
+REGATHER = "cfp_regather"  # and a ZeRO-3 parameter's gather
+
+
+@contextlib.contextmanager
+def recompute_region(region: int):
+    """Ops traced inside are recomputed in backward rather than saved (see ``recomputing_partition``)."""
+    with fx_traceback.annotate({REGION: region}):
+        yield
+
+
+@contextlib.contextmanager
+def regather():
+    """The gather of a ZeRO-3 parameter: backward gathers it again rather than saving it."""
+    with fx_traceback.annotate({REGATHER: True}):
+        yield
+
+
+def tag_recomputed(graph: torch.fx.Graph) -> int:
+    """Tag the joint graph's forward ops that backward must recompute; returns how many.
+
+    Those are the ops traced in a ``recompute_region`` (each region its own
+    ``ac_graph_id``, so a region's output read by the next region is saved),
+    and a ZeRO-3 parameter's gather with every op that reads nothing else (the
+    views its block takes of it). Random ops stay saved, so that recomputing
+    them draws no new numbers.
+    """
+    from torch._functorch.partitioners import _has_tag_is_forward, _is_fwd_seed_offset, _is_primal, _is_tangent
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    last = None
+    for node in graph.nodes:
+        if _has_tag_is_forward(node) or _is_primal(node) or _is_fwd_seed_offset(node):
+            last = node
+    gathered: set[torch.fx.Node] = set()
+    tagged = 0
+    for node in graph.nodes:
+        if node is last:
+            break
+        if node.op != "call_function" or _is_tangent(node):
+            continue
+        if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
+            continue
+        custom = node.meta.get("custom", {})
+        inputs = node.all_input_nodes
+        if custom.get(REGATHER) or (
+            any(i in gathered for i in inputs) and all(i in gathered or i.op == "placeholder" for i in inputs)
+        ):
+            gathered.add(node)
+        elif custom.get(REGION) is None:
+            continue
+        node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        if custom.get(REGION) is not None:
+            node.meta["ac_graph_id"] = custom[REGION]
+        tagged += 1
+    return tagged
+
+
+def recomputing_partition(joint: torch.fx.GraphModule, joint_inputs, *, num_fwd_outputs: int, **kwargs):
+    """AOTAutograd's default partitioner, after ``tag_recomputed``."""
+    from torch._functorch.partitioners import default_partition
+
+    tag_recomputed(joint.graph)
+    return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+
+
 def aot_options(compile: bool) -> dict[str, Any]:
     """AOTAutograd's compilers: the traced GraphModules themselves, or inductor's (with its decompositions),
     each given the program after the collective passes."""
@@ -185,7 +263,8 @@ class LoweredForward:
         if program is None:
             program = self._trace(names)
             try:
-                with strided_shard_offsets_outside_trace():  # the first call traces
+                # The first call traces; node meta carries the recompute regions' annotations into the graph.
+                with strided_shard_offsets_outside_trace(), fx_traceback.preserve_node_meta():
                     loss = program(params, buffers, list(inputs))
             except CFPError:
                 raise
@@ -214,9 +293,10 @@ class LoweredForward:
                 values[name] = GradPlacedLikeValue.apply(param) if param.requires_grad else param
             values.update(zip(buffer_names, buffers))
             values.update(zip(module._user_inputs, inputs))
-            return module.interpret(values)
+            return module.interpret(values, lowering=True)
 
         options = aot_options(self.compile)
+        options["partition_fn"] = recomputing_partition
 
         def keeping(kind: str, compiler: Callable) -> Callable:
             def compile_and_keep(gm: torch.fx.GraphModule, example_inputs):

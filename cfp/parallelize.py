@@ -42,6 +42,7 @@ The plan's ``storage`` and per-block ``recompute`` are applied too
   ``cfp.sharded.Regather`` saves a token instead and gathers it again there;
 - a recomputed block's ops run under ``torch.utils.checkpoint`` (one region
   per contiguous run of its ops), its gathers included;
+  (lowered, the partitioner does both: see ``cfp.lower``)
 - values are freed after their last use, as ``torch.fx.Interpreter`` does,
   so what stays alive is what autograd saves.
 
@@ -53,6 +54,7 @@ and each step runs those (see there).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,7 +71,7 @@ from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
 from cfp.collectives import use_gloo_all_to_all
 from cfp.errors import CFPError, CFPWarning
-from cfp.lower import LoweredForward
+from cfp.lower import LoweredForward, recompute_region, regather
 from cfp.materialize import InitFn, materialize, on_meta
 from cfp.placements import Placements, replicate_partials
 from cfp.plan import Plan, block_entry, parameter_placements, spec_json
@@ -328,17 +330,6 @@ class ParallelModule(nn.Module):
 
         if compile and not lowered:
             raise CFPError("compile=True compiles the lowered programs; it needs lowered=True.")
-        if lowered and any(level == "zero3" for level, _ in self._stored.values()):
-            # Regather's saved-tensor hooks, which keep a gathered ZeRO-3 parameter out of what backward saves,
-            # read storage addresses that AOTAutograd's fake tensors do not have: run the interpreter, which keeps
-            # the memory the plan was made for, rather than a lowered program that would keep every gathered copy.
-            warnings.warn(
-                "The plan stores parameters ZeRO-3-sharded, whose re-gather in backward the lowered runtime "
-                "cannot express yet; this module runs on the DTensor interpreter.",
-                CFPWarning,
-                stacklevel=3,
-            )
-            lowered = compile = False
         self._lowered = LoweredForward(self, compile) if lowered else None
 
     @property
@@ -367,8 +358,11 @@ class ParallelModule(nn.Module):
         placements = _target(placements)
         if name in self._stored:
             level, compute = self._stored[name]
-            gathered = gather(value, self.mesh, compute, level)
-            if level == "zero3" and not recomputed:  # a recomputed block's checkpoint drops it anyway
+            if level != "zero3":
+                return gather(value, self.mesh, compute, level)
+            with regather():  # a lowered step's partitioner regathers it in backward
+                gathered = gather(value, self.mesh, compute, level)
+            if not recomputed:  # a recomputed block's checkpoint drops it anyway
                 self._regather.register(gathered, value, compute)
             return gathered
         if isinstance(value, DTensor):
@@ -401,18 +395,26 @@ class ParallelModule(nn.Module):
         values.update(zip(self._user_inputs, inputs))
         return self.interpret(values)
 
-    def interpret(self, values: Mapping[str, Any]):
+    def interpret(self, values: Mapping[str, Any], lowering: bool = False):
         """Run the exported graph on DTensors, from ``values`` of its placeholders (parameters,
-        buffers, user inputs; a placeholder left out is one the graph does not read)."""
+        buffers, user inputs; a placeholder left out is one the graph does not read).
+
+        ``lowering``: AOTAutograd is tracing this run. A recomputed block's ops are then traced once,
+        in a ``recompute_region`` the partitioner recomputes, and ZeRO-3 gathers are left to it too
+        (``cfp.lower``), in place of checkpoint and ``Regather``'s hooks."""
         env: dict[str, Any] = {}
         entered: dict[tuple[int, str], Any] = {}  # (block, value) -> the value as that block reads it
         buffer_versions: dict[tuple[int, str], tuple] = {}  # (block, buffer) -> (its copy, version counter on entry)
         executor = DTensorExecutor(self.mesh)
         for node in self._schedule.placeholders:
             env[node.name] = values.get(node.name)
-        with self._regather.hooks():
+        with contextlib.nullcontext() if lowering else self._regather.hooks():
             for step in self._schedule.steps:
-                if step.recompute:
+                if step.recompute and lowering:
+                    with recompute_region(len(env)):  # any id unique to the region
+                        outs = self._run_region(step, [env[n] for n in step.inputs], executor, buffer_versions)
+                    env.update(zip(step.outputs, outs))
+                elif step.recompute:
                     # Only the first run (forward) writes updated buffers back, not the recomputation in backward.
                     once = [buffer_versions]
 

@@ -66,8 +66,11 @@ class Regather:
     def __init__(self, mesh):
         self.mesh = mesh
         self._live: dict[int, tuple] = {}  # storage address -> (weakref to the gathered local tensor, shard, compute)
+        self._active = False  # inside ``hooks()``: no hook, nothing to register (a lowered trace regathers itself)
 
     def register(self, gathered: DTensor, stored: DTensor, compute) -> None:
+        if not self._active:
+            return
         local = gathered._local_tensor
         # The weak reference proves the address is still this tensor's: storage is not reused while it lives.
         self._live[local.untyped_storage().data_ptr()] = (weakref.ref(local), stored, tuple(compute))
@@ -77,8 +80,12 @@ class Regather:
 
     @contextlib.contextmanager
     def hooks(self):
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            yield
+        self._active = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._active = False
 
     def _pack(self, t):
         if not self._live or not isinstance(t, DTensor):

@@ -55,3 +55,57 @@ def test_a_bucket_nothing_else_reads_is_reduced_in_place():
     assert _all_reduces(reduce_in_place(_reduction(False))) == [torch.ops._c10d_functional.all_reduce_.default]
     # a buffer the program also returns keeps its own values: the all-reduce goes to a copy
     assert _all_reduces(reduce_in_place(_reduction(True))) == [torch.ops._c10d_functional.all_reduce.default]
+
+
+def _lowered_step(plans: dict) -> dict:
+    """{plan name: (bytes the forward program saves beside the parameters, the backward program's ops)}
+    for gpt:tiny plans, lowered on a 2-rank fake process group."""
+    import collections
+
+    import cfp
+    from cfp.mesh import fake_mesh, parse_mesh
+    from cfp.parallelize import parallelize
+
+    out = {}
+    with fake_mesh(parse_mesh("2")) as mesh:
+        for name, plan in plans.items():
+            w = cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))
+            pm = parallelize(w.model, plan, mesh=mesh, example_inputs=w.inputs)
+            pm(*w.inputs).backward()
+            forward, backward = pm._lowered.graphs["forward"], pm._lowered.graphs["backward"]
+            saved = [
+                n.meta["val"]
+                for n in forward.graph.output_node().args[0][1:]
+                if isinstance(n, torch.fx.Node) and n.op != "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+            ]
+            ops = collections.Counter(n.target for n in backward.graph.nodes if n.op == "call_function")
+            out[name] = (sum(t.numel() * t.element_size() for t in saved), ops)
+    return out
+
+
+def test_lowered_step_recomputes_blocks_and_regathers_zero3_parameters():
+    """What the plan's memory choices save is what the lowered programs save: a recomputed block keeps
+    only its inputs and backward runs it again; a ZeRO-3 parameter's gathered copy is not kept, backward
+    gathers it again."""
+    import cfp
+    from cfp import baselines
+    from cfp.analyze import analyze
+    from cfp.mesh import parse_mesh
+    from cfp.parallelize import plan_from_indices
+
+    graph = analyze(cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))), parse_mesh("2"))
+    dp, n = baselines.dp(graph), len(graph.blocks)
+    step = _lowered_step(
+        {
+            "dp": plan_from_indices(graph, dp),
+            "recompute": plan_from_indices(graph, dp, recompute=[True] * n),
+            "zero3": plan_from_indices(graph, dp, ["zero3"] * n),
+        }
+    )
+    (plain, plain_ops), (recomputed, recomputed_ops), (zero3, zero3_ops) = step["dp"], step["recompute"], step["zero3"]
+    mm = torch.ops.aten.mm.default
+    assert recomputed < 0.7 * plain, (recomputed, plain)
+    assert recomputed_ops[mm] > plain_ops[mm]  # the forward's matmuls, again
+    gather = torch.ops._c10d_functional.all_gather_into_tensor.default
+    assert zero3 <= plain, (zero3, plain)  # activations only: no gathered parameter
+    assert zero3_ops[gather] > plain_ops[gather] + 10  # the weights, gathered again
