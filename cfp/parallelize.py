@@ -55,7 +55,6 @@ and each step runs those (see there).
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +69,8 @@ from cfp.allocator import keep_freed_host_memory
 from cfp.blocks import partition
 from cfp.capture import TracedModel, capture
 from cfp.collectives import use_gloo_all_to_all
-from cfp.errors import CFPError, CFPWarning
-from cfp.lower import LoweredForward, recompute_region, regather
+from cfp.errors import CFPError
+from cfp.lower import LoweredForward, recompute_region, stored_gather
 from cfp.materialize import InitFn, materialize, on_meta
 from cfp.placements import Placements, replicate_partials
 from cfp.plan import Plan, block_entry, parameter_placements, spec_json
@@ -351,18 +350,16 @@ class ParallelModule(nn.Module):
         """Ops of the last forward that DTensor had no rule for and that ran replicated."""
         return list(self._fallbacks)
 
-    def _enter(self, value, placements: Placements | None, name: str = "", recomputed: bool = False):
+    def _enter(self, value, placements: Placements | None, name: str, block: int, recomputed: bool = False):
         """``value`` with the placements a block's config gives it (a stored parameter gathered)."""
         if placements is None or not isinstance(value, torch.Tensor):
             return value
         placements = _target(placements)
         if name in self._stored:
             level, compute = self._stored[name]
-            if level != "zero3":
-                return gather(value, self.mesh, compute, level)
-            with regather():  # a lowered step's partitioner regathers it in backward
+            with stored_gather(block, level):  # what a lowered step's passes read (cfp.lower)
                 gathered = gather(value, self.mesh, compute, level)
-            if not recomputed:  # a recomputed block's checkpoint drops it anyway
+            if level == "zero3" and not recomputed:  # a recomputed block's checkpoint drops it anyway
                 self._regather.register(gathered, value, compute)
             return gathered
         if isinstance(value, DTensor):
@@ -452,7 +449,7 @@ class ParallelModule(nn.Module):
                 return env[arg.name]
             key = (block, arg.name)
             if key not in entered:
-                entered[key] = self._enter(env[arg.name], self._entry[block].get(arg.name), arg.name, recomputed)
+                entered[key] = self._enter(env[arg.name], self._entry[block].get(arg.name), arg.name, block, recomputed)
                 if versions is not None and arg.name in self._buffer_of and isinstance(entered[key], DTensor):
                     versions[key] = (entered[key], entered[key]._local_tensor._version)
             return entered[key]

@@ -76,7 +76,9 @@ def _lowered_step(plans: dict) -> dict:
             saved = [
                 n.meta["val"]
                 for n in forward.graph.output_node().args[0][1:]
-                if isinstance(n, torch.fx.Node) and n.op != "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+                if isinstance(n, torch.fx.Node)
+                and n.op != "placeholder"
+                and isinstance(n.meta.get("val"), torch.Tensor)
             ]
             ops = collections.Counter(n.target for n in backward.graph.nodes if n.op == "call_function")
             out[name] = (sum(t.numel() * t.element_size() for t in saved), ops)
@@ -109,3 +111,47 @@ def test_lowered_step_recomputes_blocks_and_regathers_zero3_parameters():
     gather = torch.ops._c10d_functional.all_gather_into_tensor.default
     assert zero3 <= plain, (zero3, plain)  # activations only: no gathered parameter
     assert zero3_ops[gather] > plain_ops[gather] + 10  # the weights, gathered again
+
+
+def _peak_bytes(plan, lowered: bool) -> int:
+    """A training step's peak bytes (MemTracker: every live tensor), after two steps, on a 2-rank fake group."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    import cfp
+    from cfp.mesh import fake_mesh, parse_mesh
+    from cfp.optim import adamw
+    from cfp.parallelize import parallelize
+
+    with fake_mesh(parse_mesh("2")) as mesh:
+        w = cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))
+        pm = parallelize(w.model, plan, mesh=mesh, example_inputs=w.inputs, lowered=lowered)
+        opt = adamw(list(pm.parameters()), lr=1e-4)
+
+        def step():
+            pm(*w.inputs).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step(), step()
+        tracker = MemTracker()
+        tracker.track_external(pm, opt)
+        with tracker:
+            step()
+        return sum(stats["Total"] for stats in tracker.get_tracker_snapshot("peak").values())
+
+
+def test_lowered_zero_plans_peak_no_higher_than_interpreted():
+    """ZeRO-2/3 gradients are reduce-scattered a block at a time in the lowered backward: the full
+    gradients of every parameter are never alive together (bucketed at once, the peak was 1.27x the
+    interpreter's here, 1.36x on gpt:small)."""
+    import cfp
+    from cfp import baselines
+    from cfp.analyze import analyze
+    from cfp.mesh import parse_mesh
+    from cfp.parallelize import plan_from_indices
+
+    graph = analyze(cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))), parse_mesh("2"))
+    for level in ("zero2", "zero3"):
+        plan = plan_from_indices(graph, baselines.dp(graph), [level] * len(graph.blocks))
+        lowered, interpreted = _peak_bytes(plan, True), _peak_bytes(plan, False)
+        assert lowered <= 1.02 * interpreted, (level, lowered, interpreted)
