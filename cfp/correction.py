@@ -47,8 +47,10 @@ COMMON = 1e6  # a ridge so heavy that every feature keeps the common scale g
 MARGIN = 0.9  # a correction must cut the held-out error by a tenth at least to be used
 RIDGE_OVERHEAD = 1.0  # weight of (o / mean measured)^2: all plans of one model take about as long, so o and g are
 # nearly collinear, and a weakly held o soaks up whatever the machine's load did during one validation
-KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version", "schema"]  # schema: the profile rows'
-# (a correction learnt on predictions from rows that measure differently does not fit today's)
+KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version", "schema", "step_runtime"]
+# schema: the profile rows' (a correction learnt on predictions from rows that measure differently does not fit
+# today's); step_runtime: what a measured step runs, for the same reason on the measured side
+STEP_RUNTIME = 2  # bump when the training step runs differently; 2: ZeRO-3 plans and recomputed blocks lowered
 
 
 def features(graph, costs, choice: list[int]) -> dict[str, float]:
@@ -187,7 +189,7 @@ class ValidationStore:
         for part in parts:
             try:
                 frame = pd.read_parquet(part)
-                if set(KEY) <= set(frame.columns):  # pairs from before the schema was recorded are not used
+                if set(KEY) <= set(frame.columns):  # pairs from before a key column was recorded are not used
                     frames.append(frame[[*KEY, "features", "measured_s"]])
             except (
                 OSError,
@@ -225,6 +227,7 @@ def store_key(graph, backend: str, device: str) -> dict:
         "device_kind": device_kind("cuda" if str(device).startswith("cuda") else "cpu"),
         "torch_version": torch.__version__,
         "schema": SCHEMA,
+        "step_runtime": STEP_RUNTIME,
     }
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import cfp
 from cfp.cli import main
-from cfp.correction import CorrectedCosts, Correction, ValidationStore
+from cfp.correction import STEP_RUNTIME, CorrectedCosts, Correction, ValidationStore
 from cfp.costs import CostSetup
 from cfp.mesh import parse_mesh
 from cfp.parallelize import config_indices
@@ -217,12 +217,15 @@ def test_a_correction_is_used_only_where_it_predicts_held_out_pairs():
 def test_validation_store_keys_and_damaged_parts(tmp_path):
     store = ValidationStore(tmp_path)
     old = {"fingerprint": "f1", "mesh": "2", "backend": "real", "device_kind": "cpu", "torch_version": "2.13.0+cpu"}
-    key = {**old, "schema": SCHEMA}
+    key = {**old, "schema": SCHEMA, "step_runtime": STEP_RUNTIME}
     store.add([{**key, "plan": "cfp-1", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.02}])
     store.add(
         [{**key, "fingerprint": "f2", "plan": "dp", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.03}]
     )
     store.add([{**key, "schema": SCHEMA - 1, "plan": "dp", "features": "{}", "measured_s": 0.04}])  # other profiles
+    store.add(
+        [{**key, "step_runtime": STEP_RUNTIME - 1, "plan": "dp", "features": "{}", "measured_s": 0.06}]
+    )  # other steps
     store.add([{**old, "plan": "dp", "features": "{}", "measured_s": 0.05}])  # from before the schema was kept
     (store.dir / "part-0-0.parquet").write_bytes(b"not parquet")
     with pytest.warns(StoreWarning, match="cannot be read"):
