@@ -13,10 +13,11 @@ with the plan's placements, AOTAutograd's runtime wrappers unwrap them on the
 way in and wrap each parameter's gradient (a local tensor in the backward
 program) back into a DTensor with the placements traced for it. Those are the
 parameter's own placements, because the traced function passes every
-parameter through ``GradPlacedLikeValue``: its backward redistributes the
-summed gradient of all of the parameter's uses to the parameter's placements
-(data parallelism's all-reduce, for a replicated weight on batch-sharded
-data), which the trace turns into a collective inside the backward program.
+parameter through ``GradPlacedLikeValue`` before its first use: its backward
+redistributes the summed gradient of all of the parameter's uses to the
+parameter's placements (data parallelism's all-reduce, for a replicated
+weight on batch-sharded data), which the trace turns into a collective
+inside the backward program, where the gradient is complete.
 
 What backward recomputes rather than saves is the partitioner's to decide,
 so the plan's memory choices are told to it (``recomputing_partition``): a
@@ -50,7 +51,6 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from cfp.buckets import BUCKET_MB
 from cfp.errors import CFPError, CFPWarning
-from cfp.program import GradPlacedLikeValue
 
 if TYPE_CHECKING:
     from cfp.parallelize import ParallelModule
@@ -327,9 +327,7 @@ class LoweredForward:
         buffer_names = list(module._buffer_of)
 
         def step(params: list, buffers: list, inputs: list):
-            values: dict[str, Any] = {}
-            for name, param in zip(param_names, params):
-                values[name] = GradPlacedLikeValue.apply(param) if param.requires_grad else param
+            values: dict[str, Any] = dict(zip(param_names, params))  # interpret(lowering=True) places their grads
             values.update(zip(buffer_names, buffers))
             values.update(zip(module._user_inputs, inputs))
             return module.interpret(values, lowering=True)

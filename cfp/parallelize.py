@@ -405,8 +405,16 @@ class ParallelModule(nn.Module):
         executor = DTensorExecutor(self.mesh)
         for node in self._schedule.placeholders:
             env[node.name] = values.get(node.name)
+        # Traced, a parameter's gradient reaches its placements through GradPlacedLikeValue, applied before the
+        # parameter's first use: autograd runs it as soon as the gradient is complete, so the reduction is issued
+        # in backward order (applied before the step, it ran last: every all-reduce waited for the whole backward).
+        # Every rank must trace the same order (it is the order of the reductions): graph order, no set's.
+        unplaced = {name for name, p in self._param_of.items() if lowering and p.requires_grad}
         with contextlib.nullcontext() if lowering else self._regather.hooks():
             for step in self._schedule.steps:
+                for arg in (arg for node in step.nodes for arg in node.all_input_nodes if arg.name in unplaced):
+                    env[arg.name] = GradPlacedLikeValue.apply(env[arg.name])
+                    unplaced.discard(arg.name)
                 if step.recompute and lowering:
                     with recompute_region(len(env)):  # any id unique to the region
                         outs = self._run_region(step, [env[n] for n in step.inputs], executor, buffer_versions)
