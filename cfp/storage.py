@@ -211,7 +211,8 @@ class StorageTable:
             reduce = _phase(costs, self.graph.class_of(block), name, "reduce") * frac
             opt_s = _phase(costs, self.graph.class_of(block), name, "optimizer") * frac
             optimizer = opt_s * (1 - sum(shard) / max(sum(full), 1))
-        # zero1/zero2 keep the gathered parameter until backward and the shard besides it.
+        # zero1/zero2 keep the gathered parameter until backward and the shard besides it. The zero2/zero3
+        # gradients are reduce-scattered a block at a time, not in the step's all-reduce buckets (cfp.lower).
         return {
             "zero1": Variant(gather - optimizer, params=shard_bytes, optimizer=-opt_saved),
             "zero2": Variant(
@@ -219,6 +220,7 @@ class StorageTable:
                 params=shard_bytes,
                 grads=shard_bytes - full_bytes,
                 optimizer=-opt_saved,
+                reduced=-strategy.comm_bytes("reduce"),
             ),
             "zero3": Variant(
                 2 * gather + scatter - reduce - optimizer,
@@ -226,7 +228,6 @@ class StorageTable:
                 grads=shard_bytes - full_bytes,
                 optimizer=-opt_saved,
                 transient=full_bytes,
-                # ZeRO-3 plans run on the interpreter (see cfp.lower), which reduces gradient by gradient
                 reduced=-strategy.comm_bytes("reduce"),
             ),
         }
