@@ -100,23 +100,31 @@ def bucket_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """
     from torch._inductor.fx_passes.bucketing import (
         _rs_group_key,
-        bucket_all_reduce,
+        bucket_all_reduce_by_mb,
         greedy_bucket_collective_by_mb,
         is_reduce_scatter_tensor,
+        merge_all_reduce_bucket,
         merge_reduce_scatter,
     )
 
-    bucket_all_reduce(gm, lambda bucket: BUCKET_MB)
-    wait_reduce_scatters_early(gm)
-    # A stored parameter's reduce-scatter carries its gather's annotation: one bucket per block.
+    # A recomputed block's collectives stay apart: in backward, bucketed with the gradients' (inductor's pass
+    # groups adjacent waits of independent collectives), the recomputation read a result issued after it.
+    def outside_regions(wait: torch.fx.Node) -> bool:
+        return REGION not in wait.args[0].meta.get("custom", {})
+
+    for bucket in bucket_all_reduce_by_mb(gm, lambda bucket: BUCKET_MB, outside_regions):
+        merge_all_reduce_bucket(gm.graph, bucket)
+    # A stored parameter's gradient reduce-scatter carries its gather's annotation: one bucket per block, its
+    # wait placed right after it. Other reduce-scatters (of activations) stay apart.
     buckets = greedy_bucket_collective_by_mb(
         gm,
         lambda bucket: BUCKET_MB,
-        is_reduce_scatter_tensor,
-        lambda node: (*_rs_group_key(node), node.meta.get("custom", {}).get(GATHER)),
+        lambda node: is_reduce_scatter_tensor(node) and node.meta.get("custom", {}).get(GATHER) is not None,
+        lambda node: (*_rs_group_key(node), node.meta["custom"][GATHER]),
     )
     if buckets:
         merge_reduce_scatter(gm, buckets)
+    wait_reduce_scatters_early(gm)
     gm.recompile()
     return gm
 
@@ -128,9 +136,11 @@ def wait_reduce_scatters_early(gm: torch.fx.GraphModule) -> None:
     the shard, at the end of backward, and the collective holds its input
     until then. Bucketed together, as inductor's pass buckets adjacent waits,
     every parameter's full gradient was alive at once (on fsdp gpt:small, 2
-    gloo ranks, 47 MiB a rank, where the plan counts 33). Waited at once and
-    bucketed per block, one block's full gradients are alive at a time, as
-    the memory model counts them.
+    gloo ranks, 47 MiB a rank, where the plan counts 33). Bucketed per block
+    and waited at once, one block's full gradients are alive at a time, as
+    the memory model counts them. (Moved before bucketing, the early waits
+    let inductor's pass bucket reduce-scatters whose results are read before
+    the merged collective runs.)
     """
     wait_tensor = torch.ops._c10d_functional.wait_tensor.default
     for node in gm.graph.find_nodes(
@@ -190,11 +200,12 @@ def stored_gather(block: int, level: str):
         yield
 
 
-def tag_recomputed(graph: torch.fx.Graph) -> int:
-    """Tag the joint graph's forward ops that backward must recompute; returns how many.
+def tag_recomputed(graph: torch.fx.Graph) -> None:
+    """Tag the joint graph's forward ops that backward must recompute.
 
     Those are the ops traced in a ``recompute_region`` (each region its own
-    ``ac_graph_id``, so a region's output read by the next region is saved),
+    ``ac_graph_id``, increasing in graph order, so that a region's output read
+    by the next region is saved),
     and a ZeRO-3 parameter's gather with every op that reads nothing else (the
     views its block takes of it). Random ops stay saved, so that recomputing
     them draws no new numbers.
@@ -207,7 +218,6 @@ def tag_recomputed(graph: torch.fx.Graph) -> int:
         if _has_tag_is_forward(node) or _is_primal(node) or _is_fwd_seed_offset(node):
             last = node
     gathered: set[torch.fx.Node] = set()
-    tagged = 0
     for node in graph.nodes:
         if node is last:
             break
@@ -226,8 +236,6 @@ def tag_recomputed(graph: torch.fx.Graph) -> int:
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         if custom.get(REGION) is not None:
             node.meta["ac_graph_id"] = custom[REGION]
-        tagged += 1
-    return tagged
 
 
 def recomputing_partition(joint: torch.fx.GraphModule, joint_inputs, *, num_fwd_outputs: int, **kwargs):

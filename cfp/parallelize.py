@@ -41,8 +41,8 @@ The plan's ``storage`` and per-block ``recompute`` are applied too
 - a ZeRO-3 parameter's gathered copy is not kept for backward:
   ``cfp.sharded.Regather`` saves a token instead and gathers it again there;
 - a recomputed block's ops run under ``torch.utils.checkpoint`` (one region
-  per contiguous run of its ops), its gathers included;
-  (lowered, the partitioner does both: see ``cfp.lower``)
+  per contiguous run of its ops), its gathers included (lowered, the
+  partitioner does both of these: see ``cfp.lower``);
 - values are freed after their last use, as ``torch.fx.Interpreter`` does,
   so what stays alive is what autograd saves.
 
@@ -411,12 +411,12 @@ class ParallelModule(nn.Module):
         # Every rank must trace the same order (it is the order of the reductions): graph order, no set's.
         unplaced = {name for name, p in self._param_of.items() if lowering and p.requires_grad}
         with contextlib.nullcontext() if lowering else self._regather.hooks():
-            for step in self._schedule.steps:
+            for index, step in enumerate(self._schedule.steps):
                 for arg in (arg for node in step.nodes for arg in node.all_input_nodes if arg.name in unplaced):
                     env[arg.name] = GradPlacedLikeValue.apply(env[arg.name])
                     unplaced.discard(arg.name)
                 if step.recompute and lowering:
-                    with recompute_region(len(env)):  # any id unique to the region
+                    with recompute_region(index):
                         outs = self._run_region(step, [env[n] for n in step.inputs], executor, buffer_versions)
                     env.update(zip(step.outputs, outs))
                 elif step.recompute:

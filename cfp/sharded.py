@@ -66,7 +66,7 @@ class Regather:
     def __init__(self, mesh):
         self.mesh = mesh
         self._live: dict[int, tuple] = {}  # storage address -> (weakref to the gathered local tensor, shard, compute)
-        self._active = False  # inside ``hooks()``: no hook, nothing to register (a lowered trace regathers itself)
+        self._active = False  # whether ``hooks()`` is on; outside it (a lowered trace regathers itself) none registers
 
     def register(self, gathered: DTensor, stored: DTensor, compute) -> None:
         if not self._active:
