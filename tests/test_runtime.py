@@ -1,13 +1,25 @@
-"""What the lowered CPU runtime does beside the plan: host memory kept between steps, buckets reduced in place."""
+"""What the lowered runtime does beside the plan (host memory kept between steps, buckets reduced in place) and
+what it does for the plan's memory choices (recomputed blocks, ZeRO-3 regathers, ZeRO-2/3 reduce-scatters)."""
 
+import collections
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed._functional_collectives  # noqa: F401 - registers _c10d_functional
+from torch.distributed._tools.mem_tracker import MemTracker
 
+import cfp
+from cfp import baselines
+from cfp.analyze import analyze
+from cfp.bench import layout_of
 from cfp.lower import reduce_in_place
+from cfp.mesh import fake_mesh, parse_mesh
+from cfp.optim import adamw
+from cfp.parallelize import parallelize, plan_from_indices
+from cfp.solve import evaluate
+from cfp.storage import StorageTable
 
 STEPS = """
 import resource, sys, torch
@@ -60,12 +72,6 @@ def test_a_bucket_nothing_else_reads_is_reduced_in_place():
 def _lowered_step(plans: dict) -> dict:
     """{plan name: (bytes the forward program saves beside the parameters, the backward program's ops)}
     for gpt:tiny plans, lowered on a 2-rank fake process group."""
-    import collections
-
-    import cfp
-    from cfp.mesh import fake_mesh, parse_mesh
-    from cfp.parallelize import parallelize
-
     out = {}
     with fake_mesh(parse_mesh("2")) as mesh:
         for name, plan in plans.items():
@@ -89,12 +95,6 @@ def test_lowered_step_recomputes_blocks_and_regathers_zero3_parameters():
     """What the plan's memory choices save is what the lowered programs save: a recomputed block keeps
     only its inputs and backward runs it again; a ZeRO-3 parameter's gathered copy is not kept, backward
     gathers it again."""
-    import cfp
-    from cfp import baselines
-    from cfp.analyze import analyze
-    from cfp.mesh import parse_mesh
-    from cfp.parallelize import plan_from_indices
-
     graph = analyze(cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))), parse_mesh("2"))
     dp, n = baselines.dp(graph), len(graph.blocks)
     step = _lowered_step(
@@ -115,13 +115,6 @@ def test_lowered_step_recomputes_blocks_and_regathers_zero3_parameters():
 
 def _peak_bytes(plan, lowered: bool) -> int:
     """A training step's peak bytes (MemTracker: every live tensor), after two steps, on a 2-rank fake group."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    import cfp
-    from cfp.mesh import fake_mesh, parse_mesh
-    from cfp.optim import adamw
-    from cfp.parallelize import parallelize
-
     with fake_mesh(parse_mesh("2")) as mesh:
         w = cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))
         pm = parallelize(w.model, plan, mesh=mesh, example_inputs=w.inputs, lowered=lowered)
@@ -155,15 +148,6 @@ def test_lowered_zero_plans_peak_as_predicted():
     gradients of every parameter are never alive together (bucketed at once, the peak was 1.27x the
     interpreter's here, 1.36x on gpt:small), and the ILP's count matches the peak (it counted ZeRO-2's
     gradients in the all-reduce buckets: +19% on gpt:small)."""
-    import cfp
-    from cfp import baselines
-    from cfp.analyze import analyze
-    from cfp.bench import layout_of
-    from cfp.mesh import parse_mesh
-    from cfp.parallelize import plan_from_indices
-    from cfp.solve import evaluate
-    from cfp.storage import StorageTable
-
     graph = analyze(cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))), parse_mesh("2"))
     dp = baselines.dp(graph)
     for level in ("zero2", "zero3"):
