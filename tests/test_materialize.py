@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import torch
-import torch.multiprocessing as mp
 from parity import close, gradient_errors
+from ranks import run_ranks
 from torch import nn
 
 import cfp
@@ -149,31 +148,13 @@ def _worker(rank: int, world: int, port: int, plans: dict, out_dir: str) -> None
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_meta_model_materialises_to_the_single_device_init(tmp_path):
     """Exact parameters and buffers, tied head still tied, single-device loss and gradients; the peak
     memory of materialising stays far below the whole model (one layer full plus this rank's shards); and a
     buffer computed in ``__init__``, lost on meta, is an error naming it."""
     plans = _plans(tmp_path)
     world = 2
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, plans, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.time() + TIMEOUT_S
-    for p in procs:
-        p.join(max(1, deadline - time.time()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert all(p.exitcode == 0 for p in procs), f"a rank failed: exit codes {[p.exitcode for p in procs]}"
+    run_ranks(_worker, (plans, str(tmp_path)), TIMEOUT_S, world)
     problems = []
     for r in range(world):
         results = json.loads((tmp_path / f"rank{r}.json").read_text())

@@ -16,18 +16,17 @@ import json
 import math
 import os
 import random
-import socket
 import time
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 
 from models_matrix import MATRIX
 from parity import close, gradient_errors
+from ranks import run_ranks
 
 import cfp
 from cfp import baselines
@@ -40,12 +39,6 @@ from cfp.profile import analyze_for_profile, profile
 MESH = "2"
 LR = 1e-2
 TIMEOUT_S = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reference(spec: cfp.ModelSpec) -> dict:
@@ -161,19 +154,7 @@ def results(tmp_path_factory):
     names = list(MATRIX)
     for name in names:  # analysis once here, on the shared on-disk cache, not once per rank
         analyze(cfp.capture(cfp.build(MATRIX[name])), parse_mesh(MESH))
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, names, str(out), str(out / "profiles"))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.time() + TIMEOUT_S
-    for p in procs:
-        p.join(max(1, deadline - time.time()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert all(p.exitcode == 0 for p in procs), f"a rank failed: exit codes {[p.exitcode for p in procs]}"
+    run_ranks(_worker, (names, str(out), str(out / "profiles")), TIMEOUT_S)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

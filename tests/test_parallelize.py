@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from parity import close, gradient_errors
+from ranks import run_ranks
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -85,12 +84,6 @@ def plans(tmp_path_factory):
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reference(model_spec):
     """Loss, gradients and parameters after one SGD step and after one Adam step, on one device."""
     ref = {}
@@ -124,15 +117,15 @@ class DTensorOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _check(model, plan_name, plan_file, ref, opt_name, lowered) -> tuple[list[str], dict]:
+def _check(model, plan_name, plan_file, ref, opt_name, lowered, compile=False) -> tuple[list[str], dict]:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     errors, stats = [], {"loss_diff": 0.0, "grad_diff": 0.0, "param_diff": 0.0}
     w = cfp.build(spec(model))
     if plan_name == "random":  # example inputs from the plan's model spec
-        pm = parallelize(w.model, plan_file, lowered=lowered)
+        pm = parallelize(w.model, plan_file, lowered=lowered, compile=compile)
     else:
-        pm = parallelize(w.model, plan_file, example_inputs=w.inputs, lowered=lowered)
+        pm = parallelize(w.model, plan_file, example_inputs=w.inputs, lowered=lowered, compile=compile)
     stats["configs"] = cfp.Plan.load(plan_file).config_counts()
     stats["stored_sharded"] = sum(1 for p in pm.parameters() if any(s.is_shard() for s in p.placements))
     stats["checkpoint_regions"] = sum(step.recompute for step in pm._schedule.steps)
@@ -207,19 +200,7 @@ def _worker(rank: int, world: int, port: int, plans: dict, out_dir: str) -> None
 def test_plans_match_single_device(plans, tmp_path):
     """Loss, every gradient (with the parameter's placements) and one SGD/Adam step match one device."""
     world = 2
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, plans, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.time() + TIMEOUT_S
-    for p in procs:
-        p.join(max(1, deadline - time.time()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert all(p.exitcode == 0 for p in procs), f"a rank failed: exit codes {[p.exitcode for p in procs]}"
+    run_ranks(_worker, (plans, str(tmp_path)), TIMEOUT_S, world)
     problems = []
     for r in range(world):
         results = json.loads((tmp_path / f"rank{r}.json").read_text())
@@ -282,17 +263,7 @@ def _compiled_worker(rank: int, world: int, port: int, plan_file: str, out_dir: 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     errors, stats = [], {}
     try:
-        ref = _reference(spec("gpt:tiny"))
-        w = cfp.build(spec("gpt:tiny"))
-        pm = parallelize(w.model, plan_file, example_inputs=w.inputs, compile=True)
-        loss = pm(*w.inputs)
-        ok, stats["loss_diff"] = close(loss.detach(), ref["loss"])
-        if not ok:
-            errors.append(f"loss {loss.item()} != {ref['loss'].item()}")
-        loss.backward()
-        errors += gradient_errors(dict(pm.named_parameters(remove_duplicate=False)), ref["grads"], stats)
-        if not pm.lowered:
-            errors.append("the compiled module runs on the interpreter")
+        errors, stats = _check("gpt:tiny", "zero3", plan_file, _reference(spec("gpt:tiny")), "adam", True, compile=True)
     except Exception as exc:
         errors.append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -303,23 +274,13 @@ def _compiled_worker(rank: int, world: int, port: int, plan_file: str, out_dir: 
 
 def test_compiled_zero3_plan_with_recomputed_blocks_matches_single_device(tmp_path):
     """Inductor compiles the lowered programs with the partitioner's recompute tags (ZeRO-3 regathers,
-    recomputed blocks) and computes the single-device loss and gradients."""
+    recomputed blocks) and computes the single-device loss, gradients and Adam step."""
     graph = analyze(cfp.capture(cfp.build(spec("gpt:tiny"))), parse_mesh("2"))
     n = len(graph.blocks)
     plan = plan_from_indices(graph, baselines.dp(graph), ["zero3"] * n, [i % 2 == 0 for i in range(n)])
     plan_file = str(tmp_path / "plan.json")
     plan.save(plan_file)
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_compiled_worker, args=(r, 2, port, plan_file, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert all(p.exitcode == 0 for p in procs), f"a rank failed: exit codes {[p.exitcode for p in procs]}"
+    run_ranks(_compiled_worker, (plan_file, str(tmp_path)), TIMEOUT_S)
     for r in range(2):
         result = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert not result["errors"], result["errors"][:10]
