@@ -412,9 +412,10 @@ class ParallelModule(nn.Module):
         unplaced = {name for name, p in self._param_of.items() if lowering and p.requires_grad}
         with contextlib.nullcontext() if lowering else self._regather.hooks():
             for index, step in enumerate(self._schedule.steps):
-                for arg in (arg for node in step.nodes for arg in node.all_input_nodes if arg.name in unplaced):
-                    env[arg.name] = GradPlacedLikeValue.apply(env[arg.name])
-                    unplaced.discard(arg.name)
+                for arg in (a for node in step.nodes for a in node.all_input_nodes) if unplaced else ():
+                    if arg.name in unplaced:
+                        env[arg.name] = GradPlacedLikeValue.apply(env[arg.name])
+                        unplaced.discard(arg.name)
                 if step.recompute and lowering:
                     with recompute_region(index):
                         outs = self._run_region(step, [env[n] for n in step.inputs], executor, buffer_versions)
