@@ -410,6 +410,9 @@ class ParallelModule(nn.Module):
         # in backward order (applied before the step, it ran last: every all-reduce waited for the whole backward).
         # Every rank must trace the same order (it is the order of the reductions): graph order, no set's.
         unplaced = {name for name, p in self._param_of.items() if lowering and p.requires_grad}
+        # A block's ops can come in several regions (other ops between them); they share the region id of its
+        # first, else the partitioner saves every value one of them hands the next, as between two checkpoints.
+        region_of: dict[int, int] = {}
         with contextlib.nullcontext() if lowering else self._regather.hooks():
             for index, step in enumerate(self._schedule.steps):
                 for arg in (a for node in step.nodes for a in node.all_input_nodes) if unplaced else ():
@@ -417,7 +420,7 @@ class ParallelModule(nn.Module):
                         env[arg.name] = GradPlacedLikeValue.apply(env[arg.name])
                         unplaced.discard(arg.name)
                 if step.recompute and lowering:
-                    with recompute_region(index):
+                    with recompute_region(region_of.setdefault(step.block, index)):
                         outs = self._run_region(step, [env[n] for n in step.inputs], executor, buffer_versions)
                     env.update(zip(step.outputs, outs))
                 elif step.recompute:

@@ -126,6 +126,7 @@ class Regather:
 class Step:
     nodes: list  # fx nodes, in graph order
     recompute: bool = False  # a checkpoint region of one recomputed block
+    block: int | None = None  # that block
     inputs: list[str] = field(default_factory=list)  # a region's values from outside it
     outputs: list[str] = field(default_factory=list)  # a region's values read after it
     free: list[str] = field(default_factory=list)  # values no later step reads
@@ -152,7 +153,7 @@ def schedule(graph: torch.fx.Graph, owner: dict[str, int], recompute: set[int]) 
         if region and steps and steps[-1].recompute and owner.get(steps[-1].nodes[-1].name) == block:
             steps[-1].nodes.append(node)
         else:
-            steps.append(Step([node], recompute=region))
+            steps.append(Step([node], recompute=region, block=block if region else None))
     step_of = {n.name: i for i, step in enumerate(steps) for n in step.nodes}
     last_use: dict[str, int] = {n.name: -1 for n in placeholders}
     last_node: dict[int, int] = {}

@@ -204,7 +204,7 @@ def evaluate(
             deltas = []
             if storage is not None and storage[b] != "replicate":
                 deltas.append(table.levels(b, c)[storage[b]])
-            if recompute is not None and recompute[b]:
+            if recompute is not None and recompute[b] and table.recompute(b, c) is not None:  # None: nothing to drop
                 deltas.append(table.recompute(b, c))
             for d in deltas:
                 block_s[b] += d.time_s

@@ -69,8 +69,15 @@ def test_a_bucket_nothing_else_reads_is_reduced_in_place():
     assert _all_reduces(reduce_in_place(_reduction(True))) == [torch.ops._c10d_functional.all_reduce.default]
 
 
+def _base(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose storage ``node`` views (itself if it is no view)."""
+    while isinstance(node.target, torch._ops.OpOverload) and node.target.is_view:
+        node = node.args[0]
+    return node
+
+
 def _lowered_step(plans: dict) -> dict:
-    """{plan name: (bytes the forward program saves beside the parameters, the backward program's ops)}
+    """{plan name: (bytes the forward program saves beside the parameters and their views, the backward program's ops)}
     for gpt:tiny plans, lowered on a 2-rank fake process group."""
     out = {}
     with fake_mesh(parse_mesh("2")) as mesh:
@@ -83,7 +90,7 @@ def _lowered_step(plans: dict) -> dict:
                 n.meta["val"]
                 for n in forward.graph.output_node().args[0][1:]
                 if isinstance(n, torch.fx.Node)
-                and n.op != "placeholder"
+                and _base(n).op != "placeholder"
                 and isinstance(n.meta.get("val"), torch.Tensor)
             ]
             ops = collections.Counter(n.target for n in backward.graph.nodes if n.op == "call_function")
@@ -97,16 +104,19 @@ def test_lowered_step_recomputes_blocks_and_regathers_zero3_parameters():
     gathers it again."""
     graph = analyze(cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))), parse_mesh("2"))
     dp, n = baselines.dp(graph), len(graph.blocks)
-    step = _lowered_step(
-        {
-            "dp": plan_from_indices(graph, dp),
-            "recompute": plan_from_indices(graph, dp, recompute=[True] * n),
-            "zero3": plan_from_indices(graph, dp, ["zero3"] * n),
-        }
-    )
+    step_plans = {
+        "dp": plan_from_indices(graph, dp),
+        "recompute": plan_from_indices(graph, dp, recompute=[True] * n),
+        "zero3": plan_from_indices(graph, dp, ["zero3"] * n),
+    }
+    step = _lowered_step(step_plans)
     (plain, plain_ops), (recomputed, recomputed_ops), (zero3, zero3_ops) = step["dp"], step["recompute"], step["zero3"]
     addmm = torch.ops.aten.addmm.default
-    assert recomputed < 0.9 * plain, (recomputed, plain)  # 0.83: the exits stay, as checkpoint keeps its inputs
+    assert recomputed < 0.5 * plain, (recomputed, plain)  # 0.43: the exits stay, as checkpoint keeps its inputs
+    # and as the ILP counts (a block whose ops came in several regions saved what one handed the next: 1.51x)
+    layout = layout_of(step_plans["recompute"])
+    counted = evaluate(graph, _Free(), dp, None, *layout, table=StorageTable(graph)).memory.activations
+    assert abs(recomputed / counted - 1) < 0.1, (recomputed, counted)
     assert recomputed_ops[addmm] > plain_ops[addmm]  # the forward's linear layers, again
     gather = torch.ops._c10d_functional.all_gather_into_tensor.default
     assert zero3 <= plain, (zero3, plain)  # activations only: no gathered parameter
