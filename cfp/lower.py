@@ -89,7 +89,8 @@ def _signature(value) -> tuple:
 
 
 def bucket_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Merge a program's independent all-reduces (and reduce-scatters) into one flat collective per bucket, as DDP does.
+    """Merge a program's independent all-reduces into one flat collective per bucket, as DDP does, and a block's
+    ZeRO all-gathers and reduce-scatters into one each, as FSDP2 does a module's.
 
     Data parallelism reduces every parameter's gradient; issued one by one,
     each pays the backend's per-call latency (on gpt:small with 2 gloo ranks,
@@ -99,10 +100,13 @@ def bucket_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     the result back.
     """
     from torch._inductor.fx_passes.bucketing import (
+        _ag_group_key,
         _rs_group_key,
         bucket_all_reduce_by_mb,
         greedy_bucket_collective_by_mb,
+        is_all_gather_into_tensor,
         is_reduce_scatter_tensor,
+        merge_all_gather_bucket,
         merge_all_reduce_bucket,
         merge_reduce_scatter,
     )
@@ -119,14 +123,28 @@ def bucket_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     buckets = greedy_bucket_collective_by_mb(
         gm,
         lambda bucket: BUCKET_MB,
-        lambda node: is_reduce_scatter_tensor(node) and node.meta.get("custom", {}).get(GATHER) is not None,
-        lambda node: (*_rs_group_key(node), node.meta["custom"][GATHER]),
+        lambda node: is_reduce_scatter_tensor(node) and _stored_block(node) is not None,
+        lambda node: (*_rs_group_key(node), _stored_block(node)),
     )
     if buckets:
         merge_reduce_scatter(gm, buckets)
     wait_reduce_scatters_early(gm)
+    # A block's stored parameters are gathered in one all-gather, as FSDP2 gathers a module's, issued where the
+    # first of them was (their inputs are the shards the program takes; their readers all come after it).
+    for bucket in greedy_bucket_collective_by_mb(
+        gm,
+        lambda bucket: BUCKET_MB,
+        lambda node: is_all_gather_into_tensor(node) and _stored_block(node) is not None,
+        lambda node: (*_ag_group_key(node), _stored_block(node)),
+    ):
+        merge_all_gather_bucket(gm.graph, bucket, insert_before=bucket[0])
     gm.recompile()
     return gm
+
+
+def _stored_block(node: torch.fx.Node) -> int | None:
+    """The block whose stored parameter this collective gathers (or whose gradient it reduce-scatters)."""
+    return node.meta.get("custom", {}).get(GATHER)
 
 
 def wait_reduce_scatters_early(gm: torch.fx.GraphModule) -> None:

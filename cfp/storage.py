@@ -20,9 +20,11 @@ with the *storage* placements (``Shard(d)`` on those mesh dimensions), so
 redistributed to the compute placements; DTensor's autograd turns the
 backward of that all-gather into the reduce-scatter (``Partial -> Shard``).
 ``cfp.parallelize`` applies it; this module says which placements, what it
-costs (the all-gather and reduce-scatter of the parameter at its shape, as
-transitions the cost model prices, profiled or analytic) and how much memory
-it takes.
+costs and how much memory it takes. The lowered step gathers a block's
+stored parameters in one flat all-gather and reduce-scatters their gradients
+in one flat reduce-scatter, as FSDP2 does a module's; so each is priced as
+one transition of a flat tensor that size (``gather_keys``, ``scatter_keys``),
+profiled or analytic.
 
 *Recomputation* is a second per-block choice: the block runs under
 ``torch.utils.checkpoint``, its saved activations are dropped (its exits
@@ -39,7 +41,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.tensor import Partial, Shard
+from torch.distributed.tensor import Partial, Replicate, Shard
 
 from cfp.costs import TransitionKey, shared_parameters
 from cfp.placements import Placements, is_sharded, local_numel, normalize, replicated
@@ -73,15 +75,39 @@ def storage_placements(shape: tuple[int, ...], compute: Placements, mesh_shape: 
     return tuple(Shard(dim) if i in dp else p for i, p in enumerate(compute))
 
 
-def gather_key(shape, dtype: str, storage: Placements, compute: Placements) -> TransitionKey:
-    """The all-gather of a stored parameter to its compute placements (its forward is what a gather costs)."""
-    return TransitionKey(tuple(shape), dtype, tuple(storage), tuple(compute))
+def _buckets(params: list[ParamStorage], mesh_shape) -> dict[tuple[str, tuple[int, ...]], int]:
+    """A block's stored parameters as the lowered step gathers them (``lower.bucket_collectives``): one flat
+    bucket per dtype and set of mesh dims gathered over, of that many elements (this rank's, gathered)."""
+    out: dict[tuple[str, tuple[int, ...]], int] = {}
+    for p in params:
+        dims = tuple(i for i, (s, c) in enumerate(zip(p.storage, p.compute)) if s != c)
+        out[(p.dtype, dims)] = out.get((p.dtype, dims), 0) + local_numel(p.shape, p.compute, mesh_shape)
+    return out
 
 
-def scatter_key(shape, dtype: str, storage: Placements, compute: Placements) -> TransitionKey:
-    """The reduce-scatter of a gradient, ``Partial`` on the storage-sharded dims, to the storage placements."""
-    src = tuple(Partial("sum") if s != c else c for s, c in zip(storage, compute))
-    return TransitionKey(tuple(shape), dtype, src, tuple(storage))
+def gather_keys(params: list[ParamStorage], mesh_shape) -> list[TransitionKey]:
+    """The all-gathers of a block's stored parameters, one per bucket (their forwards are what gathering costs)."""
+    ndim = len(mesh_shape)
+    return [
+        TransitionKey(
+            (numel,), dtype, tuple(Shard(0) if i in dims else Replicate() for i in range(ndim)), replicated(ndim)
+        )
+        for (dtype, dims), numel in _buckets(params, mesh_shape).items()
+    ]
+
+
+def scatter_keys(params: list[ParamStorage], mesh_shape) -> list[TransitionKey]:
+    """The reduce-scatters of a block's gradients to its stored parameters' shards, one per bucket."""
+    ndim = len(mesh_shape)
+    return [
+        TransitionKey(
+            (numel,),
+            dtype,
+            tuple(Partial("sum") if i in dims else Replicate() for i in range(ndim)),
+            tuple(Shard(0) if i in dims else Replicate() for i in range(ndim)),
+        )
+        for (dtype, dims), numel in _buckets(params, mesh_shape).items()
+    ]
 
 
 @dataclass
@@ -203,8 +229,8 @@ class StorageTable:
         opt_saved = sum(f - s for f, s in zip(full, shard)) * ADAM_STATE_BYTES_PER_PARAM
         gather = scatter = reduce = optimizer = 0.0
         if costs is not None:
-            gather = sum(_forward_s(costs, gather_key(p.shape, p.dtype, p.storage, p.compute)) for p in params)
-            scatter = sum(_forward_s(costs, scatter_key(p.shape, p.dtype, p.storage, p.compute)) for p in params)
+            gather = sum(_forward_s(costs, key) for key in gather_keys(params, mesh_shape))
+            scatter = sum(_forward_s(costs, key) for key in scatter_keys(params, mesh_shape))
             # The profiled reduction and AdamW step cover every parameter of the block; these are their share.
             total = sum(_bytes(traced_val, pl, mesh_shape) for traced_val, pl in self._param_values(block, strategy))
             frac = full_bytes / total if total else 0.0
@@ -262,11 +288,10 @@ class StorageTable:
     def transition_keys(self) -> set[TransitionKey]:
         """The all-gathers and reduce-scatters a sharded level can need: what profiling must time."""
         keys = set()
+        mesh_shape = tuple(self.graph.mesh.shape)
         for bs in {id(b): b for b in self.blocks}.values():
             for params in bs.params:
-                for p in params:
-                    keys.add(gather_key(p.shape, p.dtype, p.storage, p.compute))
-                    keys.add(scatter_key(p.shape, p.dtype, p.storage, p.compute))
+                keys.update(gather_keys(params, mesh_shape), scatter_keys(params, mesh_shape))
         return keys
 
     def parameter_storage(self, choice: list[int], storage: list[str]) -> dict[str, dict]:

@@ -19,7 +19,7 @@ from cfp.mesh import fake_mesh, parse_mesh
 from cfp.optim import adamw
 from cfp.parallelize import parallelize, plan_from_indices
 from cfp.solve import evaluate
-from cfp.storage import StorageTable
+from cfp.storage import StorageTable, gather_keys, scatter_keys
 
 STEPS = """
 import resource, sys, torch
@@ -77,8 +77,8 @@ def _base(node: torch.fx.Node) -> torch.fx.Node:
 
 
 def _lowered_step(plans: dict) -> dict:
-    """{plan name: (bytes the forward program saves beside the parameters and their views, the backward program's ops)}
-    for gpt:tiny plans, lowered on a 2-rank fake process group."""
+    """{plan name: (bytes the forward program saves beside the parameters and their views, the backward program's
+    ops, the bytes it all-gathers)} for gpt:tiny plans, lowered on a 2-rank fake process group."""
     out = {}
     with fake_mesh(parse_mesh("2")) as mesh:
         for name, plan in plans.items():
@@ -94,7 +94,12 @@ def _lowered_step(plans: dict) -> dict:
                 and isinstance(n.meta.get("val"), torch.Tensor)
             ]
             ops = collections.Counter(n.target for n in backward.graph.nodes if n.op == "call_function")
-            out[name] = (sum(t.numel() * t.element_size() for t in saved), ops)
+            gathered = sum(
+                n.meta["val"].numel() * n.meta["val"].element_size()
+                for n in backward.graph.nodes
+                if "all_gather_into_tensor" in str(n.target)
+            )
+            out[name] = (sum(t.numel() * t.element_size() for t in saved), ops, gathered)
     return out
 
 
@@ -110,7 +115,11 @@ def test_lowered_step_recomputes_blocks_and_regathers_zero3_parameters():
         "zero3": plan_from_indices(graph, dp, ["zero3"] * n),
     }
     step = _lowered_step(step_plans)
-    (plain, plain_ops), (recomputed, recomputed_ops), (zero3, zero3_ops) = step["dp"], step["recompute"], step["zero3"]
+    (plain, plain_ops, plain_gathered), (recomputed, recomputed_ops, _), (zero3, _, zero3_gathered) = (
+        step["dp"],
+        step["recompute"],
+        step["zero3"],
+    )
     addmm = torch.ops.aten.addmm.default
     assert recomputed < 0.5 * plain, (recomputed, plain)  # 0.43: the exits stay, as checkpoint keeps its inputs
     # and as the ILP counts (a block whose ops came in several regions saved what one handed the next: 1.51x)
@@ -118,9 +127,12 @@ def test_lowered_step_recomputes_blocks_and_regathers_zero3_parameters():
     counted = evaluate(graph, _Free(), dp, None, *layout, table=StorageTable(graph)).memory.activations
     assert abs(recomputed / counted - 1) < 0.1, (recomputed, counted)
     assert recomputed_ops[addmm] > plain_ops[addmm]  # the forward's linear layers, again
-    gather = torch.ops._c10d_functional.all_gather_into_tensor.default
     assert zero3 <= plain, (zero3, plain)  # activations only: no gathered parameter
-    assert zero3_ops[gather] > plain_ops[gather] + 10  # the weights, gathered again
+    weights = sum(
+        p.numel() * p.element_size() for p in cfp.build(cfp.ModelSpec("gpt:tiny", device="meta")).model.parameters()
+    )
+    # the weights, gathered again (0.83 of all parameter bytes: backward reads no bias, nor the embedding table)
+    assert zero3_gathered - plain_gathered > 0.75 * weights, (zero3_gathered, plain_gathered, weights)
 
 
 def _peak_bytes(plan, lowered: bool) -> int:
@@ -166,3 +178,27 @@ def test_lowered_zero_plans_peak_as_predicted():
         assert lowered <= 1.02 * interpreted, (level, lowered, interpreted)
         predicted = evaluate(graph, _Free(), dp, None, *layout_of(plan), table=StorageTable(graph)).memory.total
         assert abs(predicted / lowered - 1) < 0.1, (level, predicted, lowered)
+
+
+def test_a_blocks_stored_parameters_are_gathered_and_priced_as_one():
+    """One all-gather per block in forward, as FSDP2 gathers a module's parameters (one per parameter paid the
+    backend's per-call latency each: fsdp gpt:small, 2 gloo ranks, 349 -> 319 ms a step), and the ILP prices
+    one flat gather and one flat reduce-scatter per block."""
+    graph = analyze(cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))), parse_mesh("2"))
+    dp = baselines.dp(graph)
+    table = StorageTable(graph)
+    stored = [b.id for b, c in zip(graph.blocks, dp) if "zero3" in table.levels(b.id, c)]
+    plans = {"dp": plan_from_indices(graph, dp), "zero3": plan_from_indices(graph, dp, ["zero3"] * len(graph.blocks))}
+    gathers = {}
+    with fake_mesh(parse_mesh("2")) as mesh:
+        for name, plan in plans.items():
+            w = cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))
+            pm = parallelize(w.model, plan, mesh=mesh, example_inputs=w.inputs)
+            pm(*w.inputs).backward()
+            forward = pm._lowered.graphs["forward"].graph
+            gathers[name] = sum("all_gather_into_tensor" in str(n.target) for n in forward.nodes)
+    assert gathers["zero3"] - gathers["dp"] == len(stored), (gathers, len(stored))
+    for b in stored:
+        params = table.blocks[b].params[dp[b]]
+        assert [k.shape for k in gather_keys(params, (2,))] == [(sum(p.numel for p in params),)]
+        assert [k.shape for k in scatter_keys(params, (2,))] == [(sum(p.numel for p in params),)]
