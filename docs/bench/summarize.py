@@ -124,7 +124,7 @@ def memory_table() -> list[str]:
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for limit, df in runs.items():
-        for plan, row in (df.iterrows() if df is not None else ()):
+        for plan, row in df.iterrows() if df is not None else ():
             if plan == "single":
                 continue
             layout = row["layout"] if isinstance(row.get("layout"), str) else "all replicated, none recomputed"
