@@ -204,8 +204,9 @@ def evaluate(
             deltas = []
             if storage is not None and storage[b] != "replicate":
                 deltas.append(table.levels(b, c)[storage[b]])
-            if recompute is not None and recompute[b] and table.recompute(b, c) is not None:  # None: nothing to drop
-                deltas.append(table.recompute(b, c))
+            recomputed = table.recompute(b, c) if recompute is not None and recompute[b] else None
+            if recomputed is not None:  # None: the block has nothing to drop
+                deltas.append(recomputed)
             for d in deltas:
                 block_s[b] += d.time_s
                 mem.params += d.params
