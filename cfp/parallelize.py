@@ -42,7 +42,8 @@ The plan's ``storage`` and per-block ``recompute`` are applied too
   ``cfp.sharded.Regather`` saves a token instead and gathers it again there;
 - a recomputed block's ops run under ``torch.utils.checkpoint`` (one region
   per contiguous run of its ops), its gathers included (lowered, the
-  partitioner does both of these: see ``cfp.lower``);
+  partitioner does both of these, one recompute region per block: see
+  ``cfp.lower``);
 - values are freed after their last use, as ``torch.fx.Interpreter`` does,
   so what stays alive is what autograd saves.
 

@@ -85,13 +85,16 @@ def _buckets(params: list[ParamStorage], mesh_shape) -> dict[tuple[str, tuple[in
     return out
 
 
+def _on(dims: tuple[int, ...], ndim: int, placement) -> Placements:
+    """``placement`` on mesh ``dims``, ``Replicate()`` on the others."""
+    return tuple(placement if i in dims else Replicate() for i in range(ndim))
+
+
 def gather_keys(params: list[ParamStorage], mesh_shape) -> list[TransitionKey]:
     """The all-gathers of a block's stored parameters, one per bucket (their forwards are what gathering costs)."""
     ndim = len(mesh_shape)
     return [
-        TransitionKey(
-            (numel,), dtype, tuple(Shard(0) if i in dims else Replicate() for i in range(ndim)), replicated(ndim)
-        )
+        TransitionKey((numel,), dtype, _on(dims, ndim, Shard(0)), replicated(ndim))
         for (dtype, dims), numel in _buckets(params, mesh_shape).items()
     ]
 
@@ -100,12 +103,7 @@ def scatter_keys(params: list[ParamStorage], mesh_shape) -> list[TransitionKey]:
     """The reduce-scatters of a block's gradients to its stored parameters' shards, one per bucket."""
     ndim = len(mesh_shape)
     return [
-        TransitionKey(
-            (numel,),
-            dtype,
-            tuple(Partial("sum") if i in dims else Replicate() for i in range(ndim)),
-            tuple(Shard(0) if i in dims else Replicate() for i in range(ndim)),
-        )
+        TransitionKey((numel,), dtype, _on(dims, ndim, Partial("sum")), _on(dims, ndim, Shard(0)))
         for (dtype, dims), numel in _buckets(params, mesh_shape).items()
     ]
 
