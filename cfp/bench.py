@@ -290,13 +290,32 @@ def train_step(ctx: BenchContext, i: int) -> dict:
     }
 
 
+def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of ``model``'s parameters, gradients and buffers and ``optimizer``'s state on this rank (each
+    storage once: tied weights share one)."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    storages = {}
+    with torch.no_grad():
+        for t in tensors:
+            local = t.to_local() if isinstance(t, DTensor) else t
+            storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 def peak_memory(ctx: BenchContext, i: int) -> int:
     """Peak bytes this rank holds during one more training step of plan ``i``."""
     if ctx.device.startswith("cuda"):
+        # The allocator's peak counts all this process holds: every plan's weights and optimizer state (the
+        # plans share the rank) and the planning copy of the model. Count this plan's, as MemTracker does on CPU.
         torch.cuda.synchronize()
+        others = torch.cuda.memory_allocated() - resident_bytes(ctx.models[i], ctx.optimizers[i])
         torch.cuda.reset_peak_memory_stats()
         train_step(ctx, i)
-        return int(torch.cuda.max_memory_allocated())
+        return int(torch.cuda.max_memory_allocated() - others)
     from torch.distributed._tools.mem_tracker import MemTracker
 
     tracker = MemTracker()

@@ -46,9 +46,9 @@ def tables(plan: Plan) -> list[Table]:
         summary.add_row(
             "",
             "at the step's peak: params + optimizer + transient + the larger of grads (with the bucket being "
-            "reduced) and activations",
+            "reduced) and activations (with the gradients in flight as backward starts)",
         )
-    for k in ("params", "grads", "bucket", "optimizer", "activations", "transient"):
+    for k in ("params", "grads", "bucket", "optimizer", "activations", "in_flight", "transient"):
         if k in mem:
             summary.add_row(f"  {k}", human_bytes(mem[k]))
     layout = plan.layout_counts()
@@ -234,17 +234,19 @@ def figure(plan: Plan, path: str | Path) -> Path:
         ((u, d) for u, d in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= d), ("B", 1)
     )
     # The step's peak holds the gradients and the bucket being reduced (end of backward) or the saved activations
-    # (end of forward), not both; plans from before the peak was counted so ("transient" absent) draw every part.
+    # and the gradients in flight (start of backward), not both; plans from before the peak was counted so
+    # ("transient" absent) draw every part.
     hidden: set[str] = set()
     if "transient" in mem:
-        grads_side = mem["grads"] + mem.get("bucket", 0) >= mem["activations"]
-        hidden = {"activations"} if grads_side else {"grads", "bucket"}
+        grads_side = mem["grads"] + mem.get("bucket", 0) >= mem["activations"] + mem.get("in_flight", 0)
+        hidden = {"activations", "in_flight"} if grads_side else {"grads", "bucket"}
     parts = [
         ("params", "#4C72B0"),
         ("grads", "#55A868"),
         ("bucket", "#8CC28F"),
         ("optimizer", "#8172B2"),
         ("activations", "#DD8452"),
+        ("in_flight", "#E8A87C"),
         ("transient", "#937860"),
     ]
     y = 0.0

@@ -17,15 +17,18 @@ Formulation (OR-Tools CP-SAT):
 - Memory per device at the step's peak: parameters + Adam state (two fp32
   moments) under local shapes, each parameter counted once, plus the larger
   of the gradients (all alive at the end of backward) and every block's
-  saved activations (all alive at the end of forward), at most the limit:
-  two constraints, one with each.
+  saved activations (all alive at the end of forward, with the gradients
+  one op has in flight as backward starts), at most the limit: two
+  constraints, one with each.
 - Storage and recomputation (``cfp.storage``): ``s[g, c, level]`` stores the
   group's parameters ZeRO-1/2/3 sharded and ``r[g, c]`` recomputes its
   activations, each at most ``x[g, c]``; both add their seconds to the
   objective and their bytes to the memory sum. One more integer ``t`` is at
   least every group's transient bytes (a gathered ZeRO-3 parameter, the
   activations a recomputed block brings back), since blocks run one at a
-  time; it joins the memory sum.
+  time; it joins the memory sum. An integer ``b`` is at least every group's
+  gradients in flight plus its transient bytes; it joins the activations'
+  side.
 
 Times are scaled to integers in units of ``TIME_UNIT_S`` (0.1 ns); memory is
 in bytes.
@@ -85,6 +88,9 @@ class Memory:
     optimizer: int = 0
     activations: int = 0
     transient: int = 0  # the largest of one block's gathered parameters and recomputed activations
+    # What the activations' side holds beyond ``transient``: the gradients one op has in flight in backward (at the
+    # loss, log_softmax's output gradient and the one it makes: 3 GiB of GPT-2's 15 GiB peak).
+    in_flight: int = 0
     reduced: int = 0  # gradient bytes collectives reduce (all-reduce, reduce-scatter), bucketed by the lowering
 
     @property
@@ -95,7 +101,12 @@ class Memory:
     @property
     def total(self) -> int:
         """The step's peak: gradients fill in as backward frees the saved activations."""
-        return self.params + self.optimizer + max(self.grads + self.bucket, self.activations) + self.transient
+        return (
+            self.params
+            + self.optimizer
+            + self.transient
+            + max(self.grads + self.bucket, self.activations + self.in_flight)
+        )
 
     def to_json(self) -> dict:
         return {
@@ -105,6 +116,7 @@ class Memory:
             "optimizer": self.optimizer,
             "activations": self.activations,
             "transient": self.transient,
+            "in_flight": self.in_flight,
             "bucket": self.bucket,
         }
 
@@ -158,7 +170,11 @@ class MemoryTable:
             if key not in self.table:
                 row = []
                 for strategy in graph.block_strategies(block):
-                    m = Memory(activations=int(strategy.saved_bytes), reduced=strategy.comm_bytes("reduce"))
+                    m = Memory(
+                        activations=int(strategy.saved_bytes),
+                        in_flight=int(strategy.grad_bytes),
+                        reduced=strategy.comm_bytes("reduce"),
+                    )
                     for pos in owned:
                         val = traced.nodes[block.inputs[pos].name].meta["val"]
                         numel = local_numel(tuple(val.shape), strategy.input_placements[pos], graph.mesh.shape)
@@ -178,6 +194,7 @@ class MemoryTable:
             total.optimizer += m.optimizer
             total.activations += m.activations
             total.reduced += m.reduced
+            total.in_flight = max(total.in_flight, m.in_flight)  # blocks run their backward one at a time
         return total
 
 
@@ -200,6 +217,7 @@ def evaluate(
     mem = memory.of(choice)
     if storage is not None or recompute is not None:
         table = table or StorageTable(graph, costs, memory.owner)
+        backward = 0  # the most one block holds in its backward beyond the saved activations
         for b, c in enumerate(choice):
             deltas = []
             if storage is not None and storage[b] != "replicate":
@@ -215,6 +233,8 @@ def evaluate(
                 mem.activations += d.activations
                 mem.reduced += d.reduced
             mem.transient = max(mem.transient, sum(d.transient for d in deltas))
+            backward = max(backward, memory.rows[b][c].in_flight + sum(d.transient for d in deltas))
+        mem.in_flight = backward - mem.transient
     trans = [0.0] * len(graph.blocks)
     for edge in value_edges(graph):
         src = graph.block_strategies(edge.producer)[choice[edge.producer.id]].exit_placements[edge.exit_pos]
@@ -427,11 +447,24 @@ class _Builder:
                         if first and d.transient:
                             transient[g].append((chosen[name], d.transient))
         self.transient_terms = transient
-        bound = max((sum(b for _, b in terms) for terms in transient.values()), default=0)
-        self.transient_bound = int(bound)
-        self.transient = self.model.NewIntVar(0, int(bound), "transient") if bound else 0
-        for terms in transient.values():
-            self.model.Add(self.transient >= sum(v * b for v, b in terms))
+        self.transient, self.transient_bound = self._at_least_each(transient, "transient")
+        # In its backward a group also holds the gradients one of its ops has in flight, on its config's choice.
+        backward = defaultdict(list, {g: list(terms) for g, terms in transient.items()})
+        for g, block in {self.group_of[b.id]: b for b in reversed(self.graph.blocks)}.items():  # a group's first
+            rows = self.memory.rows[block.id]
+            backward[g] += [(v, rows[c].in_flight) for c, v in self.x[g].items() if rows[c].in_flight]
+        self.backward_terms = backward
+        self.backward, self.backward_bound = self._at_least_each(backward, "backward")
+
+    def _at_least_each(self, groups: dict[tuple, list[tuple[object, int]]], name: str) -> tuple[object, int]:
+        """An integer at least each group's sum of chosen bytes (0 where none has any), and its upper bound."""
+        bound = int(max((sum(b for _, b in terms) for terms in groups.values()), default=0))
+        if not bound:
+            return 0, 0
+        var = self.model.NewIntVar(0, bound, name)
+        for terms in groups.values():
+            self.model.Add(var >= sum(v * b for v, b in terms))
+        return var, bound
 
     def _part(self, terms, part: str):
         return sum(v * terms[g][c] for g, xs in self.x.items() for c, v in xs.items() if terms[g][c]) + sum(
@@ -439,11 +472,11 @@ class _Builder:
         )
 
     def memory_exprs(self) -> list:
-        """The step's peak is at most each of: the end of forward (activations) and of backward (gradients,
-        with the bucket being reduced)."""
-        always = self._part(self.mem_terms, "always") + self.transient
+        """The step's peak is at most each of: the start of backward (activations, a block's gradients in
+        flight) and its end (gradients, with the bucket being reduced)."""
+        always = self._part(self.mem_terms, "always")
         grads = self._part(self.grad_terms, "grads") + self.bucket
-        return [always + grads, always + self._part(self.act_terms, "activations")]
+        return [always + self.transient + grads, always + self.backward + self._part(self.act_terms, "activations")]
 
     def add_memory_limit(self, limit: int) -> None:
         for expr in self.memory_exprs():
@@ -457,7 +490,8 @@ class _Builder:
             for row in terms.values()
             for b in row.values()
         )
-        bound += sum(b for part in self.extra_mem.values() for _, b in part) + self.transient_bound + BUCKET_BYTES
+        bound += sum(b for part in self.extra_mem.values() for _, b in part)
+        bound += max(self.transient_bound + BUCKET_BYTES, self.backward_bound)
         peak = self.model.NewIntVar(0, int(bound), "peak")
         for expr in exprs:
             self.model.Add(peak >= expr)
@@ -601,18 +635,24 @@ class _Builder:
             chosen = (src[picked[gp]], dst[picked[gc]])
             for k, v in y.items():
                 self.model.AddHint(v, int(k == chosen))
-        if not isinstance(self.transient, int):
-            on = {
-                b.id: (storage[b.id] if storage else "replicate", bool(recompute and recompute[b.id]))
-                for b in self.graph.blocks
-            }
+        on = {
+            b.id: (storage[b.id] if storage else "replicate", bool(recompute and recompute[b.id]))
+            for b in self.graph.blocks
+        }
+        for var, groups in ((self.transient, self.transient_terms), (self.backward, self.backward_terms)):
+            if isinstance(var, int):
+                continue
             value = 0
-            for g, terms in self.transient_terms.items():
+            for g, terms in groups.items():
                 block = next(b for b in self.graph.blocks if self.group_of[b.id] == g)
                 level, rc = on[block.id]
-                chosen = {self.s[g].get(picked[g], {}).get(level), self.r[g].get(picked[g]) if rc else None} - {None}
+                chosen = {
+                    self.x[g][picked[g]],
+                    self.s[g].get(picked[g], {}).get(level),
+                    self.r[g].get(picked[g]) if rc else None,
+                } - {None}
                 value = max(value, sum(b for v, b in terms if any(v is w for w in chosen)))
-            self.model.AddHint(self.transient, value)
+            self.model.AddHint(var, value)
 
 
 def _solver(time_limit_s: float, workers: int):

@@ -6,9 +6,10 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 import cfp
-from cfp.bench import COLUMNS, BenchPlan, round_orders, summarize
+from cfp.bench import COLUMNS, BenchPlan, resident_bytes, round_orders, summarize
 from cfp.cli import main
 from cfp.plan import Plan
 
@@ -26,6 +27,22 @@ def _plan(configs: list[str]) -> Plan:
         solve={},
         provenance={},
     )
+
+
+def test_resident_bytes_counts_a_plan_once():
+    """On GPUs a plan's peak is the allocator's minus what the other plans hold: its own weights, gradients
+    and optimizer state, tied weights once."""
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(10, 4)
+    model = torch.nn.Sequential(embed, torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = embed.weight  # tied: one storage
+    opt = torch.optim.AdamW(model.parameters())
+    floats = 10 * 4 * 4
+    assert resident_bytes(model, opt) == floats
+    model(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    # + the gradient, exp_avg and exp_avg_sq, + the 4-byte step count
+    assert resident_bytes(model, opt) == 4 * floats + 4
 
 
 def test_summary_columns_ratios_and_errors():

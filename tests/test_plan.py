@@ -58,8 +58,10 @@ def test_plan_contents(planned):
     total = sum(b["time_s"] + b["transition_in_s"] for b in data["blocks"])
     assert data["predicted_step_time_s"] == pytest.approx(total)
     mem = data["memory_per_device_bytes"]
-    # the step's peak: gradients (end of backward) or saved activations (end of forward), whichever is larger
-    peak = mem["params"] + mem["optimizer"] + max(mem["grads"], mem["activations"]) + mem["transient"]
+    # the step's peak: gradients (end of backward) or saved activations and the gradients in flight (start of
+    # backward), whichever is larger
+    peak = mem["params"] + mem["optimizer"] + mem["transient"]
+    peak += max(mem["grads"] + mem["bucket"], mem["activations"] + mem["in_flight"])
     assert mem["total"] == peak <= mem["limit"] == GiB
     assert data["solve"]["status"] == "OPTIMAL" and data["solve"]["gap"] == 0
     assert data["provenance"]["cost_model"] == "analytic" and data["provenance"]["cluster"] == "test-h100"

@@ -199,7 +199,9 @@ def test_memory_counts_the_gradient_bucket_being_reduced(tiny1, monkeypatch):
     dp = MemoryTable(tiny1).of(dp_choice(tiny1))
     assert dp.reduced >= dp.grads > 0  # data parallelism all-reduces every gradient
     assert dp.bucket == dp.reduced  # the tiny model's gradients fit in one bucket
-    assert dp.total == dp.params + dp.optimizer + max(dp.grads + dp.bucket, dp.activations)
+    assert dp.total == dp.params + dp.optimizer + dp.transient + max(
+        dp.grads + dp.bucket, dp.activations + dp.in_flight
+    )
     rep = [
         next(i for i, p in enumerate(tiny1.block_strategies(b)) if set(p.config.name.split("/")) == {"rep"})
         for b in tiny1.blocks
