@@ -23,3 +23,5 @@ for spec in "${workloads[@]}"; do
     --interpreted --compile --csv "$out/$name.csv" 2>&1 | tee -a "$out/bench.txt" \
     || echo "== $spec failed or timed out (exit $?)" | tee -a "$out/bench.txt"
 done
+# What holds the plain model's peak on the GPU (the allocator's count beside MemTracker's categories).
+timeout "${SPEC_TIMEOUT:-600}" python3 docs/bench/gpu_memory.py 2>&1 | grep -v Warn | tee "$out/memory.txt"
