@@ -50,8 +50,8 @@ RIDGE_OVERHEAD = 1.0  # weight of (o / mean measured)^2: all plans of one model 
 KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version", "schema", "step_runtime"]
 # schema: the profile rows' (a correction learnt on predictions from rows that measure differently does not fit
 # today's); step_runtime: what a measured step runs, for the same reason on the measured side
-STEP_RUNTIME = 3  # bump when the training step runs differently; 2: ZeRO-3 plans and recomputed blocks lowered;
-# 3: a block's ZeRO gathers in one all-gather, one recompute region per block
+STEP_RUNTIME = 4  # bump when the training step runs differently; 2: ZeRO-3 plans and recomputed blocks lowered;
+# 3: a block's ZeRO gathers in one all-gather, one recompute region per block; 4: AdamW on the local shards
 
 
 def features(graph, costs, choice: list[int]) -> dict[str, float]:

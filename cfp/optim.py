@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def adamw(params: Iterable[torch.Tensor], lr: float) -> torch.optim.AdamW:
-    """AdamW with its fused kernel: one call per step for all parameters.
+    """AdamW with its fused kernel: one call per step for all parameters, on their local shards.
 
     torch's CPU default is one call per parameter per op; with DTensor
     parameters each of those pays DTensor's dispatch in Python (on gpt:small,
@@ -17,4 +19,68 @@ def adamw(params: Iterable[torch.Tensor], lr: float) -> torch.optim.AdamW:
     step's memory peak on data-parallel plans); ``fused`` does neither and
     steps in 5 ms where ``foreach`` takes 12 (data-parallel gpt:small).
     """
-    return torch.optim.AdamW(params, lr=lr, fused=True)
+    return LocalAdamW(params, lr=lr, fused=True)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+class LocalAdamW(torch.optim.AdamW):
+    """Fused AdamW that runs its kernel on each DTensor parameter's local shard.
+
+    Given DTensors, the one fused call still goes through DTensor's dispatch,
+    which propagates shardings over its six lists of tensors in Python: 7.6 ms
+    a step on gpt:small's 52 parameters where the same kernel on the shards
+    takes 3.6 (one CPU thread). AdamW is elementwise, so each shard steps
+    alone to the same values. Its state is torch's AdamW's, DTensors where the
+    parameters are (``state_dict``, ``torch.distributed.checkpoint``).
+    """
+
+    def __init__(self, params, lr: float, **kwargs):
+        kwargs.setdefault("fused", True)
+        super().__init__(params, lr=lr, **kwargs)
+        plain = ("amsgrad", "capturable", "differentiable")
+        if not self.defaults["fused"] or any(self.defaults.get(k) for k in plain):
+            raise ValueError(f"LocalAdamW runs the fused kernel only, without {', '.join(plain)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # The fused kernel takes tensors of one device and dtype per call.
+            lists: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[], [], [], [], []])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # as torch's AdamW makes it, so either loads the other's state_dict
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                local = _local(p)
+                tensors = (local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), state["step"])
+                for into, t in zip(lists[(local.device, local.dtype)], tensors):
+                    into.append(t)
+            beta1, beta2 = group["betas"]
+            for params, grads, exp_avgs, exp_avg_sqs, steps in lists.values():
+                torch._foreach_add_(steps, 1)
+                torch._fused_adamw_(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    [],
+                    steps,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    amsgrad=False,
+                    maximize=group["maximize"],
+                )
+        return loss
