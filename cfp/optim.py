@@ -40,9 +40,9 @@ class LocalAdamW(torch.optim.AdamW):
     def __init__(self, params, lr: float, **kwargs):
         kwargs.setdefault("fused", True)
         super().__init__(params, lr=lr, **kwargs)
-        plain = ("amsgrad", "capturable", "differentiable")
-        if not self.defaults["fused"] or any(self.defaults.get(k) for k in plain):
-            raise ValueError(f"LocalAdamW runs the fused kernel only, without {', '.join(plain)}")
+        unsupported = ("amsgrad", "capturable", "differentiable")
+        if not self.defaults["fused"] or any(self.defaults.get(k) for k in unsupported):
+            raise ValueError(f"LocalAdamW runs the fused kernel only, without {', '.join(unsupported)}")
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -26,7 +26,7 @@ Formulation (OR-Tools CP-SAT):
   objective and their bytes to the memory sum. One more integer ``t`` is at
   least every group's transient bytes (a gathered ZeRO-3 parameter, the
   activations a recomputed block brings back), since blocks run one at a
-  time; it joins the memory sum. An integer ``b`` is at least every group's
+  time; it joins the memory sum. An integer ``f`` is at least every group's
   gradients in flight plus its transient bytes; it joins the activations'
   side.
 
