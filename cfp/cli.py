@@ -55,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     except CFPError as exc:
         if args.debug:
             raise
-        # The message is plain text: brackets in it (a path, a gloo error, an --arg) are not rich markup.
-        console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        # Every rank reports its error: torchrun stops the others as soon as one rank exits, so rank 0 may be
+        # gone before it prints (seen on a loaded host). The message is plain text: brackets in it (a path, a
+        # gloo error, an --arg) are not rich markup.
+        rank = launched_rank()
+        console.quiet = False
+        where = f"rank {rank}: " if rank else ""
+        console.print(Text.assemble(("error: ", "bold red"), where, str(exc)), highlight=False)
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
