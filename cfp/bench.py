@@ -53,6 +53,7 @@ from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, parse_mesh
 from cfp.optim import adamw
 from cfp.pipeline import PlanOptions, cost_model, make_plan
+from cfp.placements import local_tensor
 from cfp.plan import Plan
 from cfp.spec import ModelSpec
 
@@ -293,16 +294,13 @@ def train_step(ctx: BenchContext, i: int) -> dict:
 def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of ``model``'s parameters, gradients and buffers and ``optimizer``'s state on this rank (each
     storage once: tied weights share one)."""
-    from torch.distributed.tensor import DTensor
-
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     storages = {}
-    with torch.no_grad():
-        for t in tensors:
-            local = t.to_local() if isinstance(t, DTensor) else t
-            storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    for t in tensors:
+        storage = local_tensor(t).untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
 
 

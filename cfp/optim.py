@@ -6,7 +6,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from cfp.placements import local_tensor
 
 
 def adamw(params: Iterable[torch.Tensor], lr: float) -> torch.optim.AdamW:
@@ -20,10 +21,6 @@ def adamw(params: Iterable[torch.Tensor], lr: float) -> torch.optim.AdamW:
     steps in 5 ms where ``foreach`` takes 12 (data-parallel gpt:small).
     """
     return LocalAdamW(params, lr=lr, fused=True)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 class LocalAdamW(torch.optim.AdamW):
@@ -59,11 +56,17 @@ class LocalAdamW(torch.optim.AdamW):
                     continue
                 state = self.state[p]
                 if not state:  # as torch's AdamW makes it, so either loads the other's state_dict
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                local = _local(p)
-                tensors = (local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), state["step"])
+                local = local_tensor(p)
+                tensors = (
+                    local,
+                    local_tensor(p.grad),
+                    local_tensor(state["exp_avg"]),
+                    local_tensor(state["exp_avg_sq"]),
+                    state["step"],
+                )
                 for into, t in zip(lists[(local.device, local.dtype)], tensors):
                     into.append(t)
             beta1, beta2 = group["betas"]

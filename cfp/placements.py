@@ -27,7 +27,8 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
-from torch.distributed.tensor import Partial, Placement, Replicate, Shard
+import torch
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from cfp.errors import CFPError
@@ -134,3 +135,8 @@ def local_numel(shape: Sequence[int], placements: Iterable[Placement] | None, me
         if is_sharded(p) and p.dim < len(dims):
             dims[p.dim] = math.ceil(dims[p.dim] / n)
     return math.prod(dims)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (no autograd, no dispatch); a plain tensor itself."""
+    return t._local_tensor if isinstance(t, DTensor) else t

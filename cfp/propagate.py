@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from cfp.blocks import Block
 from cfp.capture import TracedModel
 from cfp.configs import BlockConfig
-from cfp.placements import Placements, replicate_partials
+from cfp.placements import Placements, local_tensor, replicate_partials
 from cfp.program import Collective, CommRecorder, make_dtensor, run_block
 
 
@@ -67,13 +67,10 @@ def _local_bytes(value) -> int:
 def _saved_bytes(saved: list[torch.Tensor], params: list) -> int:
     """Bytes of the distinct storages autograd saved, parameters (counted as parameters) left out."""
 
-    def local(t):
-        return t._local_tensor if isinstance(t, DTensor) else t
-
-    seen = {local(p).untyped_storage()._cdata for p in params if isinstance(p, torch.Tensor)}
+    seen = {local_tensor(p).untyped_storage()._cdata for p in params if isinstance(p, torch.Tensor)}
     total = 0
     for t in saved:
-        storage = local(t).untyped_storage()
+        storage = local_tensor(t).untyped_storage()
         if storage._cdata not in seen:
             seen.add(storage._cdata)
             total += storage.nbytes()
