@@ -38,6 +38,10 @@ class BlockStrategy:
     activation_bytes: int = 0  # per device, every op output of the block (what autograd may save)
     saved_bytes: int = 0  # per device, what autograd does save for backward (parameters left out)
     grad_bytes: int = 0  # per device, the most gradient bytes one op of the block has in flight in backward
+    # Which inputs and exits are among the saved tensors, whole (aligned with Block.inputs and Block.outputs): a value
+    # that several blocks save is one tensor where no transition copies it between them (``cfp.solve.shared_saves``).
+    saved_inputs: list[bool] = field(default_factory=list)
+    saved_exits: list[bool] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
 
     @property
@@ -75,6 +79,20 @@ def _saved_bytes(saved: list[torch.Tensor], params: list) -> int:
             seen.add(storage._cdata)
             total += storage.nbytes()
     return total
+
+
+def _saved_whole(values: list, saved: list[torch.Tensor]) -> list[bool]:
+    """Per value: whether autograd saved its storage, and the storage is the value's alone (not a view's base)."""
+    storages = {local_tensor(t).untyped_storage()._cdata for t in saved}
+    out = []
+    for value in values:
+        local = local_tensor(value) if isinstance(value, torch.Tensor) else None
+        out.append(
+            local is not None
+            and local.untyped_storage()._cdata in storages
+            and local.untyped_storage().nbytes() == local.numel() * local.element_size()
+        )
+    return out
 
 
 def _gradient_bytes(nodes: list, values: dict, params: list) -> int:
@@ -142,6 +160,8 @@ def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: Devi
     result.param_bytes = sum(_local_bytes(p) for p in params)
     result.activation_bytes = sum(_local_bytes(values[n]) for n in block.nodes)
     result.saved_bytes = _saved_bytes(saved, params)
+    result.saved_inputs = _saved_whole([values.get(i.name) for i in block.inputs], saved)
+    result.saved_exits = _saved_whole([values[n] for n in block.outputs], saved)
     result.grad_bytes = _gradient_bytes(nodes, values, params)
     try:
         result.collectives = forward.collectives + _backward(block, values, params, input_values(block, values), mesh)

@@ -48,6 +48,7 @@ from cfp.capture import op_name
 from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
 from cfp.placements import Placements, local_numel, normalize, to_strs
+from cfp.shared import counted_twice, shared_values
 from cfp.storage import ADAM_STATE_BYTES_PER_PARAM, StorageTable, Variant
 
 TIME_UNIT_S = 1e-10
@@ -215,6 +216,7 @@ def evaluate(
     ]
     memory = memory or MemoryTable(graph)
     mem = memory.of(choice)
+    recomputes = [False] * len(choice)
     if storage is not None or recompute is not None:
         table = table or StorageTable(graph, costs, memory.owner)
         backward = 0  # the most one block holds in its backward beyond the saved activations
@@ -225,6 +227,7 @@ def evaluate(
             recomputed = table.recompute(b, c) if recompute is not None and recompute[b] else None
             if recomputed is not None:  # None: the block has nothing to drop
                 deltas.append(recomputed)
+                recomputes[b] = True
             for d in deltas:
                 block_s[b] += d.time_s
                 mem.params += d.params
@@ -235,6 +238,7 @@ def evaluate(
             mem.transient = max(mem.transient, sum(d.transient for d in deltas))
             backward = max(backward, memory.rows[b][c].in_flight + sum(d.transient for d in deltas))
         mem.in_flight = backward - mem.transient
+    mem.activations -= counted_twice(graph, choice, recomputes)
     trans = [0.0] * len(graph.blocks)
     for edge in value_edges(graph):
         src = graph.block_strategies(edge.producer)[choice[edge.producer.id]].exit_placements[edge.exit_pos]
@@ -368,6 +372,7 @@ class _Builder:
         self.y_edges: list[tuple] = []  # (y, producer group, src labels, consumer group, dst labels), for hints
         self._transitions()
         self._tied_params()
+        self._shared_saves()
         # Memory.bucket: the chosen configs' reduced bytes where no plan reduces more than a bucket, else a
         # full bucket for every plan (at most BUCKET_MB too many; a min() constraint stalls CP-SAT's LP on
         # large models).
@@ -490,7 +495,7 @@ class _Builder:
             for row in terms.values()
             for b in row.values()
         )
-        bound += sum(b for part in self.extra_mem.values() for _, b in part)
+        bound += sum(max(0, b) for part in self.extra_mem.values() for _, b in part)
         bound += max(self.transient_bound + BUCKET_BYTES, self.backward_bound)
         peak = self.model.NewIntVar(0, int(bound), "peak")
         for expr in exprs:
@@ -567,6 +572,66 @@ class _Builder:
             for d in dsts:
                 self.model.Add(sum(y[s, d] for s in srcs) == sum(v for b, v in xc.items() if dst[b] == d))
             self.objective_terms += [(y[k], units) for k, units in cost.items() if units]
+
+    def _shared_saves(self) -> None:
+        """A tensor that several blocks save is counted once where no transition copies it (``cfp.shared``).
+
+        For each shared value and each placement ``s`` its producer may leave
+        it in: the producer holds it on the options that save it; consumer
+        ``k`` holds it (Boolean ``h``) only if it takes ``s`` too and saves it
+        on its chosen option; ``o`` is 1 if anyone holds it. The activations
+        give back ``bytes(s) * (holders - o)``: each holder beyond the first.
+        ``h`` and ``o`` are only bounded the way that keeps the count sound:
+        the solver may over-count, never under-count.
+        """
+        graph, mesh_shape = self.graph, tuple(self.graph.mesh.shape)
+
+        def options(g, c) -> tuple[object, object | None]:
+            """The Booleans for (group, config) saving its activations and recomputing them."""
+            return self.keep.get(g, {}).get(c, self.x[g][c]), self.r.get(g, {}).get(c)
+
+        self.n_shared_vars = 0
+        self.shared: list[tuple] = []  # (held, producer's saving options, [(h, consumer's saving options, leaves)])
+        for value in shared_values(graph):
+            gp = self.group_of[value.producer.id]
+            labels = {c: value.exit_label(graph, c) for c in self.x[gp]}
+            for s in sorted({lab for lab in labels.values() if lab is not None}, key=_label_order):
+                leaves = [self.x[gp][c] for c, lab in labels.items() if lab == s]
+                producer = [
+                    options(gp, c)[0] for c, lab in labels.items() if lab == s and value.producer_saves(graph, c, False)
+                ]
+                consumers = []
+                for edge in value.edges:
+                    gc = self.group_of[edge.consumer.id]
+                    saves = []
+                    for c in self.x[gc]:
+                        if value.input_label(graph, edge, c) != s:
+                            continue
+                        keep, recompute = options(gc, c)
+                        if value.consumer_saves(graph, edge, c, False):
+                            saves.append(keep)
+                        if recompute is not None:
+                            saves.append(recompute)
+                    if saves:
+                        consumers.append(saves)
+                if len(producer) + len(consumers) < 2 or not consumers:
+                    continue
+                held = self.model.NewBoolVar("")
+                if producer:
+                    self.model.Add(held >= sum(producer))
+                holders = []
+                for saves in consumers:
+                    h = self.model.NewBoolVar("")
+                    self.model.Add(h <= sum(saves))
+                    self.model.Add(h <= sum(leaves))
+                    self.model.Add(held >= h)
+                    self.extra_mem["activations"].append((h, -value.nbytes(s, mesh_shape)))
+                    holders.append((h, saves, leaves))
+                    self.n_shared_vars += 1
+                self.shared.append((held, producer, holders))
+                self.extra_mem["activations"] += [(v, -value.nbytes(s, mesh_shape)) for v in producer]
+                self.extra_mem["activations"].append((held, value.nbytes(s, mesh_shape)))
+                self.n_shared_vars += 1
 
     def _tied_params(self) -> None:
         """A parameter read by several blocks takes one placement."""
@@ -653,6 +718,21 @@ class _Builder:
                 } - {None}
                 value = max(value, sum(b for v, b in terms if any(v is w for w in chosen)))
             self.model.AddHint(var, value)
+        on_vars = set()
+        for g, c in picked.items():
+            block = next(b for b in self.graph.blocks if self.group_of[b.id] == g)
+            rc = on[block.id][1] and c in self.r.get(g, {})
+            on_vars.add(id(self.x[g][c]))
+            on_vars.add(id(self.r[g][c] if rc else self.keep.get(g, {}).get(c, self.x[g][c])))
+
+        def chosen(vs) -> bool:
+            return any(id(v) in on_vars for v in vs)
+
+        for held, producer, holders in self.shared:
+            hs = [chosen(saves) and chosen(leaves) for _, saves, leaves in holders]
+            for (h, _, _), value in zip(holders, hs):
+                self.model.AddHint(h, int(value))
+            self.model.AddHint(held, int(chosen(producer) or any(hs)))
 
 
 def _solver(time_limit_s: float, workers: int):
@@ -733,7 +813,7 @@ def best_plans(graph, costs: CostModel, k: int, options: SolveOptions | None = N
     built = time.perf_counter()
     stats = {
         "build_seconds": round(built - start, 3),
-        "variables": sum(len(v) for v in builder.x.values()) + builder.n_transition_vars,
+        "variables": sum(len(v) for v in builder.x.values()) + builder.n_transition_vars + builder.n_shared_vars,
         "decision_groups": len(builder.x),
         "tied_parameters": len(builder.tied),
         "hint": hint_from,

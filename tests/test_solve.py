@@ -96,7 +96,7 @@ def brute_force(graph, costs, memory_limit=None):
             for r in tied
         ):
             continue
-        if memory_limit is not None and mem.of(list(choice)).total > memory_limit:
+        if memory_limit is not None and evaluate(graph, costs, list(choice), mem).memory.total > memory_limit:
             continue
         total = sum(block_cost[b][c] for b, c in enumerate(choice))
         total += sum(m.get((choice[p], choice[c]), 0.0) for (p, c), m in trans.items())
@@ -136,6 +136,25 @@ def test_ilp_equals_brute_force_analytic_and_memory(tiny1):
         assert sol_m.evaluation.total_s == pytest.approx(best_m, rel=1e-6)
         more = solve(tiny1, costs, memory_limit=limit)  # more choices: never slower, still within the limit
         assert more.evaluation.total_s <= best_m * (1 + 1e-6) and more.evaluation.memory.total <= limit
+
+
+@pytest.mark.parametrize("storage,recompute", [(False, False), (True, True)])
+def test_ilp_memory_counts_shared_saved_tensors_as_evaluate_does(storage, recompute):
+    """llama's q, k and v blocks save one normalised input and softmax's output is saved by two blocks: the
+    ILP's peak and evaluate's give each such tensor back once, on the same plans."""
+    graph = graph_of("llama:tiny", "2", batch=8)
+    costs = HashCosts(1)
+    builder = solve_module._Builder(graph, costs, False, storage, recompute)
+    assert builder.n_shared_vars
+    builder.minimize_memory()
+    solver = solve_module._solver(20, 2)
+    assert solver.StatusName(solver.Solve(builder.model)) == "OPTIMAL"
+    choice = builder.choice(solver)
+    levels, recomputed = builder.storage_choice(solver, choice)
+    memory = evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage).memory
+    assert solver.ObjectiveValue() == memory.total
+    if not any(recomputed):  # each block's own count holds the shared tensors several times
+        assert memory.activations < MemoryTable(graph).of(choice).activations
 
 
 def test_tied_embedding_and_head_agree(tiny1):
