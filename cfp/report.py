@@ -42,14 +42,21 @@ def tables(plan: Plan) -> list[Table]:
     summary.add_row(
         "memory per device", f"{human_bytes(mem['total'])} / {human_bytes(limit) if limit else 'no limit'}{used}"
     )
-    if "transient" in mem:
+    if mem.get("backward") is not None:
+        summary.add_row(
+            "",
+            "at the step's peak: params + optimizer + the larger of transient + grads (with the bucket being "
+            "reduced) and backward (the most held while one block runs its backward: the activations it and "
+            "the blocks before it saved, its gradients in flight and transient, the gradients made after it)",
+        )
+    elif "transient" in mem:
         summary.add_row(
             "",
             "at the step's peak: params + optimizer + transient + the larger of grads (with the bucket being "
             "reduced) and activations (with the gradients in flight as backward starts)",
         )
-    for k in ("params", "grads", "bucket", "optimizer", "activations", "in_flight", "transient"):
-        if k in mem:
+    for k in ("params", "grads", "bucket", "optimizer", "activations", "in_flight", "transient", "backward"):
+        if mem.get(k) is not None:
             summary.add_row(f"  {k}", human_bytes(mem[k]))
     layout = plan.layout_counts()
     if layout:
@@ -236,8 +243,12 @@ def figure(plan: Plan, path: str | Path) -> Path:
     # The step's peak holds the gradients and the bucket being reduced (end of backward) or the saved activations
     # and the gradients in flight (start of backward), not both; plans from before the peak was counted so
     # ("transient" absent) draw every part.
-    hidden: set[str] = set()
-    if "transient" in mem:
+    hidden: set[str] = {"backward"}
+    if mem.get("backward") is not None:  # the activations' side is the backward-order peak, transient included
+        grads_side = mem["transient"] + mem["grads"] + mem.get("bucket", 0) >= mem["backward"]
+        hidden = {"activations", "in_flight", "backward"} if grads_side else {"grads", "bucket", "transient"}
+        hidden |= {"activations", "in_flight"}
+    elif "transient" in mem:
         grads_side = mem["grads"] + mem.get("bucket", 0) >= mem["activations"] + mem.get("in_flight", 0)
         hidden = {"activations", "in_flight"} if grads_side else {"grads", "bucket"}
     parts = [
@@ -248,6 +259,7 @@ def figure(plan: Plan, path: str | Path) -> Path:
         ("activations", "#DD8452"),
         ("in_flight", "#E8A87C"),
         ("transient", "#937860"),
+        ("backward", "#DD8452"),
     ]
     y = 0.0
     for key, color in parts:

@@ -31,6 +31,10 @@ class SharedValue:
         return self.edges[0].producer
 
     @property
+    def last_consumer(self) -> int:
+        return max(edge.consumer.id for edge in self.edges)
+
+    @property
     def exit_pos(self) -> int:
         return self.edges[0].exit_pos
 
@@ -65,11 +69,12 @@ def shared_values(graph) -> list[SharedValue]:
     return [SharedValue(edges) for edges in by_exit.values()]
 
 
-def counted_twice(graph, choice: list[int], recomputed: list[bool]) -> int:
-    """Bytes the blocks' saved activations count more than once under a plan: for each shared value, every
-    end that saves the producer's very tensor beyond the first."""
+def counted_twice(graph, choice: list[int], recomputed: list[bool]) -> list[int]:
+    """Per block, bytes the blocks' saved activations count more than once under a plan: for each shared
+    value, every end that saves the producer's very tensor beyond the first, given back at its last consumer
+    (from there on in backward order, every holder has saved it)."""
     mesh_shape = tuple(graph.mesh.shape)
-    total = 0
+    out = [0] * len(graph.blocks)
     for value in shared_values(graph):
         p = value.producer.id
         label = value.exit_label(graph, choice[p])
@@ -80,5 +85,5 @@ def counted_twice(graph, choice: list[int], recomputed: list[bool]) -> int:
             c = edge.consumer.id
             same = value.input_label(graph, edge, choice[c]) == label
             holders += int(same and value.consumer_saves(graph, edge, choice[c], recomputed[c]))
-        total += max(0, holders - 1) * value.nbytes(label, mesh_shape)
-    return total
+        out[value.last_consumer] += max(0, holders - 1) * value.nbytes(label, mesh_shape)
+    return out

@@ -48,10 +48,12 @@ from cfp.capture import op_name
 from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
 from cfp.placements import Placements, local_numel, normalize, to_strs
-from cfp.shared import counted_twice, shared_values
+from cfp.report_util import human_bytes
+from cfp.shared import counted_twice
 from cfp.storage import ADAM_STATE_BYTES_PER_PARAM, StorageTable, Variant
 
 TIME_UNIT_S = 1e-10
+MAX_OVER_LIMIT = 20  # plans over the memory limit by the exact count that best_plans skips before it gives up
 DEFAULT_TIME_LIMIT_S = 60.0
 
 Label = Placements | None  # a value's placements as a config leaves or takes it
@@ -93,6 +95,9 @@ class Memory:
     # loss, log_softmax's output gradient and the one it makes: 3 GiB of GPT-2's 15 GiB peak).
     in_flight: int = 0
     reduced: int = 0  # gradient bytes collectives reduce (all-reduce, reduce-scatter), bucketed by the lowering
+    # The most the activations' side holds while one block runs its backward (``backward_peak``); None: all the
+    # activations with the most in flight, the bound when nothing says in which order blocks free them.
+    backward: int | None = None
 
     @property
     def bucket(self) -> int:
@@ -102,12 +107,8 @@ class Memory:
     @property
     def total(self) -> int:
         """The step's peak: gradients fill in as backward frees the saved activations."""
-        return (
-            self.params
-            + self.optimizer
-            + self.transient
-            + max(self.grads + self.bucket, self.activations + self.in_flight)
-        )
+        backward = self.backward if self.backward is not None else self.activations + self.in_flight + self.transient
+        return self.params + self.optimizer + max(self.transient + self.grads + self.bucket, backward)
 
     def to_json(self) -> dict:
         return {
@@ -118,6 +119,7 @@ class Memory:
             "activations": self.activations,
             "transient": self.transient,
             "in_flight": self.in_flight,
+            "backward": self.backward,
             "bucket": self.bucket,
         }
 
@@ -163,6 +165,16 @@ class MemoryTable:
                 if inp.name in traced.params:
                     owner.setdefault(inp.name, block.id)
         self.owner = owner
+        # Where in backward each block's gradients appear: at the last block that reads one of its parameters
+        # (a tied embedding's gradient is made by the head, at the start of backward).
+        last_reader = {}
+        for block in graph.blocks:
+            for inp in block.inputs:
+                if inp.name in traced.params:
+                    last_reader[inp.name] = block.id
+        self.grad_position = [
+            max([last_reader[n] for n, o in owner.items() if o == block.id], default=block.id) for block in graph.blocks
+        ]
         self.table: dict[tuple[str, tuple[int, ...]], list[Memory]] = {}
         self.rows: list[list[Memory]] = []
         for block in graph.blocks:
@@ -199,6 +211,23 @@ class MemoryTable:
         return total
 
 
+def backward_peak(saved: list[int], held: list[int], grads: list[int], grad_position: list[int]) -> int:
+    """The most the activations' side holds while one block runs its backward (blocks in reverse order): the
+    saved activations of it and of every block before it, what it holds in flight (``held``), and the
+    gradients that the blocks after it have made (block ``o``'s appear at block ``grad_position[o]``)."""
+    made_at = [0] * (len(saved) + 1)
+    for o, position in enumerate(grad_position):
+        made_at[position] += grads[o]
+    later = [0] * (len(saved) + 1)  # gradients made by blocks after b
+    for b in range(len(saved) - 1, -1, -1):
+        later[b] = later[b + 1] + made_at[b + 1]
+    peak, alive = 0, 0
+    for b in range(len(saved)):
+        alive += saved[b]
+        peak = max(peak, alive + held[b] + later[b])
+    return peak
+
+
 def evaluate(
     graph,
     costs: CostModel,
@@ -207,38 +236,49 @@ def evaluate(
     storage: list[str] | None = None,
     recompute: list[bool] | None = None,
     table: StorageTable | None = None,
+    exact: bool = True,
 ) -> Evaluation:
     """Block times, transition times and memory of a choice (config index per block), with each block's
-    storage level and recomputation (default: replicated, activations saved)."""
+    storage level and recomputation (default: replicated, activations saved).
+
+    Memory is the exact count: blocks free their activations in backward order and a tensor several blocks
+    save is counted once. ``exact=False`` gives the ILP's bound instead: each block's own saves, all alive
+    as backward starts."""
     block_s = [
         costs.block_time(graph.class_of(b), graph.block_strategies(b)[c].config.name)
         for b, c in zip(graph.blocks, choice)
     ]
     memory = memory or MemoryTable(graph)
-    mem = memory.of(choice)
-    recomputes = [False] * len(choice)
     if storage is not None or recompute is not None:
         table = table or StorageTable(graph, costs, memory.owner)
-        backward = 0  # the most one block holds in its backward beyond the saved activations
-        for b, c in enumerate(choice):
-            deltas = []
-            if storage is not None and storage[b] != "replicate":
-                deltas.append(table.levels(b, c)[storage[b]])
-            recomputed = table.recompute(b, c) if recompute is not None and recompute[b] else None
-            if recomputed is not None:  # None: the block has nothing to drop
-                deltas.append(recomputed)
-                recomputes[b] = True
-            for d in deltas:
-                block_s[b] += d.time_s
-                mem.params += d.params
-                mem.grads += d.grads
-                mem.optimizer += d.optimizer
-                mem.activations += d.activations
-                mem.reduced += d.reduced
-            mem.transient = max(mem.transient, sum(d.transient for d in deltas))
-            backward = max(backward, memory.rows[b][c].in_flight + sum(d.transient for d in deltas))
-        mem.in_flight = backward - mem.transient
-    mem.activations -= counted_twice(graph, choice, recomputes)
+    mem = Memory()
+    saved, held, grads, recomputes = [], [], [], []  # per block
+    for b, c in enumerate(choice):
+        row = memory.rows[b][c]
+        deltas = []
+        if storage is not None and storage[b] != "replicate":
+            deltas.append(table.levels(b, c)[storage[b]])
+        recomputed = table.recompute(b, c) if recompute is not None and recompute[b] else None
+        if recomputed is not None:  # None: the block has nothing to drop
+            deltas.append(recomputed)
+        recomputes.append(recomputed is not None)
+        block_s[b] += sum(d.time_s for d in deltas)
+        mem.params += row.params + sum(d.params for d in deltas)
+        mem.optimizer += row.optimizer + sum(d.optimizer for d in deltas)
+        mem.reduced += row.reduced + sum(d.reduced for d in deltas)
+        grads.append(row.grads + sum(d.grads for d in deltas))
+        saved.append(row.activations + sum(d.activations for d in deltas))
+        transient = sum(d.transient for d in deltas)
+        mem.transient = max(mem.transient, transient)
+        mem.in_flight = max(mem.in_flight, row.in_flight)
+        held.append(row.in_flight + transient)
+    if exact:
+        saved = [a - twice for a, twice in zip(saved, counted_twice(graph, choice, recomputes))]
+    mem.grads, mem.activations = sum(grads), sum(saved)
+    if exact:
+        mem.backward = backward_peak(saved, held, grads, memory.grad_position)
+    else:  # the ILP's: the most one block holds on top of all the saved activations
+        mem.in_flight = max(held) - mem.transient if held else 0
     trans = [0.0] * len(graph.blocks)
     for edge in value_edges(graph):
         src = graph.block_strategies(edge.producer)[choice[edge.producer.id]].exit_placements[edge.exit_pos]
@@ -372,7 +412,6 @@ class _Builder:
         self.y_edges: list[tuple] = []  # (y, producer group, src labels, consumer group, dst labels), for hints
         self._transitions()
         self._tied_params()
-        self._shared_saves()
         # Memory.bucket: the chosen configs' reduced bytes where no plan reduces more than a bucket, else a
         # full bucket for every plan (at most BUCKET_MB too many; a min() constraint stalls CP-SAT's LP on
         # large models).
@@ -495,7 +534,7 @@ class _Builder:
             for row in terms.values()
             for b in row.values()
         )
-        bound += sum(max(0, b) for part in self.extra_mem.values() for _, b in part)
+        bound += sum(b for part in self.extra_mem.values() for _, b in part)
         bound += max(self.transient_bound + BUCKET_BYTES, self.backward_bound)
         peak = self.model.NewIntVar(0, int(bound), "peak")
         for expr in exprs:
@@ -572,66 +611,6 @@ class _Builder:
             for d in dsts:
                 self.model.Add(sum(y[s, d] for s in srcs) == sum(v for b, v in xc.items() if dst[b] == d))
             self.objective_terms += [(y[k], units) for k, units in cost.items() if units]
-
-    def _shared_saves(self) -> None:
-        """A tensor that several blocks save is counted once where no transition copies it (``cfp.shared``).
-
-        For each shared value and each placement ``s`` its producer may leave
-        it in: the producer holds it on the options that save it; consumer
-        ``k`` holds it (Boolean ``h``) only if it takes ``s`` too and saves it
-        on its chosen option; ``o`` is 1 if anyone holds it. The activations
-        give back ``bytes(s) * (holders - o)``: each holder beyond the first.
-        ``h`` and ``o`` are only bounded the way that keeps the count sound:
-        the solver may over-count, never under-count.
-        """
-        graph, mesh_shape = self.graph, tuple(self.graph.mesh.shape)
-
-        def options(g, c) -> tuple[object, object | None]:
-            """The Booleans for (group, config) saving its activations and recomputing them."""
-            return self.keep.get(g, {}).get(c, self.x[g][c]), self.r.get(g, {}).get(c)
-
-        self.n_shared_vars = 0
-        self.shared: list[tuple] = []  # (held, producer's saving options, [(h, consumer's saving options, leaves)])
-        for value in shared_values(graph):
-            gp = self.group_of[value.producer.id]
-            labels = {c: value.exit_label(graph, c) for c in self.x[gp]}
-            for s in sorted({lab for lab in labels.values() if lab is not None}, key=_label_order):
-                leaves = [self.x[gp][c] for c, lab in labels.items() if lab == s]
-                producer = [
-                    options(gp, c)[0] for c, lab in labels.items() if lab == s and value.producer_saves(graph, c, False)
-                ]
-                consumers = []
-                for edge in value.edges:
-                    gc = self.group_of[edge.consumer.id]
-                    saves = []
-                    for c in self.x[gc]:
-                        if value.input_label(graph, edge, c) != s:
-                            continue
-                        keep, recompute = options(gc, c)
-                        if value.consumer_saves(graph, edge, c, False):
-                            saves.append(keep)
-                        if recompute is not None:
-                            saves.append(recompute)
-                    if saves:
-                        consumers.append(saves)
-                if len(producer) + len(consumers) < 2 or not consumers:
-                    continue
-                held = self.model.NewBoolVar("")
-                if producer:
-                    self.model.Add(held >= sum(producer))
-                holders = []
-                for saves in consumers:
-                    h = self.model.NewBoolVar("")
-                    self.model.Add(h <= sum(saves))
-                    self.model.Add(h <= sum(leaves))
-                    self.model.Add(held >= h)
-                    self.extra_mem["activations"].append((h, -value.nbytes(s, mesh_shape)))
-                    holders.append((h, saves, leaves))
-                    self.n_shared_vars += 1
-                self.shared.append((held, producer, holders))
-                self.extra_mem["activations"] += [(v, -value.nbytes(s, mesh_shape)) for v in producer]
-                self.extra_mem["activations"].append((held, value.nbytes(s, mesh_shape)))
-                self.n_shared_vars += 1
 
     def _tied_params(self) -> None:
         """A parameter read by several blocks takes one placement."""
@@ -718,21 +697,6 @@ class _Builder:
                 } - {None}
                 value = max(value, sum(b for v, b in terms if any(v is w for w in chosen)))
             self.model.AddHint(var, value)
-        on_vars = set()
-        for g, c in picked.items():
-            block = next(b for b in self.graph.blocks if self.group_of[b.id] == g)
-            rc = on[block.id][1] and c in self.r.get(g, {})
-            on_vars.add(id(self.x[g][c]))
-            on_vars.add(id(self.r[g][c] if rc else self.keep.get(g, {}).get(c, self.x[g][c])))
-
-        def chosen(vs) -> bool:
-            return any(id(v) in on_vars for v in vs)
-
-        for held, producer, holders in self.shared:
-            hs = [chosen(saves) and chosen(leaves) for _, saves, leaves in holders]
-            for (h, _, _), value in zip(holders, hs):
-                self.model.AddHint(h, int(value))
-            self.model.AddHint(held, int(chosen(producer) or any(hs)))
 
 
 def _solver(time_limit_s: float, workers: int):
@@ -749,7 +713,8 @@ def _solver(time_limit_s: float, workers: int):
 
 
 def min_memory(graph, costs: CostModel, options: SolveOptions | None = None, **kwargs) -> tuple[Memory, list[int]]:
-    """The least per-device memory any plan needs (tied parameters agreeing), and that plan.
+    """The least per-device memory any plan needs (tied parameters agreeing) by the ILP's count (an upper
+    bound of the exact one: ``evaluate(exact=False)``), and that plan.
 
     ``options`` (or its fields as keywords) as for ``solve``; ``memory_limit`` and ``hint_first`` do not apply,
     and the time limit defaults to 30 s."""
@@ -765,7 +730,9 @@ def min_memory(graph, costs: CostModel, options: SolveOptions | None = None, **k
         )
     choice = builder.choice(solver)
     levels, recomputed = builder.storage_choice(solver, choice)
-    return evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage).memory, choice
+    return evaluate(
+        graph, costs, choice, builder.memory, levels, recomputed, builder.storage, exact=False
+    ).memory, choice
 
 
 def solve(graph, costs: CostModel, options: SolveOptions | None = None, **kwargs) -> Solution:
@@ -813,7 +780,7 @@ def best_plans(graph, costs: CostModel, k: int, options: SolveOptions | None = N
     built = time.perf_counter()
     stats = {
         "build_seconds": round(built - start, 3),
-        "variables": sum(len(v) for v in builder.x.values()) + builder.n_transition_vars + builder.n_shared_vars,
+        "variables": sum(len(v) for v in builder.x.values()) + builder.n_transition_vars,
         "decision_groups": len(builder.x),
         "tied_parameters": len(builder.tied),
         "hint": hint_from,
@@ -823,6 +790,7 @@ def best_plans(graph, costs: CostModel, k: int, options: SolveOptions | None = N
     solver = _solver(time_limit_s, options.workers)
     cp = builder.cp_model
     found: list[Solution] = []
+    over = 0  # plans the exact count put over the limit
     while len(found) < k:
         status = solver.Solve(builder.model)
         if status not in (cp.OPTIMAL, cp.FEASIBLE):
@@ -842,23 +810,33 @@ def best_plans(graph, costs: CostModel, k: int, options: SolveOptions | None = N
             )
         choice = builder.choice(solver)
         levels, recomputed = builder.storage_choice(solver, choice)
-        found.append(
-            Solution(
-                choice=choice,
-                evaluation=evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage),
-                status=solver.StatusName(status),
-                objective_s=solver.ObjectiveValue() * TIME_UNIT_S,
-                best_bound_s=solver.BestObjectiveBound() * TIME_UNIT_S,
-                seconds=time.perf_counter() - start,
-                tie_segments=tie_segments,
-                memory_limit=memory_limit,
-                stats=dict(stats),
-                storage=levels,
-                recompute=recomputed,
-            )
+        solution = Solution(
+            choice=choice,
+            evaluation=evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage),
+            status=solver.StatusName(status),
+            objective_s=solver.ObjectiveValue() * TIME_UNIT_S,
+            best_bound_s=solver.BestObjectiveBound() * TIME_UNIT_S,
+            seconds=time.perf_counter() - start,
+            tie_segments=tie_segments,
+            memory_limit=memory_limit,
+            stats=dict(stats),
+            storage=levels,
+            recompute=recomputed,
         )
         builder.exclude(choice)
         start = time.perf_counter()
+        if memory_limit is not None and solution.evaluation.memory.total > memory_limit:
+            # The ILP counts what each block saves and the activations all at once; the exact count (evaluate)
+            # frees them in backward order and counts a shared tensor once, and it has the last word.
+            over += 1
+            if over > MAX_OVER_LIMIT:
+                raise CFPError(
+                    f"The ILP's {over} best plans are over the memory limit by the exact count "
+                    f"({human_bytes(solution.evaluation.memory.total)} > {human_bytes(memory_limit)}); "
+                    "allow more memory."
+                )
+            continue
+        found.append(solution)
     # A solve cut short by the time limit may come back worse than a later one.
     return sorted(found, key=lambda s: s.objective_s)
 

@@ -273,8 +273,14 @@ class StorageTable:
         dropped = int(strategy.saved_bytes) - kept
         if dropped <= 0:
             return None
+        # Backward brings back what the block saves, less the kept inputs among it: they are still alive.
+        saved_inputs = sum(
+            _bytes(traced.nodes[i.name].meta.get("val"), pl, mesh_shape)
+            for i, pl, is_saved in zip(block.inputs, strategy.input_placements, strategy.saved_inputs)
+            if is_saved and i.name not in traced.params
+        )
         forward = _phase(self.costs, self.graph.class_of(block), strategy.config.name, "forward")  # 0 without costs
-        return Variant(forward, activations=-dropped, transient=int(strategy.saved_bytes))
+        return Variant(forward, activations=-dropped, transient=int(strategy.saved_bytes) - saved_inputs)
 
     # -- what the ILP and the plan read ------------------------------------------
     def levels(self, block_id: int, config: int) -> dict[str, Variant]:

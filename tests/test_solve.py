@@ -10,6 +10,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import cfp
+from cfp import baselines
 from cfp.analytic import AnalyticCosts, redistribute_collectives
 from cfp.analyze import analyze
 from cfp.baselines import dp as dp_choice
@@ -96,7 +97,7 @@ def brute_force(graph, costs, memory_limit=None):
             for r in tied
         ):
             continue
-        if memory_limit is not None and evaluate(graph, costs, list(choice), mem).memory.total > memory_limit:
+        if memory_limit is not None and mem.of(list(choice)).total > memory_limit:
             continue
         total = sum(block_cost[b][c] for b, c in enumerate(choice))
         total += sum(m.get((choice[p], choice[c]), 0.0) for (p, c), m in trans.items())
@@ -138,23 +139,37 @@ def test_ilp_equals_brute_force_analytic_and_memory(tiny1):
         assert more.evaluation.total_s <= best_m * (1 + 1e-6) and more.evaluation.memory.total <= limit
 
 
-@pytest.mark.parametrize("storage,recompute", [(False, False), (True, True)])
-def test_ilp_memory_counts_shared_saved_tensors_as_evaluate_does(storage, recompute):
-    """llama's q, k and v blocks save one normalised input and softmax's output is saved by two blocks: the
-    ILP's peak and evaluate's give each such tensor back once, on the same plans."""
+def test_a_plan_over_the_limit_by_the_exact_count_is_skipped(monkeypatch):
+    """The ILP bounds memory by each block's own count, all activations at once; evaluate's count (backward
+    order, shared saved tensors once) has the last word: a plan it puts over the limit is skipped for the next."""
     graph = graph_of("llama:tiny", "2", batch=8)
     costs = HashCosts(1)
-    builder = solve_module._Builder(graph, costs, False, storage, recompute)
-    assert builder.n_shared_vars
-    builder.minimize_memory()
-    solver = solve_module._solver(20, 2)
-    assert solver.StatusName(solver.Solve(builder.model)) == "OPTIMAL"
-    choice = builder.choice(solver)
-    levels, recomputed = builder.storage_choice(solver, choice)
-    memory = evaluate(graph, costs, choice, builder.memory, levels, recomputed, builder.storage).memory
-    assert solver.ObjectiveValue() == memory.total
-    if not any(recomputed):  # each block's own count holds the shared tensors several times
-        assert memory.activations < MemoryTable(graph).of(choice).activations
+    free = solve(graph, costs)
+    limit = 10 * free.evaluation.memory.total
+    exact = solve_module.evaluate
+
+    def over_for_the_optimum(graph, costs, choice, *args, **kwargs):
+        evaluation = exact(graph, costs, choice, *args, **kwargs)
+        if choice == free.choice:
+            evaluation.memory.backward = 2 * limit
+        return evaluation
+
+    monkeypatch.setattr(solve_module, "evaluate", over_for_the_optimum)
+    sol = solve(graph, costs, memory_limit=limit)
+    assert sol.choice != free.choice and sol.evaluation.memory.total <= limit
+    assert sol.evaluation.total_s >= free.evaluation.total_s
+
+
+def test_shared_saved_tensors_and_backward_order_never_count_more_than_each_block_alone():
+    """evaluate's count is at most the ILP's bound on plans with nothing stored or recomputed: llama's q, k
+    and v blocks save one tensor, counted once."""
+    graph = graph_of("llama:tiny", "2", batch=8)
+    table = MemoryTable(graph)
+    for name in ("dp", "megatron"):
+        choice = baselines.choose(name, graph)
+        exact, alone = evaluate(graph, HashCosts(1), choice, table).memory, table.of(choice)
+        assert exact.activations < alone.activations  # something was counted twice
+        assert exact.total <= alone.total
 
 
 def test_tied_embedding_and_head_agree(tiny1):
