@@ -69,10 +69,11 @@ def shared_values(graph) -> list[SharedValue]:
     return [SharedValue(edges) for edges in by_exit.values()]
 
 
-def counted_twice(graph, choice: list[int], recomputed: list[bool]) -> list[int]:
+def counted_twice(graph, choice: list[int], recomputed: list[bool], kept_inputs: bool = True) -> list[int]:
     """Per block, bytes the blocks' saved activations count more than once under a plan: for each shared
     value, every end that saves the producer's very tensor beyond the first, given back at its last consumer
-    (from there on in backward order, every holder has saved it)."""
+    (from there on in backward order, every holder has saved it). ``kept_inputs=False``: a recomputed
+    block's kept inputs are not given back (the ILP's count)."""
     mesh_shape = tuple(graph.mesh.shape)
     out = [0] * len(graph.blocks)
     for value in shared_values(graph):
@@ -84,6 +85,7 @@ def counted_twice(graph, choice: list[int], recomputed: list[bool]) -> list[int]
         for edge in value.edges:
             c = edge.consumer.id
             same = value.input_label(graph, edge, choice[c]) == label
-            holders += int(same and value.consumer_saves(graph, edge, choice[c], recomputed[c]))
+            saves = value.consumer_saves(graph, edge, choice[c], recomputed[c] and kept_inputs)
+            holders += int(same and saves and (kept_inputs or not recomputed[c]))
         out[value.last_consumer] += max(0, holders - 1) * value.nbytes(label, mesh_shape)
     return out

@@ -49,7 +49,7 @@ from cfp.costs import CostModel, TransitionKey, shared_parameters, value_edges
 from cfp.errors import CFPError
 from cfp.placements import Placements, local_numel, normalize, to_strs
 from cfp.report_util import human_bytes
-from cfp.shared import counted_twice
+from cfp.shared import counted_twice, shared_values
 from cfp.storage import ADAM_STATE_BYTES_PER_PARAM, StorageTable, Variant
 
 TIME_UNIT_S = 1e-10
@@ -242,8 +242,8 @@ def evaluate(
     storage level and recomputation (default: replicated, activations saved).
 
     Memory is the exact count: blocks free their activations in backward order and a tensor several blocks
-    save is counted once. ``exact=False`` gives the ILP's bound instead: each block's own saves, all alive
-    as backward starts."""
+    save is counted once. ``exact=False`` gives the ILP's bound instead: every saved activation alive as
+    backward starts, a shared tensor once only among blocks that save (not recompute) theirs."""
     block_s = [
         costs.block_time(graph.class_of(b), graph.block_strategies(b)[c].config.name)
         for b, c in zip(graph.blocks, choice)
@@ -272,8 +272,7 @@ def evaluate(
         mem.transient = max(mem.transient, transient)
         mem.in_flight = max(mem.in_flight, row.in_flight)
         held.append(row.in_flight + transient)
-    if exact:
-        saved = [a - twice for a, twice in zip(saved, counted_twice(graph, choice, recomputes))]
+    saved = [a - twice for a, twice in zip(saved, counted_twice(graph, choice, recomputes, kept_inputs=exact))]
     mem.grads, mem.activations = sum(grads), sum(saved)
     if exact:
         mem.backward = backward_peak(saved, held, grads, memory.grad_position)
@@ -412,6 +411,7 @@ class _Builder:
         self.y_edges: list[tuple] = []  # (y, producer group, src labels, consumer group, dst labels), for hints
         self._transitions()
         self._tied_params()
+        self._shared_saves()
         # Memory.bucket: the chosen configs' reduced bytes where no plan reduces more than a bucket, else a
         # full bucket for every plan (at most BUCKET_MB too many; a min() constraint stalls CP-SAT's LP on
         # large models).
@@ -534,7 +534,7 @@ class _Builder:
             for row in terms.values()
             for b in row.values()
         )
-        bound += sum(b for part in self.extra_mem.values() for _, b in part)
+        bound += sum(max(0, b) for part in self.extra_mem.values() for _, b in part)
         bound += max(self.transient_bound + BUCKET_BYTES, self.backward_bound)
         peak = self.model.NewIntVar(0, int(bound), "peak")
         for expr in exprs:
@@ -611,6 +611,68 @@ class _Builder:
             for d in dsts:
                 self.model.Add(sum(y[s, d] for s in srcs) == sum(v for b, v in xc.items() if dst[b] == d))
             self.objective_terms += [(y[k], units) for k, units in cost.items() if units]
+
+    def _shared_saves(self) -> None:
+        """A tensor that several blocks save is counted once where no transition copies it (``cfp.shared``).
+
+        For each shared value and each placement ``s`` its producer may leave
+        it in: the producer holds it on the options that save it; consumer
+        ``k`` holds it (Boolean ``h``) only if it takes ``s`` too and saves it
+        on its chosen option; ``o`` is 1 if anyone holds it. The activations
+        give back ``bytes(s) * (holders - o)``: each holder beyond the first.
+        ``h`` and ``o`` are only bounded the way that keeps the count sound:
+        the solver may over-count, never under-count. Only blocks that save
+        their activations count as holders here: a recomputed block's kept
+        inputs are given back by the exact count alone (``evaluate``), since
+        on GPT-3 175B their variables left the ILP without a plan in 60 s.
+        """
+        graph, mesh_shape = self.graph, tuple(self.graph.mesh.shape)
+
+        def keep_option(g, c):
+            """The Boolean for (group, config) saving its activations (not recomputing them)."""
+            return self.keep.get(g, {}).get(c, self.x[g][c])
+
+        self.n_shared_vars = 0
+        self.shared: list[tuple] = []  # (held, producer's saving options, [(h, consumer's saving options, leaves)])
+        for value in shared_values(graph):
+            gp = self.group_of[value.producer.id]
+            labels = {c: value.exit_label(graph, c) for c in self.x[gp]}
+            for s in sorted({lab for lab in labels.values() if lab is not None}, key=_label_order):
+                leaves = [self.x[gp][c] for c, lab in labels.items() if lab == s]
+                producer = [
+                    keep_option(gp, c)
+                    for c, lab in labels.items()
+                    if lab == s and value.producer_saves(graph, c, False)
+                ]
+                consumers = []
+                for edge in value.edges:
+                    gc = self.group_of[edge.consumer.id]
+                    saves = []
+                    for c in self.x[gc]:
+                        if value.input_label(graph, edge, c) != s:
+                            continue
+                        if value.consumer_saves(graph, edge, c, False):
+                            saves.append(keep_option(gc, c))
+                    if saves:
+                        consumers.append(saves)
+                if bool(producer) + len(consumers) < 2:  # one holder at most
+                    continue
+                held = self.model.NewBoolVar("")
+                if producer:
+                    self.model.Add(held >= sum(producer))
+                holders = []
+                for saves in consumers:
+                    h = self.model.NewBoolVar("")
+                    self.model.Add(h <= sum(saves))
+                    self.model.Add(h <= sum(leaves))
+                    self.model.Add(held >= h)
+                    self.extra_mem["activations"].append((h, -value.nbytes(s, mesh_shape)))
+                    holders.append((h, saves, leaves))
+                    self.n_shared_vars += 1
+                self.shared.append((held, producer, holders))
+                self.extra_mem["activations"] += [(v, -value.nbytes(s, mesh_shape)) for v in producer]
+                self.extra_mem["activations"].append((held, value.nbytes(s, mesh_shape)))
+                self.n_shared_vars += 1
 
     def _tied_params(self) -> None:
         """A parameter read by several blocks takes one placement."""
@@ -697,6 +759,21 @@ class _Builder:
                 } - {None}
                 value = max(value, sum(b for v, b in terms if any(v is w for w in chosen)))
             self.model.AddHint(var, value)
+        on_vars = set()
+        for g, c in picked.items():
+            block = next(b for b in self.graph.blocks if self.group_of[b.id] == g)
+            rc = on[block.id][1] and c in self.r.get(g, {})
+            on_vars.add(id(self.x[g][c]))
+            on_vars.add(id(self.r[g][c] if rc else self.keep.get(g, {}).get(c, self.x[g][c])))
+
+        def chosen(vs) -> bool:
+            return any(id(v) in on_vars for v in vs)
+
+        for held, producer, holders in self.shared:
+            hs = [chosen(saves) and chosen(leaves) for _, saves, leaves in holders]
+            for (h, _, _), value in zip(holders, hs):
+                self.model.AddHint(h, int(value))
+            self.model.AddHint(held, int(chosen(producer) or any(hs)))
 
 
 def _solver(time_limit_s: float, workers: int):
@@ -780,7 +857,7 @@ def best_plans(graph, costs: CostModel, k: int, options: SolveOptions | None = N
     built = time.perf_counter()
     stats = {
         "build_seconds": round(built - start, 3),
-        "variables": sum(len(v) for v in builder.x.values()) + builder.n_transition_vars,
+        "variables": sum(len(v) for v in builder.x.values()) + builder.n_transition_vars + builder.n_shared_vars,
         "decision_groups": len(builder.x),
         "tied_parameters": len(builder.tied),
         "hint": hint_from,

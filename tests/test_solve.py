@@ -160,6 +160,24 @@ def test_a_plan_over_the_limit_by_the_exact_count_is_skipped(monkeypatch):
     assert sol.evaluation.total_s >= free.evaluation.total_s
 
 
+@pytest.mark.parametrize("storage,recompute", [(False, False), (True, True)])
+def test_ilp_memory_is_evaluates_bound_with_shared_saves(storage, recompute):
+    """llama's q, k and v blocks save one normalised input: the ILP gives it back once, as
+    ``evaluate(exact=False)`` does on the same plan, and the exact count is never above that bound."""
+    graph = graph_of("llama:tiny", "2", batch=8)
+    costs = HashCosts(1)
+    builder = solve_module._Builder(graph, costs, False, storage, recompute)
+    assert builder.n_shared_vars
+    builder.minimize_memory()
+    solver = solve_module._solver(20, 2)
+    assert solver.StatusName(solver.Solve(builder.model)) == "OPTIMAL"
+    choice = builder.choice(solver)
+    layout = builder.storage_choice(solver, choice)
+    bound = evaluate(graph, costs, choice, builder.memory, *layout, builder.storage, exact=False).memory
+    exact = evaluate(graph, costs, choice, builder.memory, *layout, builder.storage).memory
+    assert solver.ObjectiveValue() == bound.total >= exact.total
+
+
 def test_shared_saved_tensors_and_backward_order_never_count_more_than_each_block_alone():
     """evaluate's count is at most the ILP's bound on plans with nothing stored or recomputed: llama's q, k
     and v blocks save one tensor, counted once."""
