@@ -39,7 +39,7 @@ class BlockStrategy:
     saved_bytes: int = 0  # per device, what autograd does save for backward (parameters left out)
     grad_bytes: int = 0  # per device, the most gradient bytes one op of the block has in flight in backward
     # Which inputs and exits are among the saved tensors, whole (aligned with Block.inputs and Block.outputs): a value
-    # that several blocks save is one tensor where no transition copies it between them (``cfp.solve.shared_saves``).
+    # that several blocks save is one tensor where no transition copies it between them (``cfp.shared``).
     saved_inputs: list[bool] = field(default_factory=list)
     saved_exits: list[bool] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)

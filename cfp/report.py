@@ -240,14 +240,13 @@ def figure(plan: Plan, path: str | Path) -> Path:
     unit, div = next(
         ((u, d) for u, d in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= d), ("B", 1)
     )
-    # The step's peak holds the gradients and the bucket being reduced (end of backward) or the saved activations
-    # and the gradients in flight (start of backward), not both; plans from before the peak was counted so
-    # ("transient" absent) draw every part.
+    # The step's peak holds the gradients and the bucket being reduced (end of backward) or what one block's
+    # backward holds (the exact count's "backward"; before it, the saved activations and the gradients in flight),
+    # not both; plans from before the peak was counted so ("transient" absent) draw every part.
     hidden: set[str] = {"backward"}
-    if mem.get("backward") is not None:  # the activations' side is the backward-order peak, transient included
+    if mem.get("backward") is not None:  # the backward-order peak holds the activations, in flight and transient
         grads_side = mem["transient"] + mem["grads"] + mem.get("bucket", 0) >= mem["backward"]
-        hidden = {"activations", "in_flight", "backward"} if grads_side else {"grads", "bucket", "transient"}
-        hidden |= {"activations", "in_flight"}
+        hidden = {"activations", "in_flight"} | ({"backward"} if grads_side else {"grads", "bucket", "transient"})
     elif "transient" in mem:
         grads_side = mem["grads"] + mem.get("bucket", 0) >= mem["activations"] + mem.get("in_flight", 0)
         hidden = {"activations", "in_flight"} if grads_side else {"grads", "bucket"}

@@ -53,7 +53,7 @@ from cfp.shared import counted_twice, shared_values
 from cfp.storage import ADAM_STATE_BYTES_PER_PARAM, StorageTable, Variant
 
 TIME_UNIT_S = 1e-10
-MAX_OVER_LIMIT = 20  # plans over the memory limit by the exact count that best_plans skips before it gives up
+MAX_CUT_ROUNDS = 20  # solves that best_plans cuts for the exact count's backward order before it gives up
 DEFAULT_TIME_LIMIT_S = 60.0
 
 Label = Placements | None  # a value's placements as a config leaves or takes it
@@ -140,6 +140,7 @@ class Evaluation:
     block_s: list[float]  # per block
     transition_in_s: list[float]  # per block: transitions on the edges into it
     memory: Memory
+    backward_bytes: list[int] = field(default_factory=list)  # per block: what its backward holds (exact count)
 
     @property
     def blocks_total_s(self) -> float:
@@ -211,8 +212,8 @@ class MemoryTable:
         return total
 
 
-def backward_peak(saved: list[int], held: list[int], grads: list[int], grad_position: list[int]) -> int:
-    """The most the activations' side holds while one block runs its backward (blocks in reverse order): the
+def backward_bytes(saved: list[int], held: list[int], grads: list[int], grad_position: list[int]) -> list[int]:
+    """Per block, what the activations' side holds while it runs its backward (blocks in reverse order): the
     saved activations of it and of every block before it, what it holds in flight (``held``), and the
     gradients that the blocks after it have made (block ``o``'s appear at block ``grad_position[o]``)."""
     made_at = [0] * (len(saved) + 1)
@@ -221,11 +222,11 @@ def backward_peak(saved: list[int], held: list[int], grads: list[int], grad_posi
     later = [0] * (len(saved) + 1)  # gradients made by blocks after b
     for b in range(len(saved) - 1, -1, -1):
         later[b] = later[b + 1] + made_at[b + 1]
-    peak, alive = 0, 0
+    out, alive = [], 0
     for b in range(len(saved)):
         alive += saved[b]
-        peak = max(peak, alive + held[b] + later[b])
-    return peak
+        out.append(alive + held[b] + later[b])
+    return out
 
 
 def evaluate(
@@ -274,8 +275,9 @@ def evaluate(
         held.append(row.in_flight + transient)
     saved = [a - twice for a, twice in zip(saved, counted_twice(graph, choice, recomputes, kept_inputs=exact))]
     mem.grads, mem.activations = sum(grads), sum(saved)
+    by_block = backward_bytes(saved, held, grads, memory.grad_position) if exact else []
     if exact:
-        mem.backward = backward_peak(saved, held, grads, memory.grad_position)
+        mem.backward = max(by_block, default=0)
     else:  # the ILP's: the most one block holds on top of all the saved activations
         mem.in_flight = max(held) - mem.transient if held else 0
     trans = [0.0] * len(graph.blocks)
@@ -287,7 +289,7 @@ def evaluate(
         key = edge.key(src, dst)
         if not key.is_noop:
             trans[edge.consumer.id] += costs.transition_time(key)
-    return Evaluation(block_s, trans, mem)
+    return Evaluation(block_s, trans, mem, by_block)
 
 
 # --------------------------------------------------------------------------
@@ -372,6 +374,12 @@ class _Builder:
         self.grad_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.act_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.reduce_terms: dict[tuple, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        # The same per block, as (Boolean, bytes), for the backward-order cuts (``add_backward_cut``).
+        n = len(graph.blocks)
+        self.block_saved: list[list[tuple[object, int]]] = [[] for _ in range(n)]
+        self.block_grads: list[list[tuple[object, int]]] = [[] for _ in range(n)]
+        self.block_held: list[list[tuple[object, int]]] = [[] for _ in range(n)]  # in flight and transient
+        self.n_cuts = 0
         time_cache: dict[tuple[str, str], float] = {}
         for block in graph.blocks:
             g = self.group_of[block.id]
@@ -396,6 +404,9 @@ class _Builder:
                 self.grad_terms[g][c] += m.grads
                 self.act_terms[g][c] += m.activations
                 self.reduce_terms[g][c] += m.reduced
+                self.block_saved[block.id].append((self.x[g][c], m.activations))
+                self.block_grads[block.id].append((self.x[g][c], m.grads))
+                self.block_held[block.id].append((self.x[g][c], m.in_flight))
         self.objective_terms: list = []
         # The most any plan reduces (storage levels only take reductions away).
         most_reduced = sum(max(row.values(), default=0) for row in self.reduce_terms.values())
@@ -482,14 +493,18 @@ class _Builder:
                         }
                         base = min(mem.values())
                         terms[g][c] += base
-                        self.extra_mem[part] += [
-                            (chosen[name], mem[name] - base) for name in options if mem[name] > base
-                        ]
+                        extra = [(chosen[name], mem[name] - base) for name in options if mem[name] > base]
+                        self.extra_mem[part] += extra
+                        per_block = {"grads": self.block_grads, "activations": self.block_saved}.get(part)
+                        if per_block is not None:
+                            per_block[block.id] += [(self.x[g][c], base), *extra]
                     for name, d in options.items():
                         if units[name] > base_units:
                             self.objective_terms.append((chosen[name], units[name] - base_units))
-                        if first and d.transient:
-                            transient[g].append((chosen[name], d.transient))
+                        if d.transient:
+                            self.block_held[block.id].append((chosen[name], d.transient))
+                            if first:
+                                transient[g].append((chosen[name], d.transient))
         self.transient_terms = transient
         self.transient, self.transient_bound = self._at_least_each(transient, "transient")
         # In its backward a group also holds the gradients one of its ops has in flight, on its config's choice.
@@ -521,6 +536,18 @@ class _Builder:
         always = self._part(self.mem_terms, "always")
         grads = self._part(self.grad_terms, "grads") + self.bucket
         return [always + self.transient + grads, always + self.backward + self._part(self.act_terms, "activations")]
+
+    def add_backward_cut(self, b: int, limit: int) -> None:
+        """Block ``b``'s backward within ``limit`` as the exact count holds it (``backward_peak``): the
+        activations it and the blocks before it saved, what it holds, the gradients made after it. Each block's
+        own saves (no tensor given back), so the cut removes no plan that fits. Added only where a solution
+        broke it: one per block would leave GPT-3 175B without a plan in 60 s."""
+        always = self._part(self.mem_terms, "always")
+        saved = [t for terms in self.block_saved[: b + 1] for t in terms]
+        later = [t for o, terms in enumerate(self.block_grads) if self.memory.grad_position[o] > b for t in terms]
+        held = self.block_held[b]
+        self.model.Add(always + sum(v * c for v, c in saved + held + later) <= int(limit))
+        self.n_cuts += 1
 
     def add_memory_limit(self, limit: int) -> None:
         for expr in self.memory_exprs():
@@ -867,7 +894,7 @@ def best_plans(graph, costs: CostModel, k: int, options: SolveOptions | None = N
     solver = _solver(time_limit_s, options.workers)
     cp = builder.cp_model
     found: list[Solution] = []
-    over = 0  # plans the exact count put over the limit
+    rounds = 0  # of backward-order cuts
     while len(found) < k:
         status = solver.Solve(builder.model)
         if status not in (cp.OPTIMAL, cp.FEASIBLE):
@@ -896,23 +923,27 @@ def best_plans(graph, costs: CostModel, k: int, options: SolveOptions | None = N
             seconds=time.perf_counter() - start,
             tie_segments=tie_segments,
             memory_limit=memory_limit,
-            stats=dict(stats),
+            stats={**stats, "backward_cuts": builder.n_cuts},
             storage=levels,
             recompute=recomputed,
         )
-        builder.exclude(choice)
         start = time.perf_counter()
         if memory_limit is not None and solution.evaluation.memory.total > memory_limit:
-            # The ILP counts what each block saves and the activations all at once; the exact count (evaluate)
-            # frees them in backward order and counts a shared tensor once, and it has the last word.
-            over += 1
-            if over > MAX_OVER_LIMIT:
+            # The ILP bounds the activations all at once, the exact count frees them in backward order, where the
+            # gradients made by later blocks join them: cut the blocks whose backward breaks the limit, solve again.
+            rounds += 1
+            if rounds > MAX_CUT_ROUNDS:
                 raise CFPError(
-                    f"The ILP's {over} best plans are over the memory limit by the exact count "
-                    f"({human_bytes(solution.evaluation.memory.total)} > {human_bytes(memory_limit)}); "
-                    "allow more memory."
+                    f"After {MAX_CUT_ROUNDS} rounds of cuts the ILP's plan is still over the memory limit by the "
+                    f"exact count ({human_bytes(solution.evaluation.memory.total)} > {human_bytes(memory_limit)}); "
+                    "allow more memory or time."
                 )
+            always = solution.evaluation.memory.params + solution.evaluation.memory.optimizer
+            for b, held in enumerate(solution.evaluation.backward_bytes):
+                if always + held > memory_limit:
+                    builder.add_backward_cut(b, memory_limit)
             continue
+        builder.exclude(choice)
         found.append(solution)
     # A solve cut short by the time limit may come back worse than a later one.
     return sorted(found, key=lambda s: s.objective_s)

@@ -139,27 +139,6 @@ def test_ilp_equals_brute_force_analytic_and_memory(tiny1):
         assert more.evaluation.total_s <= best_m * (1 + 1e-6) and more.evaluation.memory.total <= limit
 
 
-def test_a_plan_over_the_limit_by_the_exact_count_is_skipped(monkeypatch):
-    """The ILP bounds memory by each block's own count, all activations at once; evaluate's count (backward
-    order, shared saved tensors once) has the last word: a plan it puts over the limit is skipped for the next."""
-    graph = graph_of("llama:tiny", "2", batch=8)
-    costs = HashCosts(1)
-    free = solve(graph, costs)
-    limit = 10 * free.evaluation.memory.total
-    exact = solve_module.evaluate
-
-    def over_for_the_optimum(graph, costs, choice, *args, **kwargs):
-        evaluation = exact(graph, costs, choice, *args, **kwargs)
-        if choice == free.choice:
-            evaluation.memory.backward = 2 * limit
-        return evaluation
-
-    monkeypatch.setattr(solve_module, "evaluate", over_for_the_optimum)
-    sol = solve(graph, costs, memory_limit=limit)
-    assert sol.choice != free.choice and sol.evaluation.memory.total <= limit
-    assert sol.evaluation.total_s >= free.evaluation.total_s
-
-
 @pytest.mark.parametrize("storage,recompute", [(False, False), (True, True)])
 def test_ilp_memory_is_evaluates_bound_with_shared_saves(storage, recompute):
     """llama's q, k and v blocks save one normalised input: the ILP gives it back once, as
@@ -176,6 +155,26 @@ def test_ilp_memory_is_evaluates_bound_with_shared_saves(storage, recompute):
     bound = evaluate(graph, costs, choice, builder.memory, *layout, builder.storage, exact=False).memory
     exact = evaluate(graph, costs, choice, builder.memory, *layout, builder.storage).memory
     assert solver.ObjectiveValue() == bound.total >= exact.total
+
+
+def test_a_backward_cut_holds_what_the_exact_count_does():
+    """Where the exact count (backward order: a block's saved activations and those before it, what it holds,
+    the gradients made after it) breaks the limit, best_plans cuts that block; on gpt (no tensor two blocks
+    save) the cut counts exactly that: a limit one byte under a block's count rules its plan out."""
+    graph = graph_of("gpt:tiny", "2", batch=8)
+    costs = HashCosts(1)
+    dp = dp_choice(graph)
+    exact = evaluate(graph, costs, dp)
+    always = exact.memory.params + exact.memory.optimizer
+    assert max(exact.backward_bytes) == exact.memory.backward
+    for b in range(len(dp)):
+        for slack, fits in ((0, True), (-1, False)):
+            builder = solve_module._Builder(graph, costs, False, storage=False, recompute=False)
+            for block, c in zip(graph.blocks, dp):
+                builder.model.Add(builder.x[builder.group_of[block.id]][c] == 1)
+            builder.add_backward_cut(b, always + exact.backward_bytes[b] + slack)
+            status = solve_module._solver(10, 1).Solve(builder.model)
+            assert (status in (builder.cp_model.OPTIMAL, builder.cp_model.FEASIBLE)) == fits, (b, slack)
 
 
 def test_shared_saved_tensors_and_backward_order_never_count_more_than_each_block_alone():

@@ -180,7 +180,7 @@ def print_table(result) -> None:
         "predicted: the profiled cost model for every plan; "
         "(opt: its AdamW part), corrected by earlier validations where they exist (raw: uncorrected); "
         "error: predicted / measured - 1; "
-        "predicted mem: the ILP's per-device count (in brackets: vs the measured peak); "
+        "predicted mem: the per-device peak predicted by the exact count (in brackets: vs the measured peak); "
         "vs cfp: step time / cfp's; speedup: single's step time / the plan's, "
         "single being the plain model in one process with all the ranks' threads (one GPU), "
         "ideally the number of ranks; "
