@@ -95,7 +95,7 @@ class Memory:
     # loss, log_softmax's output gradient and the one it makes: 3 GiB of GPT-2's 15 GiB peak).
     in_flight: int = 0
     reduced: int = 0  # gradient bytes collectives reduce (all-reduce, reduce-scatter), bucketed by the lowering
-    # The most the activations' side holds while one block runs its backward (``backward_peak``); None: all the
+    # The most the activations' side holds while one block runs its backward (``backward_bytes``); None: all the
     # activations with the most in flight, the bound when nothing says in which order blocks free them.
     backward: int | None = None
 
@@ -538,7 +538,7 @@ class _Builder:
         return [always + self.transient + grads, always + self.backward + self._part(self.act_terms, "activations")]
 
     def add_backward_cut(self, b: int, limit: int) -> None:
-        """Block ``b``'s backward within ``limit`` as the exact count holds it (``backward_peak``): the
+        """Block ``b``'s backward within ``limit`` as the exact count holds it (``backward_bytes``): the
         activations it and the blocks before it saved, what it holds, the gradients made after it. Each block's
         own saves (no tensor given back), so the cut removes no plan that fits. Added only where a solution
         broke it: one per block would leave GPT-3 175B without a plan in 60 s."""
@@ -817,8 +817,8 @@ def _solver(time_limit_s: float, workers: int):
 
 
 def min_memory(graph, costs: CostModel, options: SolveOptions | None = None, **kwargs) -> tuple[Memory, list[int]]:
-    """The least per-device memory any plan needs (tied parameters agreeing) by the ILP's count (an upper
-    bound of the exact one: ``evaluate(exact=False)``), and that plan.
+    """The least per-device memory any plan needs (tied parameters agreeing) by the ILP's count
+    (``evaluate(exact=False)``, which the backward-order cuts of ``best_plans`` may tighten), and that plan.
 
     ``options`` (or its fields as keywords) as for ``solve``; ``memory_limit`` and ``hint_first`` do not apply,
     and the time limit defaults to 30 s."""
@@ -900,6 +900,12 @@ def best_plans(graph, costs: CostModel, k: int, options: SolveOptions | None = N
         if status not in (cp.OPTIMAL, cp.FEASIBLE):
             if found:  # no further distinct plan (or none within the time limit)
                 break
+            if status == cp.INFEASIBLE and builder.n_cuts:
+                raise CFPError(
+                    f"No plan fits in {human_bytes(memory_limit)} per device on mesh {graph.mesh} once blocks free "
+                    f"their activations in backward order: {builder.n_cuts} cuts for the blocks whose backward "
+                    "broke the limit left no plan. Use a larger mesh, a smaller batch or sequence, or raise --memory."
+                )
             if status == cp.INFEASIBLE:
                 _explain_infeasible(graph, costs, options)
             if tied is not None:
@@ -981,8 +987,6 @@ def _without(storage: bool, recompute: bool) -> str:
 
 
 def _explain_infeasible(graph, costs, options: SolveOptions) -> None:
-    from cfp.report_util import human_bytes
-
     memory_limit = options.memory_limit
     if memory_limit is None:
         raise CFPError(

@@ -142,7 +142,7 @@ def test_ilp_equals_brute_force_analytic_and_memory(tiny1):
 @pytest.mark.parametrize("storage,recompute", [(False, False), (True, True)])
 def test_ilp_memory_is_evaluates_bound_with_shared_saves(storage, recompute):
     """llama's q, k and v blocks save one normalised input: the ILP gives it back once, as
-    ``evaluate(exact=False)`` does on the same plan, and the exact count is never above that bound."""
+    ``evaluate(exact=False)`` does on the same plan; the exact count is below it here."""
     graph = graph_of("llama:tiny", "2", batch=8)
     costs = HashCosts(1)
     builder = solve_module._Builder(graph, costs, False, storage, recompute)
@@ -177,9 +177,9 @@ def test_a_backward_cut_holds_what_the_exact_count_does():
             assert (status in (builder.cp_model.OPTIMAL, builder.cp_model.FEASIBLE)) == fits, (b, slack)
 
 
-def test_shared_saved_tensors_and_backward_order_never_count_more_than_each_block_alone():
-    """evaluate's count is at most the ILP's bound on plans with nothing stored or recomputed: llama's q, k
-    and v blocks save one tensor, counted once."""
+def test_the_exact_count_gives_back_what_blocks_save_twice():
+    """llama's q, k and v blocks save one tensor: the exact count holds it once, below each block's own count
+    on these plans (nothing stored or recomputed)."""
     graph = graph_of("llama:tiny", "2", batch=8)
     table = MemoryTable(graph)
     for name in ("dp", "megatron"):
