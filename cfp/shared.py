@@ -55,10 +55,10 @@ class SharedValue:
         return normalize(graph.block_strategies(edge.consumer)[config].input_placements[edge.input_pos])
 
     @staticmethod
-    def consumer_saves(graph, edge: ValueEdge, config: int, recomputed: bool) -> bool:
-        """The consumer saves the value it takes under ``config`` (a recomputed block keeps every input)."""
+    def consumer_saves(graph, edge: ValueEdge, config: int) -> bool:
+        """The consumer's saved tensors hold the value it takes under ``config`` (when it does not recompute)."""
         saved = graph.block_strategies(edge.consumer)[config].saved_inputs
-        return recomputed or (edge.input_pos < len(saved) and saved[edge.input_pos])
+        return edge.input_pos < len(saved) and saved[edge.input_pos]
 
 
 def shared_values(graph) -> list[SharedValue]:
@@ -69,14 +69,16 @@ def shared_values(graph) -> list[SharedValue]:
     return [SharedValue(edges) for edges in by_exit.values()]
 
 
-def counted_twice(graph, choice: list[int], recomputed: list[bool], kept_inputs: bool = True) -> list[int]:
+def counted_twice(
+    graph, values: list[SharedValue], choice: list[int], recomputed: list[bool], kept_inputs: bool = True
+) -> list[int]:
     """Per block, bytes the blocks' saved activations count more than once under a plan: for each shared
     value, every end that saves the producer's very tensor beyond the first, given back at its last consumer
-    (from there on in backward order, every holder has saved it). ``kept_inputs=False``: a recomputed
-    block's kept inputs are not given back (the ILP's count)."""
+    (from there on in backward order, every holder has saved it). ``values``: ``shared_values(graph)``.
+    ``kept_inputs=False``: a recomputed block's kept inputs are not given back (the ILP's count)."""
     mesh_shape = tuple(graph.mesh.shape)
     out = [0] * len(graph.blocks)
-    for value in shared_values(graph):
+    for value in values:
         p = value.producer.id
         label = value.exit_label(graph, choice[p])
         if label is None:
@@ -84,8 +86,7 @@ def counted_twice(graph, choice: list[int], recomputed: list[bool], kept_inputs:
         holders = int(value.producer_saves(graph, choice[p], recomputed[p]))
         for edge in value.edges:
             c = edge.consumer.id
-            same = value.input_label(graph, edge, choice[c]) == label
-            saves = value.consumer_saves(graph, edge, choice[c], recomputed[c] and kept_inputs)
-            holders += int(same and saves and (kept_inputs or not recomputed[c]))
+            holds = kept_inputs if recomputed[c] else value.consumer_saves(graph, edge, choice[c])
+            holders += int(holds and value.input_label(graph, edge, choice[c]) == label)
         out[value.last_consumer] += max(0, holders - 1) * value.nbytes(label, mesh_shape)
     return out

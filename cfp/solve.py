@@ -166,6 +166,7 @@ class MemoryTable:
                 if inp.name in traced.params:
                     owner.setdefault(inp.name, block.id)
         self.owner = owner
+        self.shared = shared_values(graph)  # tensors that cross blocks, which several may save
         # Where in backward each block's gradients appear: at the last block that reads one of its parameters
         # (a tied embedding's gradient is made by the head, at the start of backward).
         last_reader = {}
@@ -273,7 +274,8 @@ def evaluate(
         mem.transient = max(mem.transient, transient)
         mem.in_flight = max(mem.in_flight, row.in_flight)
         held.append(row.in_flight + transient)
-    saved = [a - twice for a, twice in zip(saved, counted_twice(graph, choice, recomputes, kept_inputs=exact))]
+    twice = counted_twice(graph, memory.shared, choice, recomputes, kept_inputs=exact)
+    saved = [a - t for a, t in zip(saved, twice)]
     mem.grads, mem.activations = sum(grads), sum(saved)
     by_block = backward_bytes(saved, held, grads, memory.grad_position) if exact else []
     if exact:
@@ -645,9 +647,9 @@ class _Builder:
         For each shared value and each placement ``s`` its producer may leave
         it in: the producer holds it on the options that save it; consumer
         ``k`` holds it (Boolean ``h``) only if it takes ``s`` too and saves it
-        on its chosen option; ``o`` is 1 if anyone holds it. The activations
-        give back ``bytes(s) * (holders - o)``: each holder beyond the first.
-        ``h`` and ``o`` are only bounded the way that keeps the count sound:
+        on its chosen option; ``held`` is 1 if anyone holds it. The activations
+        give back ``bytes(s) * (holders - held)``: each holder beyond the first.
+        ``h`` and ``held`` are only bounded the way that keeps the count sound:
         the solver may over-count, never under-count. Only blocks that save
         their activations count as holders here: a recomputed block's kept
         inputs are given back by the exact count alone (``evaluate``), since
@@ -661,7 +663,7 @@ class _Builder:
 
         self.n_shared_vars = 0
         self.shared: list[tuple] = []  # (held, producer's saving options, [(h, consumer's saving options, leaves)])
-        for value in shared_values(graph):
+        for value in self.memory.shared:
             gp = self.group_of[value.producer.id]
             labels = {c: value.exit_label(graph, c) for c in self.x[gp]}
             for s in sorted({lab for lab in labels.values() if lab is not None}, key=_label_order):
@@ -678,7 +680,7 @@ class _Builder:
                     for c in self.x[gc]:
                         if value.input_label(graph, edge, c) != s:
                             continue
-                        if value.consumer_saves(graph, edge, c, False):
+                        if value.consumer_saves(graph, edge, c):
                             saves.append(keep_option(gc, c))
                     if saves:
                         consumers.append(saves)
