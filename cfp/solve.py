@@ -770,17 +770,16 @@ class _Builder:
             chosen = (src[picked[gp]], dst[picked[gc]])
             for k, v in y.items():
                 self.model.AddHint(v, int(k == chosen))
-        on = {
-            b.id: (storage[b.id] if storage else "replicate", bool(recompute and recompute[b.id]))
-            for b in self.graph.blocks
+        on = {  # per group, its first block's storage level and recomputation (reversed: the first writes last)
+            self.group_of[b.id]: (storage[b.id] if storage else "replicate", bool(recompute and recompute[b.id]))
+            for b in reversed(self.graph.blocks)
         }
         for var, groups in ((self.transient, self.transient_terms), (self.backward, self.backward_terms)):
             if isinstance(var, int):
                 continue
             value = 0
             for g, terms in groups.items():
-                block = next(b for b in self.graph.blocks if self.group_of[b.id] == g)
-                level, rc = on[block.id]
+                level, rc = on[g]
                 chosen = {
                     self.x[g][picked[g]],
                     self.s[g].get(picked[g], {}).get(level),
@@ -790,8 +789,7 @@ class _Builder:
             self.model.AddHint(var, value)
         on_vars = set()
         for g, c in picked.items():
-            block = next(b for b in self.graph.blocks if self.group_of[b.id] == g)
-            rc = on[block.id][1] and c in self.r.get(g, {})
+            rc = on[g][1] and c in self.r.get(g, {})
             on_vars.add(id(self.x[g][c]))
             on_vars.add(id(self.r[g][c] if rc else self.keep.get(g, {}).get(c, self.x[g][c])))
 
