@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import socket
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.multiprocessing as mp
 
@@ -15,19 +18,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _traced(fault_file: str, target: Callable, *args) -> None:
+    """``target(*args)``, writing every thread's Python stack to ``fault_file`` if the process crashes,
+    so that a rank killed by a signal says where. The file stays open until the process ends: a crash
+    while the interpreter shuts down is reported too."""
+    faulthandler.enable(open(fault_file, "w"), all_threads=True)  # noqa: SIM115
+    target(*args)
+
+
 def run_ranks(target: Callable, args: tuple, timeout_s: float, world: int = 2) -> None:
     """``target(rank, world, port, *args)`` in ``world`` spawned processes; any still running at the
     deadline is killed, and every one must exit 0 (a rank reports its results through files it writes)."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=target, args=(rank, world, port, *args)) for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.time() + timeout_s
-    for p in procs:
-        p.join(max(1, deadline - time.time()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert all(p.exitcode == 0 for p in procs), f"a rank failed: exit codes {[p.exitcode for p in procs]}"
+    with tempfile.TemporaryDirectory() as faults:
+        fault_files = [str(Path(faults) / f"rank{rank}.txt") for rank in range(world)]
+        procs = [
+            ctx.Process(target=_traced, args=(fault_files[rank], target, rank, world, port, *args))
+            for rank in range(world)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.time() + timeout_s
+        for p in procs:
+            p.join(max(1, deadline - time.time()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        codes = [p.exitcode for p in procs]
+        stacks = "".join(
+            f"\nrank {rank} (exit code {code}):\n{Path(fault_files[rank]).read_text()[-4000:]}"
+            for rank, code in enumerate(codes)
+            if code != 0
+        )
+    assert all(code == 0 for code in codes), f"a rank failed: exit codes {codes}{stacks}"

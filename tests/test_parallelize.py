@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 
 import pytest
@@ -181,13 +182,15 @@ def _worker(rank: int, world: int, port: int, plans: dict, out_dir: str) -> None
             for i, (name, plan_file) in enumerate(sorted(files.items())):
                 for lowered in (True, False):
                     opt_name = "adam" if (i + lowered) % 2 else "sgd"  # each plan steps both, one per path
+                    key = f"{model} {name} {'lowered' if lowered else 'interpreted'}"
+                    print(f"rank {rank}: {key}", file=sys.stderr, flush=True)  # a rank that crashes says in what
                     start = time.perf_counter()
                     try:
                         errors, stats = _check(model, name, plan_file, ref, opt_name, lowered)
                     except Exception as exc:  # reported, not hung: the other rank fails at the same op
                         errors, stats = [f"{type(exc).__name__}: {exc}"], {}
                     stats.update(seconds=round(time.perf_counter() - start, 2), optimizer=opt_name)
-                    results[f"{model} {name} {'lowered' if lowered else 'interpreted'}"] = {
+                    results[key] = {
                         "errors": errors,
                         "stats": stats,
                     }

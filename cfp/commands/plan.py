@@ -224,11 +224,11 @@ def print_summary(plan, graph) -> None:
     if layout:
         summary.add_row("storage and recomputation", ", ".join(f"{k} x{n} blocks" for k, n in layout.items()))
     s = plan.solve
-    summary.add_row(
-        "solve",
-        f"{s['status']}, gap {s['gap'] * 100:.2f}%, {s['seconds']:.2f} s "
-        f"({s.get('variables', '?')} variables{', segments tied' if s.get('tie_segments') else ''})",
-    )
+    if "variables" in s:  # the ILP solved it
+        solved = f"{s['status']}, gap {s['gap'] * 100:.2f}%, {s['seconds']:.2f} s ({s['variables']} variables"
+        summary.add_row("solve", solved + (", segments tied)" if s.get("tie_segments") else ")"))
+    else:  # a baseline: nothing solved
+        summary.add_row("solve", s["status"])
     summary.add_row(
         "cost model",
         f"{plan.provenance.get('cost_model')} ({plan.provenance.get('backend')}, "
