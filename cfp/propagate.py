@@ -13,8 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch._guards import active_fake_mode
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cfp.blocks import Block
 from cfp.capture import TracedModel
@@ -95,22 +98,42 @@ def _saved_whole(values: list, saved: list[torch.Tensor]) -> list[bool]:
     return out
 
 
-def _gradient_bytes(nodes: list, values: dict, params: list) -> int:
-    """The most bytes of gradients one op has alive in backward: its output's and those it makes for its
-    inputs (parameters' left out, counted as gradients). At the loss these sit on every saved activation:
-    on GPT-2, log_softmax's two logits-sized gradients (3 GiB of a 15 GiB peak) are the step's peak."""
-    params = {id(p) for p in params}
+class _BackwardTensors(TorchDispatchMode):
+    """The local ops backward runs (DTensor desugars each op first): which tensors made in backward each
+    reads and makes."""
 
-    def grad(value) -> int:
-        differentiable = isinstance(value, DTensor) and value.requires_grad and value.is_floating_point()
-        return _local_bytes(value) if differentiable and id(value) not in params else 0
+    def __init__(self, upstream: list[DTensor]):
+        super().__init__()
+        self.made: dict[int, int] = {}  # storage id -> bytes, for the upstream gradients and every op's new outputs
+        self.kept: list[torch.UntypedStorage] = []  # so that no id is reused (meta storages cost nothing)
+        self.ops: list[set[int]] = []  # per op, the made storages it reads or makes
+        for g in upstream:
+            self._add(local_tensor(g).untyped_storage(), _local_bytes(g))  # the shard, not a view's whole base
 
-    most = 0
-    for node in nodes:
-        if grad(values.get(node.name)):
-            inputs = {i.name for i in node.all_input_nodes}
-            most = max(most, grad(values[node.name]) + sum(grad(values.get(name)) for name in inputs))
-    return most
+    def _add(self, storage: torch.UntypedStorage, size: int) -> None:
+        self.made.setdefault(id(storage), size)
+        self.kept.append(storage)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        if active_fake_mode() is not None:  # DTensor's sharding propagation working out an output's shape
+            return out
+        read = {id(s) for s in _storages((args, kwargs))}
+        for s in _storages(out):
+            if id(s) not in read:  # a new tensor, not a view or an in-place result
+                self._add(s, s.nbytes())
+        self.ops.append({i for i in read | {id(s) for s in _storages(out)} if i in self.made})
+        return out
+
+    def most_bytes(self, leaving_out: set[int]) -> int:
+        """The most bytes of made tensors one op reads and makes, the storages ``leaving_out`` left out."""
+        return max((sum(self.made[i] for i in op if i not in leaving_out) for op in self.ops), default=0)
+
+
+def _storages(tree) -> list[torch.UntypedStorage]:
+    return [t.untyped_storage() for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def _placements_of(value) -> Placements | None:
@@ -162,11 +185,11 @@ def propagate(block: Block, config: BlockConfig, traced: TracedModel, mesh: Devi
     result.saved_bytes = _saved_bytes(saved, params)
     result.saved_inputs = _saved_whole([values.get(i.name) for i in block.inputs], saved)
     result.saved_exits = _saved_whole([values[n] for n in block.outputs], saved)
-    result.grad_bytes = _gradient_bytes(nodes, values, params)
     try:
-        result.collectives = forward.collectives + _backward(block, values, params, input_values(block, values), mesh)
+        backward, result.grad_bytes = _backward(block, values, params, input_values(block, values), mesh)
     except Exception as exc:
         return BlockStrategy(config=config, valid=False, reason="backward: " + _describe(exc))
+    result.collectives = forward.collectives + backward
     return result
 
 
@@ -218,16 +241,26 @@ def reduce_gradients(params: list[DTensor], mesh: DeviceMesh, recorder: CommReco
 
 def _backward(
     block: Block, values: dict, params: list[DTensor], inputs: list[DTensor], mesh: DeviceMesh
-) -> list[Collective]:
-    """Backward from gradients placed like the exits (input gradients placed like the inputs),
-    then the gradient reduction."""
+) -> tuple[list[Collective], int]:
+    """Backward from gradients placed like the exits (input gradients placed like the inputs), then the
+    gradient reduction: its collectives, and the most gradient bytes one op has in flight.
+
+    That is the most one local op reads and makes of the tensors backward made: the upstream gradients
+    and those made from them, parameters' gradients left out (counted as gradients). At the loss these sit
+    on every saved activation: on GPT-2, log_softmax's two logits-sized gradients (3 GiB of a 15 GiB peak)
+    are the step's peak. Counted on the local ops rather than on the block's, the whole gradients of an
+    input an op gathers are in (cross-entropy on vocabulary-sharded logits: llama's megatron plan peaked
+    6.5% over its prediction without them).
+    """
     outs, grads = exit_gradients(block, values, mesh)
     backward = CommRecorder(mesh, "backward")
-    if outs:
-        with backward:
+    tracked = _BackwardTensors(grads)
+    with backward, tracked:
+        if outs:
             torch.autograd.backward(outs, grads)
             reduce_gradients(inputs, mesh, backward)
+    param_grads = {id(s) for p in params if p.grad is not None for s in _storages(local_tensor(p.grad))}
     reduce = CommRecorder(mesh, "reduce")
     with reduce:
         reduce_gradients(params, mesh, reduce)
-    return backward.collectives + reduce.collectives
+    return backward.collectives + reduce.collectives, tracked.most_bytes(param_grads)
