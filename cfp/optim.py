@@ -59,10 +59,17 @@ class LocalAdamW(torch.optim.AdamW):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                local = local_tensor(p)
+                local, grad = local_tensor(p), local_tensor(p.grad)
+                if not (local.is_contiguous() and grad.is_contiguous() and grad.shape == local.shape):
+                    # the fused kernel walks all four tensors as flat arrays of the parameter's size, unchecked
+                    raise ValueError(
+                        f"LocalAdamW steps contiguous shards whose gradient is shaped like them: a parameter's "
+                        f"shard is {tuple(local.shape)} (strides {local.stride()}), its gradient's "
+                        f"{tuple(grad.shape)} (strides {grad.stride()})"
+                    )
                 tensors = (
                     local,
-                    local_tensor(p.grad),
+                    grad,
                     local_tensor(state["exp_avg"]),
                     local_tensor(state["exp_avg_sq"]),
                     state["step"],

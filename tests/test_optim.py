@@ -1,5 +1,6 @@
 """cfp.optim.adamw: torch's fused AdamW, stepping DTensor parameters on their local shards."""
 
+import pytest
 import torch
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -29,3 +30,15 @@ def test_adamw_steps_shards_as_torch_steps_the_whole():
         state = optimizer.state_dict()["state"]
         assert list(state[0]) == list(reference.state_dict()["state"][0]) == ["step", "exp_avg", "exp_avg_sq"]
         assert state[0]["exp_avg"].placements == (Shard(0),) and float(state[0]["step"]) == 3.0
+
+
+def test_adamw_refuses_a_gradient_shaped_unlike_its_shard():
+    """The fused kernel walks parameter, gradient and state as flat arrays of the parameter's size without
+    checking them: a gradient placed unlike its parameter (here replicated, twice the shard) is refused rather
+    than read out of bounds (torch's ``_fused_adamw_`` steps a 1000-element parameter on a 500-element
+    gradient without a word)."""
+    with fake_mesh(parse_mesh("2")) as mesh:
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.randn(6, 4), mesh, [Replicate()])
+        with pytest.raises(ValueError, match=r"shard is \(3, 4\).*gradient's \(6, 4\)"):
+            adamw([p], lr=1e-2).step()
