@@ -104,14 +104,18 @@ class _BackwardTensors(TorchDispatchMode):
 
     def __init__(self, upstream: list[DTensor]):
         super().__init__()
-        self.made: dict[int, int] = {}  # storage id -> bytes, for the upstream gradients and every op's new outputs
-        self.kept: list[torch.UntypedStorage] = []  # so that no id is reused (meta storages cost nothing)
+        self.made: dict[
+            int, int
+        ] = {}  # storage (_cdata) -> bytes, for the upstream gradients and every op's new outputs
+        self.kept: list[
+            torch.UntypedStorage
+        ] = []  # so that no storage's address is reused (meta storages cost nothing)
         self.ops: list[set[int]] = []  # per op, the made storages it reads or makes
         for g in upstream:
             self._add(local_tensor(g).untyped_storage(), _local_bytes(g))  # the shard, not a view's whole base
 
     def _add(self, storage: torch.UntypedStorage, size: int) -> None:
-        self.made.setdefault(id(storage), size)
+        self.made.setdefault(storage._cdata, size)
         self.kept.append(storage)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -120,11 +124,12 @@ class _BackwardTensors(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if active_fake_mode() is not None:  # DTensor's sharding propagation working out an output's shape
             return out
-        read = {id(s) for s in _storages((args, kwargs))}
-        for s in _storages(out):
-            if id(s) not in read:  # a new tensor, not a view or an in-place result
+        read = {s._cdata for s in _storages((args, kwargs))}
+        made = _storages(out)
+        for s in made:
+            if s._cdata not in read:  # a new tensor, not a view or an in-place result
                 self._add(s, s.nbytes())
-        self.ops.append({i for i in read | {id(s) for s in _storages(out)} if i in self.made})
+        self.ops.append({i for i in read | {s._cdata for s in made} if i in self.made})
         return out
 
     def most_bytes(self, leaving_out: set[int]) -> int:
@@ -259,7 +264,7 @@ def _backward(
         if outs:
             torch.autograd.backward(outs, grads)
             reduce_gradients(inputs, mesh, backward)
-    param_grads = {id(s) for p in params if p.grad is not None for s in _storages(local_tensor(p.grad))}
+    param_grads = {s._cdata for p in params if p.grad is not None for s in _storages(local_tensor(p.grad))}
     reduce = CommRecorder(mesh, "reduce")
     with reduce:
         reduce_gradients(params, mesh, reduce)
