@@ -3,8 +3,10 @@
 Every plan ``cfp plan --validate`` measures leaves a row in the profile store,
 ``<store>/validations/*.parquet``, keyed by model fingerprint, mesh, backend,
 device kind and torch version: its measured median step time and its *uncorrected*
-prediction split into features, the predicted time of the blocks under each
-config name (``config:batch``, ``config:col``, ...) and of the transitions.
+prediction split into features: the predicted time of the blocks under each
+config name (``config:batch``, ``config:col``, ...), of the ZeRO storage
+levels' collectives (``storage:zero3``, ...), of recomputation
+(``recompute``) and of the transitions.
 
 Blocks profiled one at a time miss what a whole step adds or hides (the
 dispatch between blocks, overlap, cache effects), and not uniformly: the same
@@ -47,22 +49,36 @@ COMMON = 1e6  # a ridge so heavy that every feature keeps the common scale g
 MARGIN = 0.9  # a correction must cut the held-out error by a tenth at least to be used
 RIDGE_OVERHEAD = 1.0  # weight of (o / mean measured)^2: all plans of one model take about as long, so o and g are
 # nearly collinear, and a weakly held o soaks up whatever the machine's load did during one validation
-KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version", "schema", "step_runtime"]
+KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version", "schema", "step_runtime", "feature_set"]
 # schema: the profile rows' (a correction learnt on predictions from rows that measure differently does not fit
-# today's); step_runtime: what a measured step runs, for the same reason on the measured side
+# today's); step_runtime: what a measured step runs, for the same reason on the measured side; feature_set: how a
+# prediction is split into features
+FEATURE_SET = 2  # bump when ``features`` splits differently; 2: storage levels and recomputation are features
 STEP_RUNTIME = 4  # bump when the training step runs differently; 2: ZeRO-3 plans and recomputed blocks lowered;
 # 3: a block's ZeRO gathers in one all-gather, one recompute region per block; 4: AdamW on the local shards
 
 
-def features(graph, costs, choice: list[int]) -> dict[str, float]:
-    """A plan's predicted seconds by config name of its blocks, and its transitions (``costs`` uncorrected)."""
-    from cfp.solve import evaluate
+def features(graph, costs, solution) -> dict[str, float]:
+    """A plan's predicted seconds split as the correction scales them: its blocks by config name, their ZeRO
+    storage levels' deltas by level, recomputation, and the transitions (``costs`` uncorrected). They sum to
+    the plan's predicted step time."""
+    from cfp.solve import MemoryTable, evaluate
+    from cfp.storage import StorageTable
 
-    ev = evaluate(graph, costs, choice)
+    ev = evaluate(graph, costs, solution.choice)
     out: dict[str, float] = {"transitions": ev.transitions_total_s}
-    for block, c, t in zip(graph.blocks, choice, ev.block_s):
-        name = f"config:{graph.block_strategies(block)[c].config.name}"
-        out[name] = out.get(name, 0.0) + t
+
+    def add(feature: str, t: float) -> None:
+        out[feature] = out.get(feature, 0.0) + t
+
+    storage, recompute = solution.storage, solution.recompute
+    table = StorageTable(graph, costs, MemoryTable(graph).owner) if storage or recompute else None
+    for block, c, t in zip(graph.blocks, solution.choice, ev.block_s):
+        add(f"config:{graph.block_strategies(block)[c].config.name}", t)
+        if storage and storage[block.id] != "replicate":
+            add(f"storage:{storage[block.id]}", table.levels(block.id, c)[storage[block.id]].time_s)
+        if recompute and recompute[block.id] and table.recompute(block.id, c) is not None:
+            add("recompute", table.recompute(block.id, c).time_s)
     return out
 
 
@@ -158,6 +174,9 @@ class CorrectedCosts:
     def __getattr__(self, name):  # rows, block_phase_s, block_memory, name, ...
         return getattr(self.raw, name)
 
+    def scale_of(self, feature: str) -> float:  # cfp.storage scales its levels' and recomputation's deltas
+        return self.correction.scale_of(feature)
+
     def block_time(self, class_id: str, config: str) -> float:
         t = self.raw.block_time(class_id, config)
         return t * self.correction.scale_of(f"config:{config}") + self.per_block_s if math.isfinite(t) else t
@@ -229,6 +248,7 @@ def store_key(graph, backend: str, device: str) -> dict:
         "torch_version": torch.__version__,
         "schema": SCHEMA,
         "step_runtime": STEP_RUNTIME,
+        "feature_set": FEATURE_SET,
     }
 
 

@@ -153,6 +153,12 @@ def _phase(costs, class_id: str, config: str, phase: str) -> float:
     return float(fn(class_id, config, phase)) if fn is not None else 0.0
 
 
+def _scale(costs, feature: str) -> float:
+    """What a validation-learnt correction (``cfp.correction``) multiplies this feature's deltas by; 1 if none."""
+    fn = getattr(costs, "scale_of", None)
+    return float(fn(feature)) if fn is not None else 1.0
+
+
 def _forward_s(costs, key: TransitionKey) -> float:
     fn = getattr(costs, "transition_phase_s", None)
     return float(fn(key, "forward")) if fn is not None else costs.transition_time(key)
@@ -237,17 +243,18 @@ class StorageTable:
             optimizer = opt_s * (1 - sum(shard) / max(sum(full), 1))
         # zero1/zero2 keep the gathered parameter until backward and the shard besides it. The zero2/zero3
         # gradients are reduce-scattered a block at a time, not in the step's all-reduce buckets (cfp.lower).
+        scale = {level: _scale(costs, f"storage:{level}") for level in SHARDED}
         return {
-            "zero1": Variant(gather - optimizer, params=shard_bytes, optimizer=-opt_saved),
+            "zero1": Variant((gather - optimizer) * scale["zero1"], params=shard_bytes, optimizer=-opt_saved),
             "zero2": Variant(
-                gather + scatter - reduce - optimizer,
+                (gather + scatter - reduce - optimizer) * scale["zero2"],
                 params=shard_bytes,
                 grads=shard_bytes - full_bytes,
                 optimizer=-opt_saved,
                 reduced=-strategy.comm_bytes("reduce"),
             ),
             "zero3": Variant(
-                2 * gather + scatter - reduce - optimizer,
+                (2 * gather + scatter - reduce - optimizer) * scale["zero3"],
                 params=shard_bytes - full_bytes,
                 grads=shard_bytes - full_bytes,
                 optimizer=-opt_saved,
@@ -280,7 +287,7 @@ class StorageTable:
             if is_saved and i.name not in traced.params
         )
         forward = _phase(self.costs, self.graph.class_of(block), strategy.config.name, "forward")  # 0 without costs
-        return Variant(forward, activations=-dropped, transient=int(strategy.saved_bytes) - saved_inputs)
+        return Variant(forward * _scale(self.costs, "recompute"), activations=-dropped, transient=int(strategy.saved_bytes) - saved_inputs)
 
     # -- what the ILP and the plan read ------------------------------------------
     def levels(self, block_id: int, config: int) -> dict[str, Variant]:

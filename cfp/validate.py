@@ -248,7 +248,7 @@ def learn(spec: ModelSpec, graph, costs, cands: list[Candidate], run: list[Candi
 
     raw = uncorrected(costs)
     key = store_key(graph, "real", spec.device)
-    feats = {c.name: features(graph, raw, c.solution.choice) for c in cands}
+    feats = {c.name: features(graph, raw, c.solution) for c in cands}
     for c in cands:
         c.raw_predicted_s = sum(feats[c.name].values())
     store = ValidationStore()

@@ -11,7 +11,9 @@ import pytest
 
 import cfp
 from cfp.cli import main
-from cfp.correction import STEP_RUNTIME, CorrectedCosts, Correction, ValidationStore
+from cfp.cluster import load_cluster
+from cfp import baselines
+from cfp.correction import FEATURE_SET, STEP_RUNTIME, CorrectedCosts, Correction, ValidationStore, features
 from cfp.costs import CostSetup
 from cfp.mesh import parse_mesh
 from cfp.parallelize import config_indices
@@ -19,7 +21,7 @@ from cfp.pipeline import cost_model, make_plan
 from cfp.plan import Plan
 from cfp.profile import analyze_for_profile
 from cfp.profile.store import SCHEMA, StoreWarning
-from cfp.solve import evaluate
+from cfp.solve import evaluate, solution_for
 from cfp.validate import DEFAULT_K, MAX_STEPS, MIN_TIMED_S, default_k
 
 SPEC = cfp.ModelSpec("gpt:tiny", device="cpu")
@@ -217,7 +219,7 @@ def test_a_correction_is_used_only_where_it_predicts_held_out_pairs():
 def test_validation_store_keys_and_damaged_parts(tmp_path):
     store = ValidationStore(tmp_path)
     old = {"fingerprint": "f1", "mesh": "2", "backend": "real", "device_kind": "cpu", "torch_version": "2.13.0+cpu"}
-    key = {**old, "schema": SCHEMA, "step_runtime": STEP_RUNTIME}
+    key = {**old, "schema": SCHEMA, "step_runtime": STEP_RUNTIME, "feature_set": FEATURE_SET}
     store.add([{**key, "plan": "cfp-1", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.02}])
     store.add(
         [{**key, "fingerprint": "f2", "plan": "dp", "features": json.dumps({"transitions": 0.01}), "measured_s": 0.03}]
@@ -227,8 +229,34 @@ def test_validation_store_keys_and_damaged_parts(tmp_path):
         [{**key, "step_runtime": STEP_RUNTIME - 1, "plan": "dp", "features": "{}", "measured_s": 0.06}]
     )  # other steps
     store.add([{**old, "plan": "dp", "features": "{}", "measured_s": 0.05}])  # from before the schema was kept
+    store.add(  # split into features otherwise (fsdp's ZeRO collectives were missing from them)
+        [{**key, "feature_set": FEATURE_SET - 1, "plan": "fsdp", "features": "{}", "measured_s": 0.07}]
+    )
     (store.dir / "part-0-0.parquet").write_bytes(b"not parquet")
     with pytest.warns(StoreWarning, match="cannot be read"):
         rows = store.rows(key)
     assert list(rows["measured_s"]) == [0.02]
     assert Correction.fit(rows).predict({"transitions": 0.01}) == pytest.approx(0.02, rel=1e-6)
+
+
+def test_features_split_a_zero3_and_recomputing_plan_whole_and_are_scaled_back():
+    """What a validation stores sums to the plan's prediction (fsdp's gathers and recomputation included), and a
+    correction's per-feature scales reach the ILP's storage and recomputation deltas."""
+    graph = analyze_for_profile(SPEC, parse_mesh("2"))
+    costs = cost_model(graph, "analytic", CostSetup(spec=SPEC, cluster=load_cluster("cpu-gloo-local"), backend="emulated"))
+    choice = baselines.choose("fsdp", graph)
+    levels = baselines.storage_levels("fsdp", graph, choice)
+    recompute = [True] * len(choice)
+    fsdp = solution_for(graph, costs, choice, "baseline fsdp", storage=levels, recompute=recompute)
+    feats = features(graph, costs, fsdp)
+    assert feats["storage:zero3"] > 0 and feats["recompute"] > 0
+    assert sum(feats.values()) == pytest.approx(fsdp.evaluation.total_s, rel=1e-9)
+    plain = evaluate(graph, costs, choice)
+    assert sum(v for f, v in feats.items() if f.startswith("config:") or f == "transitions") == pytest.approx(
+        plain.total_s, rel=1e-9
+    )
+    scales = {"storage:zero3": 2.0, "recompute": 3.0}
+    fixed = CorrectedCosts(costs, Correction(scale=1.0, scales=scales), len(graph.blocks))
+    corrected = evaluate(graph, fixed, choice, storage=levels, recompute=recompute).total_s
+    expected = plain.total_s + 2.0 * feats["storage:zero3"] + 3.0 * feats["recompute"]
+    assert corrected == pytest.approx(expected, rel=1e-9)
