@@ -20,7 +20,8 @@ fitted by least squares on relative errors over the stored pairs of this
 model, mesh, backend and device. The per-feature deviations ``d_f`` are
 pulled toward zero (ridge), so one pair gives one common scale ``g`` and more
 pairs earn per-config scales; ``o`` is held more firmly still. A fit is used
-only if it predicts pairs left out of it better than the profiles do
+only if it predicts pairs left out of it better than the profiles do, and
+per-config scales only if they predict another validation run's pairs
 (``Correction.choose``). ``CorrectedCosts`` applies it to
 every block (``o`` spread evenly over the blocks) and transition, so the ILP
 plans with the corrected times too.
@@ -45,7 +46,6 @@ from cfp.profile import profile
 from cfp.profile.store import SCHEMA, StoreWarning, store_dir
 
 RIDGE = 0.05  # weight of each (d_f)^2 against the squared relative errors
-COMMON = 1e6  # a ridge so heavy that every feature keeps the common scale g
 MARGIN = 0.9  # a correction must cut the held-out error by a tenth at least to be used
 RIDGE_OVERHEAD = 1.0  # weight of (o / mean measured)^2: all plans of one model take about as long, so o and g are
 # nearly collinear, and a weakly held o soaks up whatever the machine's load did during one validation
@@ -114,49 +114,58 @@ class Correction:
         """The correction that predicts pairs it was not fitted on best: per-config scales, one common scale, or
         none at all (None).
 
-        Each pair is predicted by a fit on the others (leave-one-out) and the
-        mean relative error compared with the profiles' own. Fitted on a few
-        noisy steps, per-config scales can make a whole family of configs
-        look twice as cheap as it is and lead the ILP astray (gpt:tiny: dp's
-        config at 0.52x from one validation whose dp steps had a 50% spread);
-        a correction that does not cut the held-out error by a tenth
-        (``MARGIN``) is not used.
-        One pair cannot be checked: it gives a common scale, fitted exactly.
+        Each validation's pairs share that run's machine state: on this 2-core
+        host one plan's median moves 15-20% between runs minutes apart, as much
+        as configs differ from each other. Per-config scales fitted on one run
+        learn its noise and re-rank plans (gpt:small: col scaled 0.94x and batch
+        1.20x from one run, and the ILP's new pick measured 1.25x slower than
+        dp in the next). So per-config scales must predict *another* run's
+        pairs (leave one validation out), and need two runs at least; a common
+        scale, which never re-ranks plans, is checked pair by pair (leave one
+        out). Either is used only if it cuts the profiles' own mean relative
+        error on the held-out pairs by a tenth (``MARGIN``). One pair cannot be
+        checked: it gives a common scale, fitted exactly.
         """
         if len(rows) < 2:
             return cls.fit(rows)
         feats = [json.loads(f) for f in rows["features"]]
         measured = rows["measured_s"].to_numpy(dtype=float)
+        runs = rows["run"].to_numpy() if "run" in rows else np.arange(len(rows))
         uncorrected = float(np.mean([abs(sum(f.values()) / m - 1) for f, m in zip(feats, measured)]))
         best, best_error = None, uncorrected
-        for ridge in (RIDGE, COMMON):
-            errors = [
-                abs(cls.fit(rows.drop(index=rows.index[i]), ridge).predict(feats[i]) / measured[i] - 1)
-                for i in range(len(rows))
-            ]
-            if float(np.mean(errors)) < min(best_error, MARGIN * uncorrected):
-                best, best_error = cls.fit(rows, ridge), float(np.mean(errors))
+        for per_config, held_out in ((False, np.arange(len(rows))), (True, runs)):
+            if per_config and len(set(held_out)) < 2:
+                continue
+            errors = np.zeros(len(rows))
+            for group in set(held_out):
+                out = held_out == group
+                fit = cls.fit(rows[~out], per_config)
+                errors[out] = [abs(fit.predict(feats[i]) / measured[i] - 1) for i in np.flatnonzero(out)]
+            if float(errors.mean()) < min(best_error, MARGIN * uncorrected):
+                best, best_error = cls.fit(rows, per_config), float(errors.mean())
         if best is not None:
             best.held_out_error, best.uncorrected_error = best_error, uncorrected
         return best
 
     @classmethod
-    def fit(cls, rows: pd.DataFrame, ridge: float = RIDGE) -> Correction | None:
-        """Least squares on the stored (features, measured) pairs; None without pairs."""
+    def fit(cls, rows: pd.DataFrame, per_config: bool = True) -> Correction | None:
+        """Least squares on the stored (features, measured) pairs; None without pairs. ``per_config=False``
+        fits the common scale and the overhead only."""
         if rows.empty:
             return None
         feats = [json.loads(f) for f in rows["features"]]
-        names = sorted({f for fs in feats for f in fs})
+        names = sorted({f for fs in feats for f in fs}) if per_config else []
         measured = rows["measured_s"].to_numpy(dtype=float)
         n, k = len(feats), len(names)
         # unknowns: g, d_1..d_k, o; each pair's row divided by its measured time (relative error)
         a = np.zeros((n + k + 1, k + 2))
         b = np.zeros(n + k + 1)
         for i, fs in enumerate(feats):
-            row = np.array([fs.get(f, 0.0) for f in names]) / measured[i]
-            a[i, 0], a[i, 1 : k + 1], a[i, k + 1] = row.sum(), row, 1.0 / measured[i]
+            a[i, 0] = sum(fs.values()) / measured[i]
+            a[i, 1 : k + 1] = np.array([fs.get(f, 0.0) for f in names]) / measured[i]
+            a[i, k + 1] = 1.0 / measured[i]
             b[i] = 1.0
-        a[n : n + k, 1 : k + 1] = math.sqrt(ridge) * np.eye(k)
+        a[n : n + k, 1 : k + 1] = math.sqrt(RIDGE) * np.eye(k)
         a[n + k, k + 1] = math.sqrt(RIDGE_OVERHEAD) / measured.mean()
         x, *_ = np.linalg.lstsq(a, b, rcond=None)
         g, d, o = float(x[0]), x[1 : k + 1], float(x[k + 1])
@@ -210,7 +219,7 @@ class ValidationStore:
             try:
                 frame = pd.read_parquet(part)
                 if set(KEY) <= set(frame.columns):  # pairs from before a key column was recorded are not used
-                    frames.append(frame[[*KEY, "features", "measured_s"]])
+                    frames.append(frame[[*KEY, "features", "measured_s"]].assign(run=part.stem))  # one part a run
             except (
                 OSError,
                 ValueError,
@@ -222,7 +231,7 @@ class ValidationStore:
                     stacklevel=2,
                 )
         if not frames:
-            return pd.DataFrame(columns=[*KEY, "features", "measured_s"])
+            return pd.DataFrame(columns=[*KEY, "features", "measured_s", "run"])
         df = pd.concat(frames, ignore_index=True)
         mask = np.ones(len(df), dtype=bool)
         for col in KEY:

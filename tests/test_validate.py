@@ -216,6 +216,28 @@ def test_a_correction_is_used_only_where_it_predicts_held_out_pairs():
     assert one.predict(structured[0][0]) == pytest.approx(structured[0][1], rel=1e-6)
 
 
+def test_per_config_scales_must_predict_another_validation_run():
+    """Pairs of one run share its machine state: per-config scales fitted on them are not trusted (a common
+    scale, which never re-ranks plans, is); two runs that agree earn them, two that disagree do not."""
+    rng = np.random.default_rng(1)
+    truth = {"config:batch": 1.8, "config:col": 0.9, "transitions": 1.3}  # all slower than profiled
+
+    def run(name, scale):
+        rows = []
+        for _ in range(6):
+            f = {k: float(rng.uniform(0.01, 0.1)) for k in truth}
+            rows.append((f, sum(scale[k] * v for k, v in f.items())))
+        return _pairs(rows).assign(run=name)
+
+    one = Correction.choose(run("a", truth))
+    assert one is not None and one.scales == {} and one.scale > 1.2  # a common scale only
+    two = Correction.choose(pd.concat([run("a", truth), run("b", truth)], ignore_index=True))
+    assert two.scales["config:batch"] > 1.5 * two.scales["config:col"]
+    flipped = {"config:batch": 0.9, "config:col": 1.8, "transitions": 1.3}  # each run's noise, opposite ways
+    noisy = Correction.choose(pd.concat([run("a", truth), run("b", flipped)], ignore_index=True))
+    assert noisy is not None and noisy.scales == {}
+
+
 def test_validation_store_keys_and_damaged_parts(tmp_path):
     store = ValidationStore(tmp_path)
     old = {"fingerprint": "f1", "mesh": "2", "backend": "real", "device_kind": "cpu", "torch_version": "2.13.0+cpu"}
