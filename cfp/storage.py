@@ -287,7 +287,11 @@ class StorageTable:
             if is_saved and i.name not in traced.params
         )
         forward = _phase(self.costs, self.graph.class_of(block), strategy.config.name, "forward")  # 0 without costs
-        return Variant(forward * _scale(self.costs, "recompute"), activations=-dropped, transient=int(strategy.saved_bytes) - saved_inputs)
+        return Variant(
+            forward * _scale(self.costs, "recompute"),
+            activations=-dropped,
+            transient=int(strategy.saved_bytes) - saved_inputs,
+        )
 
     # -- what the ILP and the plan read ------------------------------------------
     def levels(self, block_id: int, config: int) -> dict[str, Variant]:

@@ -265,7 +265,9 @@ def test_features_split_a_zero3_and_recomputing_plan_whole_and_are_scaled_back()
     """What a validation stores sums to the plan's prediction (fsdp's gathers and recomputation included), and a
     correction's per-feature scales reach the ILP's storage and recomputation deltas."""
     graph = analyze_for_profile(SPEC, parse_mesh("2"))
-    costs = cost_model(graph, "analytic", CostSetup(spec=SPEC, cluster=load_cluster("cpu-gloo-local"), backend="emulated"))
+    costs = cost_model(
+        graph, "analytic", CostSetup(spec=SPEC, cluster=load_cluster("cpu-gloo-local"), backend="emulated")
+    )
     choice = baselines.choose("fsdp", graph)
     levels = baselines.storage_levels("fsdp", graph, choice)
     recompute = [True] * len(choice)
