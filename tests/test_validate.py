@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 import cfp
+from cfp import baselines
 from cfp.cli import main
 from cfp.cluster import load_cluster
-from cfp import baselines
 from cfp.correction import FEATURE_SET, STEP_RUNTIME, CorrectedCosts, Correction, ValidationStore, features
 from cfp.costs import CostSetup
 from cfp.mesh import parse_mesh
