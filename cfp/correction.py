@@ -90,6 +90,7 @@ class Correction:
     scales: dict[str, float] = field(default_factory=dict)  # g + d_f per fitted feature
     overhead_s: float = 0.0  # o, per step
     pairs: int = 0
+    runs: int = 0  # validation runs the pairs came from
     held_out_error: float | None = None  # mean |relative error| on pairs left out of the fit (``choose``)
     uncorrected_error: float | None = None  # the same pairs as profiled
 
@@ -102,6 +103,7 @@ class Correction:
     def to_json(self) -> dict:
         return {
             "pairs": self.pairs,
+            "runs": self.runs,
             "scale": self.scale,
             "scales": self.scales,
             "overhead_s": self.overhead_s,
@@ -169,7 +171,9 @@ class Correction:
         a[n + k, k + 1] = math.sqrt(RIDGE_OVERHEAD) / measured.mean()
         x, *_ = np.linalg.lstsq(a, b, rcond=None)
         g, d, o = float(x[0]), x[1 : k + 1], float(x[k + 1])
-        return cls(scale=g, scales={f: max(g + float(df), 0.05) for f, df in zip(names, d)}, overhead_s=o, pairs=n)
+        runs = rows["run"].nunique() if "run" in rows else n
+        scales = {f: max(g + float(df), 0.05) for f, df in zip(names, d)}
+        return cls(scale=g, scales=scales, overhead_s=o, pairs=n, runs=runs)
 
 
 class CorrectedCosts:

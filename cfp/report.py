@@ -146,16 +146,18 @@ def print_validation(plan: Plan, console: Console) -> None:
     if not fit:
         return
     before = fit["error_before"]
+    stored = f"{fit['pairs']} stored pairs" + (f" from {fit['runs']} validation runs" if "runs" in fit else "")
     if fit.get("applied", True):
         after = fit["error_after"]
+        kind = "per-config scales" if fit.get("scales") else "one common scale"
         outcome = (
-            f"mean {after['mean_abs']:.1%}, max {after['max_abs']:.1%} after the correction refitted on "
-            f"{fit['pairs']} stored pairs (scale {fit['scale']:.3f}, overhead {human_time(fit['overhead_s'])} per step)"
+            f"mean {after['mean_abs']:.1%}, max {after['max_abs']:.1%} after the correction refitted on {stored} "
+            f"({kind}, scale {fit['scale']:.3f}, overhead {human_time(fit['overhead_s'])} per step)"
         )
     else:
         outcome = (
-            f"no correction from the {fit['pairs']} stored pairs: fitted on all but one pair, no fit predicted "
-            "the pair left out a tenth better than the profiles do"
+            f"no correction from the {stored}: no fit predicted the pairs held out of it a tenth better than "
+            "the profiles do (per-config scales are checked on another run's pairs)"
         )
     console.print(
         f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, "

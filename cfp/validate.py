@@ -274,7 +274,7 @@ def learn(spec: ModelSpec, graph, costs, cands: list[Candidate], run: list[Candi
         c.corrected_s = fit.predict(feats[c.name]) if fit is not None else c.raw_predicted_s
     measured = [c.median_step_s for c in run]
     return {
-        **(fit if fit is not None else Correction(pairs=len(rows))).to_json(),
+        **(fit if fit is not None else Correction(pairs=len(rows), runs=rows["run"].nunique())).to_json(),
         "applied": fit is not None,
         "store": str(store.dir),
         "error_before": _errors([c.raw_predicted_s for c in run], measured),

@@ -142,6 +142,7 @@ def test_cli_validate_default_fields_and_report(profiled, tmp_path, monkeypatch,
     # The measurements are stored beside the profiles, and the next plan's costs carry the fitted correction.
     fit = v["correction"]
     assert fit["pairs"] == sum(c["measured_step_time_s"] is not None for c in v["candidates"])
+    assert fit["runs"] == 1 and not fit["scales"]  # one run's pairs earn a common scale at most
     # Least squares on relative errors, with the uncorrected model (scale 1, no overhead) a point of zero penalty,
     # cannot raise their root mean square over the pairs it fits (the mean absolute error can move either way).
     assert fit["error_after"]["rms"] <= fit["error_before"]["rms"] + 1e-9
