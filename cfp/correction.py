@@ -23,8 +23,8 @@ pairs earn per-config scales; ``o`` is held more firmly still. A fit is used
 only if it predicts pairs left out of it better than the profiles do, and
 per-config scales only if they predict another validation run's pairs
 (``Correction.choose``). ``CorrectedCosts`` applies it to
-every block (``o`` spread evenly over the blocks) and transition, so the ILP
-plans with the corrected times too.
+every block (``o`` spread evenly over the blocks), storage level,
+recomputation and transition, so the ILP plans with the corrected times too.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class Correction:
         none at all (None).
 
         Each validation's pairs share that run's machine state: on this 2-core
-        host one plan's median moves 15-20% between runs minutes apart, as much
+        host one plan's median moves 15-35% between runs minutes apart, as much
         as configs differ from each other. Per-config scales fitted on one run
         learn its noise and re-rank plans (gpt:small: col scaled 0.94x and batch
         1.20x from one run, and the ILP's new pick measured 1.25x slower than
