@@ -146,7 +146,8 @@ def print_validation(plan: Plan, console: Console) -> None:
     if not fit:
         return
     before = fit["error_before"]
-    stored = f"{fit['pairs']} stored pairs" + (f" from {fit['runs']} validation runs" if "runs" in fit else "")
+    runs = fit.get("runs")
+    stored = f"{fit['pairs']} stored pairs" + (f" from {runs} validation run{'s' * (runs != 1)}" if runs else "")
     if fit.get("applied", True):
         after = fit["error_after"]
         kind = "per-config scales" if fit.get("scales") else "one common scale"
