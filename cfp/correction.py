@@ -54,8 +54,9 @@ KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version", "schema
 # today's); step_runtime: what a measured step runs, for the same reason on the measured side; feature_set: how a
 # prediction is split into features
 FEATURE_SET = 2  # bump when ``features`` splits differently; 2: storage levels and recomputation are features
-STEP_RUNTIME = 4  # bump when the training step runs differently; 2: ZeRO-3 plans and recomputed blocks lowered;
-# 3: a block's ZeRO gathers in one all-gather, one recompute region per block; 4: AdamW on the local shards
+STEP_RUNTIME = 5  # bump when the training step runs differently; 2: ZeRO-3 plans and recomputed blocks lowered;
+# 3: a block's ZeRO gathers in one all-gather, one recompute region per block; 4: AdamW on the local shards;
+# 5: gradients after a mid-backward activation all-reduce bucketed
 
 
 def features(graph, costs, solution) -> dict[str, float]:
