@@ -116,7 +116,7 @@ def bucket_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     # So does an all-reduce that a later one depends on (an activation's gradient reduced mid-backward, under
     # a tensor-parallel block): inductor's pass skips every collective that depends on its bucket, so one such
     # all-reduce left every gradient after it unbucketed (gpt:small, dp with one col block: 65 all-reduces a
-    # step instead of 3, 184 ms against dp's 99).
+    # step instead of one per 25 MB bucket, 184 ms against dp's 99).
     feeding = _feeding_all_reduces(gm)
 
     def bucketable(wait: torch.fx.Node) -> bool:

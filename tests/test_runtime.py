@@ -262,7 +262,7 @@ def test_gradients_after_a_tensor_parallel_block_are_still_bucketed():
     """A col block amid data-parallel ones reduces its input's gradient mid-backward, and every gradient
     computed after it depends on that all-reduce. Inductor's bucketing pass skips whatever depends on its
     current bucket: with that all-reduce in the bucket, every later gradient was reduced on its own (gpt:small:
-    65 all-reduces a step instead of 3, 1.9x dp's step time, where the profiles priced buckets)."""
+    65 all-reduces a step instead of one per 25 MB bucket, 1.9x dp's step time, where the profiles priced buckets)."""
     graph = analyze(cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", batch=2, device="cpu"))), parse_mesh("2"))
     dp = baselines.dp(graph)
     fc = len(graph.blocks) - 3  # the last layer's MLP up-projection
