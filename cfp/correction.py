@@ -63,23 +63,20 @@ def features(graph, costs, solution) -> dict[str, float]:
     """A plan's predicted seconds split as the correction scales them: its blocks by config name, their ZeRO
     storage levels' deltas by level, recomputation, and the transitions (``costs`` uncorrected). They sum to
     the plan's predicted step time."""
-    from cfp.solve import MemoryTable, evaluate
-    from cfp.storage import StorageTable
+    from cfp.solve import evaluate
 
-    ev = evaluate(graph, costs, solution.choice)
+    ev = evaluate(graph, costs, solution.choice, storage=solution.storage, recompute=solution.recompute)
     out: dict[str, float] = {"transitions": ev.transitions_total_s}
 
     def add(feature: str, t: float) -> None:
         out[feature] = out.get(feature, 0.0) + t
 
-    storage, recompute = solution.storage, solution.recompute
-    table = StorageTable(graph, costs, MemoryTable(graph).owner) if storage or recompute else None
-    for block, c, t in zip(graph.blocks, solution.choice, ev.block_s):
-        add(f"config:{graph.block_strategies(block)[c].config.name}", t)
-        if storage and storage[block.id] != "replicate":
-            add(f"storage:{storage[block.id]}", table.levels(block.id, c)[storage[block.id]].time_s)
-        if recompute and recompute[block.id] and table.recompute(block.id, c) is not None:
-            add("recompute", table.recompute(block.id, c).time_s)
+    for block, c, t, stored, recomputed in zip(graph.blocks, solution.choice, ev.block_s, ev.storage_s, ev.recompute_s):
+        add(f"config:{graph.block_strategies(block)[c].config.name}", t - stored - recomputed)
+        if solution.storage and solution.storage[block.id] != "replicate":
+            add(f"storage:{solution.storage[block.id]}", stored)
+        if recomputed:
+            add("recompute", recomputed)
     return out
 
 

@@ -137,10 +137,12 @@ class Memory:
 class Evaluation:
     """Predicted step time of one choice of configs, with its breakdown."""
 
-    block_s: list[float]  # per block
+    block_s: list[float]  # per block, its storage level's and recomputation's time included
     transition_in_s: list[float]  # per block: transitions on the edges into it
     memory: Memory
     backward_bytes: list[int] = field(default_factory=list)  # per block: what its backward holds (exact count)
+    storage_s: list[float] = field(default_factory=list)  # per block: what its storage level adds to block_s
+    recompute_s: list[float] = field(default_factory=list)  # per block: what recomputing adds to block_s
 
     @property
     def blocks_total_s(self) -> float:
@@ -255,16 +257,19 @@ def evaluate(
         table = table or StorageTable(graph, costs, memory.owner)
     mem = Memory()
     saved, held, grads, recomputes = [], [], [], []  # per block
+    storage_s, recompute_s = [0.0] * len(choice), [0.0] * len(choice)
     for b, c in enumerate(choice):
         row = memory.rows[b][c]
         deltas = []
         if storage is not None and storage[b] != "replicate":
             deltas.append(table.levels(b, c)[storage[b]])
+            storage_s[b] = deltas[-1].time_s
         recomputed = table.recompute(b, c) if recompute is not None and recompute[b] else None
         if recomputed is not None:  # None: the block has nothing to drop
             deltas.append(recomputed)
+            recompute_s[b] = recomputed.time_s
         recomputes.append(recomputed is not None)
-        block_s[b] += sum(d.time_s for d in deltas)
+        block_s[b] += storage_s[b] + recompute_s[b]
         mem.params += row.params + sum(d.params for d in deltas)
         mem.optimizer += row.optimizer + sum(d.optimizer for d in deltas)
         mem.reduced += row.reduced + sum(d.reduced for d in deltas)
@@ -291,7 +296,7 @@ def evaluate(
         key = edge.key(src, dst)
         if not key.is_noop:
             trans[edge.consumer.id] += costs.transition_time(key)
-    return Evaluation(block_s, trans, mem, by_block)
+    return Evaluation(block_s, trans, mem, by_block, storage_s, recompute_s)
 
 
 # --------------------------------------------------------------------------
