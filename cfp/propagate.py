@@ -104,12 +104,9 @@ class _BackwardTensors(TorchDispatchMode):
 
     def __init__(self, upstream: list[DTensor]):
         super().__init__()
-        self.made: dict[
-            int, int
-        ] = {}  # storage (_cdata) -> bytes, for the upstream gradients and every op's new outputs
-        self.kept: list[
-            torch.UntypedStorage
-        ] = []  # so that no storage's address is reused (meta storages cost nothing)
+        # storage (_cdata) -> bytes, for the upstream gradients and every op's new outputs
+        self.made: dict[int, int] = {}
+        self.kept: list[torch.UntypedStorage] = []  # so that no storage's address is reused (meta storages are free)
         self.ops: list[set[int]] = []  # per op, the made storages it reads or makes
         for g in upstream:
             self._add(local_tensor(g).untyped_storage(), _local_bytes(g))  # the shard, not a view's whole base
