@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -41,10 +42,35 @@ def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
 
 
 def exit_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C (``finally`` blocks and ``atexit`` stop the workers) instead of killing outright."""
+    """SIGTERM unwinds like Ctrl-C (``finally`` blocks and ``atexit`` stop the workers) instead of killing outright.
+
+    Python runs a signal's handler wherever the main thread is, and an exception raised inside a callback whose
+    errors Python ignores is lost: a SIGTERM that arrived while ``Pool`` forked a worker raised its ``SystemExit`` in
+    ``logging``'s at-fork hook, and the command went on running. Such a lost interruption is delivered again.
+    """
 
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, handler)
+    previous = sys.unraisablehook
+
+    def redeliver_lost_interrupts(unraisable) -> None:
+        signum = _interrupting_signal(unraisable.exc_value)
+        if signum is None:
+            previous(unraisable)
+            return
+        # Not from here: the main thread is still inside the callback that swallowed the first one.
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+
+    sys.unraisablehook = redeliver_lost_interrupts
+
+
+def _interrupting_signal(exc: BaseException | None) -> int | None:
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT
+    if isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM:
+        return signal.SIGTERM
+    return None

@@ -335,6 +335,25 @@ def test_sigterm_stops_analysis_workers(tmp_path):
     assert not wait_for_no_survivors(marker)
 
 
+SIGTERM_DURING_FORK = """
+import os, signal, time
+from cfp.children import exit_on_sigterm
+exit_on_sigterm()
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))
+if os.fork() == 0:
+    os._exit(0)
+os.wait()
+time.sleep(60)
+"""
+
+
+def test_sigterm_during_a_fork_is_not_lost():
+    # Python ignores exceptions raised in at-fork hooks: a SIGTERM that arrived while Pool forked an analysis worker
+    # raised its SystemExit in logging's hook, and `cfp analyze` ran on (test_sigterm_stops_analysis_workers hung).
+    out = subprocess.run([sys.executable, "-c", SIGTERM_DURING_FORK], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr
+
+
 WATCHDOG_MASK = """
 import os, threading, time
 from cfp.children import die_with_parent
