@@ -5,7 +5,12 @@ dimension; the block takes its config that matches the most dimensions (ties
 go to the one replicating most), so a baseline applies to any model CFP
 analyses:
 
-- ``dp``: data parallel, ``batch`` on every mesh dimension.
+- ``dp``: data parallel on every mesh dimension: the model's inputs sharded on
+  their first (batch) dimension, every parameter replicated, and each block in
+  the config that this sharding reaches it in. That is
+  ``batch`` for most blocks; a block whose activation carries the batch on
+  another dimension, such as an MoE expert buffer ``[experts, groups,
+  capacity, d]``, has its own name for it (``seq`` there).
 - ``megatron``: Megatron-LM tensor parallelism (Shoeybi et al. 2019) on the
   last mesh dimension, data parallel on the others. Projections into
   attention and the MLP are column parallel, projections out of them row
@@ -34,8 +39,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from torch.distributed.tensor import Replicate, Shard
+
 from cfp.costs import shared_parameters
 from cfp.errors import CFPError
+from cfp.propagate import BlockStrategy
 
 # The projection names of GPT-2, LLaMA, Megatron-LM, Hugging Face transformers and torch.nn.
 _SUFFIX = r"(\.weight|\.bias|_weight|_bias)?$"
@@ -59,11 +67,61 @@ def closest(names: list[str], want: list[str]) -> int:
 
 
 def _choose(graph, want: Callable) -> list[int]:
-    return [closest([p.config.name for p in graph.block_strategies(b)], want(b)) for b in graph.blocks]
+    """One config per block by ``want(block)``, a role per mesh dim, where ``batch`` means data parallel."""
+    batch = {b.id: graph.block_strategies(b)[i].config.name.split("/") for b, i in zip(graph.blocks, dp(graph))}
+    return [
+        closest(
+            [p.config.name for p in graph.block_strategies(b)],
+            [batch[b.id][dim] if role == "batch" else role for dim, role in enumerate(want(b))],
+        )
+        for b in graph.blocks
+    ]
 
 
 def dp(graph) -> list[int]:
-    return _choose(graph, lambda block: ["batch"] * graph.mesh.ndim)
+    """Data parallel: per block, the config that batch-sharded model inputs reach it in, every parameter replicated.
+
+    Blocks are walked in graph order. A block whose activation arrives sharded (the model's inputs: ``Shard(0)`` on
+    every mesh dim; otherwise as its producer's config leaves it) takes the config that reads it so with replicated
+    parameters, so the batch's path has no transition. Where the activation arrives replicated (a block that
+    computes replicated, the prologue) or no config fits, the block takes the one closest to ``batch`` on every dim:
+    slicing a replicated value is free.
+    """
+    inputs = set(graph.traced.user_inputs)
+    batch = ["batch"] * graph.mesh.ndim
+    blocks = {b.id: b for b in graph.blocks}
+    chosen: dict[int, BlockStrategy] = {}
+    indices = []
+    for block in graph.blocks:
+        strategies = graph.block_strategies(block)
+        act = next(k for k, i in enumerate(block.inputs) if i.role == "activation")
+        value = block.inputs[act]
+        if value.producer in chosen:
+            producer = blocks[value.producer]
+            reaching = chosen[producer.id].exit_placements[producer.outputs.index(value.name)]
+        elif value.producer is not None:
+            reaching = None  # a producer later in graph order: not walked yet
+        else:
+            reaching = (Shard(0),) * graph.mesh.ndim if value.name in inputs else None
+        fits = []
+        if reaching is not None and any(isinstance(p, Shard) for p in reaching):
+            fits = [
+                k
+                for k, s in enumerate(strategies)
+                if s.input_placements[act] == reaching and _params_replicated(block, s)
+            ]
+        k = fits[0] if fits else closest([s.config.name for s in strategies], batch)
+        chosen[block.id] = strategies[k]
+        indices.append(k)
+    return indices
+
+
+def _params_replicated(block, strategy) -> bool:
+    return all(
+        all(isinstance(p, Replicate) for p in placements)
+        for i, placements in zip(block.inputs, strategy.input_placements)
+        if i.role == "param" and placements is not None
+    )
 
 
 def megatron(graph) -> list[int] | None:

@@ -289,6 +289,24 @@ def test_dp_choice_is_batch(tiny2):
     assert evaluate(tiny2, AnalyticCosts(tiny2, h100()), dp_choice(tiny2)).total_s > 0
 
 
+def test_dp_follows_the_batch_wherever_a_block_carries_it():
+    """Data parallelism is the batch sharded and every parameter replicated, whichever dim carries the batch. An MoE
+    expert block reads its buffer [experts, groups, capacity, d] with the groups (the batch) on dim 1; before, dp took
+    its ``batch`` config by name, found none there, and all-gathered the buffer to run every expert replicated."""
+    graph = graph_of("moe:tiny", "2")
+    for block, k in zip(graph.blocks, dp_choice(graph)):
+        strategy = graph.block_strategies(block)[k]
+        params = [p for i, p in zip(block.inputs, strategy.input_placements) if i.role == "param"]
+        assert all(p == (Replicate(),) for p in params), (block.anchor, strategy.config.name)
+        if any("expert" in s.config.name for s in graph.block_strategies(block)):
+            act = next(p for i, p in zip(block.inputs, strategy.input_placements) if i.role == "activation")
+            assert act == (Shard(1),), (block.anchor, strategy.config.name)
+    # nn.MultiheadAttention projects [seq, batch, d] even when batch_first: its projections are data parallel on dim 1
+    graph = graph_of("examples/zoo.py:encoder", "2")
+    names = [graph.block_strategies(b)[k].config.name for b, k in zip(graph.blocks, dp_choice(graph))]
+    assert names.count("seq") >= 4, names
+
+
 def test_redistribute_collectives():
     mesh = parse_mesh("2x4")
     R, P = Replicate(), Partial("sum")
