@@ -63,7 +63,10 @@ def exit_on_sigterm() -> None:
             previous(unraisable)
             return
         # Not from here: the main thread is still inside the callback that swallowed the first one.
-        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        try:
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        except RuntimeError:  # the interpreter is shutting down: it exits anyway
+            previous(unraisable)
 
     sys.unraisablehook = redeliver_lost_interrupts
 
