@@ -39,10 +39,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Shard
 
 from cfp.costs import shared_parameters
 from cfp.errors import CFPError
+from cfp.placements import is_sharded
 from cfp.propagate import BlockStrategy
 
 # The projection names of GPT-2, LLaMA, Megatron-LM, Hugging Face transformers and torch.nn.
@@ -98,13 +99,13 @@ def dp(graph) -> list[int]:
         value = block.inputs[act]
         if value.producer in chosen:
             producer = blocks[value.producer]
-            reaching = chosen[producer.id].exit_placements[producer.outputs.index(value.name)]
+            reaching = chosen[value.producer].exit_placements[producer.outputs.index(value.name)]
         elif value.producer is not None:
             reaching = None  # a producer later in graph order: not walked yet
         else:
             reaching = (Shard(0),) * graph.mesh.ndim if value.name in inputs else None
         fits = []
-        if reaching is not None and any(isinstance(p, Shard) for p in reaching):
+        if reaching is not None and any(is_sharded(p) for p in reaching):
             fits = [
                 k
                 for k, s in enumerate(strategies)
@@ -118,7 +119,7 @@ def dp(graph) -> list[int]:
 
 def _params_replicated(block, strategy) -> bool:
     return all(
-        all(isinstance(p, Replicate) for p in placements)
+        all(p.is_replicate() for p in placements)
         for i, placements in zip(block.inputs, strategy.input_placements)
         if i.role == "param" and placements is not None
     )
