@@ -22,8 +22,13 @@
 4. The ``single`` row is the plain model, not parallelised, in this process
    on the same global batch with as many threads as all ranks together (on
    GPUs: one GPU); its steps take their turn in the same rounds. Each
-   plan's ``speedup`` is single's step time over the plan's; the ideal is the
-   number of ranks.
+   plan's ``speedup`` is single's step time over the plan's.
+   The ``ideal`` row is every rank training the plain model on its share of
+   the batch (dim 0), all at once, with no communication: the best any plan
+   over these ranks could do on these devices. Its speedup is the ideal one,
+   which is the number of ranks only where single gets as much hardware as
+   all ranks together and uses it as well (on 2 CPU cores, single already has
+   both: the ideal measured 1.2x on gpt:small and 0.87x on moe:small).
 5. Peak memory per rank comes from one more step per plan: CUDA's allocator
    peak on GPUs, ``MemTracker`` (every live tensor's storage) on CPU. It is
    shown beside the plan's predicted per-device memory (parameters,
@@ -59,6 +64,7 @@ from cfp.spec import ModelSpec
 
 DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "fsdp", "fsdp+tp", "analytic")
 SINGLE = "single"
+IDEAL = "ideal"
 VARIANTS = {"interpreted": {"lowered": False}, "compiled": {"compile": True}}  # plan name suffixes: cfp+interpreted
 COLUMNS = [
     "plan",
@@ -118,7 +124,7 @@ class BenchResult:
     steps: int
     wall_s: float
     skipped: dict[str, str] = field(default_factory=dict)  # plan -> why it was not run
-    ideal_speedup: int = 1  # the number of ranks
+    ideal_speedup: float = 1.0  # single's step over the ideal row's, else the number of ranks
 
     def to_csv(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +236,7 @@ class BenchContext:
     rank: int = 0
     models: list = field(default_factory=list)
     optimizers: list = field(default_factory=list)
-    inputs: tuple = ()
+    inputs: list = field(default_factory=list)  # per model: the batch it trains on
 
 
 def bench_rank_init(rank: int, world: int, spec: ModelSpec, device_type: str):
@@ -257,8 +263,33 @@ def setup_plans(ctx: BenchContext, plans: list[tuple[dict, bool, bool]], lr: flo
         )
         ctx.models.append(model)
         ctx.optimizers.append(adamw(model.parameters(), lr=lr))
-        ctx.inputs = tuple(t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in workload.inputs)
+        ctx.inputs.append(tuple(t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in workload.inputs))
     return len(ctx.models)
+
+
+def batch_share(inputs: tuple, rank: int, world: int) -> tuple | None:
+    """This rank's share of a batch: every tensor input whose dim 0 is the first tensor input's, split evenly
+    on it; None where that dim does not split evenly."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor) and t.ndim > 0]
+    if not tensors or tensors[0].shape[0] % world:
+        return None
+    batch = tensors[0].shape[0]
+    return tuple(
+        t.chunk(world)[rank].contiguous() if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == batch else t
+        for t in inputs
+    )
+
+
+def setup_ideal(ctx: BenchContext, lr: float) -> int:
+    """The plain model (same seed, same weights) training on this rank's share of the batch: the ideal row."""
+    from cfp.spec import build
+
+    workload = build(ctx.spec)
+    inputs = tuple(t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in workload.inputs)
+    ctx.models.append(workload.model)
+    ctx.optimizers.append(adamw(workload.model.parameters(), lr=lr))
+    ctx.inputs.append(batch_share(inputs, ctx.rank, ctx.mesh.size()))
+    return len(ctx.models) - 1
 
 
 def _sync(ctx: BenchContext) -> None:
@@ -275,7 +306,7 @@ def train_step(ctx: BenchContext, i: int) -> dict:
     if ctx.mesh is not None:  # the single-process model has no group to wait for
         dist.barrier()
     start = time.perf_counter()
-    loss = model(*ctx.inputs)
+    loss = model(*ctx.inputs[i])
     loss.backward()
     _sync(ctx)
     backward_done = time.perf_counter()
@@ -339,9 +370,11 @@ def measure(
     on_step: Callable | None = None,
     memory: bool = True,
     single: bool = True,
+    ideal: bool = False,
 ) -> dict[str, dict]:
-    """Interleaved training steps of every plan on one worker pool (and of the plain model in this
-    process, with ``single``); raw results per plan.
+    """Interleaved training steps of every plan on one worker pool (with ``ideal``, also of the plain
+    model on each rank's share of the batch; with ``single``, of the plain model in this process); raw
+    results per plan.
 
     ``cfp bench`` and ``cfp plan --validate`` both time plans with this; ``memory``
     adds the peak-memory step of each plan.
@@ -349,11 +382,13 @@ def measure(
     from cfp.profile.real import WorkerPool
 
     device_type = "cuda" if str(spec.device).startswith("cuda") else "cpu"
-    names = [p.name for p in plans] + ([SINGLE] if single else [])
+    names = [p.name for p in plans] + ([IDEAL] if ideal else []) + ([SINGLE] if single else [])
     raw = {name: {"steps": [], "peak_mem_bytes": 0} for name in names}
     with WorkerPool(mesh, bench_rank_init, (spec, device_type), device_type, start_timeout_s=timeout_s) as pool:
         setup = [(p.plan.to_json(), p.lowered, p.compile) for p in plans]
         pool.run(setup_plans, (setup, lr), "building the model under every plan", timeout_s)
+        if ideal:  # on the ranks, the model after the plans' (index len(plans), as in names)
+            pool.run(setup_ideal, (lr,), "building the plain model on each rank's share of the batch", timeout_s)
         alone = _single_context(spec, lr, pool.threads * pool.world) if single else None
         rounds = warmup + steps
         for r, order in enumerate(round_orders(len(names), rounds)):
@@ -361,7 +396,7 @@ def measure(
                 if names[i] == SINGLE:
                     ranks = [_with_threads(alone.threads, train_step, alone, 0)]
                 else:
-                    ranks = pool.run(train_step, (i,), f"a training step of the {names[i]} plan", timeout_s)
+                    ranks = pool.run(train_step, (i,), f"a training step of the {names[i]} row", timeout_s)
                 slowest = max(ranks, key=lambda x: x["step_s"])
                 if r == 0:
                     raw[names[i]]["first_loss"] = ranks[0]["loss"]
@@ -369,9 +404,9 @@ def measure(
                     raw[names[i]]["steps"].append(slowest)
                 if on_step:
                     on_step(r * len(names) + k + 1, rounds * len(names))
-        for i, p in enumerate(plans if memory else ()):
-            raw[p.name]["peak_mem_bytes"] = max(
-                pool.run(peak_memory, (i,), f"measuring the memory of the {p.name} plan", timeout_s)
+        for i, name in enumerate(names[: len(plans) + ideal] if memory else ()):
+            raw[name]["peak_mem_bytes"] = max(
+                pool.run(peak_memory, (i,), f"measuring the memory of the {name} row", timeout_s)
             )
         if single:
             raw[SINGLE]["peak_mem_bytes"] = _with_threads(alone.threads, peak_memory, alone, 0)
@@ -413,7 +448,7 @@ def _single_context(spec: ModelSpec, lr: float, threads: int) -> _Single:
     workload = build(ctx.spec)
     ctx.models.append(workload.model)
     ctx.optimizers.append(adamw(workload.model.parameters(), lr=lr))
-    ctx.inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in workload.inputs)
+    ctx.inputs.append(tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in workload.inputs))
     return ctx
 
 
@@ -429,8 +464,8 @@ def _with_threads(threads: int, fn: Callable, *args):
 
 def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
     rows = []
-    for p in plans + ([None] if SINGLE in raw else []):
-        name = p.name if p is not None else SINGLE
+    rows_of = [(p.name, p) for p in plans] + [(name, None) for name in (IDEAL, SINGLE) if name in raw]
+    for name, p in rows_of:
         steps = pd.DataFrame(raw[name]["steps"])
         stats = step_stats(raw[name]["steps"])
         median = stats["median_step_s"]
@@ -454,7 +489,7 @@ def summarize(plans: list[BenchPlan], raw: dict[str, dict]) -> pd.DataFrame:
                 "peak_mem_bytes": peak,
                 "predicted_mem_bytes": predicted_mem,
                 "mem_error": predicted_mem / peak - 1 if peak and predicted_mem else math.nan,
-                "first_loss": raw[name]["first_loss"],
+                "first_loss": raw[name]["first_loss"] if name != IDEAL else math.nan,  # its share's loss
                 "configs": " ".join(f"{c}x{n}" for c, n in p.plan.config_counts().items()) if p is not None else "",
                 "layout": " ".join(f"{c}x{n}" for c, n in p.plan.layout_counts().items()) if p is not None else "",
                 "steps": len(steps),
@@ -482,9 +517,11 @@ def bench(
     memory=None,
     single: bool = True,
     variants: Sequence[str] = (),
+    ideal: bool = True,
 ) -> BenchResult:
     """``cfp.bench("gpt:small", "2")``: every plan in real interleaved training steps (see the module doc);
-    with ``single``, the plain model beside them; ``variants`` are more plans to run (``"cfp+interpreted"``)."""
+    with ``single``, the plain model beside them, and with ``ideal``, the plain model on each rank's share
+    of the batch; ``variants`` are more plans to run (``"cfp+interpreted"``)."""
     start = time.perf_counter()
     spec = model if isinstance(model, ModelSpec) else ModelSpec(str(model), device="cpu")
     if spec.device == "meta":
@@ -496,15 +533,30 @@ def bench(
     made, skipped = make_plans(spec, mesh, names, cluster, progress, strict=plans is not None, memory=memory)
     if not made:
         raise CFPError("No plan to bench.")
-    raw = measure(spec, mesh, made, steps, warmup, lr, timeout_s, on_step, single=single)
+    if ideal and (why := _no_ideal(spec, mesh)):
+        skipped[IDEAL], ideal = why, False
+    raw = measure(spec, mesh, made, steps, warmup, lr, timeout_s, on_step, single=single, ideal=ideal)
     device = torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else "cpu"
+    table = summarize(made, raw)
+    measured_ideal = table.loc[table["plan"] == IDEAL, "speedup"]
     return BenchResult(
-        summarize(made, raw),
+        table,
         spec.describe(),
         mesh,
         device,
         steps,
         time.perf_counter() - start,
         skipped,
-        ideal_speedup=mesh.size,
+        ideal_speedup=float(measured_ideal.iloc[0]) if len(measured_ideal) and single else float(mesh.size),
     )
+
+
+def _no_ideal(spec: ModelSpec, mesh: MeshSpec) -> str:
+    """Why the ideal row cannot run (the batch does not split over the ranks), or ""."""
+    from cfp.spec import build
+
+    inputs = build(dataclasses.replace(spec, device="meta")).inputs
+    if batch_share(inputs, 0, mesh.size) is None:
+        batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.ndim > 0), None)
+        return f"the batch ({batch}) does not split evenly over {mesh.size} ranks"
+    return ""

@@ -199,7 +199,7 @@ def validate(
     steps = max(steps, min(MAX_STEPS, math.ceil(MIN_TIMED_S / fastest))) if math.isfinite(fastest) else steps
     device_spec = dataclasses.replace(spec, device="cpu") if spec.device == "meta" else spec
     bench_plans = [BenchPlan(c.name, c.plan, c.predicted_s, math.nan) for c in run]
-    raw = measure(device_spec, graph.mesh, bench_plans, steps, warmup, on_step=on_step, memory=False)
+    raw = measure(device_spec, graph.mesh, bench_plans, steps, warmup, on_step=on_step, memory=False, single=False)
     for c in run:
         stats = step_stats(raw[c.name]["steps"])
         c.median_step_s, c.iqr_step_s, c.steps = stats["median_step_s"], stats["iqr_step_s"], len(raw[c.name]["steps"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cfp
-from cfp.bench import COLUMNS, BenchPlan, resident_bytes, round_orders, summarize
+from cfp.bench import COLUMNS, BenchPlan, _no_ideal, batch_share, resident_bytes, round_orders, summarize
 from cfp.cli import main
 from cfp.plan import Plan
 
@@ -57,13 +57,17 @@ def test_summary_columns_ratios_and_errors():
     raw = {
         "cfp": {"steps": steps([0.010, 0.012, 0.009]), "peak_mem_bytes": 100, "first_loss": 5.5},
         "dp": {"steps": steps([0.020, 0.022, 0.040]), "peak_mem_bytes": 200, "first_loss": 5.5},
+        "ideal": {"steps": steps([0.006, 0.005, 0.007]), "peak_mem_bytes": 90, "first_loss": 5.4},
         "single": {"steps": steps([0.015, 0.016, 0.014]), "peak_mem_bytes": 300, "first_loss": 5.5},
     }
     table = summarize(plans, raw)
     assert list(table.columns) == COLUMNS
-    cfp_row, dp_row, single_row = table.iloc[0], table.iloc[1], table.iloc[2]
+    cfp_row, dp_row, ideal_row, single_row = (table.iloc[i] for i in range(4))
     assert single_row["plan"] == "single" and math.isnan(single_row["predicted_step_s"])
     assert cfp_row["speedup"] == pytest.approx(1.5) and single_row["speedup"] == 1.0
+    # the ideal row trains on a share of the batch: its speedup is the ideal one, its loss is not comparable
+    assert ideal_row["plan"] == "ideal" and ideal_row["speedup"] == pytest.approx(2.5)
+    assert math.isnan(ideal_row["first_loss"]) and math.isnan(ideal_row["prediction_error"])
     assert cfp_row["median_step_s"] == pytest.approx(0.010)
     assert cfp_row["prediction_error"] == pytest.approx(0.1)
     assert dp_row["ratio_to_cfp"] == pytest.approx(2.2)
@@ -71,6 +75,22 @@ def test_summary_columns_ratios_and_errors():
     assert cfp_row["steps"] == 3 and dp_row["peak_mem_bytes"] == 200
     assert cfp_row["predicted_mem_bytes"] == 110 and cfp_row["mem_error"] == pytest.approx(0.1)
     assert dp_row["mem_error"] == pytest.approx(-0.25)
+
+
+def test_batch_share_splits_what_carries_the_batch():
+    idx, mask, scale = torch.arange(12).reshape(4, 3), torch.ones(3, 3), torch.tensor(2.0)
+    share = batch_share((idx, mask, scale, "mean"), 1, 2)
+    assert torch.equal(share[0], idx[2:]) and share[1] is mask and share[2] is scale and share[3] == "mean"
+    assert batch_share((idx,), 0, 3) is None  # 4 rows over 3 ranks
+
+
+def test_ideal_row_is_left_out_where_the_batch_does_not_split():
+    from cfp.mesh import parse_mesh
+
+    assert _no_ideal(cfp.ModelSpec("gpt:tiny", batch=3), parse_mesh("2")) == (
+        "the batch (3) does not split evenly over 2 ranks"
+    )
+    assert _no_ideal(cfp.ModelSpec("gpt:tiny", batch=4), parse_mesh("2")) == ""
 
 
 def test_rounds_shuffle_who_follows_whom():
@@ -123,7 +143,7 @@ def test_bench_runs_every_plan(tmp_path, monkeypatch):
     ]
     assert main(args) == 0
     table = pd.read_csv(csv)
-    assert list(table["plan"]) == ["cfp", "dp", "fsdp", "analytic", "megatron", "cfp+interpreted", "single"]
+    assert list(table["plan"]) == ["cfp", "dp", "fsdp", "analytic", "megatron", "cfp+interpreted", "ideal", "single"]
     for col in (
         "plan",
         "median_step_s",
@@ -135,15 +155,16 @@ def test_bench_runs_every_plan(tmp_path, monkeypatch):
     ):
         assert col in table.columns
     assert (table["median_step_s"] > 0).all() and (table["peak_mem_bytes"] > 0).all()
-    assert (table["predicted_step_s"][:-1] > 0).all() and math.isnan(table["predicted_step_s"].iloc[-1])
-    assert (table["predicted_mem_bytes"][:-1] > 0).all()
+    assert (table["predicted_step_s"][:-2] > 0).all() and table["predicted_step_s"][-2:].isna().all()
+    assert (table["predicted_mem_bytes"][:-2] > 0).all()
     assert table.loc[2, "layout"].startswith("zero3x")  # fsdp stores parameters sharded
     assert (table["steps"] == 3).all()
     assert table.loc[0, "ratio_to_cfp"] == 1.0
-    assert table["first_loss"].max() - table["first_loss"].min() < 1e-4
-    plans = table[table["plan"] != "single"]
+    same_batch = table[table["plan"] != "ideal"]
+    assert same_batch["first_loss"].max() - same_batch["first_loss"].min() < 1e-4
+    plans = table[~table["plan"].isin(["ideal", "single"])]
     assert all(math.isfinite(e) for e in plans["prediction_error"])
-    assert (table["speedup"] > 0).all() and table.loc[6, "speedup"] == 1.0
+    assert (table["speedup"] > 0).all() and table.loc[7, "speedup"] == 1.0
 
 
 def test_bench_refuses_a_baseline_that_does_not_apply(tmp_path, monkeypatch):

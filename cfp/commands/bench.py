@@ -22,7 +22,9 @@ def register(sub) -> None:
             "layouts; or plan files), then run training steps (forward, backward, AdamW) of every plan round-robin on "
             "one process group, so that machine noise hits all alike. Reports each plan's median step time, spread, "
             "peak memory per rank, predicted time (profiled costs), prediction error, ratio to CFP's plan and speedup "
-            "over the plain model run in one process with all the ranks' threads (the single row)."
+            "over the plain model run in one process with all the ranks' threads (the single row), against the "
+            "ideal: the plain model trained on each rank's share of the batch, all ranks at once, with no "
+            "communication (the ideal row)."
         ),
     )
     add_model_args(p, device="cpu")
@@ -46,6 +48,12 @@ def register(sub) -> None:
         help="also run the first plan's lowered programs compiled by inductor (cfp+compiled)",
     )
     p.add_argument("--no-single", dest="single", action="store_false", help="leave out the plain, unparallelised model")
+    p.add_argument(
+        "--no-ideal",
+        dest="ideal",
+        action="store_false",
+        help="leave out the ideal row (the plain model on each rank's share of the batch, no communication)",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed training steps per plan (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per plan first (default 3)")
     p.add_argument(
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> None:
             memory=args.memory,
             single=args.single,
             variants=variants,
+            ideal=args.ideal,
         )
     print_table(result)
     if args.csv:
@@ -134,7 +143,7 @@ def print_table(result) -> None:
     table = Table(
         title=f"{result.model} on mesh {mesh} ({result.device}), median of {result.steps} interleaved steps per plan"
     )
-    speedup = f"speedup (ideal {result.ideal_speedup}x)"
+    speedup = f"speedup (ideal {result.ideal_speedup:.2f}x)"
     for col in (
         "plan",
         "step time",
@@ -151,7 +160,7 @@ def print_table(result) -> None:
     ):
         table.add_column(col, justify="left" if col == "plan" else "right")
     for row in result.table.to_dict("records"):
-        predicted = row["predicted_step_s"] == row["predicted_step_s"]  # NaN for the single row
+        predicted = row["predicted_step_s"] == row["predicted_step_s"]  # NaN for the single and ideal rows
         table.add_row(
             row["plan"],
             human_time(row["median_step_s"]),
@@ -166,7 +175,7 @@ def print_table(result) -> None:
             f"{human_bytes(row['predicted_mem_bytes'])} ({row['mem_error'] * 100:+.0f}%)" if predicted else "-",
             f"{row['ratio_to_cfp']:.2f}x",
             f"{row['speedup']:.2f}x" if row["speedup"] == row["speedup"] else "-",
-            f"{row['first_loss']:.4f}",
+            f"{row['first_loss']:.4f}" if row["first_loss"] == row["first_loss"] else "-",
         )
     console.print(table)
     for row in result.table.to_dict("records"):
@@ -182,8 +191,9 @@ def print_table(result) -> None:
         "error: predicted / measured - 1; "
         "predicted mem: the per-device peak predicted by the exact count (in brackets: vs the measured peak); "
         "vs cfp: step time / cfp's; speedup: single's step time / the plan's, "
-        "single being the plain model in one process with all the ranks' threads (one GPU), "
-        "ideally the number of ranks; "
+        "single being the plain model in one process with all the ranks' threads (one GPU); "
+        "ideal: the plain model on each rank's share of the batch, all ranks at once, no communication "
+        "(the best a plan over these ranks can do here; its speedup is the ideal one); "
         "+interpreted: run on the DTensor interpreter, +compiled: lowered programs compiled by inductor. "
         "Equal first losses show every plan computes the same model.[/]"
     )

@@ -47,29 +47,32 @@ def runtime_table() -> list[str]:
         "## Runtime: plans against the plain model (issue #13)",
         "",
         "`cfp bench WORKLOAD --mesh 2 --interpreted`: the plain model in one process with both cores (`single`), "
-        "CFP's plan lowered (`cfp`) and on the DTensor interpreter (`cfp+interpreted`), and the baselines. "
+        "CFP's plan lowered (`cfp`) and on the DTensor interpreter (`cfp+interpreted`), the baselines, and the "
+        "`ideal` row: the plain model on each rank's half of the batch, both ranks at once, with no communication. "
         "Targets for the `small` rows: the best plan at most 1.15x single's step, lowered at least 1.6x faster "
         "than interpreted, every plan's prediction within ±10% (worst of the lowered plans: the interpreted one is "
         "predicted from the lowered programs' profiles on purpose, its error is what lowering saves).",
         "",
-        "| workload | single ms | cfp ms | best plan | best / single | interpreted / lowered | "
-        "worst prediction error |",
-        "|---|---:|---:|---|---:|---:|---:|",
+        "| workload | single ms | ideal ms | cfp ms | best plan | best / single | ideal / single | best / ideal | "
+        "interpreted / lowered | worst prediction error |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for name in WORKLOADS:
         df = read(BENCH / f"{name}.csv")
         if df is None:
             continue
-        plans = df.drop(index=[p for p in ("single",) if p in df.index])
+        plans = df.drop(index=[p for p in ("single", "ideal") if p in df.index])
         best = plans["median_step_s"].idxmin()
         single = df.loc["single", "median_step_s"] if "single" in df.index else float("nan")
+        ideal = df.loc["ideal", "median_step_s"] if "ideal" in df.index else float("nan")
+        best_s = plans.loc[best, "median_step_s"]
         interp = df.loc["cfp+interpreted", "median_step_s"] if "cfp+interpreted" in df.index else float("nan")
         # the interpreted variant is predicted from the lowered profiles on purpose: its error is what lowering saves
         errors = plans.loc[~plans.index.str.endswith("+interpreted"), "prediction_error"].dropna()
         worst = errors.loc[errors.abs().idxmax()]
         out.append(
-            f"| `{spec(name)}` | {ms(single)} | {ms(df.loc['cfp', 'median_step_s'])} | {best} "
-            f"{ms(plans.loc[best, 'median_step_s'])} | {plans.loc[best, 'median_step_s'] / single:.2f}x | "
+            f"| `{spec(name)}` | {ms(single)} | {ms(ideal)} | {ms(df.loc['cfp', 'median_step_s'])} | {best} "
+            f"{ms(best_s)} | {best_s / single:.2f}x | {ideal / single:.2f}x | {best_s / ideal:.2f}x | "
             f"{interp / df.loc['cfp', 'median_step_s']:.2f}x | {pct(worst)} ({errors.abs().idxmax()}) |"
         )
     return out
@@ -125,7 +128,7 @@ def memory_table() -> list[str]:
     ]
     for limit, df in runs.items():
         for plan, row in df.iterrows() if df is not None else ():
-            if plan == "single":
+            if plan in ("single", "ideal"):
                 continue
             layout = row["layout"] if isinstance(row.get("layout"), str) else "all replicated, none recomputed"
             out.append(
