@@ -3,6 +3,7 @@ issue target beside what was measured. Run from the repository root: python docs
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -20,11 +21,15 @@ def spec(name: str) -> str:
 
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
+    return f"{seconds * 1e3:.1f}" if seconds == seconds else "-"  # NaN where a run had no such row
 
 
 def pct(x: float) -> str:
     return f"{x * 100:+.0f}%"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a == a and b == b else "-"  # NaN where a run had no such row
 
 
 def read(path: Path) -> pd.DataFrame | None:
@@ -46,16 +51,17 @@ def runtime_table() -> list[str]:
     out = [
         "## Runtime: plans against the plain model (issue #13)",
         "",
-        "`cfp bench WORKLOAD --mesh 2 --interpreted`: the plain model in one process with both cores (`single`), "
-        "CFP's plan lowered (`cfp`) and on the DTensor interpreter (`cfp+interpreted`), the baselines, and the "
-        "`ideal` row: the plain model on each rank's half of the batch, both ranks at once, with no communication. "
-        "Targets for the `small` rows: the best plan at most 1.15x single's step, lowered at least 1.6x faster "
-        "than interpreted, every plan's prediction within ±10% (worst of the lowered plans: the interpreted one is "
-        "predicted from the lowered programs' profiles on purpose, its error is what lowering saves).",
+        "`cfp bench WORKLOAD --mesh 2 --interpreted --compile`: the plain model in one process with both cores "
+        "(`single`), CFP's plan lowered (`cfp`), on the DTensor interpreter (`cfp+interpreted`) and compiled by "
+        "inductor (`cfp+compiled`), the baselines, and the `ideal` row: the plain model on each rank's half of the "
+        "batch, both ranks at once, with no communication. Targets for the `small` rows: the best plan at most 1.15x "
+        "single's step, lowered at least 1.6x faster than interpreted, every plan's prediction within ±10% (worst "
+        "of the lowered plans: the interpreted and compiled variants are predicted from the lowered programs' "
+        "profiles on purpose, their error is what the runtime changes).",
         "",
-        "| workload | single ms | ideal ms | cfp ms | best plan | best / single | ideal / single | best / ideal | "
-        "interpreted / lowered | worst prediction error |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| workload | single ms | ideal ms | cfp ms | cfp+compiled ms | best plan | best / single | ideal / single | "
+        "best / ideal | interpreted / lowered | worst prediction error |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for name in WORKLOADS:
         df = read(BENCH / f"{name}.csv")
@@ -63,17 +69,16 @@ def runtime_table() -> list[str]:
             continue
         plans = df.drop(index=[p for p in ("single", "ideal") if p in df.index])
         best = plans["median_step_s"].idxmin()
-        single = df.loc["single", "median_step_s"] if "single" in df.index else float("nan")
-        ideal = df.loc["ideal", "median_step_s"] if "ideal" in df.index else float("nan")
-        best_s = plans.loc[best, "median_step_s"]
-        interp = df.loc["cfp+interpreted", "median_step_s"] if "cfp+interpreted" in df.index else float("nan")
-        # the interpreted variant is predicted from the lowered profiles on purpose: its error is what lowering saves
-        errors = plans.loc[~plans.index.str.endswith("+interpreted"), "prediction_error"].dropna()
+        step = df["median_step_s"]
+        single, ideal = step.get("single", math.nan), step.get("ideal", math.nan)
+        cfp, best_s = step["cfp"], step[best]
+        variants = plans.index.str.endswith(("+interpreted", "+compiled"))
+        errors = plans.loc[~variants, "prediction_error"].dropna()
         worst = errors.loc[errors.abs().idxmax()]
         out.append(
-            f"| `{spec(name)}` | {ms(single)} | {ms(ideal)} | {ms(df.loc['cfp', 'median_step_s'])} | {best} "
-            f"{ms(best_s)} | {best_s / single:.2f}x | {ideal / single:.2f}x | {best_s / ideal:.2f}x | "
-            f"{interp / df.loc['cfp', 'median_step_s']:.2f}x | {pct(worst)} ({errors.abs().idxmax()}) |"
+            f"| `{spec(name)}` | {ms(single)} | {ms(ideal)} | {ms(cfp)} | {ms(step.get('cfp+compiled', math.nan))} | "
+            f"{best} {ms(best_s)} | {ratio(best_s, single)} | {ratio(ideal, single)} | {ratio(best_s, ideal)} | "
+            f"{ratio(step.get('cfp+interpreted', math.nan), cfp)} | {pct(worst)} ({errors.abs().idxmax()}) |"
         )
     return out
 
