@@ -65,7 +65,8 @@ from cfp.spec import ModelSpec
 DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "fsdp", "fsdp+tp", "analytic")
 SINGLE = "single"
 IDEAL = "ideal"
-VARIANTS = {"interpreted": {"lowered": False}, "compiled": {"compile": True}}  # plan name suffixes: cfp+interpreted
+# plan name suffixes: cfp+interpreted, cfp+compiled
+VARIANTS = {"interpreted": {"lowered": False, "compile": False}, "compiled": {"compile": True}}
 COLUMNS = [
     "plan",
     "median_step_s",
@@ -214,6 +215,7 @@ def make_plans(
             optimizer,
             predicted_mem_bytes=ev.memory.total,
             raw_predicted_s=raw,
+            compile=plan.provenance.get("runtime") == "compiled",  # a plan made with --compile runs as profiled
         )
     runs = []
     for full, (base, variant) in variants.items():

@@ -272,7 +272,13 @@ def corrected(table, graph, backend: str, device: str, store: str | Path | None 
 
 @register_cost_model("profiled", measures=True)
 def profiled_costs(graph, setup: CostSetup):
-    """The graph's blocks and transitions profiled (stored rows reused), corrected by stored validations."""
+    """The graph's blocks and transitions profiled (stored rows reused), corrected by stored validations.
+
+    Compiled programs are not corrected: the stored pairs are of lowered steps."""
     spec = setup.spec if setup.spec is not None else graph.traced.spec
-    run = profile(graph, spec, backend=setup.backend, cluster=setup.cluster, on_progress=setup.progress)
+    run = profile(
+        graph, spec, backend=setup.backend, cluster=setup.cluster, on_progress=setup.progress, runtime=setup.runtime
+    )
+    if setup.runtime == "compiled":
+        return run.table
     return corrected(run.table, graph, setup.backend, spec.device)

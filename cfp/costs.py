@@ -95,6 +95,7 @@ class CostSetup:
     cluster: ClusterModel | None  # None where costs measured on this machine describe it
     backend: str  # the profiling backend, for models that measure
     progress: Callable | None = None  # profiling's on_progress(done, cached, total, job)
+    runtime: str = "lowered"  # how profiled programs run: lowered, or compiled by inductor (cfp.profile.RUNTIMES)
 
 
 @dataclass(frozen=True)

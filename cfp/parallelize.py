@@ -511,7 +511,7 @@ def parallelize(
     example_inputs: tuple | None = None,
     traced: TracedModel | None = None,
     lowered: bool = True,
-    compile: bool = False,
+    compile: bool | None = None,
     init_fn: InitFn | Sequence[InitFn] | None = None,
     seed: int | None = None,
 ) -> ParallelModule:
@@ -535,13 +535,16 @@ def parallelize(
     ``lowered`` (default) runs each step as the local programs AOTAutograd
     traces from the DTensor interpreter (``cfp.lower``); ``lowered=False``
     runs the interpreter itself, for debugging and comparison. ``compile``
-    compiles the lowered programs with inductor. On gloo, a sharded dim
+    compiles the lowered programs with inductor; by default a plan made with
+    ``cfp plan --compile`` (profiled compiled) is compiled, others are not. On gloo, a sharded dim
     moves to another dim by all-to-all (``cfp.collectives``); on CPU,
     freed host memory is kept for the next step (``cfp.allocator``).
     """
     use_gloo_all_to_all()
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
+    if compile is None:  # train as the plan was profiled
+        compile = lowered and plan.provenance.get("runtime") == "compiled"
     first = next(iter(model.parameters()), None)
     device_type = first.device.type if first is not None and first.device.type != "meta" else "cpu"
     meta = on_meta(model)

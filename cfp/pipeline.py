@@ -50,6 +50,7 @@ class PlanOptions:
     recompute: bool = True  # offer activation recomputation to the ILP
     validate: int | None = None  # K best plans measured in real steps; None: validate.default_k
     validate_steps: int = DEFAULT_STEPS  # timed steps per validated plan
+    compile: bool = False  # profile (and validate) the programs compiled by inductor, as parallelize(compile=True) runs
     output: str | Path | None = None  # where rank 0 writes the plan file
 
 
@@ -179,12 +180,18 @@ def make_plan(
     options = dataclasses.replace(options or PlanOptions(), **overrides)
     mesh = parse_mesh(mesh)
     check_cost(options.cost)
+    if options.compile and (options.cost != "profiled" or options.backend != "real"):
+        raise CFPError(
+            "--compile profiles the programs compiled by inductor, on this machine: it needs --cost profiled "
+            f"--backend real (this plan: --cost {options.cost} --backend {options.backend})."
+        )
     cluster = resolve_cluster(options, mesh)
     if graph is None:
         graph = analyse(model, mesh, options, on_analysis)
     spec = graph.traced.spec
     if costs is None:
-        setup = CostSetup(spec=spec, cluster=cluster, backend=options.backend, progress=progress)
+        runtime = "compiled" if options.compile else "lowered"
+        setup = CostSetup(spec=spec, cluster=cluster, backend=options.backend, progress=progress, runtime=runtime)
         costs = cost_model(graph, options.cost, setup)
     limit = parse_bytes(options.memory) if options.memory is not None else getattr(cluster, "memory_bytes", None)
     validate = validate_count(options, mesh, spec)
@@ -214,6 +221,7 @@ def make_plan(
             rivals=analytic_rival(graph, spec, mesh, cluster, costs, solve_options)
             if options.cost != "analytic"
             else {},
+            compile=options.compile,
         )
         solution, plan = checked.chosen.solution, checked.chosen.plan
         plan.validation = checked.to_json()

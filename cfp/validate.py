@@ -182,10 +182,12 @@ def validate(
     warmup: int = DEFAULT_WARMUP,
     on_step: Callable | None = None,
     rivals: dict[str, Solution] | None = None,
+    compile: bool = False,
 ) -> Validation:
     """Time every candidate in real steps and choose the fastest median; ``make`` turns a Solution into a Plan.
     ``steps`` is the least; short steps get more (``MIN_TIMED_S``, ``MAX_STEPS``).
-    ``rivals``: other planners' plans (priced by ``costs``) to measure beside the ILP's and the baselines."""
+    ``rivals``: other planners' plans (priced by ``costs``) to measure beside the ILP's and the baselines.
+    ``compile``: the candidates run compiled by inductor; their pairs teach no correction (it is of lowered steps)."""
     from cfp.bench import BenchPlan, measure, step_stats
 
     if steps < 1:
@@ -198,7 +200,7 @@ def validate(
     fastest = min((c.predicted_s for c in run if c.predicted_s > 0), default=math.inf)
     steps = max(steps, min(MAX_STEPS, math.ceil(MIN_TIMED_S / fastest))) if math.isfinite(fastest) else steps
     device_spec = dataclasses.replace(spec, device="cpu") if spec.device == "meta" else spec
-    bench_plans = [BenchPlan(c.name, c.plan, c.predicted_s, math.nan) for c in run]
+    bench_plans = [BenchPlan(c.name, c.plan, c.predicted_s, math.nan, compile=compile) for c in run]
     raw = measure(device_spec, graph.mesh, bench_plans, steps, warmup, on_step=on_step, memory=False, single=False)
     for c in run:
         stats = step_stats(raw[c.name]["steps"])
@@ -215,7 +217,7 @@ def validate(
         else:
             inside = " (inside its IQR)" if c.median_step_s - best.median_step_s <= best.iqr_step_s else ""
             c.why = f"{c.median_step_s / best.median_step_s:.2f}x the chosen plan's median{inside}"
-    extra = {"correction": learn(device_spec, graph, costs, cands, run)} if _profiled(costs) else {}
+    extra = {"correction": learn(device_spec, graph, costs, cands, run)} if _profiled(costs) and not compile else {}
     return Validation(cands, steps, warmup, time.perf_counter() - start, extra)
 
 

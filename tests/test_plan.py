@@ -158,3 +158,33 @@ def test_plan_every_example_on_two_real_ranks(model, tmp_path, monkeypatch):
     traced = cfp.capture(cfp.build(cfp.ModelSpec(model, device="meta")))
     plan.check_matches(traced)
     assert set(plan.parameters) >= set(traced.params.values())
+
+
+def test_compile_plans_on_compiled_profiles_and_trains_compiled(tmp_path, monkeypatch, capsys):
+    """`cfp plan --compile`: every profile row times the inductor-compiled programs, the plan records it, and
+    `cfp.parallelize` then compiles by default (as profiled), unless told otherwise or interpreting."""
+    import pandas as pd
+
+    from cfp.mesh import fake_mesh, parse_mesh
+    from cfp.parallelize import parallelize
+
+    monkeypatch.setenv("CFP_PROFILE_DIR", str(tmp_path / "store"))
+    out = tmp_path / "plan.json"
+    argv = ["plan", "tests/faults.py:build", "--mesh", "2", "--backend", "real", "--validate", "0", "--compile"]
+    assert main([*argv, "-o", str(out)]) == 0
+    plan = Plan.load(out)
+    assert plan.provenance["runtime"] == "compiled"
+    rows = pd.concat(pd.read_parquet(p) for p in (tmp_path / "store" / "blocks").glob("*.parquet"))
+    assert set(rows["runtime"]) == {"compiled"} and len(rows) == plan.provenance["profile_jobs"]
+    with fake_mesh(parse_mesh("2")) as mesh:
+        w = cfp.build(cfp.ModelSpec("tests/faults.py:build"))
+        assert parallelize(w.model, plan, mesh=mesh, example_inputs=w.inputs)._lowered.compile
+        assert not parallelize(w.model, plan, mesh=mesh, example_inputs=w.inputs, compile=False)._lowered.compile
+        assert parallelize(w.model, plan, mesh=mesh, example_inputs=w.inputs, lowered=False)._lowered is None
+    # nothing compiled to profile where nothing runs on this machine
+    with pytest.raises(cfp.CFPError, match="needs --cost profiled --backend real"):
+        make_plan("tests/faults.py:build", "2", cost="analytic", cluster=h100(), compile=True)
+    argv = ["profile", "tests/faults.py:build", "--mesh", "2", "--backend", "emulated", "--cluster", "cpu-gloo-local"]
+    capsys.readouterr()
+    assert main([*argv, "--compile"]) == 1
+    assert "--compile times programs compiled by inductor" in " ".join(capsys.readouterr().out.split())

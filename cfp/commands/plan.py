@@ -83,6 +83,12 @@ def register(sub) -> None:
         help=f"timed steps per validated plan (default {defaults.validate_steps}, after 2 warm-up)",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="profile and validate the programs compiled by inductor (needs --backend real); the plan records it, "
+        "and cfp.parallelize then compiles by default",
+    )
+    p.add_argument(
         "--time-limit",
         type=float,
         default=defaults.time_limit_s,
@@ -125,6 +131,7 @@ def run(args: argparse.Namespace) -> None:
             recompute=not args.no_recompute,
             validate=args.validate,
             validate_steps=args.validate_steps,
+            compile=args.compile,
             output=args.output,
         )
         plan, graph, solution = make_plan(

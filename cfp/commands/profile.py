@@ -48,6 +48,11 @@ def register(sub) -> None:
         help="seconds a job may take before its ranks count as hung (default 300)",
     )
     p.add_argument("--no-transitions", action="store_true", help="profile blocks only")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="time the programs compiled by inductor, as parallelize(compile=True) runs (real backend only)",
+    )
     add_json_arg(p)
     p.set_defaults(run=run)
 
@@ -69,12 +74,14 @@ def run(args: argparse.Namespace) -> None:
     spec = model_spec(args)
     mesh = parse_mesh(args.mesh)
     cluster = load_cluster(args.cluster) if args.cluster else None
-    if args.backend == "emulated" and cluster is None:
-        from cfp.errors import CFPError
+    from cfp.errors import CFPError
 
+    if args.backend == "emulated" and cluster is None:
         raise CFPError(
             "--backend emulated needs --cluster NAME|FILE to price communication (e.g. --cluster cpu-gloo-local)."
         )
+    if args.compile and args.backend != "real":
+        raise CFPError("--compile times programs compiled by inductor on this machine: it needs --backend real.")
     with analysis_progress(f"analysing {args.model} on mesh {mesh}") as progress:
         graph = analyze_for_profile(spec, mesh, progress)
     with warnings.catch_warnings(record=True) as caught:
@@ -116,6 +123,7 @@ def run(args: argparse.Namespace) -> None:
             timeout_s=args.timeout,
             transitions=not args.no_transitions,
             on_progress=on_progress,
+            runtime="compiled" if args.compile else "lowered",
         )
     rows = result.table.rows
     blocks = rows[rows["kind"] == "block"]

@@ -202,6 +202,7 @@ def profile(
         "cluster": getattr(cluster, "name", None),
         "profile_store": str(store.dir),
         "profile_jobs": len(jobs),
+        "runtime": runtime,
     }
     reduced = {(c, s.config.name): reduced_bytes(s) for c, strategies in graph.strategies.items() for s in strategies}
     table = ProfileTable(
