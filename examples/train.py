@@ -48,7 +48,12 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="rank 0 writes the loss curve here")
     ap.add_argument("--interpreted", action="store_true", help="run the plan on the DTensor interpreter, not lowered")
-    ap.add_argument("--compile", action="store_true", help="compile the lowered programs with inductor")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,  # unset: as the plan was profiled (cfp plan --compile)
+        help="compile the lowered programs with inductor (default: if the plan was made with cfp plan --compile)",
+    )
     ap.add_argument(
         "--meta",
         action="store_true",
