@@ -65,8 +65,7 @@ from cfp.spec import ModelSpec
 DEFAULT_PLANS = ("cfp", "dp", "megatron", "expert", "fsdp", "fsdp+tp", "analytic")
 SINGLE = "single"
 IDEAL = "ideal"
-# plan name suffixes: cfp+interpreted, cfp+compiled
-VARIANTS = {"interpreted": {"lowered": False, "compile": False}, "compiled": {"compile": True}}
+VARIANTS = {"interpreted": {"lowered": False}, "compiled": {"compile": True}}  # plan name suffixes: cfp+interpreted
 COLUMNS = [
     "plan",
     "median_step_s",
@@ -101,7 +100,7 @@ class BenchPlan:
     predicted_mem_bytes: int = 0  # per device, as the ILP counts it
     raw_predicted_s: float = math.nan  # before the correction learnt from validations (cfp.correction)
     lowered: bool = True  # run as lowered local programs (False: the DTensor interpreter)
-    compile: bool = False  # the lowered programs compiled by inductor
+    compile: bool | None = None  # the lowered programs compiled by inductor; None: as the plan was profiled
 
 
 def split_variant(name: str) -> tuple[str, dict]:
@@ -215,7 +214,6 @@ def make_plans(
             optimizer,
             predicted_mem_bytes=ev.memory.total,
             raw_predicted_s=raw,
-            compile=plan.provenance.get("runtime") == "compiled",  # a plan made with --compile runs as profiled
         )
     runs = []
     for full, (base, variant) in variants.items():
@@ -248,7 +246,7 @@ def bench_rank_init(rank: int, world: int, spec: ModelSpec, device_type: str):
     return BenchContext(dataclasses.replace(spec, device=device), device), {"rank": rank}
 
 
-def setup_plans(ctx: BenchContext, plans: list[tuple[dict, bool, bool]], lr: float) -> int:
+def setup_plans(ctx: BenchContext, plans: list[tuple[dict, bool, bool | None]], lr: float) -> int:
     """Build the model once per plan (same seed, same weights) and parallelize it (lowered, compiled as asked)."""
     from cfp.parallelize import parallelize
     from cfp.spec import build
@@ -265,21 +263,22 @@ def setup_plans(ctx: BenchContext, plans: list[tuple[dict, bool, bool]], lr: flo
         )
         ctx.models.append(model)
         ctx.optimizers.append(adamw(model.parameters(), lr=lr))
-        ctx.inputs.append(tuple(t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in workload.inputs))
+        ctx.inputs.append(_on(ctx.device, workload.inputs))
     return len(ctx.models)
+
+
+def _on(device: str, inputs: tuple) -> tuple:
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
 def batch_share(inputs: tuple, rank: int, world: int) -> tuple | None:
     """This rank's share of a batch: every tensor input whose dim 0 is the first tensor input's, split evenly
     on it; None where that dim does not split evenly."""
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor) and t.ndim > 0]
-    if not tensors or tensors[0].shape[0] % world:
+    batched = [isinstance(t, torch.Tensor) and t.ndim > 0 for t in inputs]
+    batch = next((t.shape[0] for t, b in zip(inputs, batched) if b), None)
+    if batch is None or batch % world:
         return None
-    batch = tensors[0].shape[0]
-    return tuple(
-        t.chunk(world)[rank].contiguous() if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == batch else t
-        for t in inputs
-    )
+    return tuple(t.chunk(world)[rank].contiguous() if b and t.shape[0] == batch else t for t, b in zip(inputs, batched))
 
 
 def setup_ideal(ctx: BenchContext, lr: float) -> int:
@@ -287,10 +286,9 @@ def setup_ideal(ctx: BenchContext, lr: float) -> int:
     from cfp.spec import build
 
     workload = build(ctx.spec)
-    inputs = tuple(t.to(ctx.device) if isinstance(t, torch.Tensor) else t for t in workload.inputs)
     ctx.models.append(workload.model)
     ctx.optimizers.append(adamw(workload.model.parameters(), lr=lr))
-    ctx.inputs.append(batch_share(inputs, ctx.rank, ctx.mesh.size()))
+    ctx.inputs.append(batch_share(_on(ctx.device, workload.inputs), ctx.rank, ctx.mesh.size()))
     return len(ctx.models) - 1
 
 
@@ -406,7 +404,7 @@ def measure(
                     raw[names[i]]["steps"].append(slowest)
                 if on_step:
                     on_step(r * len(names) + k + 1, rounds * len(names))
-        on_ranks = names[: len(plans) + 1] if ideal else names[: len(plans)]  # the pool's models, in order
+        on_ranks = [name for name in names if name != SINGLE]  # the pool's models, in order
         for i, name in enumerate(on_ranks if memory else ()):
             raw[name]["peak_mem_bytes"] = max(
                 pool.run(peak_memory, (i,), f"measuring the memory of the {name} row", timeout_s)
@@ -451,7 +449,7 @@ def _single_context(spec: ModelSpec, lr: float, threads: int) -> _Single:
     workload = build(ctx.spec)
     ctx.models.append(workload.model)
     ctx.optimizers.append(adamw(workload.model.parameters(), lr=lr))
-    ctx.inputs.append(tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in workload.inputs))
+    ctx.inputs.append(_on(device, workload.inputs))
     return ctx
 
 
