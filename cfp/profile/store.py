@@ -120,7 +120,7 @@ class ProfileStore:
         self.skipped: dict[str, int] = {}  # why -> rows not reused
         self.corrupt: list[Path] = []
         self._seq = 0
-        self.frame = self._load()
+        self._reset(self._load())
 
     # -- locking ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -163,7 +163,7 @@ class ProfileStore:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             with warnings.catch_warnings():  # said at the first read
                 warnings.simplefilter("ignore", StoreWarning)
-                self.frame = self._load()  # what another run measured meanwhile is not measured again
+                self._reset(self._load())  # what another run measured meanwhile is not measured again
             try:
                 yield self
             finally:
@@ -266,21 +266,31 @@ class ProfileStore:
             for part in parts:
                 part.unlink(missing_ok=True)
 
+    def _reset(self, frame: pd.DataFrame) -> None:
+        self._stored = frame
+        self._added: list[dict] = []  # rows added since, framed once when next read (a frame per row is slow)
+        self._by_key: dict[tuple, dict] | None = None
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """Every row: those read from the store and those added since."""
+        if self._added:
+            self._stored = pd.concat([self._stored, _frame(self._added)], ignore_index=True)
+            self._added = []
+        return self._stored
+
     def lookup(self, key: dict) -> dict | None:
         """The stored row with exactly this key (current torch and schema), or None."""
-        if self.frame.empty:
-            return None
-        mask = pd.Series(True, index=self.frame.index)
-        for col in KEY:
-            mask &= self.frame[col] == key[col]
-        hits = self.frame[mask]
-        return None if hits.empty else hits.iloc[-1].to_dict()
+        if self._by_key is None or self._added:
+            # The last row of a key wins, as in _load.
+            self._by_key = {tuple(row[c] for c in KEY): row for row in self.frame.to_dict("records")}
+        return self._by_key.get(tuple(key[c] for c in KEY))
 
     # -- writing ----------------------------------------------------------------
     def add(self, row: dict) -> None:
         row = {**row, "measured_at": time.time()}
         self.pending.append(row)
-        self.frame = pd.concat([self.frame, _frame([row])], ignore_index=True)
+        self._added.append(row)
         if time.monotonic() - self.last_flush >= self.flush_every_s:
             self.flush()
 
