@@ -284,7 +284,8 @@ class ProfileStore:
         if self._by_key is None or self._added:
             # The last row of a key wins, as in _load.
             self._by_key = {tuple(row[c] for c in KEY): row for row in self.frame.to_dict("records")}
-        return self._by_key.get(tuple(key[c] for c in KEY))
+        row = self._by_key.get(tuple(key[c] for c in KEY))
+        return None if row is None else dict(row)  # the caller's to change
 
     # -- writing ----------------------------------------------------------------
     def add(self, row: dict) -> None:
