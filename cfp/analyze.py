@@ -24,7 +24,7 @@ from cfp.capture import TracedModel
 from cfp.children import die_with_parent
 from cfp.configs import candidates
 from cfp.errors import CFPError, CFPWarning
-from cfp.mesh import MeshSpec, fake_mesh, parse_mesh
+from cfp.mesh import MeshSpec, fake_mesh, parse_mesh, refuse_real_group
 from cfp.propagate import BlockStrategy, propagate
 from cfp.segments import Segment, classify, find_segments, structure_key
 
@@ -119,6 +119,8 @@ def analyze(traced: TracedModel, mesh: MeshSpec | str, progress=None, workers: i
             progress(done[0], total)
 
         tick(0)
+    if todo:
+        refuse_real_group()  # here, not in a forked worker's initializer, which a pool would retry forever
     workers = min(workers or os.cpu_count() or 1, len(todo))
     if workers > 1:
         computed = _propagate_in_workers(todo, traced, mesh, workers, tick)
@@ -181,7 +183,7 @@ def warn_unshardable(configs: dict[str, list[BlockStrategy]], mesh: MeshSpec) ->
 # BlockStrategy depends only on a block's structure, the mesh and torch's DTensor,
 # so it is cached on disk: every command that re-analyses a model (plan,
 # profile workers, bench) then skips DTensor's slow first propagation.
-ANALYSIS_CACHE_VERSION = 13  # bump when a BlockStrategy's contents change; the history is in git
+ANALYSIS_CACHE_VERSION = 14  # bump when a BlockStrategy's contents change; the history is in git
 
 
 def cache_dir() -> Path:

@@ -87,16 +87,23 @@ def device_mesh(spec: MeshSpec, device_type: str = "cpu") -> DeviceMesh:
     return DeviceMesh(device_type, ranks, mesh_dim_names=spec.names)
 
 
+def refuse_real_group() -> None:
+    """Analysis runs on its own fake process group, which cannot replace a real one."""
+    if dist.is_initialized() and dist.get_backend() != "fake":
+        raise CFPError(
+            "Analysis needs its own fake process group, but a real one is already initialised in this process: "
+            "analyse before init_process_group (analyses are cached on disk, so a rank that analyses after it "
+            "reuses one made before it, e.g. by the launching process)."
+        )
+
+
 @contextlib.contextmanager
 def fake_mesh(spec: MeshSpec) -> Iterator[DeviceMesh]:
     """A mesh over the fake process group; restores the caller's state on exit."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    refuse_real_group()
     if dist.is_initialized():
-        if dist.get_backend() != "fake":
-            raise CFPError(
-                "Analysis needs its own fake process group, but a real one is already initialised in this process."
-            )
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=spec.size)
     use_gloo_all_to_all()  # record the all-to-all the ranks run, not DTensor's CPU fallback

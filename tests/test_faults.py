@@ -456,3 +456,29 @@ def test_plan_reports_analysis_progress(tmp_path, monkeypatch, capsys):
     calls = []
     cfp.plan(FAULTY, "2", cost="analytic", on_analysis=lambda done, total: calls.append((done, total)))
     assert calls and calls[0][0] == 0 and calls[-1][0] == calls[-1][1] > 0
+
+
+def test_analysis_after_a_real_process_group_says_why_instead_of_hanging(tmp_path, monkeypatch):
+    """Analysis makes its own fake process group. Under a real one (a rank that analyses after
+    init_process_group, with nothing cached), a forked worker's initializer used to fail and the pool
+    retried it forever; the error is now raised before any worker starts."""
+    import socket
+
+    import torch.distributed as dist
+
+    from cfp.analyze import analyze
+
+    monkeypatch.setenv("CFP_CACHE_DIR", str(tmp_path / "cache"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    traced = cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", device="meta")))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(CFPError, match="analyse before init_process_group"):
+            analyze(traced, parse_mesh("2"), workers=2)
+        assert time.monotonic() - start < 30
+    finally:
+        dist.destroy_process_group()
+    assert len(analyze(traced, parse_mesh("2"), workers=2).blocks) > 0  # and works once the group is gone
