@@ -37,6 +37,8 @@ VIEWS = {
     aten.transpose.int,
     aten.permute.default,
     aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
     aten.slice.Tensor,
     aten.expand.default,
     aten.alias.default,
@@ -98,8 +100,15 @@ def _shape(node: Node) -> tuple[int, ...]:
     return tuple(node.meta["val"].shape)
 
 
+class NotAnAnchor(ValueError):
+    """The op's rule reads a parameter where this node has none (a conv whose weight is computed)."""
+
+
 def _param(arg: Node, traced: TracedModel) -> str:
-    return param_root(arg, traced).name
+    root = param_root(arg, traced)
+    if root is None:
+        raise NotAnAnchor(f"{arg.name} is not a view of a parameter")
+    return root.name
 
 
 @register_anchor(aten.linear.default)

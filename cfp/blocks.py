@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from torch.fx import Node
 
-from cfp.anchors import ANCHOR_RULES, param_root
+from cfp.anchors import ANCHOR_RULES, NotAnAnchor, anchor_letters, param_root
 from cfp.capture import TracedModel
 
 
@@ -55,7 +55,13 @@ def is_anchor(node: Node, traced: TracedModel) -> bool:
     tensors = [a for a in node.all_input_nodes]
     has_param = any(param_root(a, traced) is not None for a in tensors)
     has_activation = any(param_root(a, traced) is None for a in tensors)
-    return has_param and has_activation
+    if not (has_param and has_activation):
+        return False
+    try:  # a parameter where its rule reads none (only a conv's bias) leaves the op to be propagated through
+        anchor_letters(node, traced)
+    except NotAnAnchor:
+        return False
+    return True
 
 
 def prologue(traced: TracedModel) -> list[str]:

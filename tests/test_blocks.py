@@ -313,3 +313,36 @@ def test_a_registered_anchor_starts_a_block_with_its_configs(tmp_path, monkeypat
     assert {"rep", "batch", "seq", "expert"} <= set(strategies)  # D is in activation, parameter and output
     assert strategies["expert"].comm_free
     assert [to_strs(p) for p in strategies["expert"].input_placements] == [[S2], [S0]]
+
+
+def test_a_conv_weight_through_views_anchors_and_a_computed_one_does_not(tmp_path):
+    """Mamba's depthwise conv takes its weight squeezed and unsqueezed: a view, so the conv anchors a block
+    on it. A conv whose weight is computed (here scaled) reads no parameter where its rule reads the weight:
+    it is no anchor (it used to fail analysis), and the linear before it anchors the only block."""
+    path = tmp_path / "convs.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            class Convs(nn.Module):
+                def __init__(self, scaled):
+                    super().__init__()
+                    self.lin = nn.Linear(8, 8)
+                    self.conv = nn.Conv1d(8, 8, 3, groups=8, padding=2)
+                    self.scaled = scaled
+
+                def forward(self, x):
+                    h = self.lin(x).transpose(1, 2)
+                    w = self.conv.weight * 2 if self.scaled else self.conv.weight.squeeze(1).unsqueeze(1)
+                    return nn.functional.conv1d(h, w, self.conv.bias, padding=2, groups=8).sum()
+
+            def build(batch=4, scaled=False, device="cpu", **kw):
+                with torch.device(device):
+                    return Convs(scaled), (torch.randn(batch, 5, 8),)
+            """
+        )
+    )
+    assert [b.anchor for b in graph_of(f"{path}:build").blocks] == ["linear", "conv1d"]
+    assert [b.anchor for b in graph_of(f"{path}:build", scaled=True).blocks] == ["linear"]
