@@ -296,7 +296,8 @@ class DTensorExecutor:
       first, as Megatron does (``_reduce_partial_sums``);
     - a mean loss over split scores or targets is the sum over shards divided
       by the count of targets (``_mean_loss_over_shards``);
-    - a ``view`` that a shard's strides forbid runs as ``reshape``;
+    - a ``view`` that a shard's strides forbid runs as ``reshape``, and an op
+      that views inside (``matmul``) on contiguous inputs;
     - an op DTensor has no rule for runs replicated on whole tensors, and is
       named in ``fallbacks``.
     """
@@ -320,11 +321,14 @@ class DTensorExecutor:
             with implicit_replication(), _attention_kernels(node, args):
                 return node.target(*args, **kwargs)
         except Exception as exc:
-            if node.target is torch.ops.aten.view.default and "view size is not compatible" in str(exc):
+            if _strides_forbid_view(exc):
                 # A local shard's strides can forbid a view the whole tensor allows (a transposed value
-                # split on another dim): reshape computes the same values, copying where it must.
+                # split on another dim): reshape computes the same values, copying where it must; an op
+                # that views inside (matmul folding its batch dims) runs on contiguous inputs.
                 with implicit_replication():
-                    return torch.ops.aten.reshape.default(*args, **kwargs)
+                    if node.target is torch.ops.aten.view.default:
+                        return torch.ops.aten.reshape.default(*args, **kwargs)
+                    return node.target(*_contiguous(args), **kwargs)
             no_rule = isinstance(exc, NotImplementedError) and (
                 "sharding strateg" in str(exc) or "sharding propagation" in str(exc)
             )
@@ -333,6 +337,15 @@ class DTensorExecutor:
         # DTensor has no rule for this op, or its fake kernel fails: run it replicated, which is always correct.
         self.fallbacks.append(str(node.target))
         return _call_replicated(node, args, kwargs, mesh)
+
+
+def _strides_forbid_view(exc: Exception) -> bool:
+    # RuntimeError on real tensors; ValueError from the fake kernel AOTAutograd traces with.
+    return "view size is not compatible" in str(exc) or "Cannot view a tensor with shape" in str(exc)
+
+
+def _contiguous(args: tuple) -> tuple:
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 class GradPlacedLikeValue(torch.autograd.Function):
