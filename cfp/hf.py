@@ -7,22 +7,46 @@ downloaded, no network is used); ``--arg key=value`` overrides config fields
 
 Attention runs through ``scaled_dot_product_attention`` (``attn_implementation
 ="sdpa"``): one aten op per layer, forward and backward, that DTensor shards
-over batch and heads, rather than the dozen ops of the eager path.
+over batch and heads, rather than the dozen ops of the eager path. A model
+transformers has no SDPA attention for (BLOOM, with ALiBi; Mamba, with
+none) is built with ``attn_implementation="eager"``, with a warning.
 transformers is an optional dependency (``pip install cfp[hf]``).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cfp.errors import CFPError
+from cfp.errors import CFPError, CFPWarning
 
 ATTN_IMPLEMENTATION = "sdpa"
 DEFAULT_BATCH, DEFAULT_SEQ = 1, 128
+
+
+def _causal_lm(transformers, target: str, config, device: str, dtype: torch.dtype) -> nn.Module:
+    """The model with SDPA attention, or with eager attention where transformers has no SDPA one for it
+    (BLOOM; models without attention, such as Mamba, refuse the option too)."""
+    try:
+        with torch.device(device):
+            return transformers.AutoModelForCausalLM.from_config(
+                config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype
+            )
+    except ValueError as exc:
+        if ATTN_IMPLEMENTATION not in str(exc) and "scaled_dot_product_attention" not in str(exc):
+            raise
+        warnings.warn(
+            f"hf:{target}: transformers has no {ATTN_IMPLEMENTATION} attention for {type(config).__name__}; "
+            'it is built with attn_implementation="eager"',
+            CFPWarning,
+            stacklevel=3,
+        )
+        with torch.device(device):
+            return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
 
 
 class CausalLMLoss(nn.Module):
@@ -108,10 +132,7 @@ def build(
     config.use_cache = False
     torch.manual_seed(0)
     try:
-        with torch.device(device):
-            lm = transformers.AutoModelForCausalLM.from_config(
-                config, attn_implementation=ATTN_IMPLEMENTATION, dtype=getattr(torch, dtype)
-            )
+        lm = _causal_lm(transformers, target, config, device, getattr(torch, dtype))
     except ValueError as exc:
         raise CFPError(
             f"Model spec hf:{target}: transformers cannot build a causal LM from this config: {exc}"

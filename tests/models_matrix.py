@@ -59,6 +59,10 @@ MATRIX: dict[str, cfp.ModelSpec] = {
     ),
     # Phi: parallel attention and MLP, partial rotary, dense / fc1 / fc2, untied head with a bias.
     "phi": hf("phi", **SMALL),
+    # BLOOM: ALiBi position biases, no SDPA attention in transformers (built with eager attention).
+    "bloom": hf("bloom", n_layer=2, hidden_size=32, n_head=4, vocab_size=128),
+    # Mamba: a state-space model, no attention; depthwise causal conv1d, selective scan (its slow path).
+    "mamba": hf("mamba", num_hidden_layers=2, hidden_size=32, state_size=8, vocab_size=128),
     # torch.nn.TransformerEncoder sequence classifier.
     "encoder": cfp.ModelSpec("examples/zoo.py:encoder", batch=BATCH, seq=SEQ, device="cpu"),
     # CNN with BatchNorm2d (running statistics updated in place).
