@@ -104,6 +104,21 @@ def test_killed_run_resumes(graph, cluster, tmp_path):
     assert resumed.cached == 5 and resumed.measured == graph.profile_jobs - 5
 
 
+def test_store_finds_every_row_added_whenever_its_frame_was_read(tmp_path):
+    """Rows a run adds are framed lazily and looked up through an index: reading the frame between an
+    add and a lookup must not leave the index without the row."""
+    from cfp.profile.store import KEY, SCHEMA
+
+    store = ProfileStore(tmp_path, flush_every_s=1e9)
+    key = {**{col: "x" for col in KEY}, "schema": SCHEMA}
+    store.add({**key, "config": "a", "status": "ok", "total_s": 1.0})
+    assert store.lookup({**key, "config": "a"})["total_s"] == 1.0
+    store.add({**key, "config": "b", "status": "ok", "total_s": 2.0})
+    assert len(store.frame) == 2
+    assert store.lookup({**key, "config": "b"})["total_s"] == 2.0
+    assert store.lookup({**key, "config": "c"}) is None
+
+
 def test_emulated_larger_mesh(cluster, tmp_path):
     # 8 emulated ranks on a 2-core host (a 2-D mesh works too, but DTensor analysis of one takes minutes here)
     spec = cfp.ModelSpec("gpt:tiny", device="cpu", batch=8, seq=16, args={"n_layer": 1})

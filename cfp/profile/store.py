@@ -277,13 +277,14 @@ class ProfileStore:
         if self._added:
             self._stored = pd.concat([self._stored, _frame(self._added)], ignore_index=True)
             self._added = []
+            self._by_key = None  # it misses the rows just framed
         return self._stored
 
     def lookup(self, key: dict) -> dict | None:
         """The stored row with exactly this key (current torch and schema), or None."""
-        if self._by_key is None or self._added:
-            # The last row of a key wins, as in _load.
-            self._by_key = {tuple(row[c] for c in KEY): row for row in self.frame.to_dict("records")}
+        frame = self.frame
+        if self._by_key is None:  # the last row of a key wins, as in _load
+            self._by_key = {tuple(row[c] for c in KEY): row for row in frame.to_dict("records")}
         row = self._by_key.get(tuple(key[c] for c in KEY))
         return None if row is None else dict(row)  # the caller's to change
 
