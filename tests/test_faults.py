@@ -462,16 +462,13 @@ def test_analysis_after_a_real_process_group_says_why_instead_of_hanging(tmp_pat
     """Analysis makes its own fake process group. Under a real one (a rank that analyses after
     init_process_group, with nothing cached), a forked worker's initializer used to fail and the pool
     retried it forever; the error is now raised before any worker starts."""
-    import socket
-
     import torch.distributed as dist
+    from ranks import free_port
 
     from cfp.analyze import analyze
 
     monkeypatch.setenv("CFP_CACHE_DIR", str(tmp_path / "cache"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     traced = cfp.capture(cfp.build(cfp.ModelSpec("gpt:tiny", device="meta")))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
