@@ -53,7 +53,8 @@ KEY = ["fingerprint", "mesh", "backend", "device_kind", "torch_version", "schema
 # schema: the profile rows' (a correction learnt on predictions from rows that measure differently does not fit
 # today's); step_runtime: what a measured step runs, for the same reason on the measured side; feature_set: how a
 # prediction is split into features
-FEATURE_SET = 2  # bump when ``features`` splits differently; 2: storage levels and recomputation are features
+FEATURE_SET = 3  # bump when ``features`` splits or prices differently; 2: storage levels and recomputation are
+# features; 3: transitions and storage levels include the ranks' skew at their collectives (cfp.profile.sync)
 STEP_RUNTIME = 5  # bump when the training step runs differently; 2: ZeRO-3 plans and recomputed blocks lowered;
 # 3: a block's ZeRO gathers in one all-gather, one recompute region per block; 4: AdamW on the local shards;
 # 5: gradients after a mid-backward activation all-reduce bucketed

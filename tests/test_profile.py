@@ -6,17 +6,19 @@ import warnings
 
 import pandas as pd
 import pytest
+from torch.distributed.tensor import Replicate, Shard
 
 import cfp
 from cfp.buckets import BUCKET_BYTES, bucket_key, bucket_keys
 from cfp.cli import main
 from cfp.cluster import load_cluster
-from cfp.costs import unique_transitions
+from cfp.costs import TransitionKey, unique_transitions
 from cfp.mesh import parse_mesh
 from cfp.profile import ProfileStore, analyze_for_profile, profile
 from cfp.profile.calibrate import fit
 from cfp.profile.jobs import combine
 from cfp.profile.store import ProfileTable, StoreWarning, transition_config
+from cfp.profile.sync import combine_sync
 from cfp.storage import StorageTable
 
 SPEC = cfp.ModelSpec("gpt:tiny", device="cpu", batch=2, seq=16)
@@ -208,6 +210,58 @@ def test_combine_counts_no_skew_the_step_does_not_pay():
     assert row["total_max_s"] == 7.0  # the spread still shows the per-iteration maxima (2 + 5)
 
 
+def test_combine_sync_takes_the_mean_wait_for_the_last_rank():
+    """Each iteration the ranks' mean time in the all-reduce minus the least (the last rank's, who waits for no
+    one); the mean over iterations, so that the rare long wait counts as often as a step meets it."""
+    a = {"status": "ok", "times": [1.0, 5.0, 1.0]}
+    b = {"status": "ok", "times": [3.0, 1.0, 1.0]}
+    row = combine_sync([a, b])
+    assert row["forward_s"] == 1.0  # the all-reduce itself: the last rank's time
+    assert row["total_s"] == pytest.approx((1.0 + 2.0 + 0.0) / 3)
+    assert combine_sync([a])["total_s"] == 0.0
+
+
+def _transition_row(key, total_s, forward_s, backward_s):
+    return {
+        "status": "ok",
+        "error": "",
+        "kind": "transition",
+        "class_id": "transition",
+        "config": transition_config(key),
+        "runtime": "lowered",
+        "shape_key": json.dumps(list(key.shape)),
+        "dtype": key.dtype,
+        "total_s": total_s,
+        "total_min_s": total_s,
+        "forward_s": forward_s,
+        "backward_s": backward_s,
+    }
+
+
+def test_every_collective_outside_a_block_pays_the_measured_skew():
+    """A transition's collectives, the ZeRO gathers among them, and a gradient bucket each wait for the last rank
+    in a step; their jobs start from a barrier. A local slice waits for no one."""
+    gather = TransitionKey((8, 4), "float32", (Shard(0),), (Replicate(),))  # all-gather; backward reduce-scatter
+    slice_ = TransitionKey((8, 4), "float32", (Replicate(),), (Shard(0),))  # local; backward all-gather
+    bucket = bucket_key(1, 0)
+    rows = [
+        _transition_row(gather, 0.010, 0.004, 0.006),
+        _transition_row(slice_, 0.005, 0.001, 0.004),
+        _transition_row(bucket, 0.020, 0.020, 0.0),
+    ]
+    sync = {"status": "ok", "error": "", "kind": "sync", "class_id": "sync", "config": "mesh dim 0", "total_s": 0.001}
+    mesh = parse_mesh("2")
+    measured = ProfileTable(pd.DataFrame(rows), mesh=mesh)
+    table = ProfileTable(pd.DataFrame([*rows, sync]), mesh=mesh)
+    assert measured.sync_s(0) == 0.0 and table.sync_s(0) == 0.001
+    assert measured.transition_time(gather) == pytest.approx(0.010)
+    assert table.transition_time(gather) == pytest.approx(0.010 + 2 * 0.001)
+    assert table.transition_phase_s(gather, "forward") == pytest.approx(0.004 + 0.001)
+    assert table.transition_phase_s(slice_, "forward") == pytest.approx(0.001)
+    assert table.transition_phase_s(slice_, "backward") == pytest.approx(0.004 + 0.001)
+    assert table._bucket_s(0) == pytest.approx(0.020 + 0.001)
+
+
 def test_lowered_gradient_reduction_is_priced_as_its_share_of_a_bucket():
     key = bucket_key(1, 0)
     base = {"status": "ok", "error": "", "comm_s": 0.0, "backend": "real"}
@@ -252,12 +306,12 @@ def test_lowered_gradient_reduction_is_priced_as_its_share_of_a_bucket():
         ]
     )
     reduced = {("c", "batch"): {0: BUCKET_BYTES // 2}, ("c", "slow"): {0: BUCKET_BYTES // 2}}
-    table = ProfileTable(rows, reduced=reduced, mesh_ndim=1)
+    table = ProfileTable(rows, reduced=reduced, mesh=parse_mesh("2"))
     # half a bucket, at the bucket's fastest iteration, replaces the block's own reduction
     assert table.block_time("c", "batch") == pytest.approx(0.1 - 0.05 + 0.01)
     assert table.block_phase_s("c", "batch", "reduce") == pytest.approx(0.01)
     # the report's split counts the reduction the same way: 60 ms of timed collectives, 50 of them the reduction
-    cost = ProfileTable(rows.assign(comm_s=0.06), reduced=reduced, mesh_ndim=1).block_cost("c", "batch")
+    cost = ProfileTable(rows.assign(comm_s=0.06), reduced=reduced, mesh=parse_mesh("2")).block_cost("c", "batch")
     assert cost.communication_s == pytest.approx(0.06 - 0.05 + 0.01)
     assert cost.compute_s == pytest.approx(0.06 - cost.communication_s)
     assert table.block_time("c", "slow") == pytest.approx(0.1)  # the interpreter reduces parameter by parameter
@@ -292,9 +346,6 @@ def test_lowered_block_times_leave_out_the_per_call_cost(monkeypatch):
 
 def test_lowered_transition_times_leave_out_the_per_call_cost(monkeypatch):
     # The lowered step runs a redistribution's collectives inside its program, with no call of their own.
-    from torch.distributed.tensor import Replicate, Shard
-
-    from cfp.costs import TransitionKey
     from cfp.mesh import fake_mesh
     from cfp.profile.program import CallProbe, TransitionProgram
 

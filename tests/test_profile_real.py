@@ -72,6 +72,9 @@ def test_real_profile_then_cached(graph, tmp_path, capfd):
     assert first.measured == first.jobs and (first.table.rows["status"] == "ok").all()
     assert "does not support alltoall" not in capfd.readouterr().err  # DTensor's per-rank warning, said in the README
     assert set(first.table.rows["backend"]) == {"real"} and set(first.table.rows["runtime"]) == {"lowered"}
+    sync = first.table.rows[first.table.rows["kind"] == "sync"]  # the ranks' skew, measured once per mesh dim
+    assert list(sync["config"]) == ["mesh dim 0"] and 0 <= sync["total_s"].iloc[0] < 0.1
+    assert first.table.sync_s(0) == sync["total_s"].iloc[0]
     again = profile(graph, SPEC, "real", None, tmp_path, warmup=1, iters=2)
     assert again.measured == 0 and again.cached == first.jobs
 

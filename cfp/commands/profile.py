@@ -167,9 +167,15 @@ def run(args: argparse.Namespace) -> None:
             )
         console.print(table)
     trans = rows[rows["kind"] == "transition"]
+    skew = {
+        int(r["config"].removeprefix("mesh dim ")): r["total_s"]
+        for r in rows[rows["kind"] == "sync"].to_dict("records")
+    }
     console.print(
         f"{result.jobs} jobs: {result.measured} measured, {result.cached} reused from {result.store}; "
-        f"{len(trans)} transitions; backend {args.backend}"
+        f"{len(trans)} transitions; "
+        + "".join(f"skew at a sync point on mesh dim {d}: {_ms(s)} ms; " for d, s in sorted(skew.items()))
+        + f"backend {args.backend}"
         + (
             f" (communication priced by cluster model {cluster.name}; an emulation, not a measurement)"
             if args.backend == "emulated"
@@ -193,6 +199,7 @@ def run(args: argparse.Namespace) -> None:
             "jobs": result.jobs,
             "measured": result.measured,
             "cached": result.cached,
+            "sync_skew_s": skew,
             "wall_s": time.perf_counter() - start,
             "profile_s": result.wall_s,
             "store": result.store,

@@ -35,7 +35,7 @@ from cfp.capture import capture
 from cfp.cluster import ClusterModel
 from cfp.errors import CFPError
 from cfp.mesh import MeshSpec, device_mesh, fake_mesh, launched_rank, launched_world
-from cfp.profile.jobs import Job, RankContext, combine, execute
+from cfp.profile.jobs import Job, RankContext, combine, combine_ranks, execute
 from cfp.profile.program import RUNTIMES
 from cfp.profile.real import ProcessGroupSpec, WorkerPool, cpu_cores, prepare_rank, rank_device
 from cfp.spec import ModelSpec, build
@@ -240,7 +240,7 @@ class PoolBackend:
         if "ok" in statuses and len(statuses) > 1:  # some ranks ran out of memory: the others may be stuck
             self.pool.close()
             self.pool = None
-        return combine(results)
+        return combine_ranks(job, results)
 
 
 class TorchrunBackend:
@@ -326,7 +326,7 @@ class TorchrunBackend:
         failed = [(r, res["error"]) for r, res in enumerate(results) if res["status"] == "error"]
         if failed:
             raise CFPError(f"Rank {failed[0][0]} failed while profiling {job.describe()}: {failed[0][1]}")
-        return combine(results)
+        return combine_ranks(job, results)
 
 
 # -- the registry ------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Profile jobs: what one rank does for a job, and how ranks' results combine.
 
-A job is one (block class, config) or one transition. Every rank of a real
+A job is one (block class, config), one transition, or the ranks' skew at a
+sync point over one mesh dimension (``cfp.profile.sync``). Every rank of a real
 process group (or the single process of the emulated backend) runs
 ``execute`` and returns its per-iteration phase times; ``combine`` takes,
 per iteration, the max over ranks (the step waits for the slowest rank),
@@ -17,19 +18,23 @@ import torch
 from cfp.costs import TransitionKey
 from cfp.placements import to_strs
 from cfp.profile.program import BlockProgram, TransitionProgram
+from cfp.profile.sync import combine_sync, measure_sync
 
 
 @dataclass(frozen=True)
 class Job:
-    kind: str  # "block" or "transition"
+    kind: str  # "block", "transition" or "sync"
     class_id: str = ""
     config: str = ""
+    mesh_dim: int = 0  # a sync job's
     transition: TransitionKey | None = None
     runtime: str = "lowered"  # how the program runs (cfp.profile.program.RUNTIMES)
 
     def describe(self) -> str:
         if self.kind == "block":
             return f"block class {self.class_id} config {self.config!r}"
+        if self.kind == "sync":
+            return f"skew at a sync point on mesh dim {self.mesh_dim}"
         k = self.transition
         return f"transition {k.shape} {k.dtype} {'/'.join(to_strs(k.src))} -> {'/'.join(to_strs(k.dst))}"
 
@@ -63,6 +68,8 @@ def execute(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int = 0) 
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        if job.kind == "sync":
+            return measure_sync(ctx.mesh, job.mesh_dim, ctx.device, warmup, iters)
         if job.kind == "block":
             graph = ctx.graph
             block = graph.blocks[graph.classes[job.class_id][0]]
@@ -91,6 +98,11 @@ def execute(ctx: RankContext, job: Job, warmup: int, iters: int, seed: int = 0) 
         # stored as infeasible with its reason: the ILP avoids it and the run goes on.
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
         return {"status": "oom" if _is_oom(exc) else "failed", "error": reason}
+
+
+def combine_ranks(job: Job, results: list[dict]) -> dict:
+    """The real backend's ranks' results for ``job`` -> its row's measurements."""
+    return combine_sync(results) if job.kind == "sync" else combine(results)
 
 
 def combine(results: list[dict], comm_priced: dict[str, float] | None = None) -> dict:

@@ -1,7 +1,8 @@
 """Profiling a BlockGraph: jobs, the store, and the resulting ProfileTable.
 
 ``profile`` lists the jobs (one per valid block class and config, one per
-unique transition), looks each up in the store, and runs the missing ones on
+unique transition, and on the real backend one per mesh dimension timing the
+ranks' skew at a sync point, ``cfp.profile.sync``), looks each up in the store, and runs the missing ones on
 a backend from the registry ``BACKENDS`` (``cfp.profile.backends``: ``real``,
 a pool of processes or a ``torchrun`` job's ranks, and ``emulated``);
 ``backend.name`` is recorded in every row.
@@ -76,6 +77,10 @@ def transition_jobs(graph: BlockGraph, runtime: str = "lowered") -> list[Job]:
     return [Job("transition", transition=k, runtime=runtime) for k in keys]
 
 
+def sync_jobs(mesh: MeshSpec, runtime: str = "lowered") -> list[Job]:
+    return [Job("sync", mesh_dim=d, runtime=runtime) for d, n in enumerate(mesh.shape) if n > 1]
+
+
 def job_key(
     job: Job, graph: BlockGraph, mesh: MeshSpec, backend: str, device: str, cluster: ClusterModel | None
 ) -> dict:
@@ -105,6 +110,8 @@ def job_key(
             "shape_key": json.dumps(shapes),
             "dtype": dtype,
         }
+    if job.kind == "sync":
+        return {**common, "class_id": "sync", "config": f"mesh dim {job.mesh_dim}", "shape_key": "", "dtype": ""}
     k = job.transition
     return {
         **common,
@@ -171,7 +178,9 @@ def profile(
         runner = make_backend(backend, BackendSetup(spec, graph, cluster, device_type, timeout_s))
     if runtime not in runner.runtimes:
         runtime = runner.runtimes[0]
-    jobs = block_jobs(graph, runtime) + (transition_jobs(graph, runtime) if transitions else [])
+    jobs = block_jobs(graph, runtime)
+    if transitions:  # the skew is added to transitions' collectives: only the real backend's miss it
+        jobs += transition_jobs(graph, runtime) + (sync_jobs(mesh, runtime) if runner.name == "real" else [])
     keys = [job_key(job, graph, mesh, runner.name, dev, cluster) for job in jobs]
     with contextlib.ExitStack() as measuring, runner:
         stored = [store.lookup(key) for key in keys] if runner.writes else None
@@ -206,7 +215,7 @@ def profile(
     }
     reduced = {(c, s.config.name): reduced_bytes(s) for c, strategies in graph.strategies.items() for s in strategies}
     table = ProfileTable(
-        pd.DataFrame(rows), name=f"profiled-{runner.name}", provenance=provenance, reduced=reduced, mesh_ndim=mesh.ndim
+        pd.DataFrame(rows), name=f"profiled-{runner.name}", provenance=provenance, reduced=reduced, mesh=mesh
     )
     noisy = table.noisy()
     if len(noisy):

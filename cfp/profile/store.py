@@ -40,10 +40,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from cfp.analytic import redistribute_collectives
 from cfp.buckets import BUCKET_BYTES, bucket_key
 from cfp.cluster import CLUSTERS_DIR
 from cfp.costs import BlockCost, TransitionKey
 from cfp.errors import CFPError, CFPWarning
+from cfp.mesh import MeshSpec, parse_mesh
 from cfp.placements import to_strs
 
 SCHEMA = 16  # bump when what a row measures changes (rows of another schema are re-measured); the history is in git
@@ -332,18 +334,7 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = None
     df = df[KEY + VALUES]
-    for col in (
-        "forward_s",
-        "backward_s",
-        "reduce_s",
-        "optimizer_s",
-        "comm_s",
-        "total_s",
-        "total_min_s",
-        "total_max_s",
-        "total_iqr_s",
-        "measured_at",
-    ):
+    for col in (*TIMES, "measured_at"):
         df[col] = df[col].astype("float64")
     for col in ("iters", "memory_bytes", "collectives", "comm_bytes"):
         df[col] = df[col].fillna(0).astype("int64")
@@ -368,6 +359,13 @@ class ProfileTable:
     (``cfp.buckets.bucket_key``) time per byte. Without it, or for the
     interpreted runtime (which reduces parameter by parameter), a row's
     measured reduction stands.
+
+    Sync rows (``cfp.profile.sync``, real backend) give each mesh dimension's
+    skew: what a collective costs more in a step, where it waits for the last
+    rank's compute, than in its transition job, which starts from a barrier.
+    Every collective of a transition (a ZeRO gather or reduce-scatter among
+    them) and every bucket of the gradient reduction pays it once; without
+    sync rows, nothing.
     """
 
     def __init__(
@@ -376,18 +374,22 @@ class ProfileTable:
         name: str = "profiled",
         provenance: dict | None = None,
         reduced: dict[tuple[str, str], dict[int, int]] | None = None,
-        mesh_ndim: int = 1,
+        mesh: MeshSpec | None = None,
     ):
         self.rows = rows.reset_index(drop=True)
         self.name = name
         self.provenance = dict(provenance or {})
         self.reduced = reduced or {}
-        self.mesh_ndim = mesh_ndim
+        self.mesh = mesh or parse_mesh("1")
         self._blocks: dict[tuple[str, str], dict] = {}
         self._transitions: dict[tuple, dict] = {}
+        self._sync_s: dict[int, float] = {}
         for row in self.rows.to_dict("records"):
             if row["kind"] == "block":
                 self._blocks[(row["class_id"], row["config"])] = row
+            elif row["kind"] == "sync":
+                ok = row["status"] == "ok" and math.isfinite(row["total_s"])
+                self._sync_s[int(row["config"].removeprefix("mesh dim "))] = float(row["total_s"]) if ok else 0.0
             else:
                 self._transitions[(row["shape_key"], row["dtype"], row["config"])] = row
 
@@ -401,7 +403,8 @@ class ProfileTable:
         if rows.empty:
             return rows
         spread = rows["total_iqr_s"].astype("float64") / rows["total_s"].astype("float64")
-        return rows[(rows["status"] == "ok") & (spread > NOISY_SPREAD)]
+        # a sync row's skew is the mean of small waits, most near 0 and a few long: its spread is large by nature
+        return rows[(rows["status"] == "ok") & (spread > NOISY_SPREAD) & (rows["kind"] != "sync")]
 
     def _time(self, row: dict | None, what: str) -> float:
         if row is None:
@@ -432,10 +435,10 @@ class ProfileTable:
         """A full bucket's all-reduce over ``dim``: its fastest iteration. One large collective on a shared
         host is bimodal (23 or 87 ms for the same 25 MB on 2 gloo ranks, iteration to iteration), and the
         step's bucketed reduction runs near the fast mode (13 MB in about 20 ms)."""
-        key = bucket_key(self.mesh_ndim, dim)
+        key = bucket_key(self.mesh.ndim, dim)
         if not math.isfinite(self.transition_time(key)):
             return math.inf
-        return float(self._transition_row(key)["total_min_s"])
+        return float(self._transition_row(key)["total_min_s"]) + self.sync_s(dim)
 
     def block_failure(self, class_id: str, config: str) -> str:
         """Why a block config has no finite time (its status and error), or "" if it ran."""
@@ -462,16 +465,27 @@ class ProfileTable:
     def _transition_row(self, key: TransitionKey) -> dict | None:
         return self._transitions.get((json.dumps(list(key.shape)), key.dtype, transition_config(key)))
 
+    def sync_s(self, dim: int) -> float:
+        """Mesh dim ``dim``'s skew: what a collective over it pays more in a step than from a barrier."""
+        return self._sync_s.get(dim, 0.0)
+
+    def _skew_s(self, key: TransitionKey, phase: str | None = None) -> float:
+        """The skew the collectives of a transition pay (those of ``phase``, or all)."""
+        return sum(
+            self.sync_s(dim) for _, dim, _, ph in redistribute_collectives(key, self.mesh) if phase in (None, ph)
+        )
+
     def transition_time(self, key: TransitionKey) -> float:
         if key.is_noop:
             return 0.0
         row = self._transition_row(key)
-        return self._time(row, f"transition {key}")
+        return self._time(row, f"transition {key}") + self._skew_s(key)
 
     def transition_phase_s(self, key: TransitionKey, phase: str) -> float:
-        """The measured ``forward`` or ``backward`` of a transition (a parameter's all-gather is its forward)."""
+        """The ``forward`` or ``backward`` of a transition as a step pays it (a parameter's all-gather is its
+        forward): measured, plus its collectives' skew."""
         if key.is_noop:
             return 0.0
         if not math.isfinite(self.transition_time(key)):
             return math.inf
-        return float(self._transition_row(key)[f"{phase}_s"])
+        return float(self._transition_row(key)[f"{phase}_s"]) + self._skew_s(key, phase)
