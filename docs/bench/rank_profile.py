@@ -4,8 +4,9 @@ rank's share of the batch (one thread, as each rank has).
     cfp plan gpt:small --batch 8 --mesh 2 --cost analytic --baseline dp -o /tmp/dp.json
     python docs/bench/rank_profile.py /tmp/dp.json [--bucket-mb 2] [--steps 12]
 
-Prints both step times (sorted), the plan's collectives and their waits, and the ops that took the most
-self time in each. ``--bucket-mb`` changes the gradient bucket size of the lowered program
+Prints both step times (sorted), the process's CPU time and context switches per step (``getrusage``: every
+thread, gloo's included), the plan's collectives and their waits, and the ops that took the most self time in
+each. ``--bucket-mb`` changes the gradient bucket size of the lowered program
 (``cfp.lower.BUCKET_MB``, 25 MB as DDP's) for this run. One gloo rank per mesh device, on CPU.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import socket
 import time
 
@@ -52,8 +54,26 @@ def training_step(model, inputs, opt):
     return step
 
 
-def report(title: str, times: list[float], prof) -> None:
+def timed_with_usage(step, steps: int, barrier=None) -> tuple[list[float], str]:
+    """Step times, and per step what the whole process (every thread) used of the CPU meanwhile."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    times = timed(step, steps, barrier)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+
+    def per_step(field: str) -> float:
+        return (getattr(after, field) - getattr(before, field)) / steps
+
+    usage = (
+        f"per step: user {per_step('ru_utime') * 1e3:.0f} ms, system {per_step('ru_stime') * 1e3:.0f} ms, "
+        f"{per_step('ru_nivcsw'):.0f} preemptions, {per_step('ru_nvcsw'):.0f} waits, "
+        f"{per_step('ru_minflt'):.0f} page faults"
+    )
+    return times, usage
+
+
+def report(title: str, times: list[float], usage: str, prof) -> None:
     print(f"{title}: step ms {sorted(round(t * 1e3, 1) for t in times)}")
+    print(f"  {usage}")
     for e in prof.key_averages(group_by_input_shape=True):
         if "c10d" in e.key or "wait_tensor" in e.key:
             per_step = e.self_cpu_time_total / 1e3 / PROFILED_STEPS
@@ -72,11 +92,11 @@ def rank(rank: int, world: int, port: int, args) -> None:
     model = parallelize(workload.model, args.plan, example_inputs=workload.inputs)
     step = training_step(model, workload.inputs, adamw(model.parameters(), lr=1e-3))
     timed(step, 3, dist.barrier)
-    times = timed(step, args.steps, dist.barrier)
+    times, usage = timed_with_usage(step, args.steps, dist.barrier)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         timed(step, PROFILED_STEPS, dist.barrier)
     if rank == 0:
-        report(f"plan {args.plan}, rank 0 of {world}", times, prof)
+        report(f"plan {args.plan}, rank 0 of {world}", times, usage, prof)
     dist.destroy_process_group()
 
 
@@ -88,10 +108,10 @@ def plain(args, world: int) -> None:
     inputs = batch_share(workload.inputs, 0, world)
     step = training_step(workload.model, inputs, adamw(workload.model.parameters(), lr=1e-3))
     timed(step, 3)
-    times = timed(step, args.steps)
+    times, usage = timed_with_usage(step, args.steps)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         timed(step, PROFILED_STEPS)
-    report(f"plain model on 1/{world} of the batch, one thread", times, prof)
+    report(f"plain model on 1/{world} of the batch, one thread", times, usage, prof)
 
 
 def main() -> None:
