@@ -2,8 +2,8 @@
 
 ``profile`` lists the jobs (one per valid block class and config, one per
 unique transition, and on the real backend one per mesh dimension timing the
-ranks' skew at a sync point, ``cfp.profile.sync``), looks each up in the store, and runs the missing ones on
-a backend from the registry ``BACKENDS`` (``cfp.profile.backends``: ``real``,
+ranks' skew at a sync point, ``cfp.profile.sync``), looks each up in the
+store, and runs the missing ones on a backend from the registry ``BACKENDS`` (``cfp.profile.backends``: ``real``,
 a pool of processes or a ``torchrun`` job's ranks, and ``emulated``);
 ``backend.name`` is recorded in every row.
 """
@@ -179,7 +179,7 @@ def profile(
     if runtime not in runner.runtimes:
         runtime = runner.runtimes[0]
     jobs = block_jobs(graph, runtime)
-    if transitions:  # the skew is added to transitions' collectives: only the real backend's miss it
+    if transitions:  # real transition jobs start from a barrier, so miss the skew; one emulated process has none
         jobs += transition_jobs(graph, runtime) + (sync_jobs(mesh, runtime) if runner.name == "real" else [])
     keys = [job_key(job, graph, mesh, runner.name, dev, cluster) for job in jobs]
     with contextlib.ExitStack() as measuring, runner:

@@ -18,7 +18,9 @@ least. Means, not medians: a step sums many sync points, so the rare long
 wait counts at its rate. On 2 gloo CPU ranks sharing 2 cores it measured
 0.3-0.4 ms a sync point after bursts of 2 to 8 ms (the same size either
 way), as much as the all-reduce itself. ``ProfileTable`` adds it to every
-collective a transition or a gradient bucket runs.
+collective a transition or a gradient bucket runs. On a mesh of several
+dimensions the barrier is the world's and the least is over every rank, the
+groups along ``dim`` taken together.
 """
 
 from __future__ import annotations
