@@ -3,9 +3,10 @@
 ``profile`` lists the jobs (one per valid block class and config, one per
 unique transition, and on the real backend one per mesh dimension timing the
 ranks' skew at a sync point, ``cfp.profile.sync``), looks each up in the
-store, and runs the missing ones on a backend from the registry ``BACKENDS`` (``cfp.profile.backends``: ``real``,
-a pool of processes or a ``torchrun`` job's ranks, and ``emulated``);
-``backend.name`` is recorded in every row.
+store, and runs the missing ones on a backend from the registry
+``BACKENDS`` (``cfp.profile.backends``: ``real``, a pool of processes or a
+``torchrun`` job's ranks, and ``emulated``); ``backend.name`` is recorded in
+every row.
 """
 
 from __future__ import annotations
