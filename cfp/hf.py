@@ -31,11 +31,13 @@ DEFAULT_BATCH, DEFAULT_SEQ = 1, 128
 def _causal_lm(transformers, target: str, config, device: str, dtype: torch.dtype) -> nn.Module:
     """The model with SDPA attention, or with eager attention where transformers has no SDPA one for it
     (BLOOM; models without attention, such as Mamba, refuse the option too)."""
-    try:
+
+    def build_with(attention: str) -> nn.Module:
         with torch.device(device):
-            return transformers.AutoModelForCausalLM.from_config(
-                config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype
-            )
+            return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
+
+    try:
+        return build_with(ATTN_IMPLEMENTATION)
     except ValueError as exc:
         if ATTN_IMPLEMENTATION not in str(exc) and "scaled_dot_product_attention" not in str(exc):
             raise
@@ -45,8 +47,7 @@ def _causal_lm(transformers, target: str, config, device: str, dtype: torch.dtyp
             CFPWarning,
             stacklevel=3,
         )
-        with torch.device(device):
-            return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
+        return build_with("eager")
 
 
 class CausalLMLoss(nn.Module):

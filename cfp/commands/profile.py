@@ -167,10 +167,7 @@ def run(args: argparse.Namespace) -> None:
             )
         console.print(table)
     trans = rows[rows["kind"] == "transition"]
-    skew = {
-        int(r["config"].removeprefix("mesh dim ")): r["total_s"]
-        for r in rows[rows["kind"] == "sync"].to_dict("records")
-    }
+    skew = result.table.sync_skew_s
     console.print(
         f"{result.jobs} jobs: {result.measured} measured, {result.cached} reused from {result.store}; "
         f"{len(trans)} transitions; "

@@ -383,13 +383,13 @@ class ProfileTable:
         self.mesh = mesh or parse_mesh("1")
         self._blocks: dict[tuple[str, str], dict] = {}
         self._transitions: dict[tuple, dict] = {}
-        self._sync_s: dict[int, float] = {}
+        self.sync_skew_s: dict[int, float] = {}  # mesh dim -> its sync row's skew
         for row in self.rows.to_dict("records"):
             if row["kind"] == "block":
                 self._blocks[(row["class_id"], row["config"])] = row
             elif row["kind"] == "sync":
                 ok = row["status"] == "ok" and math.isfinite(row["total_s"])
-                self._sync_s[int(row["config"].removeprefix("mesh dim "))] = float(row["total_s"]) if ok else 0.0
+                self.sync_skew_s[int(row["config"].removeprefix("mesh dim "))] = float(row["total_s"]) if ok else 0.0
             else:
                 self._transitions[(row["shape_key"], row["dtype"], row["config"])] = row
 
@@ -467,7 +467,7 @@ class ProfileTable:
 
     def sync_s(self, dim: int) -> float:
         """Mesh dim ``dim``'s skew: what a collective over it pays more in a step than from a barrier."""
-        return self._sync_s.get(dim, 0.0)
+        return self.sync_skew_s.get(dim, 0.0)
 
     def _skew_s(self, key: TransitionKey, phase: str | None = None) -> float:
         """The skew the collectives of a transition pay (those of ``phase``, or all)."""

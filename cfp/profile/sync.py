@@ -36,9 +36,8 @@ BURST_S = 0.004  # compute before the all-reduce: about a block phase of the sma
 MIN_ITERS = 50  # the mean of a small, skewed difference: more iterations than a block job's, at a few ms each
 
 
-def _burst_count(work, device: str, group) -> int:
+def _burst_count(work, sync, device: str, group) -> int:
     """Matmuls in ``BURST_S``: timed here, the most any rank needs, so every rank computes the same."""
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     work()
     sync()
     start = time.perf_counter()
@@ -61,7 +60,7 @@ def measure_sync(mesh, dim: int, device: str, warmup: int, iters: int) -> dict:
     def work():
         a @ a
 
-    count = _burst_count(work, device, group)
+    count = _burst_count(work, sync, device, group)
     times = []
     for i in range(warmup + max(iters, MIN_ITERS)):
         dist.barrier()
