@@ -161,6 +161,85 @@ def _without_partial_graph():
         sys.stderr.write(buffer.getvalue())
 
 
+def inline_grad_regions(gm: torch.fx.GraphModule) -> None:
+    """Inline the ``torch.no_grad()`` (and ``enable_grad``) regions of a forward into its graph.
+
+    torch.export keeps a region whose grad mode differs from the trace's as a
+    ``wrap_with_set_grad_enabled`` call of a submodule (a MoE router's
+    sparsemixer under ``no_grad``, in transformers' PhiMoE): its nodes are
+    not the graph's, so blocks, propagation and profiles would not see them.
+    Inlined, its ops are ordinary ones, and a ``no_grad`` region's outputs
+    are detached, so no gradient flows back through them, as in the model.
+    """
+    hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+    graph = gm.graph
+    while regions := graph.find_nodes(op="call_function", target=hop):
+        for node in regions:
+            enabled, submodule, *operands = node.args
+            body = getattr(gm, submodule.target)
+            env = dict(zip(body.graph.find_nodes(op="placeholder"), operands))
+            with graph.inserting_before(node):
+                for inner in body.graph.nodes:
+                    if inner.op == "placeholder":
+                        continue
+                    if inner.op == "output":
+                        outputs = torch.fx.node.map_arg(inner.args[0], env.__getitem__)
+                        break
+                    if inner.op == "get_attr":  # a nested region's submodule
+                        name = _free_attr(gm, inner.target)
+                        setattr(gm, name, getattr(body, inner.target))
+                        env[inner] = graph.get_attr(name)
+                        env[inner].meta = dict(inner.meta)
+                        continue
+                    env[inner] = graph.node_copy(inner, env.__getitem__)
+                if not enabled:
+                    outputs = type(outputs)(_detached(graph, out) for out in outputs)
+            for user in list(node.users):
+                if user.target is not operator.getitem:
+                    raise CFPError(f"A grad-mode region's result is read by {user.format_node()}, not indexed.")
+                user.replace_all_uses_with(outputs[user.args[1]])
+                graph.erase_node(user)
+            graph.erase_node(node)
+            if not submodule.users:
+                graph.erase_node(submodule)
+                delattr(gm, submodule.target)
+    graph.lint()
+    gm.recompile()
+
+
+def _refuse_data_dependent_shapes(graph: torch.fx.Graph, spec: str) -> None:
+    """A shape computed from tensor values (tokens per expert, split by ``.tolist()``) is a symbol in the graph.
+    Blocks are profiled and sharded at the example's shapes, so CFP needs every shape static."""
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not all(isinstance(d, int) for d in val.shape):
+            producer = node.args[0] if node.target is operator.getitem else node
+            raise CFPError(
+                f"Model {spec!r} has data-dependent shapes: {node.name} is {list(val.shape)}, sized by tensor "
+                f"values ({producer.target}). CFP profiles and shards the example's shapes, so every shape must be "
+                f"static: route tokens with a fixed capacity (dense dispatch, as examples/moe.py does) instead of "
+                f"splitting them by their counts."
+            )
+
+
+def _free_attr(gm: torch.nn.Module, name: str) -> str:
+    candidate, i = name, 0
+    while hasattr(gm, candidate):
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
+
+
+def _detached(graph: torch.fx.Graph, node):
+    if not (isinstance(node, Node) and isinstance(node.meta.get("val"), torch.Tensor)):
+        return node
+    if not node.meta["val"].is_floating_point():
+        return node  # nothing to cut: no gradient reaches an integer or bool tensor
+    detached = graph.call_function(torch.ops.aten.detach.default, (node,))
+    detached.meta = {**node.meta, "val": node.meta["val"].detach()}
+    return detached
+
+
 def capture(workload: Workload) -> TracedModel:
     """Export the workload's training step (forward to the loss)."""
     model, inputs = workload.model, workload.inputs
@@ -174,6 +253,8 @@ def capture(workload: Workload) -> TracedModel:
             f"{type(exc).__name__}: {first_line} CFP needs a graph without "
             f"data-dependent control flow; run with --debug for the traceback."
         ) from exc
+    inline_grad_regions(exported.graph_module)
+    _refuse_data_dependent_shapes(exported.graph, workload.spec.spec)
     loss = [n for n in exported.graph.nodes if n.op == "output"][0].args[0]
     if not (len(loss) == 1 and isinstance(loss[0].meta.get("val"), torch.Tensor) and loss[0].meta["val"].dim() == 0):
         raise CFPError(

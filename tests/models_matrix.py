@@ -65,6 +65,8 @@ MATRIX: dict[str, cfp.ModelSpec] = {
     "mamba": hf("mamba", num_hidden_layers=2, hidden_size=32, state_size=8, vocab_size=128),
     # torch.nn.TransformerEncoder sequence classifier.
     "encoder": cfp.ModelSpec("examples/zoo.py:encoder", batch=BATCH, seq=SEQ, device="cpu"),
+    # Dense top-1 experts whose router picks and scales under torch.no_grad() (straight-through).
+    "router": cfp.ModelSpec("examples/zoo.py:router", batch=BATCH, seq=SEQ, device="cpu"),
     # CNN with BatchNorm2d (running statistics updated in place).
     "convnet": cfp.ModelSpec("examples/zoo.py:convnet", batch=4, seq=8, device="cpu"),
 }

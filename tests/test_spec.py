@@ -3,6 +3,7 @@
 import textwrap
 
 import pytest
+import torch
 
 import cfp
 from cfp.errors import CFPError
@@ -88,6 +89,42 @@ def test_untraceable_model(tmp_path):
         )
     )
     with pytest.raises(CFPError, match="cannot be traced by torch.export"):
+        cfp.capture(build(f"{path}:build", device="cpu"))
+
+
+def test_no_grad_regions_are_inlined_and_their_results_detached():
+    """torch.export keeps a no_grad region as a submodule call; capture makes its ops the graph's own
+    (tests/test_models.py checks that every plan of this model trains as one device does)."""
+    traced = cfp.capture(build("examples/zoo.py:router", device="cpu"))
+    targets = [n.target for n in traced.graph.nodes]
+    assert torch.ops.higher_order.wrap_with_set_grad_enabled not in targets
+    assert targets.count(torch.ops.aten.detach.default) == 2  # each layer's scaled pick, a float
+    assert all("val" in n.meta for n in traced.graph.nodes if n.op != "output")
+
+
+def test_data_dependent_shapes_are_refused(tmp_path):
+    path = tmp_path / "split.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            class SplitByCounts(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.lin = nn.Linear(4, 4)
+
+                def forward(self, x, counts):
+                    parts = torch.split(self.lin(x), counts.tolist())  # sizes from tensor values
+                    return sum(p.sum() for p in parts)
+
+            def build(**kw):
+                return SplitByCounts(), (torch.randn(6, 4), torch.tensor([2, 4]))
+            """
+        )
+    )
+    with pytest.raises(CFPError, match="data-dependent shapes.*every shape must be static"):
         cfp.capture(build(f"{path}:build", device="cpu"))
 
 
