@@ -161,7 +161,7 @@ def _without_partial_graph():
         sys.stderr.write(buffer.getvalue())
 
 
-def inline_grad_regions(gm: torch.fx.GraphModule) -> None:
+def _inline_grad_regions(gm: torch.fx.GraphModule) -> None:
     """Inline the ``torch.no_grad()`` (and ``enable_grad``) regions of a forward into its graph.
 
     torch.export keeps a region whose grad mode differs from the trace's as a
@@ -253,7 +253,7 @@ def capture(workload: Workload) -> TracedModel:
             f"{type(exc).__name__}: {first_line} CFP needs a graph without "
             f"data-dependent control flow; run with --debug for the traceback."
         ) from exc
-    inline_grad_regions(exported.graph_module)
+    _inline_grad_regions(exported.graph_module)
     _refuse_data_dependent_shapes(exported.graph, workload.spec.spec)
     loss = [n for n in exported.graph.nodes if n.op == "output"][0].args[0]
     if not (len(loss) == 1 and isinstance(loss[0].meta.get("val"), torch.Tensor) and loss[0].meta["val"].dim() == 0):
