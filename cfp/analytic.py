@@ -26,7 +26,7 @@ import operator
 
 import torch
 
-from cfp.anchors import VIEWS
+from cfp.anchors import VIEWS, is_view
 from cfp.cluster import ClusterModel
 from cfp.costs import BlockCost, CostSetup, TransitionKey, register_cost_model
 from cfp.errors import CFPError
@@ -165,7 +165,7 @@ class AnalyticCosts:
             flops = traced.flops.get(name, 0) / factor
             val = node.meta.get("val")
             vals = [v for v in (val if isinstance(val, (tuple, list)) else [val]) if isinstance(v, torch.Tensor)]
-            if node.target in NO_TRAFFIC or not vals:
+            if node.target in NO_TRAFFIC or is_view(node) or not vals:
                 out_bytes = 0.0
             else:
                 shard = 1

@@ -29,7 +29,9 @@ aten = torch.ops.aten
 
 # Ops through which a parameter is only re-viewed on its way to an anchor. A
 # view is not a property of one anchor: any anchor, and the cut itself
-# (``blocks.partition``), sees through it to the parameter.
+# (``blocks.partition``), sees through it to the parameter. Besides these, any
+# op whose schema makes its one result a view of its input is one
+# (``OpOverload.is_view``: ``numpy_T`` for ``weight.T``, ``mT``, ``select``, ...).
 VIEWS = {
     aten.t.default,
     aten.view.default,
@@ -45,9 +47,19 @@ VIEWS = {
 }
 
 
+def is_view(node: Node) -> bool:
+    """Whether ``node``'s result is a view of its first argument."""
+    if node.op != "call_function" or not isinstance(node.target, OpOverload) or not node.args:
+        return False
+    if node.target in VIEWS:
+        return True
+    returns = node.target._schema.returns
+    return node.target.is_view and len(returns) == 1 and isinstance(node.meta.get("val"), torch.Tensor)
+
+
 def param_root(node: Node, traced: TracedModel) -> Node | None:
     """The parameter placeholder a node is a view of, if it is one."""
-    while node.op == "call_function" and node.target in VIEWS:
+    while is_view(node) and isinstance(node.args[0], Node):
         node = node.args[0]
     if node.op == "placeholder" and node.name in traced.params:
         return node
@@ -104,19 +116,47 @@ class NotAnAnchor(ValueError):
     """The op's rule reads a parameter where this node has none (a conv whose weight is computed)."""
 
 
-def _param(arg: Node, traced: TracedModel) -> str:
+def _param(arg: Node, letters: str, traced: TracedModel) -> tuple[str, str]:
+    """The parameter ``arg`` is a view of, and the letters of the parameter's own dimensions, given ``letters`` for
+    the view's.
+
+    A view lays its dimensions over the parameter's memory: a parameter
+    dimension takes the letter of the view dimension with its stride and size
+    (``weight.T`` swaps the letters back), or, split into several view
+    dimensions, that of the outermost (sharding it shards the parameter
+    dimension in contiguous chunks). A dimension no view dimension covers
+    alone (merged with another, broadcast) gets a letter no other operand has,
+    so it is never sharded.
+    """
     root = param_root(arg, traced)
     if root is None:
         raise NotAnAnchor(f"{arg.name} is not a view of a parameter")
-    return root.name
+    if arg is root:
+        return root.name, letters
+    view, param = arg.meta["val"], root.meta["val"]
+    dims = [(size, stride, letter) for size, stride, letter in zip(view.shape, view.stride(), letters) if size > 1]
+    own = iter(UNSHARED)
+    root_letters = ""
+    for size, stride in zip(param.shape, param.stride()):
+        covered, letter = 1, None
+        while covered < size:  # walk outward from the view dimension at this one's stride
+            inner = next(((s, ltr) for s, st, ltr in dims if st == stride * covered), None)
+            if inner is None:
+                break
+            covered, letter = covered * inner[0], inner[1]
+        root_letters += letter if covered == size and letter is not None else next(own)
+    return root.name, root_letters
+
+
+UNSHARED = "".join(chr(c) for c in range(0x3B1, 0x3C9))  # Greek: letters of parameter dimensions no view covers alone
 
 
 @register_anchor(aten.linear.default)
 def _linear(anchor: Node, traced: TracedModel) -> AnchorLetters:
     lead = BATCH[: len(_shape(anchor.args[0])) - 1]
-    params = {_param(anchor.args[1], traced): "NK"}
+    params = dict([_param(anchor.args[1], "NK", traced)])
     if len(anchor.args) > 2 and anchor.args[2] is not None:
-        params[_param(anchor.args[2], traced)] = "N"
+        params.update([_param(anchor.args[2], "N", traced)])
     return AnchorLetters(lead + "K", params, lead + "N")
 
 
@@ -124,16 +164,16 @@ def _linear(anchor: Node, traced: TracedModel) -> AnchorLetters:
 def _addmm(anchor: Node, traced: TracedModel) -> AnchorLetters:
     """bias + activation @ weight, the weight stored [in, out] (Hugging Face's Conv1D)."""
     bias, weight = anchor.args[0], anchor.args[2]
-    params = {_param(weight, traced): "KN"}
+    params = dict([_param(weight, "KN", traced)])
     if param_root(bias, traced) is not None:
-        params[_param(bias, traced)] = "N"
+        params.update([_param(bias, "N", traced)])
     return AnchorLetters("bK", params, "bN")
 
 
 @register_anchor(aten.embedding.default)
 def _embedding(anchor: Node, traced: TracedModel) -> AnchorLetters:
     lead = BATCH[: len(_shape(anchor.args[1]))]
-    return AnchorLetters(lead, {_param(anchor.args[0], traced): "VD"}, lead + "D")
+    return AnchorLetters(lead, dict([_param(anchor.args[0], "VD", traced)]), lead + "D")
 
 
 @register_anchor(aten.einsum.default)
@@ -142,7 +182,7 @@ def _einsum(anchor: Node, traced: TracedModel) -> AnchorLetters:
     act, params = "", {}
     for letters, arg in zip(lhs.split(","), anchor.args[1]):
         if param_root(arg, traced) is not None:
-            params[_param(arg, traced)] = letters
+            params.update([_param(arg, letters, traced)])
         else:
             act = letters
     return AnchorLetters(act, params, out)
@@ -156,12 +196,12 @@ def _matmul(anchor: Node, traced: TracedModel) -> AnchorLetters:
     a_letters = lead[len(lead) - (len(a_shape) - 2) :] + "MK"
     b_letters = lead[len(lead) - (len(b_shape) - 2) :] + "KN" if len(b_shape) > 1 else "K"
     if param_root(b, traced) is not None:
-        return AnchorLetters(a_letters, {_param(b, traced): b_letters}, lead + "MN")
-    return AnchorLetters(b_letters, {_param(a, traced): a_letters}, lead + "MN")
+        return AnchorLetters(a_letters, dict([_param(b, b_letters, traced)]), lead + "MN")
+    return AnchorLetters(b_letters, dict([_param(a, a_letters, traced)]), lead + "MN")
 
 
 @register_anchor(aten.conv1d.default, aten.conv2d.default, aten.convolution.default)
 def _convolution(anchor: Node, traced: TracedModel) -> AnchorLetters:
     """Batch, channels in, channels out; spatial dimensions stay whole. The bias is not sharded."""
     spatial = "HWDXYZ"[: len(_shape(anchor.args[0])) - 2]
-    return AnchorLetters("BC" + spatial, {_param(anchor.args[1], traced): "OC" + spatial.lower()}, "BO" + spatial)
+    return AnchorLetters("BC" + spatial, dict([_param(anchor.args[1], "OC" + spatial.lower(), traced)]), "BO" + spatial)

@@ -10,6 +10,7 @@ import cfp
 
 BATCH, SEQ = 2, 8
 SMALL = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=128)
+SMALL_NO_MLP = {k: v for k, v in SMALL.items() if k != "intermediate_size"}  # configs that size their MLP from hidden
 # Dropout draws its masks per shard under a sharded config, so a plan drops other elements
 # than one device does: the parity check turns it off where the default config has it.
 NO_DROPOUT = {
@@ -41,6 +42,8 @@ MATRIX: dict[str, cfp.ModelSpec] = {
         moe_intermediate_size=32,
         shared_expert_intermediate_size=64,
     ),
+    # Falcon: multi-query attention, linears written as x @ weight.T, k and v picked by index constants.
+    "falcon": hf("falcon", **SMALL_NO_MLP, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # GPT-NeoX: parallel attention and MLP, fused query_key_value, partial rotary, LayerNorm.
     "gpt_neox": hf("gpt_neox", **SMALL),
     # Gemma: tied head, RMSNorm with (1 + weight), GeGLU, scaled embeddings.

@@ -346,3 +346,49 @@ def test_a_conv_weight_through_views_anchors_and_a_computed_one_does_not(tmp_pat
     )
     assert [b.anchor for b in graph_of(f"{path}:build").blocks] == ["linear", "conv1d"]
     assert [b.anchor for b in graph_of(f"{path}:build", scaled=True).blocks] == ["linear"]
+
+
+def test_a_transposed_weight_anchors_with_its_own_dimensions_named(tmp_path):
+    """``x @ self.weight.T`` (Falcon's linear: ``numpy_T``, a view by its schema) and ``x @ w.t()`` anchor blocks,
+    and their letters name the weight's own dimensions: col shards the [out, in] weight's rows, where the
+    matmul's operand letters would have sharded its columns. A weight reshaped into heads is sharded on
+    the dimension the heads split."""
+    path = tmp_path / "transposed.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            class Transposed(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.up = nn.Parameter(torch.randn(32, 8))  # [out, in]
+                    self.down = nn.Parameter(torch.randn(8, 32))
+                    self.heads = nn.Parameter(torch.randn(8, 4 * 2))  # [in, heads * head_dim]
+
+                def forward(self, x):
+                    h = torch.relu(x @ self.up.T) @ self.down.t()
+                    per_head = torch.einsum("bd,dhe->bhe", h, self.heads.view(8, 4, 2))
+                    return per_head.pow(2).mean()
+
+            def build(batch=4, device="cpu", **kw):
+                with torch.device(device):
+                    return Transposed(), (torch.randn(batch, 8),)
+            """
+        )
+    )
+    graph = graph_of(f"{path}:build")
+    assert [graph.traced.nodes[b.anchor].target for b in graph.blocks] == [
+        torch.ops.aten.matmul.default,
+        torch.ops.aten.matmul.default,
+        torch.ops.aten.einsum.default,
+    ]
+    weights = {}
+    for block in graph.blocks:
+        for strategy in graph.block_strategies(block):
+            for param, placements in strategy.config.params:
+                weights[(graph.traced.params[param], strategy.config.name)] = to_strs(placements)
+    assert weights[("up", "col")] == ["Shard(0)"] and weights[("up", "row")] == ["Shard(1)"]
+    assert weights[("down", "col")] == ["Shard(0)"] and weights[("down", "row")] == ["Shard(1)"]
+    assert weights[("heads", "col")] == ["Shard(1)"]  # the head dimension, outermost of the merged [heads * head_dim]

@@ -21,7 +21,9 @@ the fake one (``emulated``: collectives move no data). Data is seeded random:
 - floating tensors: ``randn`` (parameters scaled by 0.02);
 - buffers and constants (masks, positions, rotary tables): the model's own
   values when the model was built on a real device;
-- other integer inputs (token ids, targets, positions): uniform in
+- integer and bool values the prologue computes (indices, masks): computed
+  from the inputs they read;
+- other integer inputs (token ids, targets): uniform in
   ``[0, m)`` where ``m`` is the smallest dimension of the block's floating
   parameters, so that every index is valid for the embedding or loss it feeds;
 - other bool inputs: all ``True``.
@@ -220,6 +222,9 @@ class BlockProgram(_Timed):
         floats = [self.traced.nodes[i.name].meta["val"] for i in block.inputs if i.name in self.traced.params]
         dims = [d for v in floats if v.is_floating_point() for d in v.shape]
         self.int_high = min(dims) if dims else 2
+        self.prologue_inputs = {  # the values the prologue computes (no parameter upstream), not graph inputs
+            i.name for i in block.inputs if i.producer is None and self.traced.nodes[i.name].op == "call_function"
+        }
         self.leaves: dict[str, DTensor] = {}  # input name -> DTensor (cached across iterations)
         self.globals: dict[str, torch.Tensor] = {}  # input name -> the global tensor it shards
         self.params: list[DTensor] = []
@@ -230,6 +235,8 @@ class BlockProgram(_Timed):
         if name not in self.globals:
             val = self.traced.nodes[name].meta["val"]
             real = self._buffer_value(name)
+            if real is None and name in self.prologue_inputs and not val.is_floating_point():
+                real = self._computed(name)
             if real is not None:
                 t = real.detach().to(self.device)
             else:
@@ -237,6 +244,28 @@ class BlockProgram(_Timed):
                 t = seeded(val.shape, val.dtype, name, self.seed, self.device, self.int_high, scale)
             self.globals[name] = t
         return self.globals[name]
+
+    def _computed(self, name: str) -> torch.Tensor | None:
+        """An integer or bool value the prologue computes (an index, a mask), computed on the CPU from the inputs
+        it reads, as the step computes it: a drawn index can be out of range (Falcon's ``qkv[:, :, [-2]]``).
+        None where the prologue cannot run here; the value is then drawn."""
+        values: dict[str, object] = {}
+
+        def value(node: torch.fx.Node):
+            if node.name not in values:
+                if node.op == "placeholder":
+                    values[node.name] = self.global_input(node.name).cpu()
+                else:
+                    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), value)
+                    values[node.name] = node.target(*args, **kwargs)
+            return values[node.name]
+
+        try:
+            with torch.no_grad():
+                out = value(self.traced.nodes[name])
+        except Exception:
+            return None
+        return out if isinstance(out, torch.Tensor) else None
 
     def _buffer_value(self, name: str) -> torch.Tensor | None:
         fqn = self.traced.buffers.get(name)
