@@ -82,9 +82,26 @@ def launched_rank() -> int:
 
 
 def device_mesh(spec: MeshSpec, device_type: str = "cpu") -> DeviceMesh:
-    """A DeviceMesh over the current (real or fake) default process group."""
-    ranks = torch.arange(spec.size).view(spec.shape)
-    return DeviceMesh(device_type, ranks, mesh_dim_names=spec.names)
+    """A DeviceMesh over the current (real or fake) default process group: the same one for the same spec.
+
+    One process that profiled one model and then another, each on a mesh of
+    its own over the same ranks (the test suite's models under torchrun;
+    the Python API), had every block of the second fail AOTAutograd's
+    partitioner ("tangents_2 was invalid, but is output") and be timed on
+    the DTensor interpreter instead. Reused, the mesh traces every model.
+    The cache holds the group it was made on, so a process group destroyed
+    and made again gets a new mesh.
+    """
+    group = dist.group.WORLD
+    key = (spec.shape, spec.names, device_type)
+    cached = _MESHES.get(key)
+    if cached is None or cached[0] is not group:
+        ranks = torch.arange(spec.size).view(spec.shape)
+        _MESHES[key] = cached = (group, DeviceMesh(device_type, ranks, mesh_dim_names=spec.names))
+    return cached[1]
+
+
+_MESHES: dict[tuple, tuple[object, DeviceMesh]] = {}
 
 
 def refuse_real_group() -> None:

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from cfp.errors import CFPError
-from cfp.mesh import parse_mesh
+from cfp.mesh import device_mesh, fake_mesh, parse_mesh
 
 
 @pytest.mark.parametrize(
@@ -25,3 +25,13 @@ def test_parse_mesh_shapes_and_default_names(text, shape, names):
 def test_bad_meshes_are_refused(text):
     with pytest.raises(CFPError):
         parse_mesh(text)
+
+
+def test_one_mesh_per_spec_and_process_group():
+    """Profiling runs in one process share their mesh (a new one per run broke AOTAutograd's tracing of every
+    later model); a process group made again gets a new one."""
+    with fake_mesh(parse_mesh("2")) as first:
+        assert device_mesh(parse_mesh("2")) is first
+        assert device_mesh(parse_mesh("dp=2")) is not first  # other names, another mesh
+    with fake_mesh(parse_mesh("2")) as again:
+        assert again is not first

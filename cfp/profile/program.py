@@ -123,12 +123,8 @@ class CallProbe:
         One probe per signature, mesh and device serves every program of a
         process: tracing it cost as much as tracing a small block, a fifth of
         a real profiling run. The cache keeps the mesh alive, so its ``id``
-        names no other mesh.
-
-        A probe fails to trace where one process traces probes under more
-        than one process group (the test suite profiles several models in one
-        process): AOTAutograd's partitioner then rejects the program
-        ("tangents ... invalid, but is output").
+        names no other mesh (and ``cfp.mesh.device_mesh`` gives one process
+        the same mesh for every profiling run on its group).
         """
         key = (inputs, outputs, id(mesh), str(device))
         if key not in _PROBES:
