@@ -250,7 +250,8 @@ class BlockProgram(_Timed):
         def value(node: torch.fx.Node):
             if node.name not in values:
                 if node.op == "placeholder":
-                    values[node.name] = self.global_input(node.name).cpu()
+                    # a copy: an in-place prologue op (a counter's add_) must not change the block's input
+                    values[node.name] = self.global_input(node.name).to("cpu", copy=True)
                 else:
                     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), value)
                     values[node.name] = node.target(*args, **kwargs)
