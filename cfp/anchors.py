@@ -27,32 +27,17 @@ from cfp.capture import TracedModel
 
 aten = torch.ops.aten
 
-# Ops through which a parameter is only re-viewed on its way to an anchor. A
-# view is not a property of one anchor: any anchor, and the cut itself
-# (``blocks.partition``), sees through it to the parameter. Besides these, any
-# op whose schema makes its one result a view of its input is one
-# (``OpOverload.is_view``: ``numpy_T`` for ``weight.T``, ``mT``, ``select``, ...).
-VIEWS = {
-    aten.t.default,
-    aten.view.default,
-    aten.reshape.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.unsqueeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.slice.Tensor,
-    aten.expand.default,
-    aten.alias.default,
-}
-
 
 def is_view(node: Node) -> bool:
-    """Whether ``node``'s result is a view of its first argument."""
+    """Whether ``node``'s result is a view of its first argument, as its schema says (``OpOverload.is_view``:
+    ``view``, ``t``, ``permute``, ``numpy_T`` for ``weight.T``, ``squeeze``, ...).
+
+    A parameter is only re-viewed through such ops on its way to an anchor.
+    A view is not a property of one anchor: any anchor, and the cut itself
+    (``blocks.partition``), sees through it to the parameter.
+    """
     if node.op != "call_function" or not isinstance(node.target, OpOverload) or not node.args:
         return False
-    if node.target in VIEWS:
-        return True
     returns = node.target._schema.returns
     return node.target.is_view and len(returns) == 1 and isinstance(node.meta.get("val"), torch.Tensor)
 

@@ -3,7 +3,7 @@
 An *anchor* is an op that contracts an activation with a trainable parameter
 (linear, addmm, matmul/mm/bmm/einsum with a parameter, embedding,
 convolution): an op with a rule in ``cfp.anchors`` that reads both a
-parameter (maybe through ``anchors.VIEWS``) and an activation. Each anchor
+parameter (maybe through views, ``anchors.is_view``) and an activation. Each anchor
 starts a block; every other op joins the block of its nearest anchor
 producer, so the partition fixed at the anchor propagates through the block.
 
