@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from torch._ops import OpOverload
 from torch.export.graph_signature import InputKind
 from torch.fx import Node
 from torch.utils.flop_counter import FlopCounterMode
@@ -207,6 +208,63 @@ def _inline_grad_regions(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _fresh(node) -> bool:
+    """Whether a node's value is a tensor of its own: an aten op's result that its schema says aliases no input."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return _fresh(node.args[0])
+    return isinstance(node.target, OpOverload) and all(r.alias_info is None for r in node.target._schema.returns)
+
+
+def _functional_twin(node) -> OpOverload | None:
+    """``aten.add.Tensor`` for a node of ``aten.add_.Tensor``: the out-of-place op of an in-place one."""
+    op = node.target
+    if not isinstance(op, OpOverload) or not op._schema.arguments:
+        return None
+    first = op._schema.arguments[0].alias_info
+    name = op._schema.name.split("::")[-1]
+    if first is None or not first.is_write or not name.endswith("_"):
+        return None
+    packet = getattr(getattr(torch.ops, op.namespace), name[:-1], None)
+    return getattr(packet, op._overloadname, None) if packet is not None else None
+
+
+def _functionalize_activation_updates(gm: torch.fx.GraphModule) -> None:
+    """Rewrite in-place ops on activations (``x += residual``, ``nn.ReLU(inplace=True)``) out of place.
+
+    torch.export keeps them as ``aten.add_`` and ``aten.relu_``. Where the
+    updated activation is another block's exit, the block would update its
+    own input in place: an input that analysis and profiling make a leaf
+    tensor, which autograd refuses to update. Out of place, later readers of
+    the activation read the new value instead, which is what they read in the
+    model. Only activations that alias nothing are rewritten (a view's update
+    also changes its base): buffers stay updated in place, as BatchNorm's
+    running statistics must be.
+    """
+    graph = gm.graph
+    changed = False
+    for node in list(graph.nodes):
+        twin = _functional_twin(node) if node.op == "call_function" else None
+        target = node.args[0] if twin is not None and node.args else None
+        if not (isinstance(target, Node) and _fresh(target)):
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        readers = [u for u in target.users if u is not node and order[u] < order[node]]
+        if not all(_fresh(u) for u in readers):  # a view taken before the update would see it
+            continue
+        with graph.inserting_before(node):
+            updated = graph.call_function(twin, node.args, node.kwargs)
+        updated.meta = dict(node.meta)
+        node.replace_all_uses_with(updated)
+        target.replace_all_uses_with(updated, delete_user_cb=lambda u: u is not updated and order.get(u, -1) > order[node])
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()
+
+
 def _refuse_data_dependent_shapes(graph: torch.fx.Graph, spec: str) -> None:
     """A shape computed from tensor values (tokens per expert, split by ``.tolist()``) is a symbol in the graph.
     Blocks are profiled and sharded at the example's shapes, so CFP needs every shape static."""
@@ -254,6 +312,7 @@ def capture(workload: Workload) -> TracedModel:
             f"data-dependent control flow; run with --debug for the traceback."
         ) from exc
     _inline_grad_regions(exported.graph_module)
+    _functionalize_activation_updates(exported.graph_module)
     _refuse_data_dependent_shapes(exported.graph, workload.spec.spec)
     loss = [n for n in exported.graph.nodes if n.op == "output"][0].args[0]
     if not (len(loss) == 1 and isinstance(loss[0].meta.get("val"), torch.Tensor) and loss[0].meta["val"].dim() == 0):
