@@ -187,6 +187,17 @@ def _matmul(anchor: Node, traced: TracedModel) -> AnchorLetters:
 
 @register_anchor(aten.conv1d.default, aten.conv2d.default, aten.convolution.default)
 def _convolution(anchor: Node, traced: TracedModel) -> AnchorLetters:
-    """Batch, channels in, channels out; spatial dimensions stay whole. The bias is not sharded."""
+    """Batch only: the weight's channels get letters of their own, so no config shards them.
+
+    DTensor runs a convolution through its own handler (``_tp_conv``), whose
+    backward redistributes the output's gradient to the input's placements:
+    right for a batch-sharded input, but with channels sharded (row or column
+    parallel) it hands the local kernel tensors of mismatched sizes on real
+    data, though propagation on meta lets them through. Spatial dimensions
+    stay whole. The bias is not sharded.
+    """
     spatial = "HWDXYZ"[: len(_shape(anchor.args[0])) - 2]
-    return AnchorLetters("BC" + spatial, dict([_param(anchor.args[1], "OC" + spatial.lower(), traced)]), "BO" + spatial)
+    out, into = UNSHARED[-2:]  # from the end: _param names merged dimensions from the start
+    return AnchorLetters(
+        "BC" + spatial, dict([_param(anchor.args[1], out + into + spatial.lower(), traced)]), "B" + out + spatial
+    )

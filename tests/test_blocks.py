@@ -315,6 +315,15 @@ def test_a_registered_anchor_starts_a_block_with_its_configs(tmp_path, monkeypat
     assert [to_strs(p) for p in strategies["expert"].input_placements] == [[S2], [S0]]
 
 
+def test_a_convolution_is_sharded_by_batch_only():
+    """DTensor's convolution backward runs channel-sharded kernels on mismatched shards: no config offers it."""
+    graph = graph_of("examples/zoo.py:convnet", batch=4, seq=8)
+    convs = [b for b in graph.blocks if b.anchor.startswith("conv")]
+    assert convs
+    for block in convs:
+        assert {s.config.name for s in graph.block_strategies(block)} <= {"rep", "batch"}
+
+
 def test_a_conv_weight_through_views_anchors_and_a_computed_one_does_not(tmp_path):
     """Mamba's depthwise conv takes its weight squeezed and unsqueezed: a view, so the conv anchors a block
     on it. A conv whose weight is computed (here scaled) reads no parameter where its rule reads the weight:
