@@ -46,15 +46,15 @@ from cfp.errors import CFPError
 from cfp.placements import is_sharded
 from cfp.propagate import BlockStrategy
 
-# The projection names of GPT-2, LLaMA, Megatron-LM, Hugging Face transformers and torch.nn.
+# The projection names of GPT-2, LLaMA, Megatron-LM, T5, Hugging Face transformers and torch.nn.
 _SUFFIX = r"(\.weight|\.bias|_weight|_bias)?$"
 COLUMN = re.compile(
     r"(^|\.)(c_attn|c_fc|wq|wk|wv|wqkv|w1|w3|w_in|q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj"
-    r"|query_key_value|query|key|value|dense_h_to_4h|fc1|fc_in|linear1|in_proj)" + _SUFFIX,
+    r"|query_key_value|query|key|value|dense_h_to_4h|fc1|fc_in|linear1|in_proj|q|k|v|wi|wi_0|wi_1)" + _SUFFIX,
     re.IGNORECASE,
 )
 ROW = re.compile(
-    r"(^|\.)(c_proj|wo|w2|w_out|o_proj|out_proj|down_proj|dense_4h_to_h|dense|fc2|fc_out|linear2)" + _SUFFIX,
+    r"(^|\.)(c_proj|wo|w2|w_out|o_proj|out_proj|down_proj|dense_4h_to_h|dense|fc2|fc_out|linear2|o)" + _SUFFIX,
     re.IGNORECASE,
 )
 HEAD = re.compile(r"(^|\.)(lm_head|output)(\.weight)?$")

@@ -2,8 +2,14 @@
 
 The model is built from its config with random weights (nothing is
 downloaded, no network is used); ``--arg key=value`` overrides config fields
-(``num_hidden_layers=2``). The workload is the causal-LM training loss:
-``forward(input_ids, labels)`` returns the model's ``.loss``.
+(``num_hidden_layers=2``). The workload is the training loss of the first
+task transformers has a head for, in the order of ``TASKS``: an
+encoder-decoder's sequence-to-sequence LM (T5, BART), an encoder's masked LM
+(BERT, RoBERTa), a decoder's causal LM (GPT-2, LLaMA, Mixtral), an image
+classifier (ViT, ConvNeXt, ResNet). ``forward(inputs, labels)`` returns the
+model's ``.loss``: token ids and target ids for the language models, images
+of the config's ``image_size`` and class ids for the classifiers. The
+Auto classes' own mappings decide, so no architecture is named here.
 
 Attention runs through ``scaled_dot_product_attention`` (``attn_implementation
 ="sdpa"``): one aten op per layer, forward and backward, that DTensor shards
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,13 +35,55 @@ ATTN_IMPLEMENTATION = "sdpa"
 DEFAULT_BATCH, DEFAULT_SEQ = 1, 128
 
 
-def _causal_lm(transformers, target: str, config, device: str, dtype: torch.dtype) -> nn.Module:
-    """The model with SDPA attention, or with eager attention where transformers has no SDPA one for it
-    (BLOOM; models without attention, such as Mamba, refuse the option too)."""
+@dataclass(frozen=True)
+class Task:
+    """A training objective transformers has heads for: its Auto class, and what the head's inputs are."""
+
+    name: str
+    auto_class: str  # transformers.AutoModelFor...
+    mapping: str  # the model types it covers: transformers.models.auto.modeling_auto.MODEL_FOR_..._NAMES
+    input_name: str = "input_ids"
+    attribute: str = "lm"  # the wrapped model's name in parameter FQNs (lm.model.layers.0...)
+
+    @property
+    def images(self) -> bool:
+        return self.input_name == "pixel_values"
+
+
+# The first that has a head for the model type is its workload. An encoder-decoder's objective is the
+# sequence-to-sequence LM and an encoder's the masked LM, though transformers also builds a decoder-only
+# causal LM from many of them (BertLMHeadModel, BartForCausalLM).
+TASKS = (
+    Task("sequence-to-sequence LM", "AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    Task("masked LM", "AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    Task("causal LM", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    Task(
+        "image classifier",
+        "AutoModelForImageClassification",
+        "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+        input_name="pixel_values",
+        attribute="model",
+    ),
+)
+
+
+def task_of(config) -> Task | None:
+    from transformers.models.auto import modeling_auto
+
+    for task in TASKS:
+        if config.model_type in getattr(modeling_auto, task.mapping, {}):
+            return task
+    return None
+
+
+def _model(transformers, task: Task, target: str, config, device: str, dtype: torch.dtype) -> nn.Module:
+    """The task's model with SDPA attention, or with eager attention where transformers has no SDPA one for
+    it (BLOOM; models without attention, such as Mamba, refuse the option too)."""
 
     def build_with(attention: str) -> nn.Module:
         with torch.device(device):
-            return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
+            auto = getattr(transformers, task.auto_class)
+            return auto.from_config(config, attn_implementation=attention, dtype=dtype)
 
     try:
         return build_with(ATTN_IMPLEMENTATION)
@@ -50,15 +99,27 @@ def _causal_lm(transformers, target: str, config, device: str, dtype: torch.dtyp
         return build_with("eager")
 
 
-class CausalLMLoss(nn.Module):
-    """A transformers causal LM whose ``forward(input_ids, labels)`` returns the training loss."""
+def image_shape(vision_config, side: int | None = None) -> tuple[int, int, int]:
+    """Channels, height and width of a classifier's images: ``side`` x ``side`` if given, else the config's
+    image size, else 224 x 224, as convolutional nets that take any size are trained; RGB unless it says."""
+    size = side or getattr(vision_config, "image_size", 224)
+    height, width = size if isinstance(size, (list, tuple)) else (size, size)
+    return getattr(vision_config, "num_channels", 3), height, width
 
-    def __init__(self, lm: nn.Module):
+
+class TaskLoss(nn.Module):
+    """A transformers model with a task head whose ``forward(inputs, labels)`` returns the training loss."""
+
+    def __init__(self, model: nn.Module, task: Task):
         super().__init__()
-        self.lm = lm
+        self.add_module(task.attribute, model)
+        self.attribute, self.input_name = task.attribute, task.input_name
+        # Images have no cache; the language models are told not to build one even where the config forgets.
+        self.call_kwargs = {} if task.images else {"use_cache": False}
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, labels=labels, use_cache=False).loss
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        model = getattr(self, self.attribute)
+        return model(**{self.input_name: inputs}, labels=labels, **self.call_kwargs).loss
 
 
 def _transformers():
@@ -116,12 +177,13 @@ def _rederived(transformers, model_type: str, fields: dict, overrides: dict) -> 
 def build(
     target: str,
     batch: int = DEFAULT_BATCH,
-    seq: int = DEFAULT_SEQ,
+    seq: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     **overrides,
 ) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """The causal LM ``target`` names, randomly initialised (seed 0) on ``device``, and a random batch."""
+    """The model ``target`` names with its task's head (``TASKS``), randomly initialised (seed 0) on
+    ``device``, and a random batch for it."""
     transformers = _transformers()
     config = load_config(target, overrides)
     known = type(config)()  # transformers keeps unknown keyword arguments as attributes: check a default one
@@ -130,16 +192,33 @@ def build(
         raise CFPError(
             f"Model spec hf:{target}: its config ({type(config).__name__}) has no field {', '.join(unknown)}."
         )
+    task = task_of(config)
+    if task is None:
+        raise CFPError(
+            f"Model spec hf:{target}: transformers has no {', '.join(t.name for t in TASKS)} for model type "
+            f"{config.model_type!r}. Write a factory that returns the model and its loss "
+            f"(see 'Plan your own model' in the README)."
+        )
+    vision = getattr(config, "vision_config", None) or config
+    if task.images and seq is not None and hasattr(vision, "image_size"):
+        vision.image_size = seq  # --seq is the image side, as for examples/zoo.py's convnet
     config.use_cache = False
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        # The decoder's inputs are the labels shifted right after this token; some default configs (T5's) leave it out.
+        config.decoder_start_token_id = getattr(config, "pad_token_id", None) or 0
     torch.manual_seed(0)
     try:
-        lm = _causal_lm(transformers, target, config, device, getattr(torch, dtype))
+        model = _model(transformers, task, target, config, device, getattr(torch, dtype))
     except ValueError as exc:
         raise CFPError(
-            f"Model spec hf:{target}: transformers cannot build a causal LM from this config: {exc}"
+            f"Model spec hf:{target}: transformers cannot build a {task.name} from this config: {exc}"
         ) from exc
-    lm.train()
-    vocab = lm.get_input_embeddings().num_embeddings
-    input_ids = torch.randint(vocab, (batch, seq), device=device)
-    labels = torch.randint(vocab, (batch, seq), device=device)
-    return CausalLMLoss(lm), (input_ids, labels)
+    model.train()
+    if task.images:
+        inputs = torch.randn(batch, *image_shape(vision, seq), device=device, dtype=getattr(torch, dtype))
+        labels = torch.randint(config.num_labels, (batch,), device=device)
+    else:
+        vocab = model.get_input_embeddings().num_embeddings
+        inputs = torch.randint(vocab, (batch, seq or DEFAULT_SEQ), device=device)
+        labels = torch.randint(vocab, (batch, seq or DEFAULT_SEQ), device=device)
+    return TaskLoss(model, task), (inputs, labels)

@@ -16,6 +16,7 @@ SMALL_NO_MLP = {k: v for k, v in SMALL.items() if k != "intermediate_size"}  # c
 NO_DROPOUT = {
     "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     "opt": dict(dropout=0.0, attention_dropout=0.0),
+    "t5": dict(dropout_rate=0.0),
 }
 
 
@@ -66,6 +67,12 @@ MATRIX: dict[str, cfp.ModelSpec] = {
     "bloom": hf("bloom", n_layer=2, hidden_size=32, n_head=4, vocab_size=128),
     # Mamba: a state-space model, no attention; depthwise causal conv1d, selective scan (its slow path).
     "mamba": hf("mamba", num_hidden_layers=2, hidden_size=32, state_size=8, vocab_size=128),
+    # T5: an encoder-decoder (hf: makes it a sequence-to-sequence LM): cross-attention, relative position biases.
+    "t5": hf("t5", num_layers=1, d_model=32, d_ff=64, num_heads=4, d_kv=8, vocab_size=128, **NO_DROPOUT["t5"]),
+    # ResNet (hf: makes it an image classifier; --seq is the image side): BatchNorm2d, residuals added in place.
+    "resnet": cfp.ModelSpec(
+        "hf:resnet", batch=4, seq=32, device="cpu", args=dict(depths=[1, 1], hidden_sizes=[16, 32], embedding_size=16)
+    ),
     # torch.nn.TransformerEncoder sequence classifier.
     "encoder": cfp.ModelSpec("examples/zoo.py:encoder", batch=BATCH, seq=SEQ, device="cpu"),
     # Dense top-1 experts whose router picks and scales under torch.no_grad() (straight-through).

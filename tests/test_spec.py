@@ -4,6 +4,7 @@ import textwrap
 
 import pytest
 import torch
+from torch._ops import OpOverload
 
 import cfp
 from cfp.errors import CFPError
@@ -102,6 +103,49 @@ def test_no_grad_regions_are_inlined_and_their_results_detached():
     assert all("val" in n.meta for n in traced.graph.nodes if n.op != "output")
 
 
+def test_in_place_updates_of_activations_run_out_of_place(tmp_path):
+    """``h += x`` and ``relu_`` on activations become ``add`` and ``relu`` read by what came after them, so a
+    block may start at one (ResNet's residual; in tests/test_models.py it trains under every plan). An update
+    of a view (it would change its base too) and BatchNorm's of its buffers stay in place."""
+    path = tmp_path / "inplace.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            class Residual(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.a, self.b, self.norm = nn.Linear(8, 8), nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+                def forward(self, x):
+                    h = self.norm(self.a(x))
+                    h += x
+                    h.relu_()
+                    y = self.b(h)
+                    y[:, 0] += 1
+                    return (y * h).sum()
+
+            def build(batch=4, device="cpu", **kw):
+                torch.manual_seed(0)
+                with torch.device(device):
+                    return Residual(), (torch.randn(batch, 8, device=device),)
+            """
+        )
+    )
+    w = build(f"{path}:build", device="cpu")
+    traced = cfp.capture(w)
+    updates = [n for n in traced.graph.nodes if isinstance(n.target, OpOverload) and n.target._schema.name.endswith("_")]
+    assert [(str(n.target), n.args[0].op) for n in updates] == [
+        ("aten.add_.Tensor", "placeholder"),  # num_batches_tracked
+        ("aten.add_.Tensor", "call_function"),  # y[:, 0] += 1, on a view of y,
+        ("aten.copy_.default", "call_function"),  # and written back through another
+    ]
+    model, inputs = build(f"{path}:build", device="cpu").model, w.inputs
+    assert torch.equal(traced.exported.module()(*inputs), model(*inputs))
+
+
 def test_data_dependent_shapes_are_refused(tmp_path):
     path = tmp_path / "split.py"
     path.write_text(
@@ -145,8 +189,27 @@ def test_hf_model_type_and_config_file(tmp_path):
     assert parse_args(["tie_word_embeddings=false"]) == {"tie_word_embeddings": False}
 
 
+def test_hf_task_follows_the_model_type():
+    """An encoder trains its masked LM, an encoder-decoder its sequence-to-sequence LM (T5's default config has
+    no decoder start token: one is set), a vision model its image classifier, on images of side --seq."""
+    pytest.importorskip("transformers")
+    small = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    bert = build("hf:bert", batch=2, seq=8, args=dict(small, vocab_size=128), device="meta")
+    assert type(bert.model.lm).__name__ == "BertForMaskedLM" and bert.inputs[0].shape == (2, 8)
+    t5 = build("hf:t5", batch=2, seq=8, args=dict(num_layers=1, d_model=32, d_ff=64, num_heads=4, vocab_size=128))
+    assert type(t5.model.lm).__name__ == "T5ForConditionalGeneration" and t5.model(*t5.inputs).dim() == 0
+    vit = build("hf:vit", batch=2, seq=16, args=dict(small, patch_size=8), device="cpu")
+    assert type(vit.model.model).__name__ == "ViTForImageClassification"
+    assert vit.inputs[0].shape == (2, 3, 16, 16) and vit.inputs[1].shape == (2,)
+    assert vit.model(*vit.inputs).dim() == 0
+    resnet = build("hf:resnet", batch=2, args=dict(depths=[1], hidden_sizes=[8], embedding_size=8), device="meta")
+    assert resnet.inputs[0].shape == (2, 3, 224, 224)  # its config has no image size: ImageNet's
+
+
 def test_hf_errors(tmp_path):
     pytest.importorskip("transformers")
+    with pytest.raises(CFPError, match="has no sequence-to-sequence LM, masked LM, causal LM, image classifier"):
+        build("hf:wav2vec2", device="meta")
     with pytest.raises(CFPError, match="knows no model type 'nosuchmodel'"):
         build("hf:nosuchmodel")
     with pytest.raises(CFPError, match="has no field no_such_field"):
