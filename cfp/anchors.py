@@ -187,17 +187,22 @@ def _matmul(anchor: Node, traced: TracedModel) -> AnchorLetters:
 
 @register_anchor(aten.conv1d.default, aten.conv2d.default, aten.convolution.default)
 def _convolution(anchor: Node, traced: TracedModel) -> AnchorLetters:
-    """Batch only: the weight's channels get letters of their own, so no config shards them.
+    """Batch only: every other dimension gets a letter no config shards (``UNSHARED``).
 
-    DTensor runs a convolution through its own handler (``_tp_conv``), whose
+    DTensor runs a convolution through its own handler (``_tp_conv``). Its
     backward redistributes the output's gradient to the input's placements:
     right for a batch-sharded input, but with channels sharded (row or column
-    parallel) it hands the local kernel tensors of mismatched sizes on real
-    data, though propagation on meta lets them through. Spatial dimensions
-    stay whole. The bias is not sharded.
+    parallel) it hands the local kernel mismatched shards on real data, though
+    propagation on meta lets them through. With the width sharded it trades
+    halos point to point, out of sight of the collectives analysis records,
+    and the ranks' shards of a strided output can differ in size. The bias is
+    not sharded.
     """
-    spatial = "HWDXYZ"[: len(_shape(anchor.args[0])) - 2]
-    out, into = UNSHARED[-2:]  # from the end: _param names merged dimensions from the start
-    return AnchorLetters(
-        "BC" + spatial, dict([_param(anchor.args[1], out + into + spatial.lower(), traced)]), "B" + out + spatial
-    )
+    ndim = len(_shape(anchor.args[0]))
+    # From the end: _param names the dimensions a view merges from the start.
+    letters = iter(reversed(UNSHARED))
+    channels, out, into = next(letters), next(letters), next(letters)
+    spatial = "".join(next(letters) for _ in range(ndim - 2))
+    kernel = "".join(next(letters) for _ in range(ndim - 2))
+    weight = dict([_param(anchor.args[1], out + into + kernel, traced)])
+    return AnchorLetters("B" + channels + spatial, weight, "B" + out + spatial)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from torch.distributed.tensor import Placement, Replicate, Shard
 
-from cfp.anchors import anchor_letters
+from cfp.anchors import UNSHARED, anchor_letters
 from cfp.blocks import Block
 from cfp.capture import TracedModel
 
@@ -99,6 +99,7 @@ def candidates(block: Block, traced: TracedModel, mesh_shape: tuple[int, ...]) -
     """
     sig = signature(block, traced)
     shardable = set(sig.activation) | (set("".join(sig.params.values())) & set(sig.output + sig.activation))
+    shardable -= set(UNSHARED)  # letters a rule gives dimensions that must stay whole
     letters = [None] + sorted(shardable)
     configs = []
     per_dim = [letters if size > 1 else [None] for size in mesh_shape]

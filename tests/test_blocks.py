@@ -316,7 +316,8 @@ def test_a_registered_anchor_starts_a_block_with_its_configs(tmp_path, monkeypat
 
 
 def test_a_convolution_is_sharded_by_batch_only():
-    """DTensor's convolution backward runs channel-sharded kernels on mismatched shards: no config offers it."""
+    """DTensor's convolution backward runs channel-sharded kernels on mismatched shards, and its width-sharded
+    halo exchange is out of analysis' sight: no config shards either."""
     graph = graph_of("examples/zoo.py:convnet", batch=4, seq=8)
     convs = [b for b in graph.blocks if b.anchor.startswith("conv")]
     assert convs
