@@ -257,7 +257,8 @@ def _functionalize_activation_updates(gm: torch.fx.GraphModule) -> None:
             updated = graph.call_function(twin, node.args, node.kwargs)
         updated.meta = dict(node.meta)
         node.replace_all_uses_with(updated)
-        target.replace_all_uses_with(updated, delete_user_cb=lambda u: u is not updated and order.get(u, -1) > order[node])
+        after = {u for u in target.users if u is not updated and order.get(u, -1) > order[node]}
+        target.replace_all_uses_with(updated, delete_user_cb=after.__contains__)
         graph.erase_node(node)
         changed = True
     if changed:

@@ -136,7 +136,9 @@ def test_in_place_updates_of_activations_run_out_of_place(tmp_path):
     )
     w = build(f"{path}:build", device="cpu")
     traced = cfp.capture(w)
-    updates = [n for n in traced.graph.nodes if isinstance(n.target, OpOverload) and n.target._schema.name.endswith("_")]
+    updates = [
+        n for n in traced.graph.nodes if isinstance(n.target, OpOverload) and n.target._schema.name.endswith("_")
+    ]
     assert [(str(n.target), n.args[0].op) for n in updates] == [
         ("aten.add_.Tensor", "placeholder"),  # num_batches_tracked
         ("aten.add_.Tensor", "call_function"),  # y[:, 0] += 1, on a view of y,
