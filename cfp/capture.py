@@ -243,21 +243,22 @@ def _functionalize_activation_updates(gm: torch.fx.GraphModule) -> None:
     running statistics must be.
     """
     graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}  # a rewritten op takes the place of the one it replaces
     changed = False
     for node in list(graph.nodes):
         twin = _functional_twin(node) if node.op == "call_function" else None
         target = node.args[0] if twin is not None and node.args else None
         if not (isinstance(target, Node) and _fresh(target)):
             continue
-        order = {n: i for i, n in enumerate(graph.nodes)}
         readers = [u for u in target.users if u is not node and order[u] < order[node]]
         if not all(_fresh(u) for u in readers):  # a view taken before the update would see it
             continue
         with graph.inserting_before(node):
             updated = graph.call_function(twin, node.args, node.kwargs)
         updated.meta = dict(node.meta)
+        order[updated] = order[node]
         node.replace_all_uses_with(updated)
-        after = {u for u in target.users if u is not updated and order.get(u, -1) > order[node]}
+        after = {u for u in target.users if order[u] > order[node]}
         target.replace_all_uses_with(updated, delete_user_cb=after.__contains__)
         graph.erase_node(node)
         changed = True
