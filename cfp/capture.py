@@ -86,6 +86,14 @@ class TracedModel:
         return h.hexdigest()[:16]
 
 
+BUFFER = "cfp_buffer"  # a placeholder's meta key: the FQN of the buffer it is
+
+
+def is_buffer(node) -> bool:
+    """Whether a graph node is a placeholder of one of the model's buffers (or tensor constants)."""
+    return isinstance(node, Node) and node.op == "placeholder" and BUFFER in node.meta
+
+
 def op_name(node: Node) -> str:
     if node.target is operator.getitem:
         return "getitem"
@@ -323,11 +331,13 @@ def capture(workload: Workload) -> TracedModel:
             f"(training is the workload CFP plans for)."
         )
     params, buffers, user_inputs = {}, {}, []
+    placeholders = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
     for spec in exported.graph_signature.input_specs:
         if spec.kind == InputKind.PARAMETER:
             params[spec.arg.name] = spec.target
         elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             buffers[spec.arg.name] = spec.target
+            placeholders[spec.arg.name].meta[BUFFER] = spec.target
         elif spec.kind == InputKind.USER_INPUT:
             user_inputs.append(spec.arg.name)
     aliases = _tied_aliases(model, params, exported.graph)

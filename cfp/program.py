@@ -21,16 +21,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
+from torch._ops import OpOverload
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.debug._comm_mode import NATIVE_TO_PY_MAPPING, c10d_collective_ops
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.fx import Node
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from cfp.capture import as_meta
+from cfp.capture import as_meta, is_buffer
 from cfp.placements import Placements, replicate_partials
 
 WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
@@ -298,6 +301,9 @@ class DTensorExecutor:
       by the count of targets (``_mean_loss_over_shards``);
     - a ``view`` that a shard's strides forbid runs as ``reshape``, and an op
       that views inside (``matmul``) on contiguous inputs;
+    - an argument an op updates in place (batch norm's running statistics)
+      keeps the update where DTensor would run the op on a redistributed copy
+      of it (``KeepInPlaceUpdates``);
     - an op DTensor has no rule for runs replicated on whole tensors, and is
       named in ``fallbacks``.
     """
@@ -318,7 +324,9 @@ class DTensorExecutor:
         try:
             # A plain tensor meeting a DTensor (a lifted constant, a factory op's output) is the
             # same on every rank: DTensor takes it as Replicate.
-            with implicit_replication(), _attention_kernels(node, args):
+            state = _state_read(node, args) if _may_update_arguments(node.target) else []
+            updates = KeepInPlaceUpdates(state) if state else contextlib.nullcontext()
+            with implicit_replication(), _attention_kernels(node, args), updates:
                 return node.target(*args, **kwargs)
         except Exception as exc:
             if _strides_forbid_view(exc):
@@ -337,6 +345,65 @@ class DTensorExecutor:
         # DTensor has no rule for this op, or its fake kernel fails: run it replicated, which is always correct.
         self.fallbacks.append(str(node.target))
         return _call_replicated(node, args, kwargs, mesh)
+
+
+def _may_update_arguments(op) -> bool:
+    """Whether an op, or an op it decomposes into before DTensor sees it, may update an argument in place:
+    its schema says so, or it is a composite (``aten.batch_norm`` declares no update and decomposes into
+    ``native_batch_norm``, which updates the running statistics though its schema does not say so)."""
+    if not isinstance(op, OpOverload):
+        return False
+    if any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments):
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
+
+
+def _state_read(node: Node, args: tuple) -> list[DTensor]:
+    """The model's buffers an op reads, as DTensors: what an op that may update arguments could update."""
+    return [value for arg, value in zip(node.args, args) if is_buffer(arg) and isinstance(value, DTensor)]
+
+
+class KeepInPlaceUpdates(TorchDispatchMode):
+    """An op that updates state DTensor redistributes for it updates the state, not a copy.
+
+    DTensor redistributes an argument an op updates in place like any other: batch norm on a
+    channel-sharded input (DTensor's pick for a batch-sharded one once the all-to-all is cheaper than
+    gathering the input) updates a channel-sharded copy of the replicated running statistics, and the
+    module's statistics stay as they were. Here each of ``state`` is redistributed first, as DTensor's
+    propagation asks, and copied back after the op. Always copied back: schemas do not always say
+    what an op updates (``native_batch_norm``'s does not), version counters do not move either, and a
+    traced step cannot compare values. A dispatch mode, because the update can come from an op that
+    the graph's op decomposes into.
+    """
+
+    def __init__(self, state: list[DTensor]):
+        super().__init__()
+        self.state = state
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        state = [i for i, a in enumerate(args) if any(a is s for s in self.state)]
+        if not state:
+            return func(*args, **kwargs)
+        dispatcher = DTensor._op_dispatcher
+        info = dispatcher.unwrap_to_op_info(func, args, kwargs)
+        dispatcher.sharding_propagator.propagate(info)
+        sharding = info.output_sharding
+        wanted = sharding.redistribute_schema.args_schema if sharding.needs_redistribute else ()
+        moved = [
+            i
+            for i in state
+            if i < len(wanted)
+            and isinstance(wanted[i], DTensorSpec)
+            and tuple(wanted[i].placements) != tuple(args[i].placements)
+        ]
+        placed = list(args)
+        for i in moved:
+            placed[i] = args[i].redistribute(args[i].device_mesh, wanted[i].placements)
+        out = func(*placed, **kwargs)
+        for i in moved:
+            args[i].copy_(placed[i].redistribute(args[i].device_mesh, args[i].placements))
+        return out
 
 
 def _strides_forbid_view(exc: Exception) -> bool:
@@ -421,15 +488,21 @@ def _call_replicated(node: Node, args, kwargs, mesh: DeviceMesh):
     def to_local(a):
         return a.redistribute(mesh, replicate).to_local() if isinstance(a, DTensor) else a
 
-    args, kwargs = torch.utils._pytree.tree_map(to_local, (args, kwargs))
-    if _on_meta(args, kwargs) and not _runs(node, as_meta):
+    state = _state_read(node, args) if _may_update_arguments(node.target) else []
+    local_args, kwargs = torch.utils._pytree.tree_map(to_local, (args, kwargs))
+    gathered = [(a, local) for a, local in zip(args, local_args) if any(a is s for s in state)]
+    if _on_meta(local_args, kwargs) and not _runs(node, as_meta):
         out = as_meta(node.meta["val"])
     else:
-        out = node.target(*args, **kwargs)
+        out = node.target(*local_args, **kwargs)
 
     def wrap(t):
         return DTensor.from_local(t, mesh, replicate, run_check=False) if isinstance(t, torch.Tensor) else t
 
+    # State the op may have updated in place was updated on its gathered copy: bring it back.
+    for original, local in gathered:
+        if tuple(original.placements) != replicate:
+            original.copy_(wrap(local).redistribute(mesh, original.placements))
     return torch.utils._pytree.tree_map(wrap, out)
 
 

@@ -77,6 +77,7 @@ MATRIX: dict[str, cfp.ModelSpec] = {
     "encoder": cfp.ModelSpec("examples/zoo.py:encoder", batch=BATCH, seq=SEQ, device="cpu"),
     # Dense top-1 experts whose router picks and scales under torch.no_grad() (straight-through).
     "router": cfp.ModelSpec("examples/zoo.py:router", batch=BATCH, seq=SEQ, device="cpu"),
-    # CNN with BatchNorm2d (running statistics updated in place).
-    "convnet": cfp.ModelSpec("examples/zoo.py:convnet", batch=4, seq=8, device="cpu"),
+    # CNN with BatchNorm2d (running statistics updated in place). 32 x 32 images: DTensor then normalises
+    # a batch-sharded input channel-sharded, on a channel-sharded copy of the running statistics.
+    "convnet": cfp.ModelSpec("examples/zoo.py:convnet", batch=4, seq=32, device="cpu"),
 }
