@@ -57,14 +57,19 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def strided_shard_offsets_outside_trace():
-    """Compute ``_StridedShard``'s shard offsets eagerly while tracing.
+def strided_shards_traceable():
+    """``_StridedShard`` values traced by AOTAutograd: offsets computed eagerly, specs rebuilt.
 
     Redistributing a ``_StridedShard`` (what DTensor's view rules make of a
     reshape of a sharded dimension) computes the offsets of a rank's rows
     from an ``arange`` and ``.tolist()``; under AOTAutograd's fake mode that
     is a data-dependent output and tracing fails. The inputs are sizes, so the
     offsets are computed on real tensors with every dispatch mode off.
+
+    And AOTAutograd rebuilds a ``_StridedShard`` value (a block's exit, its
+    tangent) from its flattened spec, whose shard order DTensor's own
+    unflattening then refuses beside strided placements; the order is left to
+    the placements, which encode it.
     """
     original = _StridedShard.local_shard_size_and_offset
 
@@ -74,10 +79,26 @@ def strided_shard_offsets_outside_trace():
             return original(self, *args, **kwargs)
 
     _StridedShard.local_shard_size_and_offset = eager
+    unflatten = DTensor.__tensor_unflatten__
+    DTensor.__tensor_unflatten__ = staticmethod(_unflatten_strided(unflatten))
     try:
         yield
     finally:
         _StridedShard.local_shard_size_and_offset = original
+        DTensor.__tensor_unflatten__ = staticmethod(unflatten)
+
+
+def _unflatten_strided(unflatten):
+    """``DTensor.__tensor_unflatten__`` without the shard order where ``_StridedShard`` placements give it."""
+
+    @functools.wraps(unflatten)
+    def wrapper(inner_tensors, flatten_spec, outer_size, outer_stride):
+        placements, meta, shard_order, requires_grad = flatten_spec
+        if shard_order is not None and any(isinstance(p, _StridedShard) for p in placements):
+            flatten_spec = (placements, meta, None, requires_grad)
+        return unflatten(inner_tensors, flatten_spec, outer_size, outer_stride)
+
+    return wrapper
 
 
 def _signature(value) -> tuple:
@@ -346,7 +367,7 @@ class LoweredForward:
             program = self._trace(names)
             try:
                 # The first call traces; node meta carries the recompute regions' annotations into the graph.
-                with strided_shard_offsets_outside_trace(), fx_traceback.preserve_node_meta():
+                with strided_shards_traceable(), fx_traceback.preserve_node_meta():
                     loss = program(params, buffers, list(inputs))
             except CFPError:
                 raise

@@ -32,9 +32,11 @@ the fake one (``emulated``: collectives move no data). Data is seeded random:
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -361,36 +363,50 @@ class BlockProgram(_Timed):
         """
         from torch._functorch.aot_autograd import aot_function
 
-        from cfp.lower import aot_options, strided_shard_offsets_outside_trace
+        from cfp.lower import aot_options, strided_shards_traceable
 
         run = run_block(self.nodes, self.mesh, self.entry, self.make_input)
         sent_back = {i.name for i in self.block.inputs if i.producer is not None}  # parameters: the reduce phase
         names = list(self.leaves)
         self._lowered_outputs = [n for n in self.block.outputs if isinstance(run.values.get(n), torch.Tensor)]
 
-        # AOTAutograd regenerates an output that is a view of an input with as_strided, which DTensor
-        # does not support: such exits (slices of a buffer, in practice) leave the program as copies.
+        # AOTAutograd regenerates an output that is a view of an input, or of another output, with
+        # as_strided, which DTensor does not support, and refuses outputs aliasing one another when
+        # compiling: such exits (slices of a buffer; a transpose of the block's sum that is an exit too)
+        # leave the program as copies. Where the trace sees more aliasing than eager DTensor shows (views
+        # of one value that eager redistributions copied apart), a second trace copies every exit that is
+        # a view.
         def storage(t):
             return t.to_local().untyped_storage().data_ptr() if isinstance(t, DTensor) else None
 
-        inputs = {storage(leaf) for leaf in self.leaves.values()}
-        views = {n for n in self._lowered_outputs if storage(run.values[n]) in inputs}
+        def is_view(t):
+            return isinstance(t, DTensor) and t.to_local()._base is not None
 
-        def block(*leaves):
+        outs = {n: run.values[n] for n in self._lowered_outputs}
+        inputs = {storage(leaf) for leaf in self.leaves.values()}
+        shared = Counter(storage(v) for v in outs.values())
+        copies = {n for n, v in outs.items() if storage(v) in inputs or (shared[storage(v)] > 1 and is_view(v))}
+        attempts = [copies, copies | {n for n, v in outs.items() if is_view(v)}]
+
+        def block(copies, *leaves):
             given = {
                 n: GradPlacedLikeValue.apply(v) if n in sent_back and v.requires_grad else v
                 for n, v in zip(names, leaves)
             }
             values = run_block(self.nodes, self.mesh, self.entry, lambda node, placements: given[node.name]).values
-            return tuple(values[n].clone() if n in views else values[n] for n in self._lowered_outputs)
+            return tuple(values[n].clone() if n in copies else values[n] for n in self._lowered_outputs)
 
-        lowered = aot_function(block, **aot_options(self.runtime == "compiled"))
-        try:
-            with strided_shard_offsets_outside_trace():
-                lowered(*self.leaves.values())  # traces (the grads it leaves are cleared by the next iteration)
-        except Exception as exc:  # AOTAutograd does not trace every block; the interpreter runs it
+        for copies in attempts[:1] if attempts[1] == attempts[0] else attempts:
+            lowered = aot_function(functools.partial(block, copies), **aot_options(self.runtime == "compiled"))
+            try:
+                with strided_shards_traceable():
+                    lowered(*self.leaves.values())  # traces (the grads it leaves are cleared by the next iteration)
+                break
+            except Exception as exc:  # AOTAutograd does not trace every block; the interpreter runs it
+                error = exc
+        else:
             warnings.warn(
-                f"Block {self.block.anchor} could not be lowered ({type(exc).__name__}: {str(exc)[:160]}); "
+                f"Block {self.block.anchor} could not be lowered ({type(error).__name__}: {str(error)[:160]}); "
                 "it is timed on the DTensor interpreter.",
                 CFPWarning,
                 stacklevel=2,
@@ -503,11 +519,11 @@ class TransitionProgram(_Timed):
         if runtime != "interpreted":  # the collectives as a lowered step runs them
             from torch._functorch.aot_autograd import aot_function
 
-            from cfp.lower import aot_options, strided_shard_offsets_outside_trace
+            from cfp.lower import aot_options, strided_shards_traceable
 
             lowered = aot_function(self.redistribute, **aot_options(runtime == "compiled"))
             try:
-                with strided_shard_offsets_outside_trace():
+                with strided_shards_traceable():
                     lowered(self.x)  # traces
                 self.redistribute = lowered
                 self._probe = CallProbe.make(1, 1, mesh, self.device)
