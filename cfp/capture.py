@@ -308,6 +308,21 @@ def _detached(graph: torch.fx.Graph, node):
     return detached
 
 
+def _eager_failure(model: torch.nn.Module, inputs: tuple) -> Exception | None:
+    """What running the model once on its inputs raises, if it does: export's error for a model that fails
+    anyway (a configuration whose shapes do not agree) would blame tracing. Not on ``meta`` tensors, where
+    data-dependent ops fail that run on real ones."""
+    tensors = [t for t in (*model.parameters(), *inputs) if isinstance(t, torch.Tensor)]
+    if any(t.is_meta for t in tensors):
+        return None
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        return exc
+    return None
+
+
 def capture(workload: Workload) -> TracedModel:
     """Export the workload's training step (forward to the loss)."""
     model, inputs = workload.model, workload.inputs
@@ -315,6 +330,14 @@ def capture(workload: Workload) -> TracedModel:
         with _without_partial_graph():
             exported = torch.export.export(model, inputs, strict=False)
     except Exception as exc:
+        failure = _eager_failure(model, inputs)
+        if failure is not None:
+            first_line = str(failure).strip().splitlines()[0] if str(failure).strip() else ""
+            raise CFPError(
+                f"Model {workload.spec.spec!r} fails when run, before any tracing: "
+                f"{type(failure).__name__}: {first_line} Check the model's configuration or the factory's "
+                f"arguments (--arg); run with --debug for the traceback."
+            ) from failure
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CFPError(
             f"Model {workload.spec.spec!r} cannot be traced by torch.export: "

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -134,14 +135,16 @@ def bucket_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     # A recomputed block's collectives stay apart: in backward, bucketed with the gradients' (inductor's pass
     # groups adjacent waits of independent collectives), the recomputation read a result issued after it.
-    # So does an all-reduce that a later one depends on (an activation's gradient reduced mid-backward, under
-    # a tensor-parallel block): inductor's pass skips every collective that depends on its bucket, so one such
-    # all-reduce left every gradient after it unbucketed (gpt:small, dp with one col block: 65 all-reduces a
-    # step instead of one per 25 MB bucket, 184 ms against dp's 99).
-    feeding = _feeding_all_reduces(gm)
+    # So does an all-reduce whose result the program computes with (an activation's gradient reduced
+    # mid-backward, under a tensor-parallel block), rather than only return: bucketed, it is issued with the
+    # last gradient of its bucket, and inductor's pass moves its readers but not theirs, which then read it
+    # before it exists (phi3, a random plan). Left in, one that a later all-reduce depends on also made the
+    # pass skip every collective after it (gpt:small, dp with one col block: 65 all-reduces a step instead of
+    # one per 25 MB bucket, 184 ms against dp's 99).
+    computed_with = _all_reduces_computed_with(gm)
 
     def bucketable(wait: torch.fx.Node) -> bool:
-        return REGION not in wait.args[0].meta.get("custom", {}) and wait.args[0] not in feeding
+        return REGION not in wait.args[0].meta.get("custom", {}) and wait.args[0] not in computed_with
 
     for bucket in bucket_all_reduce_by_mb(gm, lambda bucket: BUCKET_MB, bucketable):
         merge_all_reduce_bucket(gm.graph, bucket)
@@ -169,15 +172,26 @@ def bucket_collectives(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def _feeding_all_reduces(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    """The all-reduces some later all-reduce depends on."""
+def _all_reduces_computed_with(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The all-reduces whose result, past its wait and views of it, an op computes with (a parameter's
+    gradient is only returned)."""
     from torch._inductor.fx_passes.bucketing import is_all_reduce_tensor
 
-    upstream: set[torch.fx.Node] = set()  # nodes an all-reduce depends on
-    for node in reversed(gm.graph.nodes):
-        if any(user in upstream or is_all_reduce_tensor(user) for user in node.users):
-            upstream.add(node)
-    return {node for node in upstream if is_all_reduce_tensor(node)}
+    def computed_with(node: torch.fx.Node) -> bool:
+        for user in node.users:
+            if user.op == "output":
+                continue
+            passes_on = user.target is operator.getitem or getattr(user.target, "is_view", False)
+            if not passes_on or computed_with(user):
+                return True
+        return False
+
+    wait_tensor = torch.ops._c10d_functional.wait_tensor.default
+    return {
+        node
+        for node in gm.graph.nodes
+        if is_all_reduce_tensor(node) and any(u.target is wait_tensor and computed_with(u) for u in node.users)
+    }
 
 
 def _stored_block(node: torch.fx.Node) -> int | None:

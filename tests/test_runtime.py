@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.distributed._functional_collectives  # noqa: F401 - registers _c10d_functional
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import cfp
 from cfp import baselines
 from cfp.analyze import analyze
 from cfp.bench import layout_of
-from cfp.lower import reduce_in_place
+from cfp.lower import bucket_collectives, reduce_in_place
 from cfp.mesh import fake_mesh, parse_mesh
 from cfp.optim import adamw
 from cfp.parallelize import parallelize, plan_from_indices
@@ -256,6 +257,25 @@ def test_a_blocks_stored_parameters_are_gathered_and_priced_as_one():
         params = table.blocks[b].params[dp[b]]
         assert [k.shape for k in gather_keys(params, (2,))] == [(sum(p.numel for p in params),)]
         assert [k.shape for k in scatter_keys(params, (2,))] == [(sum(p.numel for p in params),)]
+
+
+def test_an_all_reduce_the_backward_computes_with_is_not_bucketed():
+    """Bucketed, an activation's gradient reduced mid-backward is issued with the bucket's last gradient, and
+    inductor's pass moves the view of it but not the matmul reading that view, which then ran before its input
+    existed (phi3 under a random plan: "cannot access local variable 'view_13'"). It stays apart; the gradients
+    the program only returns share one bucket."""
+    all_reduce, wait = torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.wait_tensor.default
+
+    def backward(grad, activation_grad, weight, last_grad):
+        first = wait(all_reduce(grad, "sum", "0"))
+        out = wait(all_reduce(activation_grad, "sum", "0")).view(8, 8) @ weight
+        last = wait(all_reduce(last_grad * 2, "sum", "0"))
+        return first, out, last
+
+    gm = make_fx(backward, tracing_mode="fake")(torch.ones(64), torch.ones(64), torch.ones(8, 8), torch.ones(64))
+    bucket_collectives(gm)
+    gm.graph.lint()  # every node after its inputs
+    assert len(_all_reduces(gm)) == 2, gm.graph
 
 
 def test_gradients_after_a_tensor_parallel_block_are_still_bucketed():

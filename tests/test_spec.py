@@ -93,6 +93,17 @@ def test_untraceable_model(tmp_path):
         cfp.capture(build(f"{path}:build", device="cpu"))
 
 
+def test_a_model_that_fails_when_run_is_not_blamed_on_tracing(tmp_path):
+    path = tmp_path / "mismatched.py"
+    path.write_text(
+        "import torch\n"
+        "def build(**kw):\n"
+        "    return torch.nn.Linear(4, 4), (torch.randn(2, 3),)  # inputs of width 3 for a layer of width 4\n"
+    )
+    with pytest.raises(CFPError, match="fails when run, before any tracing: RuntimeError: mat1 and mat2 shapes"):
+        cfp.capture(build(f"{path}:build", device="cpu"))
+
+
 def test_no_grad_regions_are_inlined_and_their_results_detached():
     """torch.export keeps a no_grad region as a submodule call; capture makes its ops the graph's own
     (tests/test_models.py checks that every plan of this model trains as one device does)."""
