@@ -183,7 +183,7 @@ def warn_unshardable(configs: dict[str, list[BlockStrategy]], mesh: MeshSpec) ->
 # BlockStrategy depends only on a block's structure, the mesh and torch's DTensor,
 # so it is cached on disk: every command that re-analyses a model (plan,
 # profile workers, bench) then skips DTensor's slow first propagation.
-ANALYSIS_CACHE_VERSION = 18  # bump when a BlockStrategy's contents change; the history is in git
+ANALYSIS_CACHE_VERSION = 19  # bump when a BlockStrategy's contents change; the history is in git
 
 
 def cache_dir() -> Path:

@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.tensor._ops.utils import register_op_strategy, replicate_op_strategy
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.debug._comm_mode import NATIVE_TO_PY_MAPPING, c10d_collective_ops
 from torch.distributed.tensor.experimental import implicit_replication
@@ -250,6 +251,32 @@ def _reduce_partial_sums(node: Node, args: tuple, mesh: DeviceMesh) -> tuple:
         return a.redistribute(mesh, replicate_partials(a.placements)) if isinstance(a, DTensor) else a
 
     return tuple(whole(a) for a in args)
+
+
+def _replicate_backward_ops_without_rules() -> None:
+    """Backward ops DTensor has no sharding rule for (``hardtanh_backward``, ReLU6's; ``elu_backward``,
+    ``softplus_backward``, ...) run replicated, as forward ops without one do (``DTensorExecutor``).
+
+    Autograd dispatches them to DTensor itself, past the executor, so they get DTensor's own fallback
+    rule, ``replicate_op_strategy``, registered once per process for exactly those ops. Without it, a
+    block with such an op has no config DTensor can run (MobileNetV2's ReLU6).
+    """
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    known = {*propagator.op_strategy_funcs, *propagator.op_single_dim_strategy_funcs, *propagator.op_to_rules}
+    for name in dir(torch.ops.aten):
+        if not name.endswith("_backward"):
+            continue
+        packet = getattr(torch.ops.aten, name)
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            schema = op._schema
+            if op in known or op.is_view or any(a.is_out for a in schema.arguments):
+                continue
+            if all(str(r.type) == "Tensor" for r in schema.returns):  # the fallback's outputs: tensors
+                register_op_strategy(op)(replicate_op_strategy)
+
+
+_replicate_backward_ops_without_rules()
 
 
 # Losses whose mean counts only the targets that are not ignore_index.

@@ -402,3 +402,32 @@ def test_a_transposed_weight_anchors_with_its_own_dimensions_named(tmp_path):
     assert weights[("up", "col")] == ["Shard(0)"] and weights[("up", "row")] == ["Shard(1)"]
     assert weights[("down", "col")] == ["Shard(0)"] and weights[("down", "row")] == ["Shard(1)"]
     assert weights[("heads", "col")] == ["Shard(1)"]  # the head dimension, outermost of the merged [heads * head_dim]
+
+
+RELU6 = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Relu6MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.act, self.down = nn.Linear(8, 16), nn.ReLU6(), nn.Linear(16, 1)
+
+        def forward(self, x):
+            return self.down(self.act(self.up(x))).mean()
+
+    def build(batch=4, device="cpu", **kw):
+        with torch.device(device):
+            return Relu6MLP(), (torch.randn(batch, 8),)
+    """
+)
+
+
+def test_a_backward_op_dtensor_has_no_rule_for_runs_replicated(tmp_path):
+    """ReLU6's backward (``hardtanh_backward``, as MobileNetV2's) has no DTensor rule: it runs replicated, as a
+    forward op without one does, where before every config of its block failed and analysis refused the model."""
+    (tmp_path / "relu6.py").write_text(RELU6)
+    graph = analyze(cfp.capture(cfp.build(ModelSpec(f"{tmp_path / 'relu6.py'}:build", device="meta"))), parse_mesh("2"))
+    block = next(b for b in graph.blocks if any("hardtanh" in str(graph.traced.nodes[n].target) for n in b.nodes))
+    assert {s.config.name for s in graph.block_strategies(block)} >= {"rep", "batch"}
