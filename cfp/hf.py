@@ -80,6 +80,14 @@ def _model(transformers, task: Task, target: str, config, device: str, dtype: to
     """The task's model with SDPA attention, or with eager attention where transformers has no SDPA one for
     it (BLOOM; models without attention, such as Mamba, refuse the option too)."""
 
+    from transformers.models.auto import modeling_auto
+
+    heads = getattr(modeling_auto, task.mapping)[config.model_type]
+    if isinstance(heads, (tuple, list)) and not getattr(config, "architectures", None):
+        # Several heads for one type (DeiT's, with and without a distillation teacher): transformers picks by
+        # the config's architectures, which a default config leaves empty. The first is the plain one.
+        config.architectures = [heads[0]]
+
     def build_with(attention: str) -> nn.Module:
         with torch.device(device):
             auto = getattr(transformers, task.auto_class)

@@ -204,7 +204,8 @@ def test_hf_model_type_and_config_file(tmp_path):
 
 def test_hf_task_follows_the_model_type():
     """An encoder trains its masked LM, an encoder-decoder its sequence-to-sequence LM (T5's default config has
-    no decoder start token: one is set), a vision model its image classifier, on images of side --seq."""
+    no decoder start token: one is set), a vision model its image classifier, on images of side --seq (the
+    plain head where transformers offers several)."""
     pytest.importorskip("transformers")
     small = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4)
     bert = build("hf:bert", batch=2, seq=8, args=dict(small, vocab_size=128), device="meta")
@@ -217,6 +218,9 @@ def test_hf_task_follows_the_model_type():
     assert vit.model(*vit.inputs).dim() == 0
     resnet = build("hf:resnet", batch=2, args=dict(depths=[1], hidden_sizes=[8], embedding_size=8), device="meta")
     assert resnet.inputs[0].shape == (2, 3, 224, 224)  # its config has no image size: ImageNet's
+    # DeiT has two classifier heads (with and without a distillation teacher): the plain one.
+    deit = build("hf:deit", batch=2, seq=16, args=dict(small, patch_size=8), device="meta")
+    assert type(deit.model.model).__name__ == "DeiTForImageClassification"
 
 
 def test_hf_errors(tmp_path):
