@@ -75,7 +75,7 @@ from cfp.lower import LoweredForward, recompute_region, stored_gather
 from cfp.materialize import InitFn, materialize, on_meta
 from cfp.placements import Placements, replicate_partials
 from cfp.plan import Plan, block_entry, parameter_placements, spec_json
-from cfp.program import DTensorExecutor, GradPlacedLikeValue
+from cfp.program import DTensorExecutor, GradPlacedLikeValue, may_update_arguments
 from cfp.sharded import Regather, Schedule, gather, schedule
 from cfp.spec import ModelSpec, Workload, build
 from cfp.storage import LEVELS
@@ -375,10 +375,12 @@ class ParallelModule(nn.Module):
     @torch.no_grad()
     def _write_back_buffers(self, versions: dict) -> None:
         """Buffers a block updated in place (BatchNorm's running statistics) were updated on the
-        copy placed for that block: bring the new values back to the module's buffer."""
-        for (_block, name), (value, version) in versions.items():
-            if value._local_tensor._version != version:
-                buffer = getattr(self, self._buffer_of[name])
+        copy placed for that block: bring the new values back to the module's buffer. Updated means
+        its version counter moved, or an op that may update its arguments read it: batch norm's
+        update of the statistics moves no version counter."""
+        for (_block, name), (value, version, read_by_update) in versions.items():
+            buffer = getattr(self, self._buffer_of[name])
+            if value is not buffer and (read_by_update or value._local_tensor._version != version):
                 buffer.copy_(value.full_tensor())
 
     def forward(self, *inputs):
@@ -453,6 +455,7 @@ class ParallelModule(nn.Module):
         """One op: values from outside its block enter with the block's placements, then the executor runs it.
         ``versions`` collects the buffers blocks read, to write in-place updates back."""
         block = self._owner.get(node.name)
+        may_update = may_update_arguments(node.target)
 
         def read(arg):
             if block is None:  # the prologue: plain tensors, whole on every rank
@@ -464,7 +467,9 @@ class ParallelModule(nn.Module):
             if key not in entered:
                 entered[key] = self._enter(env[arg.name], self._entry[block].get(arg.name), arg.name, block, recomputed)
                 if versions is not None and arg.name in self._buffer_of and isinstance(entered[key], DTensor):
-                    versions[key] = (entered[key], entered[key]._local_tensor._version)
+                    versions[key] = (entered[key], entered[key]._local_tensor._version, False)
+            if versions is not None and key in versions and may_update:
+                versions[key] = (*versions[key][:2], True)
             return entered[key]
 
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), read)

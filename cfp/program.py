@@ -351,7 +351,7 @@ class DTensorExecutor:
         try:
             # A plain tensor meeting a DTensor (a lifted constant, a factory op's output) is the
             # same on every rank: DTensor takes it as Replicate.
-            state = _state_read(node, args) if _may_update_arguments(node.target) else []
+            state = _state_read(node, args) if may_update_arguments(node.target) else []
             updates = KeepInPlaceUpdates(state) if state else contextlib.nullcontext()
             with implicit_replication(), _attention_kernels(node, args), updates:
                 return node.target(*args, **kwargs)
@@ -374,7 +374,7 @@ class DTensorExecutor:
         return _call_replicated(node, args, kwargs, mesh)
 
 
-def _may_update_arguments(op) -> bool:
+def may_update_arguments(op) -> bool:
     """Whether an op, or an op it decomposes into before DTensor sees it, may update an argument in place:
     its schema says so, or it is a composite (``aten.batch_norm`` declares no update and decomposes into
     ``native_batch_norm``, which updates the running statistics though its schema does not say so)."""
@@ -515,7 +515,7 @@ def _call_replicated(node: Node, args, kwargs, mesh: DeviceMesh):
     def to_local(a):
         return a.redistribute(mesh, replicate).to_local() if isinstance(a, DTensor) else a
 
-    state = _state_read(node, args) if _may_update_arguments(node.target) else []
+    state = _state_read(node, args) if may_update_arguments(node.target) else []
     local_args, kwargs = torch.utils._pytree.tree_map(to_local, (args, kwargs))
     gathered = [(a, local) for a, local in zip(args, local_args) if any(a is s for s in state)]
     if _on_meta(local_args, kwargs) and not _runs(node, as_meta):

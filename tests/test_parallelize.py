@@ -287,3 +287,56 @@ def test_compiled_zero3_plan_with_recomputed_blocks_matches_single_device(tmp_pa
     for r in range(2):
         result = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert not result["errors"], result["errors"][:10]
+
+
+NORMED_MLP = """
+import torch
+from torch import nn
+
+class NormedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.norm, self.down = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.norm(self.up(x)))).mean()
+
+def build(batch=8, device="cpu", **kw):
+    torch.manual_seed(0)
+    with torch.device(device):
+        return NormedMLP(), (torch.randn(batch, 8),)
+"""
+
+
+def _normed_mlp_worker(rank: int, world: int, port: int, spec, plans: dict, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ref = cfp.build(spec)
+    ref.model(*ref.inputs)
+    results = {}
+    for name, plan in plans.items():
+        for lowered in (True, False):
+            w = cfp.build(spec)
+            pm = parallelize(w.model, plan, example_inputs=w.inputs, lowered=lowered)
+            pm(*w.inputs)
+            stats = {k: close(v, ref.model.get_buffer(k))[0] for k, v in pm.model_buffers().items() if "running" in k}
+            results[f"{name} lowered={lowered}"] = stats
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def test_running_statistics_entered_channel_sharded_are_written_back(tmp_path):
+    """A column-parallel linear feeds BatchNorm1d channel-sharded, so the block takes the running statistics
+    channel-sharded: the update lands on that copy and is written back, though batch norm's update moves no
+    version counter (the write-back once looked for one, and the statistics stayed as they were)."""
+    (tmp_path / "normed.py").write_text(NORMED_MLP)
+    spec = cfp.ModelSpec(f"{tmp_path / 'normed.py'}:build", batch=8, device="cpu")
+    graph = analyze(cfp.capture(cfp.build(spec)), parse_mesh("2"))
+    col = plan_from_choice(graph, lambda block, names: "col" if "col" in names else names[0])
+    assert "col" in col.config_counts()
+    run_ranks(_normed_mlp_worker, (spec, {"col": col}, str(tmp_path)), TIMEOUT_S)
+    results = json.loads((tmp_path / "rank0.json").read_text())
+    assert results and all(all(stats.values()) and stats for stats in results.values()), results

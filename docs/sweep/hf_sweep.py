@@ -214,8 +214,8 @@ TYPES = {
         2,
         32,
     ),
-    "mobilenet_v2": ("mobilenet_v2", {"depth_multiplier": 0.25, "classifier_dropout_prob": 0.0}, 2, 32),
-    "levit": ("levit", {}, 2, 32),
+    "mobilenet_v2": ("mobilenet_v2", {"depth_multiplier": 0.25, "classifier_dropout_prob": 0.0}, 8, 64),
+    "levit": ("levit", {}, 8, 64),
 }
 
 
