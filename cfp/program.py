@@ -262,7 +262,8 @@ def _replicate_backward_ops_without_rules() -> None:
     block with such an op has no config DTensor can run (MobileNetV2's ReLU6).
     """
     propagator = DTensor._op_dispatcher.sharding_propagator
-    known = {*propagator.op_strategy_funcs, *propagator.op_single_dim_strategy_funcs, *propagator.op_to_rules}
+    registries = ("op_strategy_funcs", "op_single_dim_strategy_funcs", "op_to_rules")  # by torch version
+    known = {op for registry in registries for op in getattr(propagator, registry, {})}
     for name in dir(torch.ops.aten):
         if not name.endswith("_backward"):
             continue
