@@ -308,6 +308,12 @@ def _detached(graph: torch.fx.Graph, node):
     return detached
 
 
+def _said(exc: Exception) -> str:
+    """An exception's type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _eager_failure(model: torch.nn.Module, inputs: tuple) -> Exception | None:
     """What running the model once on its inputs raises, if it does: export's error for a model that fails
     anyway (a configuration whose shapes do not agree) would blame tracing. Not on ``meta`` tensors, where
@@ -332,17 +338,13 @@ def capture(workload: Workload) -> TracedModel:
     except Exception as exc:
         failure = _eager_failure(model, inputs)
         if failure is not None:
-            first_line = str(failure).strip().splitlines()[0] if str(failure).strip() else ""
             raise CFPError(
-                f"Model {workload.spec.spec!r} fails when run, before any tracing: "
-                f"{type(failure).__name__}: {first_line} Check the model's configuration or the factory's "
-                f"arguments (--arg); run with --debug for the traceback."
+                f"Model {workload.spec.spec!r} fails when run, before any tracing: {_said(failure)} Check the "
+                f"model's configuration or the factory's arguments (--arg); run with --debug for the traceback."
             ) from failure
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CFPError(
-            f"Model {workload.spec.spec!r} cannot be traced by torch.export: "
-            f"{type(exc).__name__}: {first_line} CFP needs a graph without "
-            f"data-dependent control flow; run with --debug for the traceback."
+            f"Model {workload.spec.spec!r} cannot be traced by torch.export: {_said(exc)} CFP needs a graph "
+            f"without data-dependent control flow; run with --debug for the traceback."
         ) from exc
     _inline_grad_regions(exported.graph_module)
     _functionalize_activation_updates(exported.graph_module)
