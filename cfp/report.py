@@ -157,8 +157,8 @@ def print_validation(plan: Plan, console: Console) -> None:
         )
     else:
         outcome = (
-            f"no correction from the {stored}: no fit predicted the pairs held out of it a tenth better than "
-            "the profiles do (per-config scales are checked on another run's pairs)"
+            f"no correction from the {stored}: a fit must predict another validation run's pairs a tenth "
+            "better than the profiles do"
         )
     console.print(
         f"prediction error of the measured candidates: mean {before['mean_abs']:.1%}, "

@@ -14,12 +14,15 @@ for size in ${SIZES:-tiny small}; do
   done
 done
 
-# Validated plans (cfp plan --validate 3), then an independent bench of that plan file (the "validated" row) against
-# the ILP's own pick ("cfp") and the baselines. Writes docs/bench/validated/<workload>/{validated.json,plan.txt,bench.csv,bench.txt}.
+# Validated plans (cfp plan --validate 3, twice: a correction must predict another validation run's pairs, so the
+# second run can learn from the first), then an independent bench of the second plan file (the "validated" row)
+# against the ILP's own pick ("cfp") and the baselines.
+# Writes docs/bench/validated/<workload>/{plan-first.txt,validated.json,plan.txt,bench.csv,bench.txt}.
 for spec in "gpt:tiny" "gpt:small --batch 8" "llama:tiny" "llama:small --batch 8" "moe:tiny" "moe:small --batch 8"; do
   out=docs/bench/validated/$(echo "$spec" | sed 's/ --batch /_b/; s/:/_/')
   mkdir -p "$out"
-  echo "== cfp plan $spec --mesh 2 --backend real --validate 3"
+  echo "== cfp plan $spec --mesh 2 --backend real --validate 3 (twice)"
+  COLUMNS=150 cfp plan $spec --mesh 2 --backend real --validate 3 -o "$out/validated.json" 2>&1 | grep -v "alltoall yet" > "$out/plan-first.txt"
   COLUMNS=150 cfp plan $spec --mesh 2 --backend real --validate 3 -o "$out/validated.json" 2>&1 | grep -v "alltoall yet" | tee "$out/plan.txt"
   baselines=dp,megatron,analytic
   if grep -q '"name": "expert"' "$out/validated.json"; then baselines=$baselines,expert; fi
