@@ -21,8 +21,8 @@ model, mesh, backend and device. The per-feature deviations ``d_f`` are
 pulled toward zero (ridge), so few pairs give one common scale ``g`` and more
 pairs earn per-config scales; ``o`` is held more firmly still. A fit is used
 only if it predicts another validation run's pairs better than the profiles
-do (``Correction.choose``), so it takes two runs at least. ``CorrectedCosts`` applies it to
-every block (``o`` spread evenly over the blocks), storage level,
+do (``Correction.choose``), so it takes two runs at least.
+``CorrectedCosts`` applies it to every block (``o`` spread evenly over the blocks), storage level,
 recomputation and transition, so the ILP plans with the corrected times too.
 """
 
@@ -121,8 +121,9 @@ class Correction:
         Per-config scales fitted on one run re-ranked plans (gpt:small: col
         0.94x, batch 1.20x, and the ILP's new pick measured 1.25x slower than
         dp in the next run); a common scale fitted on one run moved every
-        prediction by that run's drift (gpt:small and llama:small, 2% and 0.3%
-        off as profiled, 10% off after it in the bench that followed). So each
+        prediction by that run's drift (gpt:small's and llama:small's plans,
+        within 2% and 7% as profiled, 10% and 12% off under it in the bench
+        that followed). So each
         fit must predict the pairs of a run it was not fitted on (each run held
         out in turn): one run's pairs give no correction. Either fit is used
         only if it cuts the profiles' own mean relative error on the held-out

@@ -139,13 +139,14 @@ def test_cli_validate_default_fields_and_report(profiled, tmp_path, monkeypatch,
     text = " ".join(capsys.readouterr().out.split())
     assert "validation:" in text and v["chosen"] in text
     assert ("after the correction" if v["correction"]["applied"] else "no correction from the") in text
-    # The measurements are stored beside the profiles, and the next plan's costs carry the fitted correction.
+    # The measurements are stored beside the profiles.
     fit = v["correction"]
     assert fit["pairs"] == sum(c["measured_step_time_s"] is not None for c in v["candidates"])
     # One run's pairs share its machine state: nothing shows a fit on them carries over to the next run.
     assert fit["runs"] == 1 and not fit["applied"] and fit["error_after"] == fit["error_before"]
     assert list((store / "validations").glob("part-*.parquet"))
-    # Whether a correction is used depends on how well it predicts held-out pairs of these few noisy steps.
+    # So the next plan's costs are as profiled; two runs that agree correct them
+    # (test_two_runs_that_agree_correct_the_costs_the_ilp_plans_with).
     costs = cost_model(graph, "profiled", REAL)
     assert isinstance(costs, CorrectedCosts) == fit["applied"]
     chosen = next(c for c in v["candidates"] if c["chosen"])
@@ -246,17 +247,16 @@ def test_two_runs_that_agree_correct_the_costs_the_ilp_plans_with(profiled, tmp_
     graph, costs, _ = profiled
     table = costs.raw if isinstance(costs, CorrectedCosts) else costs
     store, key = ValidationStore(tmp_path), store_key(graph, "real", "cpu")
-    runs = [[({"config:batch": 0.004 * (1 + i), "transitions": 0.001 * (3 - i)}, 1.0) for i in range(3)]] * 2
-    for k, run in enumerate(runs):
+    plans = [{"config:batch": 0.004 * (1 + i), "transitions": 0.001 * (3 - i)} for i in range(3)]
+    for run in range(2):
         store.add(
             [
                 {**key, "plan": f"cfp-{i}", "features": json.dumps(f), "measured_s": 1.5 * sum(f.values())}
-                for i, (f, _) in enumerate(run)
+                for i, f in enumerate(plans)
             ]
         )
         fitted = corrected(table, graph, "real", "cpu", store=tmp_path)
-        if k == 0:
-            assert fitted is table
+        assert (fitted is table) == (run == 0)
     assert isinstance(fitted, CorrectedCosts) and fitted.correction.runs == 2
     assert fitted.correction.scale == pytest.approx(1.5, rel=0.05)
     class_id = graph.class_of(graph.blocks[0])
