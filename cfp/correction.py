@@ -22,8 +22,9 @@ pulled toward zero (ridge), so few pairs give one common scale ``g`` and more
 pairs earn per-config scales; ``o`` is held more firmly still. A fit is used
 only if it predicts another validation run's pairs better than the profiles
 do (``Correction.choose``), so it takes two runs at least.
-``CorrectedCosts`` applies it to every block (``o`` spread evenly over the blocks), storage level,
-recomputation and transition, so the ILP plans with the corrected times too.
+``CorrectedCosts`` applies it to every block (``o`` spread evenly over the
+blocks), storage level, recomputation and transition, so the ILP plans with
+the corrected times too.
 """
 
 from __future__ import annotations
@@ -123,12 +124,11 @@ class Correction:
         dp in the next run); a common scale fitted on one run moved every
         prediction by that run's drift (gpt:small's and llama:small's plans,
         within 2% and 7% as profiled, 10% and 12% off under it in the bench
-        that followed). So each
-        fit must predict the pairs of a run it was not fitted on (each run held
-        out in turn): one run's pairs give no correction. Either fit is used
-        only if it cuts the profiles' own mean relative error on the held-out
-        pairs by a tenth (``MARGIN``). Without a ``run`` column each pair is
-        its own run.
+        that followed). So each fit must predict the pairs of a run it was not
+        fitted on (each run held out in turn): one run's pairs give no
+        correction. Either fit is used only if it cuts the profiles' own mean
+        relative error on the held-out pairs by a tenth (``MARGIN``). Without a
+        ``run`` column each pair is its own run.
         """
         runs = rows["run"].to_numpy() if "run" in rows else np.arange(len(rows))
         if len(set(runs)) < 2:
